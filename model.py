@@ -37,10 +37,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import tiktoken
-import tiktoken.load
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 PAD_ID = -1
 EOT = "<|endoftext|>"
@@ -531,6 +531,22 @@ class Tokenizer:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def read_ranks(path):
+    """A tiktoken ranks file, read directly: tiktoken.load caches by path and would return stale ranks."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"{path}:{n}: expected 'base64 rank', got {line[:60]!r}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1}, each once")
+    return ranks
+
+
 def load_tokenizer(spec):
     """spec: a tiktoken ranks file, a directory holding tokenizer.tiktoken or GPT-2's vocab.json
     (+ merges.txt), or a name: 'gpt2' (tiktoken's own; gpt2-medium etc. share it)."""
@@ -547,7 +563,7 @@ def load_tokenizer(spec):
             return Tokenizer(ranks, "gpt2")
         raise FileNotFoundError(f"{spec} holds neither tokenizer.tiktoken nor vocab.json")
     if os.path.isfile(spec):
-        return Tokenizer(tiktoken.load.load_tiktoken_bpe(spec), os.path.basename(spec))
+        return Tokenizer(read_ranks(spec), os.path.basename(spec))
     if spec in HF_NAMES:
         try:
             return Tokenizer(tiktoken.get_encoding("gpt2")._mergeable_ranks, "gpt2")
@@ -649,6 +665,15 @@ def load_checkpoint(path, device="cpu", kind=None, dropout=0.0):
         raise ValueError(f"{d}: tokenizer has {tokenizer.n_vocab} ids but the model {config.vocab_size}")
     info["dir"] = d
     return model.to(device), tokenizer, info
+
+
+def load_gpt(init, device="cpu", dropout=0.0):
+    """(GPT, tokenizer) from one of our checkpoints, a Hugging Face GPT-2 directory or a GPT-2 name."""
+    is_hf = os.path.exists(os.path.join(init, "model.safetensors")) or os.path.exists(os.path.join(init, "pytorch_model.bin"))
+    if is_hf or init in HF_NAMES:
+        return load_hf_gpt2(init, dropout).to(device), load_tokenizer(init)
+    model, tokenizer, _ = load_checkpoint(init, device, kind="gpt", dropout=dropout)
+    return model, tokenizer
 
 
 def load_train_state(path):
@@ -795,7 +820,7 @@ def log_metrics(out_dir, metrics):
     parts = []
     for k, v in metrics.items():
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
-    print(" | ".join(parts))
+    tqdm.write(" | ".join(parts))
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
 

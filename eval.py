@@ -1,0 +1,204 @@
+"""
+eval.py: sample from any checkpoint on held-out prompts and score the answers.
+
+For a policy checkpoint it reports, over the prompts:
+  gold       the built-in task's gold reward and each of its parts (data/world.py), the fraction
+             of answers ending with EOS and the fraction naming every requested entity (on topic)
+  rm_score   the (normalised) reward-model score, when --reward_model is given
+  kl         KL(pi || pi_ref) to --ref, the sampled estimate E_y~pi [sum_t log pi(y_t) - log pi_ref(y_t)]
+             (per sequence, nats), with both log-probs at the sampling temperature
+  win_rate   gold win rate against --baseline, one answer each per prompt, ties count half
+Best-of-n (--best_of_n n): n answers per prompt, the reward model keeps its favourite. Its KL to
+the sampling policy is the analytic log n - (n - 1) / n (Stiennon et al. 2020, appendix; Gao et al.
+2022). With --dump file.jsonl the picks are written as SFT data, so rejection-sampling
+fine-tuning (Llama 2) is this followed by sft.py --data file.jsonl.
+The gold reward is the task's oracle: eval.py and ppo.py's metrics import it from data/world.py;
+no training loss ever sees it. --gold false for real data.
+
+A JSON summary goes to --out (default: eval.json in the checkpoint's run directory).
+
+Run:
+  python eval.py --ckpt out/ppo --ref out/sft --baseline out/sft --reward_model out/reward
+  python eval.py --ckpt out/sft --reward_model out/reward --best_of_n 16 --dump out/bon16.jsonl
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import model as M
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/sft"  # the policy to evaluate: our checkpoint or a GPT-2 dir/name
+    prompts: str = "data/world/prompts_val.jsonl"  # {"prompt": ...} rows
+    n_prompts: int = 0  # 0 = all
+    ref: str = ""  # reference policy for the KL estimate ("" = skip)
+    baseline: str = ""  # baseline policy for the gold win rate ("" = skip)
+    reward_model: str = ""  # reward-model checkpoint ("" = skip)
+    gold: bool = True  # score with the built-in task's gold reward
+    best_of_n: int = 1  # answers per prompt; the reward model keeps one (needs reward_model if > 1)
+    dump: str = ""  # write the kept answers as {"prompt", "response"} JSONL
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64  # sequences per generation batch
+    n_show: int = 8  # sample answers printed
+    out: str = ""  # summary JSON path ("" = <ckpt run dir>/eval.json)
+    seed: int = 0
+    device: str = "auto"
+
+
+# --- sampling and scoring
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, cfg, device, seed):
+    """One answer per prompt: list of (response ids incl. EOS if emitted, ended)."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="sample", leave=False):
+        ids, mask = M.pad_left([M.encode_chat(tokenizer, p) for p in prompts[i:i + cfg.batch_size]])
+        seq, gen_mask, _ = model.generate(ids.to(device), cfg.max_new_tokens, cfg.temperature, attention_mask=mask.to(device),
+                                          eos_id=tokenizer.eot_id, generator=gen)
+        for row, m in zip(seq[:, ids.size(1):].tolist(), gen_mask.tolist()):
+            resp = row[:sum(m)]
+            out.append((resp, bool(resp) and resp[-1] == tokenizer.eot_id))
+    return out
+
+
+def right_padded(tokenizer, prompts, responses):
+    """Rows prompt + response, right-padded: ids (B, T) and the response mask (B, T)."""
+    rows = [(M.encode_chat(tokenizer, p), r) for p, r in zip(prompts, responses)]
+    ids = M.pad_right([p + r for p, r in rows])  # (B, T)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(rows):
+        mask[i, len(p):len(p) + len(r)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def logprob_sums(model, tokenizer, prompts, responses, cfg, device):
+    """sum_t log p(y_t | x, y_<t) of each response under model, at the sampling temperature: (N,)."""
+    model.eval()
+    sums = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        ids, mask = right_padded(tokenizer, prompts[i:i + cfg.batch_size], responses[i:i + cfg.batch_size])
+        lp = M.response_logprobs(model, ids.to(device), temperature=cfg.temperature)  # (B, T-1)
+        sums.append((lp * mask[:, 1:].to(device)).sum(-1).cpu())
+    return torch.cat(sums)
+
+
+@torch.no_grad()
+def rm_scores(rm, tokenizer, prompts, responses, batch_size, device):
+    """Normalised reward-model score of each (prompt, response): (N,)."""
+    rm.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, _ = right_padded(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size])
+        out.append(rm.score(ids.to(device), (ids != M.PAD_ID).long().to(device)).cpu())
+    return torch.cat(out)
+
+
+def gold_scores(prompts, texts, ended):
+    from data.world import ENTITY, gold_reward, parse_prompt  # the task's oracle, never a training signal
+    rows = []
+    for p, t, e in zip(prompts, texts, ended):
+        g = gold_reward(p, t, e)
+        ents = parse_prompt(p)[1]
+        named = {ENTITY.get(w) for w in re.findall(r"[a-z]+", t.lower())}
+        g["on_topic"] = float(bool(ents) and all(x in named for x in ents))
+        rows.append(g)
+    return rows
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# --- main
+
+
+def evaluate(cfg):
+    device = M.get_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = M.load_gpt(cfg.ckpt, device)
+    prompts = [r["prompt"] for r in M.read_jsonl(cfg.prompts, ("prompt",))]
+    prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
+    rm = M.load_checkpoint(cfg.reward_model, device, kind="scalar")[0] if cfg.reward_model else None
+    if cfg.best_of_n > 1 and rm is None:
+        raise M.ConfigError("best_of_n > 1 needs --reward_model to pick the best answer")
+
+    # 1. n answers per prompt; the reward model keeps the best (n = 1: the only one)
+    n = cfg.best_of_n
+    flat = [p for p in prompts for _ in range(n)]
+    answers = sample(policy, tokenizer, flat, cfg, device, cfg.seed)
+    responses = [a[0] for a in answers]
+    summary = {"ckpt": cfg.ckpt, "prompts": len(prompts), "best_of_n": n, "temperature": cfg.temperature}
+    if rm is not None:
+        scores = rm_scores(rm, tokenizer, flat, responses, cfg.batch_size, device).view(len(prompts), n)  # (N, n)
+        pick = scores.argmax(-1)  # (N,)
+        keep = [i * n + int(pick[i]) for i in range(len(prompts))]
+        summary["rm_score"] = scores.gather(1, pick[:, None]).mean().item()
+        summary["rm_score_all"] = scores.mean().item()
+    else:
+        keep = list(range(len(prompts)))
+    responses = [responses[i] for i in keep]
+    ended = [answers[i][1] for i in keep]
+    texts = [tokenizer.decode(r) for r in responses]
+    summary["eos_rate"] = mean(ended)
+    summary["resp_tokens"] = mean(len(r) for r in responses)
+    if n > 1:
+        summary["kl_best_of_n"] = math.log(n) - (n - 1) / n
+
+    # 2. gold reward and its parts
+    gold = gold_scores(prompts, texts, ended) if cfg.gold else None
+    if gold:
+        for k in gold[0]:
+            summary[k] = mean(g[k] for g in gold)
+
+    # 3. KL to the reference, sampled: E_pi [log pi(y) - log pi_ref(y)] per sequence
+    if cfg.ref:
+        ref, ref_tok = M.load_gpt(cfg.ref, device)
+        assert ref_tok.ranks == tokenizer.ranks, f"{cfg.ref} uses another tokenizer than {cfg.ckpt}"
+        lp = logprob_sums(policy, tokenizer, prompts, responses, cfg, device)
+        lp_ref = logprob_sums(ref, tokenizer, prompts, responses, cfg, device)
+        summary["kl"] = (lp - lp_ref).mean().item()
+        del ref
+
+    # 4. gold win rate against the baseline, one answer each, ties half
+    if cfg.baseline and cfg.gold:
+        base, _ = M.load_gpt(cfg.baseline, device)
+        base_ans = sample(base, tokenizer, prompts, cfg, device, cfg.seed + 1)
+        base_gold = gold_scores(prompts, [tokenizer.decode(a[0]) for a in base_ans], [a[1] for a in base_ans])
+        wins = [1.0 if g["gold"] > b["gold"] else 0.5 if g["gold"] == b["gold"] else 0.0 for g, b in zip(gold, base_gold)]
+        summary["win_rate"] = mean(wins)
+        summary["baseline_gold"] = mean(b["gold"] for b in base_gold)
+
+    # 5. a table of answers, the dump, the summary
+    for p, t, e, g in list(zip(prompts, texts, ended, gold or [None] * len(prompts)))[:cfg.n_show]:
+        tag = f"gold {g['gold']:+.2f}" if g else ""
+        print(f"> {p}\n  {t!r}{'' if e else ' [no EOS]'} {tag}")
+    if cfg.dump:
+        with open(cfg.dump, "w") as f:
+            for p, t, e in zip(prompts, texts, ended):
+                if e:  # an answer cut at the length cap would teach the model not to stop
+                    f.write(json.dumps({"prompt": p, "response": t.strip()}) + "\n")
+        summary["dumped"] = sum(ended)
+    run_dir = os.path.dirname(cfg.ckpt.rstrip("/")) if os.path.basename(cfg.ckpt.rstrip("/")) == "ckpt" else cfg.ckpt
+    out = cfg.out or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "eval.json")
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    return summary
+
+
+if __name__ == "__main__":
+    evaluate(M.parse_config(Config))

@@ -1,0 +1,231 @@
+"""
+pretrain.py: next-token pretraining on plain text. The built-in task needs a base model that
+knows the world's language before it can be taught to follow instructions.
+
+Objective: minimise -sum_t log p(x_t | x_<t) over random windows of block_size tokens drawn from
+the tokenized corpus (a memory-mapped uint16/uint32 file, nanoGPT style), documents separated by
+<|endoftext|>. AdamW, linear warmup then cosine decay, gradient clipping, periodic held-out loss.
+
+Data: a .txt file (documents separated by a blank line, see doc_sep) or a .jsonl of {"text": ...}.
+The token files are cached in out_dir and rebuilt when the corpus or tokenizer changes.
+
+Resume: a checkpoint (weights, optimizer, RNG, step) is written to out_dir/ckpt every
+ckpt_interval steps; running the same command again continues from it. Same seed on CPU gives
+the same weights as an uninterrupted run.
+
+Run:
+  CPU, built-in task:  python pretrain.py --config configs/pretrain_world.toml
+  one GPU, GPT-2 on your corpus:  python pretrain.py --init gpt2 --data my.txt --device cuda --compile true
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import model as M
+
+# --- config
+
+
+@dataclass
+class Config:
+    data: str = "data/world/pretrain.txt"  # .txt (documents split by doc_sep) or .jsonl with "text"
+    doc_sep: str = "\n\n"  # document separator in .txt files; "" = the whole file is one document
+    tokenizer: str = "data/world/tokenizer.tiktoken"  # ranks file, GPT-2 dir or 'gpt2'; ignored when init is a model
+    init: str = "scratch"  # 'scratch', a GPT-2 dir/name ('gpt2', ...), or one of our checkpoints
+    out_dir: str = "out/pretrain"
+    # model (used when init = scratch)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    # optimisation
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # bookkeeping
+    val_frac: float = 0.02  # last fraction of documents held out
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 50
+    ckpt_interval: int = 500
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32
+    compile: bool = False
+
+
+# --- data
+
+
+def read_documents(path, doc_sep):
+    if path.endswith(".jsonl"):
+        return [row["text"] for row in M.read_jsonl(path, ("text",))]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    docs = [d for d in (text.split(doc_sep) if doc_sep else [text]) if d.strip()]
+    if not docs:
+        raise ValueError(f"{path}: no text")
+    return docs
+
+
+def build_token_files(cfg, tokenizer):
+    """Tokenize the corpus once into out_dir/{train,val}.bin; EOS after every document."""
+    key = hashlib.sha1(f"{cfg.data}|{os.path.getmtime(cfg.data)}|{cfg.doc_sep}|{cfg.val_frac}|{tokenizer.n_vocab}".encode()).hexdigest()
+    meta_path = os.path.join(cfg.out_dir, "tokens.json")
+    if os.path.exists(meta_path) and json.load(open(meta_path)).get("key") == key:
+        return json.load(open(meta_path))
+    docs = read_documents(cfg.data, cfg.doc_sep)
+    n_val = max(1, int(len(docs) * cfg.val_frac)) if len(docs) > 1 else 0
+    dtype = np.uint16 if tokenizer.n_vocab <= 65536 else np.uint32
+    meta = {"key": key, "dtype": np.dtype(dtype).name, "docs": len(docs)}
+    for split, part in (("train", docs[:len(docs) - n_val]), ("val", docs[len(docs) - n_val:] or docs[-1:])):
+        ids = []
+        for toks in tokenizer.enc.encode_ordinary_batch(part):
+            ids.extend(toks)
+            ids.append(tokenizer.eot_id)
+        if len(ids) <= cfg.block_size:
+            raise ValueError(f"{cfg.data}: the {split} split has {len(ids)} tokens, fewer than block_size + 1")
+        np.array(ids, dtype=dtype).tofile(os.path.join(cfg.out_dir, f"{split}.bin.tmp"))
+        os.replace(os.path.join(cfg.out_dir, f"{split}.bin.tmp"), os.path.join(cfg.out_dir, f"{split}.bin"))
+        meta[split] = len(ids)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def get_batch(data, batch_size, block_size, gen):
+    """Random windows: x (B, T) and targets y (B, T) = x shifted by one."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    return x, y
+
+
+def lm_loss(model, x, y):
+    logits = model(x)  # (B, T, V)
+    return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+
+@torch.no_grad()
+def eval_loss(model, data, cfg, device, ctx):
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)  # the same windows at every eval
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen)
+        with ctx:
+            losses.append(lm_loss(model, x.to(device), y.to(device)).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def init_model(cfg, device):
+    """(model, tokenizer, start state or None): resume from out_dir, else init from cfg.init."""
+    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    state = M.load_train_state(ckpt)
+    if state is not None:
+        model, tokenizer, _ = M.load_checkpoint(ckpt, device, dropout=cfg.dropout)
+        print(f"resuming from {ckpt} at step {state['step']}")
+        return model, tokenizer, state
+    if cfg.init == "scratch":
+        tokenizer = M.load_tokenizer(cfg.tokenizer)
+        config = M.GPTConfig(vocab_size=tokenizer.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+        return M.GPT(config).to(device), tokenizer, None
+    model, tokenizer = M.load_gpt(cfg.init, device, cfg.dropout)
+    return model, tokenizer, None
+
+
+# --- training
+
+
+def train(cfg):
+    device = M.get_device(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, state = init_model(cfg, device)
+    if cfg.block_size > model.config.block_size:
+        raise M.ConfigError(f"block_size {cfg.block_size} > the model's {model.config.block_size}")
+    meta = build_token_files(cfg, tokenizer)
+    train_data = np.memmap(os.path.join(cfg.out_dir, "train.bin"), dtype=meta["dtype"], mode="r")
+    val_data = np.memmap(os.path.join(cfg.out_dir, "val.bin"), dtype=meta["dtype"], mode="r")
+    M.save_config(cfg, cfg.out_dir)
+    M.print_config(cfg)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+    print(f"{model.num_params() / 1e6:.2f}M parameters | vocab {tokenizer.n_vocab} | train {meta['train']:,} tokens "
+          f"| val {meta['val']:,} | {tokens_per_step:,} tokens/step | {cfg.max_steps * tokens_per_step / meta['train']:.1f} epochs")
+
+    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device=device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        M.set_rng_state(state["rng"])
+        step = state["step"]
+        M.truncate_metrics(cfg.out_dir, step)
+    ctx = M.autocast(device, cfg.dtype)
+    fwd = torch.compile(model) if cfg.compile else model
+    model.train()
+
+    def checkpoint():
+        M.save_checkpoint(os.path.join(cfg.out_dir, "ckpt"), model, tokenizer, dataclasses.asdict(cfg),
+                          state={"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "rng": M.rng_state()})
+
+    t0 = time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", dynamic_ncols=True)
+    while step < cfg.max_steps:
+        # 1. learning rate for this step
+        lr = M.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # 2. forward/backward over grad_accum micro-batches
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, gen)
+            with ctx:
+                loss = lm_loss(fwd, x.to(device), y.to(device)) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        if not np.isfinite(total):
+            raise FloatingPointError(f"step {step}: loss is {total}; last good checkpoint is in {cfg.out_dir}/ckpt")
+        # 3. clip and step
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        # 4. log, eval, checkpoint
+        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            metrics = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
+                       "tok_s": int(tokens_per_step * (step - (state or {}).get("step", 0)) / (time.time() - t0))}
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                metrics["val_loss"] = eval_loss(fwd, val_data, cfg, device, ctx)
+            M.log_metrics(cfg.out_dir, metrics)
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+            checkpoint()
+    bar.close()
+    return model
+
+
+if __name__ == "__main__":
+    train(M.parse_config(Config))

@@ -1,0 +1,240 @@
+"""
+sft.py: supervised fine-tuning on prompt/response pairs (step 1 of InstructGPT, Ouyang et al. 2022).
+
+Objective: minimise -(1/N) sum over response tokens of log pi(y_t | x, y_<t), where each example is
+the chat template "Human: {prompt}\\n\\nAssistant: {response}<|endoftext|>" and N counts the
+response tokens of the whole optimizer step. The prompt tokens are context only; the final EOS
+is a target (RLHF_DETAILS.md item 5), so the model learns to stop. Prompt and response are
+tokenized separately and concatenated (item 8). Rows are right-padded with PAD_ID, which is never
+a target.
+
+Data: JSONL of {"prompt", "response"}, or Alpaca's {"instruction", "input", "output"} (prompt =
+instruction, plus a blank line and the input when there is one). Empty prompts or responses are
+errors naming the file and line.
+Too long (prompt + response > max_len): the prompt is cut from the left, keeping its last tokens;
+if the response alone leaves fewer than min_prompt prompt tokens, the response is cut on the right
+too (so that example loses its EOS). Both counts are printed and saved in data_stats.json.
+
+Resume: the batch order is a function of (seed, step), so running the same command again
+continues from out_dir/ckpt exactly.
+
+Run:
+  CPU, built-in task:  python sft.py --config configs/sft_world.toml
+  one GPU, GPT-2 on Alpaca:  python sft.py --config configs/sft_alpaca_gpt2.toml
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import model as M
+
+# --- config
+
+
+@dataclass
+class Config:
+    data: str = "data/world/sft_train.jsonl"  # {"prompt", "response"} or Alpaca rows
+    val_data: str = "data/world/sft_val.jsonl"  # held-out pairs for the eval loss and samples
+    init: str = "out/pretrain"  # a checkpoint of ours, or a GPT-2 dir/name
+    out_dir: str = "out/sft"
+    max_len: int = 128  # prompt + response tokens per row
+    min_prompt: int = 16  # prompt tokens always kept when truncating
+    batch_size: int = 32
+    grad_accum: int = 1
+    epochs: float = 2.0
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    eval_interval: int = 200
+    log_interval: int = 25
+    ckpt_interval: int = 200
+    n_samples: int = 4  # held-out prompts sampled and printed at each eval
+    sample_temperature: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    compile: bool = False
+
+
+# --- data
+
+
+def read_pairs(path):
+    """(prompt, response) pairs; Alpaca rows are converted; empty fields are errors."""
+    rows = M.read_jsonl(path)
+    pairs = []
+    for n, row in enumerate(rows, 1):
+        if "instruction" in row and "output" in row:
+            prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            response = row["output"]
+        elif "prompt" in row and "response" in row:
+            prompt, response = row["prompt"], row["response"]
+        else:
+            raise ValueError(f"{path}: row {n}: expected keys prompt+response or instruction+input+output, got {sorted(row)}")
+        if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
+            raise ValueError(f"{path}: row {n}: empty or non-string prompt/response")
+        pairs.append((prompt, response.strip()))
+    return pairs
+
+
+def tokenize_pairs(pairs, tokenizer, max_len, min_prompt):
+    """Each pair -> (ids, n_prompt): ids = prompt ids + response ids + EOS, truncated by the rule above."""
+    out, stats = [], {"examples": len(pairs), "prompt_truncated": 0, "response_truncated": 0}
+    for prompt, response in pairs:
+        p, r = M.encode_chat(tokenizer, prompt, response)
+        if len(p) + len(r) > max_len:
+            keep_p = max(min(len(p), min_prompt), max_len - len(r))
+            if keep_p < len(p):
+                stats["prompt_truncated"] += 1
+                p = p[-keep_p:]
+            if len(p) + len(r) > max_len:
+                stats["response_truncated"] += 1
+                r = r[:max_len - len(p)]
+        out.append((p + r, len(p)))
+    return out, stats
+
+
+def collate(examples):
+    """Right-padded ids (B, T) and the loss mask (B, T): 1 on response tokens and the EOS."""
+    ids = M.pad_right([e[0] for e in examples])  # (B, T)
+    mask = torch.zeros_like(ids)
+    for i, (seq, n_prompt) in enumerate(examples):
+        mask[i, n_prompt:len(seq)] = 1
+    return ids, mask
+
+
+def batch_indices(step, n, per_step, seed):
+    """Example indices of optimizer step `step`: a fresh permutation every epoch, from (seed, epoch)."""
+    steps_per_epoch = math.ceil(n / per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[k * per_step:(k + 1) * per_step].tolist()
+
+
+# --- the loss
+
+
+def sft_loss_terms(model, ids, mask):
+    """Summed negative log-likelihood of the masked tokens and their count. ids, mask (B, T)."""
+    logprobs = M.response_logprobs(model, ids)  # (B, T-1): log p(ids[:, t] | ids[:, :t]) for t >= 1
+    m = mask[:, 1:].float()  # (B, T-1) aligned with the targets ids[:, 1:]
+    return -(logprobs * m).sum(), m.sum()
+
+
+@torch.no_grad()
+def eval_loss(model, examples, batch_size, device, ctx):
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        ids, mask = collate(examples[i:i + batch_size])
+        with ctx:
+            nll, n = sft_loss_terms(model, ids.to(device), mask.to(device))
+        total, count = total + nll.item(), count + n.item()
+    model.train()
+    return total / count
+
+
+@torch.no_grad()
+def print_samples(model, tokenizer, prompts, cfg, device):
+    model.eval()
+    ids, mask = M.pad_left([M.encode_chat(tokenizer, p) for p in prompts])
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    out, gen_mask, _ = model.generate(ids.to(device), cfg.max_new_tokens, cfg.sample_temperature,
+                                      attention_mask=mask.to(device), eos_id=tokenizer.eot_id, generator=g)
+    for p, row, m in zip(prompts, out[:, ids.size(1):].tolist(), gen_mask.tolist()):
+        ended = tokenizer.eot_id in row
+        tqdm.write(f"  > {p}\n    {tokenizer.decode(row)!r}{'' if ended else ' [no EOS]'}")
+    model.train()
+
+
+# --- training
+
+
+def train(cfg):
+    device = M.get_device(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    state = M.load_train_state(ckpt)
+    if state is not None:
+        model, tokenizer, _ = M.load_checkpoint(ckpt, device, dropout=cfg.dropout)
+        print(f"resuming from {ckpt} at step {state['step']}")
+    else:
+        model, tokenizer = M.load_gpt(cfg.init, device, cfg.dropout)
+    if cfg.max_len > model.config.block_size:
+        raise M.ConfigError(f"max_len {cfg.max_len} > the model's block_size {model.config.block_size}")
+    train_ex, stats = tokenize_pairs(read_pairs(cfg.data), tokenizer, cfg.max_len, cfg.min_prompt)
+    val_pairs = read_pairs(cfg.val_data)
+    val_ex, val_stats = tokenize_pairs(val_pairs, tokenizer, cfg.max_len, cfg.min_prompt)
+    with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
+        json.dump({"train": stats, "val": val_stats}, f)
+    M.save_config(cfg, cfg.out_dir)
+    M.print_config(cfg)
+    per_step = cfg.batch_size * cfg.grad_accum
+    max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
+    print(f"train {stats} | val {val_stats} | {per_step} examples/step | {max_steps} steps")
+
+    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        step = state["step"]
+        M.truncate_metrics(cfg.out_dir, step)
+    ctx = M.autocast(device, cfg.dtype)
+    fwd = torch.compile(model) if cfg.compile else model
+    model.train()
+    t0, start = time.time(), step
+    bar = tqdm(total=max_steps, initial=step, desc="sft", dynamic_ncols=True)
+    while step < max_steps:
+        # 1. the examples of this step, split into micro-batches
+        idx = batch_indices(step, len(train_ex), per_step, cfg.seed)
+        micro = [collate([train_ex[i] for i in idx[j::cfg.grad_accum]]) for j in range(cfg.grad_accum)]
+        n_tokens = sum(m[:, 1:].sum() for _, m in micro).item()
+        lr = M.lr_at(step, max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # 2. token-mean loss over the whole step, accumulated over micro-batches
+        total = 0.0
+        for ids, mask in micro:
+            with ctx:
+                nll, _ = sft_loss_terms(fwd, ids.to(device), mask.to(device))
+            (nll / n_tokens).backward()
+            total += nll.item() / n_tokens
+        if not math.isfinite(total):
+            raise FloatingPointError(f"step {step}: loss is {total}; last good checkpoint is in {ckpt}")
+        # 3. clip, step
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        # 4. log, eval with samples, checkpoint
+        last = step == max_steps
+        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last:
+            metrics = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
+                       "ex_s": round(per_step * (step - start) / (time.time() - t0), 1)}
+            if step % cfg.eval_interval == 0 or last:
+                metrics["val_loss"] = eval_loss(model, val_ex, cfg.batch_size, device, ctx)
+                print_samples(model, tokenizer, [p for p, _ in val_pairs[:cfg.n_samples]], cfg, device)
+            M.log_metrics(cfg.out_dir, metrics)
+        if step % cfg.ckpt_interval == 0 or last:
+            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
+                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+    bar.close()
+    return model
+
+
+if __name__ == "__main__":
+    train(M.parse_config(Config))

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny generated world, a BPE trained on it, and a tiny random checkpoint.
+Session-scoped so the whole suite builds them once."""
+
+import pytest
+import torch
+
+import model as M
+from data.bpe import save_ranks, train_bpe
+from data.world import generate
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small world (corpus, SFT pairs, prompts) with its tokenizer.tiktoken."""
+    d = tmp_path_factory.mktemp("world")
+    generate(d, seed=0, corpus_mb=0.1, n_sft=400)
+    text = (d / "pretrain.txt").read_text() + (d / "sft_train.jsonl").read_text()
+    save_ranks(train_bpe(text, 600), d / "tokenizer.tiktoken")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer(world):
+    return M.load_tokenizer(str(world / "tokenizer.tiktoken"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tokenizer):
+    """A random tiny GPT saved as one of our checkpoints (stands in for a pretrained model)."""
+    d = tmp_path_factory.mktemp("tiny") / "ckpt"
+    torch.manual_seed(0)
+    config = M.GPTConfig(vocab_size=tokenizer.n_vocab, block_size=96, n_layer=2, n_head=2, n_embd=32)
+    M.save_checkpoint(str(d), M.GPT(config), tokenizer, {})
+    return str(d)
