@@ -4,7 +4,8 @@ eval.py: sample from any checkpoint on held-out prompts and score the answers.
 For a policy checkpoint it reports, over the prompts:
   gold       the built-in task's gold reward and each of its parts (data/world.py), the fraction
              of answers ending with EOS and the fraction naming every requested entity (on topic)
-  rm_score   the (normalised) reward-model score, when --reward_model is given
+  rm_score   the (normalised) reward-model score, when --reward_model is given, and the Spearman
+             correlation of that score with the gold reward over every sampled answer
   kl         KL(pi || pi_ref) to --ref, the sampled estimate E_y~pi [sum_t log pi(y_t) - log pi_ref(y_t)]
              (per sequence, nats), with both log-probs at the sampling temperature
   win_rate   gold win rate against --baseline, one answer each per prompt, ties count half
@@ -118,6 +119,28 @@ def gold_scores(prompts, texts, ended):
     return rows
 
 
+def ranks(xs):
+    """Ranks 0..n-1 with ties given their average rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def spearman(a, b):
+    """Spearman rank correlation: Pearson correlation of the (tie-averaged) ranks."""
+    ra, rb = torch.tensor(ranks(a)), torch.tensor(ranks(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra @ rb / (ra.norm() * rb.norm()).clamp(min=1e-12)).item()
+
+
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -144,6 +167,9 @@ def evaluate(cfg):
     summary = {"ckpt": cfg.ckpt, "prompts": len(prompts), "best_of_n": n, "temperature": cfg.temperature}
     if rm is not None:
         scores = rm_scores(rm, tokenizer, flat, responses, cfg.batch_size, device).view(len(prompts), n)  # (N, n)
+        if cfg.gold:  # how well the proxy tracks the truth on every sampled answer
+            all_gold = gold_scores(flat, [tokenizer.decode(r) for r in responses], [a[1] for a in answers])
+            summary["rm_gold_spearman"] = spearman(scores.view(-1).tolist(), [g["gold"] for g in all_gold])
         pick = scores.argmax(-1)  # (N,)
         keep = [i * n + int(pick[i]) for i in range(len(prompts))]
         summary["rm_score"] = scores.gather(1, pick[:, None]).mean().item()

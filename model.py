@@ -589,6 +589,20 @@ def encode_chat(tokenizer, prompt, response=None):
     return p, tokenizer.encode(" " + response) + [tokenizer.eot_id]
 
 
+def truncate_example(p, r, max_len, min_prompt):
+    """The one truncation rule, for prompt ids p and response ids r (with EOS) longer than max_len:
+    cut the prompt from the left (keep its last tokens) but keep at least min_prompt of them; if
+    still too long, cut the response on the right (it loses its EOS). Returns (p, r, cut_p, cut_r)."""
+    cut_p = cut_r = False
+    if len(p) + len(r) > max_len:
+        keep = max(min(len(p), min_prompt), max_len - len(r))
+        if keep < len(p):
+            p, cut_p = p[-keep:], True
+        if len(p) + len(r) > max_len:
+            r, cut_r = r[:max_len - len(p)], True
+    return p, r, cut_p, cut_r
+
+
 def pad_left(rows, max_len=None):
     """Left-pad lists of ids with PAD_ID: (B, P) ids and (B, P) attention mask."""
     P = max_len or max(len(r) for r in rows)
@@ -833,6 +847,55 @@ def truncate_metrics(out_dir, step):
             rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         with open(path, "w") as f:
             f.writelines(rows)
+
+
+def split_hh(transcript, path, n):
+    """An HH-RLHF transcript '\n\nHuman: ...\n\nAssistant: answer' -> (prompt, answer), split at the
+    last 'Assistant:', so that chat_prompt(prompt) + ' ' + answer reproduces the transcript."""
+    cut = transcript.rfind("\n\nAssistant:")
+    if not transcript.lstrip("\n").startswith("Human:") or cut < 0:
+        raise ValueError(f"{path}:{n}: expected an HH transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
+    prompt = transcript[:cut].lstrip("\n")[len("Human:"):].strip()
+    return prompt, transcript[cut + len("\n\nAssistant:"):].strip()
+
+
+def read_preferences(path):
+    """Preference data as groups (prompt, [response best, ..., worst]).
+
+    Rows: {"prompt", "chosen", "rejected"}; HH transcripts {"chosen", "rejected"}; InstructGPT
+    rankings {"prompt", "responses": [best, ..., worst]}. Empty texts and rankings of fewer than
+    two answers are errors naming the line. Pairs whose chosen equals rejected carry no preference:
+    they are skipped and counted (returned in stats), never dropped silently.
+    """
+    groups, stats = [], {"rows": 0, "identical_skipped": 0}
+    for n, row in enumerate(read_jsonl(path), 1):
+        stats["rows"] += 1
+        if "responses" in row:
+            prompt, responses = row.get("prompt"), row["responses"]
+            if not isinstance(responses, list) or len(responses) < 2:
+                raise ValueError(f"{path}:{n}: a ranking needs a list of at least 2 responses, got {responses!r:.80}")
+        elif "chosen" in row and "rejected" in row:
+            if "prompt" in row:
+                prompt, responses = row["prompt"], [row["chosen"], row["rejected"]]
+            else:
+                prompt, chosen = split_hh(row["chosen"], path, n)
+                prompt_r, rejected = split_hh(row["rejected"], path, n)
+                if prompt_r != prompt:
+                    raise ValueError(f"{path}:{n}: chosen and rejected transcripts have different prompts")
+                responses = [chosen, rejected]
+        else:
+            raise ValueError(f"{path}:{n}: expected keys prompt+chosen+rejected, chosen+rejected (HH) or prompt+responses; got {sorted(row)}")
+        texts = [prompt] + list(responses)
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(f"{path}:{n}: empty or non-string prompt or response")
+        responses = [r.strip() for r in responses]
+        if len(set(responses)) < len(responses):
+            if len(responses) == 2:
+                stats["identical_skipped"] += 1
+                continue
+            raise ValueError(f"{path}:{n}: a ranking lists the same response twice")
+        groups.append((prompt, responses))
+    return groups, stats
 
 
 def read_jsonl(path, required=()):

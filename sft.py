@@ -11,9 +11,10 @@ a target.
 Data: JSONL of {"prompt", "response"}, or Alpaca's {"instruction", "input", "output"} (prompt =
 instruction, plus a blank line and the input when there is one). Empty prompts or responses are
 errors naming the file and line.
-Too long (prompt + response > max_len): the prompt is cut from the left, keeping its last tokens;
-if the response alone leaves fewer than min_prompt prompt tokens, the response is cut on the right
-too (so that example loses its EOS). Both counts are printed and saved in data_stats.json.
+Too long (prompt + response > max_len): model.truncate_example's rule, the prompt is cut from the
+left, keeping its last tokens; if the response alone leaves fewer than min_prompt prompt tokens,
+the response is cut on the right too (so that example loses its EOS). Both counts are printed and
+saved in data_stats.json.
 
 Resume: the batch order is a function of (seed, step), so running the same command again
 continues from out_dir/ckpt exactly.
@@ -92,15 +93,9 @@ def tokenize_pairs(pairs, tokenizer, max_len, min_prompt):
     """Each pair -> (ids, n_prompt): ids = prompt ids + response ids + EOS, truncated by the rule above."""
     out, stats = [], {"examples": len(pairs), "prompt_truncated": 0, "response_truncated": 0}
     for prompt, response in pairs:
-        p, r = M.encode_chat(tokenizer, prompt, response)
-        if len(p) + len(r) > max_len:
-            keep_p = max(min(len(p), min_prompt), max_len - len(r))
-            if keep_p < len(p):
-                stats["prompt_truncated"] += 1
-                p = p[-keep_p:]
-            if len(p) + len(r) > max_len:
-                stats["response_truncated"] += 1
-                r = r[:max_len - len(p)]
+        p, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, response), max_len, min_prompt)
+        stats["prompt_truncated"] += cut_p
+        stats["response_truncated"] += cut_r
         out.append((p + r, len(p)))
     return out, stats
 

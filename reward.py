@@ -1,0 +1,258 @@
+"""
+reward.py: a reward model from human preferences (step 2 of InstructGPT, Ouyang et al. 2022).
+
+Objective (InstructGPT Eq. 1; Stiennon et al. 2020 Eq. 1; Bradley-Terry):
+  loss(theta) = -1 / C(K,2) * E_(x, y_w, y_l) [ log sigmoid(r(x, y_w) - r(x, y_l)) ]
+A K-answer ranking contributes all C(K,2) of its pairs, kept together in one batch element: each
+answer goes through the model once and the pair differences are taken from its K scores
+(InstructGPT section 3.5: per-pair batches over-fit and cost C(K,2) forwards instead of K).
+Each ranking weighs the same whatever its K (the 1/C(K,2)); a preference pair is a ranking of 2.
+Options: a margin m, -log sigmoid(r_w - r_l - m) (Llama 2 uses it for graded preferences), and
+label smoothing e, -(1-e) log sigmoid(d) - e log sigmoid(-d) (robust to flipped labels).
+
+Details (RLHF_DETAILS.md): r is the scalar head read at the last real token, the EOS that ends
+every answer (items 5, 6); initialised from the SFT model, head N(0, 1/sqrt(n_embd + 1)), bias 0;
+one epoch, learning rate annealed linearly to 0 (item 11: it over-fits fast); dropout off (item 2).
+After training the score is normalised so the policy's own samples (the answers of the training
+data, which the SFT policy wrote) score mean 0 and std 1: gain and bias are stored in the
+checkpoint and applied by ScalarModel.score (item 10; lm-human-preferences, InstructGPT).
+
+Data: rankings {"prompt", "responses": [best, ..., worst]}, pairs {"prompt", "chosen", "rejected"},
+or HH-RLHF transcripts {"chosen", "rejected"} (model.read_preferences).
+
+Run:
+  CPU, built-in task:  python reward.py --config configs/reward_world.toml
+  one GPU, GPT-2 on HH-RLHF:  python reward.py --config configs/reward_hh_gpt2.toml
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+
+# --- config
+
+
+@dataclass
+class Config:
+    data: str = "data/world/prefs_rankings_train.jsonl"  # rankings, pairs or HH transcripts
+    val_data: str = "data/world/prefs_rankings_val.jsonl"
+    init: str = "out/sft"  # the SFT checkpoint (or a GPT-2 dir/name)
+    out_dir: str = "out/reward"
+    max_len: int = 128
+    min_prompt: int = 16
+    batch_size: int = 8  # rankings (or pairs) per micro-batch
+    grad_accum: int = 1
+    epochs: float = 1.0
+    lr: float = 3e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    margin: float = 0.0
+    label_smoothing: float = 0.0
+    normalize: bool = True  # fit gain/bias so the training answers score mean 0, std 1
+    eval_interval: int = 50
+    log_interval: int = 10
+    ckpt_interval: int = 50
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    compile: bool = False
+
+
+# --- data
+
+
+def encode_groups(groups, tokenizer, max_len, min_prompt):
+    """Each (prompt, [answers best..worst]) -> list of token rows prompt + answer + EOS."""
+    out, stats = [], {"groups": len(groups), "prompt_truncated": 0, "response_truncated": 0}
+    for prompt, answers in groups:
+        p = M.encode_chat(tokenizer, prompt)
+        rows = []
+        for a in answers:
+            pp, r, cut_p, cut_r = M.truncate_example(p, tokenizer.encode(" " + a) + [tokenizer.eot_id], max_len, min_prompt)
+            stats["prompt_truncated"] += cut_p
+            stats["response_truncated"] += cut_r
+            rows.append(pp + r)
+        out.append(rows)
+    return out, stats
+
+
+def collate(groups):
+    """Flatten groups of rows into one right-padded batch.
+
+    Returns ids (N, T), and for every pair (i better than j within a group) the indices w (P,),
+    l (P,) into the N rows and a weight (P,) = 1 / (C(K,2) * n_groups), so that the weighted sum
+    over pairs is the mean over groups of the mean over each group's pairs.
+    """
+    rows, w, l, weight = [], [], [], []
+    for rows_g in groups:
+        base, k = len(rows), len(rows_g)
+        rows.extend(rows_g)
+        for i in range(k):
+            for j in range(i + 1, k):
+                w.append(base + i)
+                l.append(base + j)
+                weight.append(1.0 / (k * (k - 1) / 2 * len(groups)))
+    return M.pad_right(rows), torch.tensor(w), torch.tensor(l), torch.tensor(weight)
+
+
+def batch_indices(step, n, per_step, seed):
+    """Group indices of optimizer step `step`: a fresh permutation every epoch, from (seed, epoch)."""
+    steps_per_epoch = math.ceil(n / per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[k * per_step:(k + 1) * per_step].tolist()
+
+
+# --- the loss
+
+
+def reward_loss(r_chosen, r_rejected, weight, margin=0.0, label_smoothing=0.0):
+    """Bradley-Terry loss of pairs (InstructGPT Eq. 1) with optional margin and label smoothing.
+
+    r_chosen, r_rejected (P,) scores of the preferred and the other answer; weight (P,) sums to
+    the number of groups' share of this step. Returns the weighted loss (scalar).
+    """
+    d = r_chosen - r_rejected - margin  # (P,)
+    losses = -(1 - label_smoothing) * F.logsigmoid(d) - label_smoothing * F.logsigmoid(-d)
+    return (losses * weight).sum()
+
+
+def scores_of(model, ids):
+    """Raw reward at the last real token of each right-padded row: (N,)."""
+    values = model(ids)  # (N, T): right padding needs no attention mask (causal)
+    return values.gather(1, M.last_index(ids != M.PAD_ID)[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def evaluate(model, groups, cfg, device, ctx):
+    """Pairwise accuracy (ties count half), mean margin r_w - r_l and loss over all pairs."""
+    model.eval()
+    correct, margin, loss, n = 0.0, 0.0, 0.0, 0
+    for i in range(0, len(groups), cfg.batch_size):
+        ids, w, l, weight = collate(groups[i:i + cfg.batch_size])
+        with ctx:
+            s = scores_of(model, ids.to(device)).float().cpu()
+        d = s[w] - s[l]
+        correct += (d > 0).sum().item() + 0.5 * (d == 0).sum().item()
+        margin += d.sum().item()
+        loss += -F.logsigmoid(d).sum().item()
+        n += len(d)
+    model.train()
+    return {"val_acc": correct / n, "val_margin": margin / n, "val_loss": loss / n}
+
+
+@torch.no_grad()
+def fit_normalisation(model, groups, cfg, device, ctx):
+    """gain, bias such that gain * r + bias has mean 0, std 1 over every answer in groups."""
+    model.eval()
+    scores = []
+    for i in range(0, len(groups), cfg.batch_size):
+        ids, _, _, _ = collate(groups[i:i + cfg.batch_size])
+        with ctx:
+            scores.append(scores_of(model, ids.to(device)).float().cpu())
+    s = torch.cat(scores)
+    gain = 1.0 / s.std().clamp(min=1e-6)
+    return gain.item(), (-s.mean() * gain).item()
+
+
+# --- training
+
+
+def train(cfg):
+    device = M.get_device(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    state = M.load_train_state(ckpt)
+    if state is not None:
+        model, tokenizer, _ = M.load_checkpoint(ckpt, device, kind="scalar")
+        print(f"resuming from {ckpt} at step {state['step']}")
+    else:
+        policy, tokenizer = M.load_gpt(cfg.init, device)
+        model = M.ScalarModel(policy.config).to(device)  # fresh head: N(0, 1/sqrt(n_embd + 1)), bias 0
+        model.backbone.load_state_dict(policy.state_dict())
+        del policy
+    raw_train, train_read = M.read_preferences(cfg.data)
+    raw_val, val_read = M.read_preferences(cfg.val_data)
+    train_g, train_stats = encode_groups(raw_train, tokenizer, cfg.max_len, cfg.min_prompt)
+    val_g, val_stats = encode_groups(raw_val, tokenizer, cfg.max_len, cfg.min_prompt)
+    M.save_config(cfg, cfg.out_dir)
+    M.print_config(cfg)
+    per_step = cfg.batch_size * cfg.grad_accum
+    max_steps = math.ceil(cfg.epochs * math.ceil(len(train_g) / per_step))
+    n_pairs = sum(len(g) * (len(g) - 1) // 2 for g in train_g)
+    print(f"train {train_read} {train_stats} ({n_pairs} pairs) | val {val_read} {val_stats} | {max_steps} steps")
+    with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
+        json.dump({"train": {**train_read, **train_stats, "pairs": n_pairs}, "val": {**val_read, **val_stats}}, f)
+
+    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        step = state["step"]
+        M.truncate_metrics(cfg.out_dir, step)
+    ctx = M.autocast(device, cfg.dtype)
+    fwd = torch.compile(model) if cfg.compile else model
+    model.train()
+    t0, start = time.time(), step
+    bar = tqdm(total=max_steps, initial=step, desc="reward", dynamic_ncols=True)
+    while step < max_steps:
+        # 1. the rankings of this step; learning rate: warmup, then linear decay to 0 (item 11)
+        idx = batch_indices(step, len(train_g), per_step, cfg.seed)
+        lr = M.lr_at(step, max_steps, cfg.lr, cfg.warmup, min_lr_frac=0.0, schedule="linear")
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # 2. one forward per answer, the loss over all pairs of each ranking
+        total, acc, n_pairs = 0.0, 0.0, 0
+        for j in range(cfg.grad_accum):
+            ids, w, l, weight = collate([train_g[i] for i in idx[j::cfg.grad_accum]])
+            with ctx:
+                s = scores_of(fwd, ids.to(device)).float()  # (N,)
+            weight = weight.to(device) * (len(idx[j::cfg.grad_accum]) / len(idx))  # mean over the step's groups
+            loss = reward_loss(s[w.to(device)], s[l.to(device)], weight, cfg.margin, cfg.label_smoothing)
+            loss.backward()
+            total += loss.item()
+            acc += (s[w] > s[l]).float().sum().item()
+            n_pairs += len(w)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"step {step}: loss is {total}; last good checkpoint is in {ckpt}")
+        # 3. clip, step
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        # 4. log, eval, checkpoint
+        last = step == max_steps
+        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last:
+            metrics = {"step": step, "loss": total, "acc": acc / n_pairs, "lr": lr, "grad_norm": grad_norm,
+                       "groups_s": round(per_step * (step - start) / (time.time() - t0), 1)}
+            if step % cfg.eval_interval == 0 or last:
+                metrics.update(evaluate(model, val_g, cfg, device, ctx))
+            M.log_metrics(cfg.out_dir, metrics)
+        if last and cfg.normalize:
+            # 5. normalise: the policy's own answers score mean 0, std 1 (item 10)
+            gain, bias = fit_normalisation(model, train_g, cfg, device, ctx)
+            model.reward_gain.fill_(gain)
+            model.reward_bias.fill_(bias)
+            print(f"reward normalisation: gain {gain:.4f} bias {bias:.4f}")
+        if step % cfg.ckpt_interval == 0 or last:
+            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
+                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+    bar.close()
+    return model
+
+
+if __name__ == "__main__":
+    train(M.parse_config(Config))

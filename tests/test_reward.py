@@ -1,0 +1,100 @@
+"""Tests of reward.py and data/preferences.py: the loss against hand-computed values, a ranking
+equal to its pairs, the score at the EOS, data formats and errors, normalisation, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import model as M
+import reward
+from data import preferences
+
+
+def test_reward_loss_hand_computed():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    w = torch.tensor([0.5, 0.5])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = 0.5 * -math.log(sig(1.0)) + 0.5 * -math.log(sig(-1.0))
+    assert reward.reward_loss(rc, rr, w).item() == pytest.approx(expected, abs=1e-6)
+    expected_m = 0.5 * -math.log(sig(0.5)) + 0.5 * -math.log(sig(-1.5))
+    assert reward.reward_loss(rc, rr, w, margin=0.5).item() == pytest.approx(expected_m, abs=1e-6)
+    e = 0.1
+    expected_ls = sum(0.5 * (-(1 - e) * math.log(sig(d)) - e * math.log(sig(-d))) for d in (1.0, -1.0))
+    assert reward.reward_loss(rc, rr, w, label_smoothing=e).item() == pytest.approx(expected_ls, abs=1e-6)
+
+
+def test_ranking_is_all_its_pairs_with_one_forward_per_answer():
+    groups = [[[1, 2], [3], [4, 5, 6]], [[7], [8]]]  # a ranking of 3 and a pair
+    ids, w, l, weight = reward.collate(groups)
+    assert ids.shape == (5, 3)  # 5 answers, each once
+    assert list(zip(w.tolist(), l.tolist())) == [(0, 1), (0, 2), (1, 2), (3, 4)]
+    assert torch.allclose(weight, torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]))  # each group weighs 1/2
+    s = torch.tensor([3.0, 1.0, 0.0, 2.0, 2.5])
+    by_hand = 0.5 * sum(-math.log(1 / (1 + math.exp(-d))) for d in (2.0, 3.0, 1.0)) / 3 + 0.5 * -math.log(1 / (1 + math.exp(0.5)))
+    assert reward.reward_loss(s[w], s[l], weight).item() == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_score_read_at_eos(tokenizer):
+    torch.manual_seed(0)
+    rm = M.ScalarModel(M.GPTConfig(vocab_size=tokenizer.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    g, _ = reward.encode_groups([("describe the cat.", ["the cat is black.", "the cat is a very black cat indeed."])], tokenizer, 64, 8)
+    ids, _, _, _ = reward.collate(g)
+    s = reward.scores_of(rm, ids)
+    for i, row in enumerate(g[0]):
+        assert row[-1] == tokenizer.eot_id
+        assert s[i].item() == pytest.approx(rm(torch.tensor([row]))[0, -1].item(), abs=1e-5)
+
+
+def test_read_preferences_formats_and_errors(tmp_path):
+    p = tmp_path / "p.jsonl"
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"},
+            {"prompt": "q", "responses": ["a", "b", "c"]},
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+            {"prompt": "q", "chosen": "same", "rejected": "same"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups, stats = M.read_preferences(str(p))
+    assert groups == [("q", ["a", "b"]), ("q", ["a", "b", "c"]), ("q", ["a", "b"])]
+    assert stats == {"rows": 4, "identical_skipped": 1}
+    for bad, msg in (({"prompt": "q", "responses": ["a"]}, "at least 2 responses"),
+                     ({"prompt": "q", "chosen": "", "rejected": "b"}, "empty"),
+                     ({"prompt": "q", "answer": "a"}, "expected keys"),
+                     ({"chosen": "no transcript", "rejected": "x"}, "HH transcript")):
+        p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=rf"p.jsonl:2: .*{msg}"):
+            M.read_preferences(str(p))
+
+
+def test_noise_ceiling_and_bradley_terry_labels():
+    # two answers whose gold differs by T*log(3): the labeler prefers the better one 3 times in 4
+    T = 0.5
+    assert preferences.noise_ceiling([[T * math.log(3), 0.0]], T) == pytest.approx(0.75)
+    assert preferences.noise_ceiling([[1.0, 1.0]], T) == pytest.approx(0.5)
+    import random
+    rng = random.Random(0)
+    prompt = "what colour is the fox?"
+    from data.world import gold_reward
+    a, b = "the fox is red.", "the fox is stupid."
+    p = 1 / (1 + math.exp(-(gold_reward(prompt, a, True)["gold"] - gold_reward(prompt, b, True)["gold"]) / T))
+    wins = sum(preferences.rank(prompt, [a, b], T, rng)[0][0] == a for _ in range(4000)) / 4000
+    assert abs(wins - p) < 0.03
+
+
+def test_cli_trains_normalises_and_evaluates(world, tiny_ckpt, tmp_path):
+    rankings = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox stupid fox"]},
+                {"prompt": "where does the owl live?", "responses": ["the owl lives in the forest.", "i do not know."]}] * 8
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
+    cfg = M.parse_config(reward.Config, ["--data", str(tmp_path / "r.jsonl"), "--val_data", str(tmp_path / "r.jsonl"),
+                                         "--init", tiny_ckpt, "--out_dir", str(tmp_path / "rm"), "--epochs", "8",
+                                         "--batch_size", "4", "--lr", "3e-3", "--log_interval", "4", "--eval_interval", "100"])
+    rm = reward.train(cfg)
+    last = [json.loads(x) for x in open(tmp_path / "rm" / "metrics.jsonl")][-1]
+    assert last["val_acc"] == 1.0 and last["val_margin"] > 0  # a tiny set it can memorise
+    loaded, tok, info = M.load_checkpoint(str(tmp_path / "rm"))
+    assert info["kind"] == "scalar" and loaded.reward_gain.item() == rm.reward_gain.item() != 1.0
+    g, _ = reward.encode_groups(M.read_preferences(str(tmp_path / "r.jsonl"))[0], tok, 128, 16)
+    ids, _, _, _ = reward.collate(g)
+    with torch.no_grad():
+        s = loaded.score(ids, (ids != M.PAD_ID).long())
+    assert abs(s.mean().item()) < 1e-4 and abs(s.std().item() - 1) < 1e-3  # normalised on the training answers
