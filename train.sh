@@ -16,35 +16,69 @@ if [ "${QUICK:-0}" = 1 ]; then
   PRETRAIN="--max_steps 30 --eval_interval 30 --eval_iters 2 --log_interval 10 --ckpt_interval 30 --n_embd 32 --n_layer 2 --n_head 2 --block_size 64"
   SFT="--epochs 1 --batch_size 32 --max_len 64 --eval_interval 10 --log_interval 5 --n_samples 2 --max_new_tokens 16"
   EVAL="--n_prompts 16 --max_new_tokens 24"
+  PREFS="--rounds_train 1 --k_max 4 --max_new_tokens 24"
+  REWARD="--max_len 64 --eval_interval 10"
+  PPO="--total_episodes 64 --rollout_batch_size 16 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
 else
-  WORLD="" PRETRAIN="" SFT="" EVAL=""
+  WORLD="" PRETRAIN="" SFT="" EVAL="" PREFS="" REWARD="" PPO=""
 fi
 
 # --- 1. the world: pretraining corpus, SFT pairs, train/held-out prompts (seconds)
+echo "[train.sh $SECONDS s] stage 1"
 python data/world.py --out_dir "$DATA" $WORLD
 
 # --- 2. our BPE tokenizer, trained on the corpus and the SFT text (seconds)
+echo "[train.sh $SECONDS s] stage 2"
 python data/bpe.py --input "$DATA/pretrain.txt" "$DATA/sft_train.jsonl" --vocab_size 2048 --out "$DATA/tokenizer.tiktoken"
 
 # --- 3. pretraining: a base model that knows the world's language
+echo "[train.sh $SECONDS s] stage 3"
 python pretrain.py --config configs/pretrain_world.toml --data "$DATA/pretrain.txt" --tokenizer "$DATA/tokenizer.tiktoken" \
   --out_dir "$OUT/pretrain" $PRETRAIN
 
 # --- 4. supervised fine-tuning on prompt/response pairs (loss on the response and its EOS)
+echo "[train.sh $SECONDS s] stage 4"
 python sft.py --config configs/sft_world.toml --data "$DATA/sft_train.jsonl" --val_data "$DATA/sft_val.jsonl" \
   --init "$OUT/pretrain" --out_dir "$OUT/sft" $SFT
 
-# --- 5. evaluation on held-out prompts: gold reward of the pretrained and the SFT model
+# --- 5. preferences: K = 4..9 SFT answers per prompt, ranked by noisy gold labelers (Bradley-Terry)
+echo "[train.sh $SECONDS s] stage 5"
+python data/preferences.py --policy "$OUT/sft" --prompts_train "$DATA/prompts_train.jsonl" --prompts_val "$DATA/prompts_val.jsonl" \
+  --out_dir "$DATA" $PREFS
+
+# --- 6. reward model from the rankings (all K(K-1)/2 pairs of a ranking in one batch element)
+echo "[train.sh $SECONDS s] stage 6"
+python reward.py --config configs/reward_world.toml --data "$DATA/prefs_rankings_train.jsonl" \
+  --val_data "$DATA/prefs_rankings_val.jsonl" --init "$OUT/sft" --out_dir "$OUT/reward" $REWARD
+
+# --- 7. PPO against the reward model with a KL penalty to SFT; and without it (reward hacking)
+echo "[train.sh $SECONDS s] stage 7"
+python ppo.py --config configs/ppo_world.toml --policy "$OUT/sft" --reward_model "$OUT/reward" \
+  --prompts "$DATA/prompts_train.jsonl" --ptx_data "$DATA/pretrain.txt" --out_dir "$OUT/ppo" $PPO
+python ppo.py --config configs/ppo_world.toml --policy "$OUT/sft" --reward_model "$OUT/reward" \
+  --prompts "$DATA/prompts_train.jsonl" --ptx_data "$DATA/pretrain.txt" --out_dir "$OUT/ppo_nokl" --kl_coef 0 $PPO
+
+# --- 8. evaluation on held-out prompts: gold reward and its parts, RM score, KL to SFT, gold win rate vs SFT
+echo "[train.sh $SECONDS s] stage 8"
+EV="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft $EVAL"
 python eval.py --ckpt "$OUT/pretrain" --prompts "$DATA/prompts_val.jsonl" --out "$OUT/eval_pretrain.json" --n_show 3 $EVAL
-python eval.py --ckpt "$OUT/sft" --prompts "$DATA/prompts_val.jsonl" --baseline "$OUT/pretrain" --out "$OUT/eval_sft.json" $EVAL
+python eval.py --ckpt "$OUT/sft" $EV --out "$OUT/eval_sft.json"
+python eval.py --ckpt "$OUT/sft" $EV --best_of_n 16 --out "$OUT/eval_bon16.json"
+python eval.py --ckpt "$OUT/ppo" $EV --out "$OUT/eval_ppo.json"
+python eval.py --ckpt "$OUT/ppo_nokl" $EV --out "$OUT/eval_ppo_nokl.json"
 
 # --- results
-python - "$OUT" <<'EOF'
+echo "[train.sh $SECONDS s] results"
+python - "$OUT" "$DATA" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-cols = ["gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score", "kl", "win_rate"]
-print(f"\n{'model':12s}" + "".join(f"{c:>10s}" for c in cols))
-for name in ["pretrain", "sft"]:
+cols = ["gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score", "kl", "win_rate", "rm_gold_spearman"]
+stats = json.load(open(os.path.join(sys.argv[2], "prefs_stats.json")))
+rm = [json.loads(l) for l in open(os.path.join(out, "reward", "metrics.jsonl"))][-1]
+print(f"\nreward model: held-out pairwise accuracy {rm['val_acc']:.3f} | noise ceiling {stats['val']['noise_ceiling']:.3f} "
+      f"| ratio {rm['val_acc'] / stats['val']['noise_ceiling']:.3f}")
+print(f"\n{'model':12s}" + "".join(f"{c[:9]:>10s}" for c in cols))
+for name in ["pretrain", "sft", "bon16", "ppo", "ppo_nokl"]:
     path = os.path.join(out, f"eval_{name}.json")
     if os.path.exists(path):
         r = json.load(open(path))

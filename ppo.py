@@ -1,0 +1,443 @@
+"""
+ppo.py: PPO against a learned reward with a KL penalty to the SFT policy (step 3 of InstructGPT).
+
+Objective (InstructGPT Eq. 2; Ziegler et al. 2019; Stiennon et al. 2020):
+  maximise E_{x~D, y~pi}[ r(x, y) - beta * log(pi(y|x) / pi_ref(y|x)) ] + ptx_coef * E_{x~pretrain}[log pi(x)]
+as a token-level RL problem: the state is prompt + response so far, the action the next token.
+  1. rollout     sample y ~ pi(.|x) with the KV cache from left-padded prompts (temperature T,
+                 no top-k/top-p), at most max_new_tokens, each row stopping at EOS
+  2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of
+                 logits / T), values V(s_t), and the reward-model score s at the EOS
+  3. score       s = r(x, y), normalised by the RM's gain/bias; an answer without EOS gets the
+                 fixed score missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick")
+  4. rewards     kl_t = log pi_old(y_t) - log pi_ref(y_t)          (k1 estimator, per token)
+                 r_t = -beta * kl_t, plus s at the last response token (the EOS)
+  5. KL control  beta fixed, or adaptive (Ziegler et al. 2019, Sec. 2.2):
+                 e = clip(KL / target_kl - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon)
+  6. advantages  GAE (Schulman et al. 2016, Eq. 16) over response tokens, V = 0 after the last:
+                 delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1}
+                 returns R_t = A_t + V_t (before whitening); then A whitened over real tokens
+  7. update      update_epochs passes over the rollout in shuffled minibatches (each split into
+                 grad_accum micro-batches), clipped surrogate (Schulman et al. 2017, Eq. 7):
+                 ratio = exp(logp - logp_old), L_pg = mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps)))
+                 clipped value loss (as in OpenAI baselines / lm-human-preferences):
+                 V_clip = V_old + clip(V - V_old, -eps_v, eps_v), L_v = 0.5 mean(max((V-R)^2, (V_clip-R)^2))
+                 loss = L_pg + vf_coef L_v - ent_coef H + ptx_coef L_ptx (InstructGPT's PPO-ptx)
+Means are over real response tokens of the minibatch (RLHF_DETAILS.md item 13). Log-prob, KL and
+loss arithmetic is fp32 even under bf16 autocast (item 16). Dropout is off in all four models
+(item 2). Adam eps 1e-5 (item 15).
+
+Models: the policy (from SFT), the frozen reference (the same SFT weights), the frozen reward
+model, and a separate value model. value_init = "reward": the value model is initialised from
+the reward model (InstructGPT, Stiennon et al. 2020, N+); "policy": from the SFT trunk with a
+zero-initialised head (lm-human-preferences initialises its value head to zero).
+
+Departures: old log-probs are recomputed by a full forward after sampling (the sampler's own
+log-probs agree to float error; recomputing makes step 0 exact whatever the sampler's batch
+shape); the gold reward of the built-in task is logged as a metric (data/world.py), never
+used for training.
+
+Run:
+  CPU, built-in task:  python ppo.py --config configs/ppo_world.toml
+  no KL penalty (reward hacking):  python ppo.py --config configs/ppo_world.toml --kl_coef 0 --out_dir out/ppo_nokl
+  one GPU, GPT-2 on HH-RLHF:  python ppo.py --config configs/ppo_hh_gpt2.toml
+"""
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import model as M
+
+# --- config
+
+
+@dataclass
+class Config:
+    policy: str = "out/sft"  # SFT checkpoint: the policy's start and the frozen reference
+    reward_model: str = "out/reward"
+    value_init: str = "reward"  # "reward" (InstructGPT, N+) or "policy" (SFT trunk, zero head)
+    prompts: str = "data/world/prompts_train.jsonl"  # {"prompt": ...} rows
+    out_dir: str = "out/ppo"
+    # rollout
+    total_episodes: int = 16384  # sampled answers over the whole run
+    rollout_batch_size: int = 64  # answers per PPO iteration
+    max_prompt_len: int = 64  # prompts are cut to their last max_prompt_len tokens (counted)
+    max_new_tokens: int = 48  # response length cap
+    temperature: float = 1.0  # sampling temperature, also divides every log-prob's logits (item 1)
+    missing_eos_penalty: float = -1.0  # score of an answer that never emits EOS (item 9)
+    # reward and KL
+    kl_coef: float = 0.05  # beta; the start value when adaptive_kl
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # nats per sequence (Ziegler et al. 2019 sentiment)
+    kl_horizon: int = 10000  # episodes
+    whiten_rewards: bool = False  # whiten r_t over the rollout before GAE
+    # PPO
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    grad_accum: int = 1  # micro-batches per minibatch
+    lr: float = 3e-5  # policy
+    value_lr: float = 3e-5
+    anneal_lr: bool = True  # linear decay to 0 over the run (N+)
+    clip_coef: float = 0.2
+    vf_clip: float = 0.2  # eps_v of the clipped value loss
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    norm_adv: bool = True
+    max_grad_norm: float = 1.0
+    # PPO-ptx (InstructGPT Eq. 2); 0 = off
+    ptx_coef: float = 0.0
+    ptx_data: str = "data/world/pretrain.txt"  # plain text, documents separated by a blank line
+    ptx_batch_size: int = 8
+    ptx_len: int = 64
+    # bookkeeping
+    gold: bool = True  # log the built-in task's gold reward (never trained on)
+    log_interval: int = 1  # iterations
+    sample_interval: int = 10  # print a few answers every this many iterations (item 18)
+    n_show: int = 3
+    ckpt_interval: int = 20
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"  # autocast on CUDA; frozen models also stored in it there (item 17)
+    compile: bool = False
+
+
+# --- masked statistics (item 13): over real tokens only
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Biased variance over the masked entries."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / sqrt(var + 1e-8) over real tokens; padded entries come out 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# --- the algorithm, as pure functions
+
+
+def penalise_missing_eos(scores, responses, eos_id, penalty):
+    """Scores (B,) with answers that never emit EOS replaced by a fixed penalty (N+ "EOS trick").
+
+    responses (B, R) holds the sampled tokens only, so an EOS inside the prompt never counts."""
+    ended = (responses == eos_id).any(1)  # (B,)
+    return torch.where(ended, scores, torch.full_like(scores, penalty)), ended
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token rewards r_t = -beta * kl_t, plus the score at the last response token.
+
+    scores (B,), logprobs / ref_logprobs / mask (B, R). Returns rewards (B, R), kl (B, R)."""
+    kl = (logprobs - ref_logprobs) * mask  # (B, R) k1 estimator on the sampled tokens
+    rewards = -kl_coef * kl
+    last = M.last_index(mask)  # (B,) the EOS, or the last token of a cut answer
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """GAE (Schulman et al. 2016, Eq. 16) over response tokens; V = 0 after the last real token.
+
+    rewards, values, mask (B, R), padded values 0. Returns advantages (B, R) and returns
+    R_t = A_t + V_t (B, R), both 0 on padding."""
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])  # (B,)
+    R = rewards.size(1)
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae * mask[:, t]  # reset across the padded tail
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, clip_coef, vf_clip):
+    """Clipped policy loss (Schulman et al. 2017, Eq. 7) and clipped value loss, with diagnostics.
+
+    All inputs (B, R); means over mask. Returns pg_loss, vf_loss and a dict of stats."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)  # (B, R)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = masked_mean(torch.max(pg1, pg2), mask)
+    v_clipped = old_values + torch.clamp(vpred - old_values, -vf_clip, vf_clip)
+    vf1 = (vpred - returns) ** 2
+    vf2 = (v_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
+    with torch.no_grad():
+        stats = {"approx_kl": masked_mean(0.5 * log_ratio ** 2, mask), "clipfrac": masked_mean((pg2 > pg1).float(), mask),
+                 "vf_clipfrac": masked_mean((vf2 > vf1).float(), mask), "ratio": masked_mean(ratio, mask)}
+    return pg_loss, vf_loss, stats
+
+
+def entropy_from_logits(logits, temperature):
+    """Entropy of softmax(logits / T) per position, fp32: (B, R)."""
+    logits = logits.float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def adaptive_kl_update(kl_coef, kl, target, n_steps, horizon):
+    """Ziegler et al. 2019's proportional controller: beta *= 1 + clip(KL/target - 1, -.2, .2) * n / horizon."""
+    err = min(max(kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + err * n_steps / horizon)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over real tokens."""
+    var_r = masked_var(returns, mask)
+    return (1 - masked_var(returns - values, mask) / var_r).item() if var_r > 0 else float("nan")
+
+
+# --- data
+
+
+def load_prompts(path, tokenizer, max_len):
+    """Templated prompt ids, cut to their last max_len tokens (counted)."""
+    rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
+    for n, p in enumerate(rows, 1):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{path}: row {n}: empty prompt")
+    ids = [M.encode_chat(tokenizer, p) for p in rows]
+    cut = sum(len(x) > max_len for x in ids)
+    return rows, [x[-max_len:] for x in ids], cut
+
+
+def load_ptx(path, tokenizer):
+    with open(path, encoding="utf-8") as f:
+        docs = [d for d in f.read().split("\n\n") if d.strip()]
+    ids = []
+    for toks in tokenizer.enc.encode_ordinary_batch(docs):
+        ids.extend(toks + [tokenizer.eot_id])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def prompt_batch(iteration, n, batch_size, seed):
+    """Prompt indices of rollout `iteration`: a fresh permutation each pass, from (seed, pass)."""
+    per_pass = n // batch_size if n >= batch_size else 1
+    p, k = divmod(iteration, per_pass)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + p))
+    if n < batch_size:
+        return perm.repeat(math.ceil(batch_size / n))[:batch_size].tolist()
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+# --- training
+
+
+@torch.no_grad()
+def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx):
+    """Old/ref log-probs, values and scores of a rollout, in chunks of `micro` rows (item 17)."""
+    outs = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    for i in range(0, seq.size(0), micro):
+        s, m = seq[i:i + micro], full_mask[i:i + micro]
+        with ctx:
+            outs["logprobs"].append(M.response_logprobs(policy, s, m, P, cfg.temperature))
+            outs["ref_logprobs"].append(M.response_logprobs(ref, s, m, P, cfg.temperature))
+            outs["values"].append(value_model(s, m)[:, P - 1:-1].float())  # V(s_t) read at the token before y_t
+            outs["scores"].append(rm.score(s, m).float())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def train(cfg):
+    device = M.get_device(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    # --- derived sizes and the batch hierarchy (item 14)
+    minibatch = cfg.rollout_batch_size // cfg.num_minibatches
+    micro = minibatch // cfg.grad_accum
+    if cfg.rollout_batch_size % cfg.num_minibatches or minibatch % cfg.grad_accum:
+        raise M.ConfigError(f"rollout_batch_size {cfg.rollout_batch_size} must split into num_minibatches {cfg.num_minibatches} "
+                            f"of grad_accum {cfg.grad_accum} equal micro-batches")
+    iterations = cfg.total_episodes // cfg.rollout_batch_size
+    if cfg.value_init not in ("reward", "policy"):
+        raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
+    # --- models: policy, reference, reward model, value model (dropout off in all, item 2)
+    policy, tokenizer = M.load_gpt(cfg.policy, device)
+    ref, _ = M.load_gpt(cfg.policy, device)
+    rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
+    if rm_tok.ranks != tokenizer.ranks:
+        raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
+    if cfg.value_init == "reward":
+        value_model, _, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
+    else:
+        value_model = M.ScalarModel(policy.config).to(device)
+        value_model.backbone.load_state_dict(policy.state_dict())
+        torch.nn.init.zeros_(value_model.head.weight)
+    for frozen in (ref, rm):
+        frozen.eval().requires_grad_(False)
+        if device.startswith("cuda") and cfg.dtype == "bfloat16":
+            frozen.to(torch.bfloat16)  # half the memory; their outputs are cast to fp32
+    policy.eval()  # eval() = no dropout; gradients still flow
+    value_model.eval()
+    prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len)
+    ptx = load_ptx(cfg.ptx_data, tokenizer) if cfg.ptx_coef > 0 else None
+    if cfg.gold:
+        from data.world import gold_reward  # the task's oracle: a metric only
+
+    opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
+    vopt = M.configure_optimizer(value_model, cfg.value_lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
+    kl_coef, it = cfg.kl_coef, 0
+    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    state = M.load_train_state(ckpt)
+    if state is not None:
+        policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
+        value_model.load_state_dict(state["value_model"])
+        opt.load_state_dict(state["optimizer"])
+        vopt.load_state_dict(state["value_optimizer"])
+        M.set_rng_state(state["rng"])
+        kl_coef, it = state["kl_coef"], state["iteration"]
+        M.truncate_metrics(cfg.out_dir, it)
+        print(f"resuming from {ckpt} at iteration {it}")
+    M.save_config(cfg, cfg.out_dir)
+    M.print_config(cfg)
+    print(f"batch hierarchy: rollout {cfg.rollout_batch_size} answers -> {cfg.num_minibatches} minibatches of {minibatch} "
+          f"-> {cfg.grad_accum} micro-batches of {micro}; {cfg.update_epochs} epochs = "
+          f"{cfg.update_epochs * cfg.num_minibatches} optimizer steps per rollout; {iterations} rollouts "
+          f"| {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens)")
+    ctx = M.autocast(device, cfg.dtype)
+    fwd_policy = torch.compile(policy) if cfg.compile else policy
+    gen = torch.Generator(device=device)
+    t0, start = time.time(), it
+    bar = tqdm(total=iterations, initial=it, desc="ppo", dynamic_ncols=True)
+    while it < iterations:
+        gen.manual_seed(cfg.seed * 100003 + it)  # sampling depends on (seed, iteration) only: exact resume
+        frac = 1.0 - it / iterations if cfg.anneal_lr else 1.0
+        for o, lr in ((opt, cfg.lr), (vopt, cfg.value_lr)):
+            for group in o.param_groups:
+                group["lr"] = lr * frac
+
+        # 1. rollout: sample answers to left-padded prompts with the KV cache
+        idx = prompt_batch(it, len(prompts), cfg.rollout_batch_size, cfg.seed)
+        p_ids, p_mask = M.pad_left([prompt_ids[i] for i in idx])
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+        with ctx:
+            seq, mask, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
+                                           eos_id=tokenizer.eot_id, generator=gen)
+        P = p_ids.size(1)
+        full_mask = torch.cat([p_mask, mask], 1)  # (B, P + R)
+        responses = seq[:, P:]  # (B, R)
+        mask = mask.float()  # (B, R) 1 on response tokens up to and including EOS
+
+        # 2. forward: old and reference log-probs, values, reward-model scores
+        out = rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx)
+        old_logprobs, ref_logprobs, scores = out["logprobs"], out["ref_logprobs"], out["scores"]
+        old_values = out["values"] * mask  # padded values zeroed (item 13)
+
+        # 3. score: answers without EOS get the fixed penalty (item 9), checked on the response only
+        rm_scores = scores
+        scores, ended = penalise_missing_eos(rm_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
+
+        # 4. rewards: -beta * kl per token, the score at the last response token
+        beta = kl_coef  # the coefficient of this rollout's rewards
+        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        seq_kl = kl.sum(1).mean().item()  # objective/kl: mean over sequences of the summed per-token KL
+
+        # 5. advantages and returns (GAE), then whitened advantages
+        advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+        adv_stats = (masked_mean(advantages, mask).item(), masked_var(advantages, mask).sqrt().item())
+        if cfg.norm_adv:
+            advantages = masked_whiten(advantages, mask)
+
+        # 6. PPO update: update_epochs over shuffled minibatches, grad_accum micro-batches each
+        stats = []
+        for epoch in range(cfg.update_epochs):
+            perm = torch.randperm(cfg.rollout_batch_size, device=device, generator=gen)
+            for mb in range(cfg.num_minibatches):
+                mb_idx = perm[mb * minibatch:(mb + 1) * minibatch]
+                mb_tokens = mask[mb_idx].sum()  # means over the whole minibatch's tokens, whatever grad_accum
+                mb_stats = {}
+                for a in range(cfg.grad_accum):
+                    i = mb_idx[a * micro:(a + 1) * micro]
+                    mb_seq, mb_full, mb_mask = seq[i], full_mask[i], mask[i]
+                    w = mb_mask.sum() / mb_tokens  # this micro-batch's share of the minibatch mean
+                    with ctx:
+                        logits = M.response_logits(fwd_policy, mb_seq, mb_full, P)  # (b, R, V)
+                        vpred = value_model(mb_seq, mb_full)[:, P - 1:-1].float()  # (b, R)
+                    new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
+                    pg_loss, vf_loss, s = ppo_losses(new_logprobs, old_logprobs[i], advantages[i], vpred, old_values[i],
+                                                     returns[i], mb_mask, cfg.clip_coef, cfg.vf_clip)
+                    entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb_mask)
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+                    if ptx is not None:  # PPO-ptx: pretraining log-likelihood on random windows
+                        j = torch.randint(len(ptx) - cfg.ptx_len - 1, (cfg.ptx_batch_size,), generator=gen, device=device).cpu()
+                        x = torch.stack([ptx[k:k + cfg.ptx_len + 1] for k in j.tolist()]).to(device)
+                        with ctx:
+                            ptx_lp = M.response_logprobs(fwd_policy, x)  # (b, L)
+                        ptx_loss = -ptx_lp.mean()
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        s["ptx_loss"] = ptx_loss.detach()
+                    (loss * w).backward()
+                    for k, v in {**s, "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "entropy": entropy.detach()}.items():
+                        mb_stats[k] = mb_stats.get(k, 0.0) + (v * w).item()
+                if not all(math.isfinite(v) for v in mb_stats.values()):
+                    raise FloatingPointError(f"iteration {it} epoch {epoch} minibatch {mb}: non-finite {mb_stats}; "
+                                             f"last good checkpoint is in {ckpt}")
+                mb_stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                vopt.step()
+                opt.zero_grad(set_to_none=True)
+                vopt.zero_grad(set_to_none=True)
+                stats.append(mb_stats)
+
+        # 7. adaptive KL controller (Ziegler et al. 2019), from this rollout's KL
+        if cfg.adaptive_kl:
+            kl_coef = adaptive_kl_update(kl_coef, seq_kl, cfg.target_kl, cfg.rollout_batch_size, cfg.kl_horizon)
+        it += 1
+        bar.update(1)
+
+        # 8. metrics, samples, checkpoint
+        texts = [tokenizer.decode(r) for r in responses.tolist()]
+        if it % cfg.log_interval == 0 or it == iterations:
+            non_score = (-beta * kl).sum(1)  # (B,)
+            metrics = {"step": it, "episodes": it * cfg.rollout_batch_size, "score": rm_scores.mean().item(),
+                       "score_used": scores.mean().item(), "kl": seq_kl, "kl_coef": beta,
+                       "non_score_reward": non_score.mean().item(), "rlhf_reward": (scores + non_score).mean().item(),
+                       "resp_len": mask.sum(1).mean().item(), "eos_frac": ended.float().mean().item(),
+                       "explained_var": explained_variance(old_values, returns, mask),
+                       "adv_mean": adv_stats[0], "adv_std": adv_stats[1],
+                       "return_mean": masked_mean(returns, mask).item(), "value_mean": masked_mean(old_values, mask).item()}
+            metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+            metrics["approx_kl_step0"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
+            if cfg.gold:
+                golds = [gold_reward(prompts[i], t, bool(e)) for i, t, e in zip(idx, texts, ended.tolist())]
+                for k in golds[0]:
+                    metrics[k if k == "gold" else f"gold_{k}"] = sum(g[k] for g in golds) / len(golds)
+            metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
+            M.log_metrics(cfg.out_dir, metrics)
+        if it % cfg.sample_interval == 0 or it == iterations:  # reward hacking shows in the text first (item 18)
+            for i in range(min(cfg.n_show, len(texts))):
+                tqdm.write(f"  > {prompts[idx[i]]}\n    {texts[i]!r} score {scores[i].item():+.2f}")
+        if it % cfg.ckpt_interval == 0 or it == iterations:
+            M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
+                              state={"iteration": it, "kl_coef": kl_coef, "value_model": value_model.state_dict(),
+                                     "optimizer": opt.state_dict(), "value_optimizer": vopt.state_dict(), "rng": M.rng_state()})
+    bar.close()
+    return policy
+
+
+if __name__ == "__main__":
+    train(M.parse_config(Config))
