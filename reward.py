@@ -216,6 +216,8 @@ def train(cfg):
         # 2. one forward per answer, the loss over all pairs of each ranking
         total, acc, n_pairs = 0.0, 0.0, 0
         for j in range(cfg.grad_accum):
+            if not idx[j::cfg.grad_accum]:  # the last step of an epoch can be short
+                continue
             ids, w, l, weight = collate([train_g[i] for i in idx[j::cfg.grad_accum]])
             with ctx:
                 s = scores_of(fwd, ids.to(device)).float()  # (N,)

@@ -195,7 +195,7 @@ def train(cfg):
     while step < max_steps:
         # 1. the examples of this step, split into micro-batches
         idx = batch_indices(step, len(train_ex), per_step, cfg.seed)
-        micro = [collate([train_ex[i] for i in idx[j::cfg.grad_accum]]) for j in range(cfg.grad_accum)]
+        micro = [collate([train_ex[i] for i in idx[j::cfg.grad_accum]]) for j in range(cfg.grad_accum) if idx[j::cfg.grad_accum]]
         n_tokens = sum(m[:, 1:].sum() for _, m in micro).item()
         lr = M.lr_at(step, max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for group in opt.param_groups:

@@ -1,0 +1,357 @@
+"""
+dpo.py: Direct Preference Optimization: the policy learns from preference pairs directly, with no
+reward model and no sampling (Rafailov et al. 2023), plus its IPO and conservative variants.
+
+Objective. For a prompt x with a preferred answer y_w and a dispreferred one y_l, the policy pi
+(initialised from SFT) and the frozen reference pi_ref (the same SFT weights):
+  h = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)]
+where log pi(y|x) is summed over the response tokens, its EOS included; prompt and padding tokens
+count nothing.
+  DPO (Rafailov et al. 2023, Eq. 7):   loss = -log sigmoid(beta h)
+  conservative DPO, label smoothing e (Mitchell 2023, a note on DPO with noisy preferences; the
+  DPO reference code's cDPO):        loss = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+  IPO (Azar et al. 2023, Eq. 17):      loss = (h - 1 / (2 beta))^2
+averaged over the pairs of an optimizer step. The implicit reward of an answer is
+  r(x, y) = beta (log pi(y|x) - log pi_ref(y|x))            (Rafailov et al. 2023, Sec. 5)
+logged for chosen and rejected with their margin and the accuracy (chosen > rejected).
+
+Expected behaviour (RLHF_DETAILS.md, DPO): at step 0 pi = pi_ref, so h = 0, the loss is log 2
+and both rewards are 0. Only the margin is optimised: the chosen log-prob usually falls too
+(the rejected one falls faster); that is not a bug. A training loss near 0 with huge margins
+means over-fitting; watch the val_ metrics and val_kl_data.
+
+Steps of train():
+  0. reference  log pi_ref of every training pair the run will use and every validation pair,
+                ONCE, under no_grad in eval mode, in the micro-batches of the first epoch (so h = 0
+                exactly at step 0); kept as one (N, 2) tensor per split; the reference model is dropped
+  1. batch      the pairs of the step from a permutation of (seed, epoch): resume is exact
+  2. forward    chosen and rejected rows stacked into ONE right-padded batch (2B, T), one
+                forward, per-row summed response log-probs, split back into (B,) and (B,)
+  3. loss       dpo_loss, mean over the step's pairs, accumulated over micro-batches
+  4. update     clip the gradient norm, AdamW step (lr: warmup, then linear decay)
+  5. log, eval, checkpoint
+
+Data: pairs {"prompt", "chosen", "rejected"}, HH-RLHF transcripts {"chosen", "rejected"}, or
+InstructGPT rankings {"prompt", "responses": [best, ..., worst]} (model.read_preferences). A
+ranking of K answers is expanded into its K(K-1)/2 pairs, each an independent example, as DPO
+treats pairs (InstructGPT instead keeps a ranking's pairs together in one batch element, see
+reward.py; a Plackett-Luce DPO over whole rankings is Rafailov et al. 2023, App. A.3, not done
+here). Too long rows follow model.truncate_example (prompt cut on the left, keeping min_prompt
+tokens, then the response on the right); chosen and rejected are truncated independently.
+Truncations are counted, printed and saved in out_dir/data_stats.json.
+
+Departures from the paper's recipe (App. B: RMSprop, lr 1e-6, linear warmup over 150 steps, then
+constant): AdamW (model.configure_optimizer), and the lr decays linearly to min_lr_frac * lr after
+warmup (min_lr_frac 1.0 gives the constant rate). TRL averages the log-probs over tokens for IPO;
+here IPO uses the summed log-probs, as the formula is written.
+
+Run:
+  CPU, built-in task:  python dpo.py --config configs/dpo_world.toml
+  IPO:                 python dpo.py --config configs/dpo_world.toml --loss_type ipo --out_dir out/ipo
+  one GPU, GPT-2 on HH-RLHF:  python dpo.py --config configs/dpo_hh_gpt2.toml
+  (the paper's settings there: beta 0.1, lr 1e-6, warmup 150, 64 pairs a step as
+   --batch_size 8 --grad_accum 8, --device cuda --dtype bfloat16 --compile true)
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+
+# --- config
+
+
+@dataclass
+class Config:
+    data: str = "data/world/prefs_pairs_train.jsonl"  # pairs, HH transcripts, or rankings (expanded to all their pairs)
+    val_data: str = "data/world/prefs_pairs_val.jsonl"  # held-out pairs for the val_ metrics
+    init: str = "out/sft"  # the SFT checkpoint (or a GPT-2 dir/name): the policy's init AND the frozen reference
+    out_dir: str = "out/dpo"  # checkpoint (ckpt/), config.json, metrics.jsonl, data_stats.json
+    loss_type: str = "dpo"  # "dpo" (Rafailov et al. Eq. 7, with label_smoothing: cDPO) or "ipo" (Azar et al. Eq. 17)
+    beta: float = 0.1  # strength of the implicit KL constraint to pi_ref (paper: 0.1; 0.5 for TL;DR)
+    label_smoothing: float = 0.0  # cDPO: assumed probability that a label is flipped (dpo only)
+    max_len: int = 128  # prompt + response tokens per row
+    min_prompt: int = 16  # prompt tokens always kept when truncating
+    batch_size: int = 32  # pairs per micro-batch (each pair is 2 rows of the forward)
+    grad_accum: int = 1  # micro-batches per optimizer step (paper: 64 pairs a step)
+    epochs: float = 1.0  # passes over the training pairs
+    lr: float = 1e-4  # for the ~1M-parameter built-in model; the paper's 1e-6 is for GPT-2 size and up
+    min_lr_frac: float = 0.0  # lr decays linearly to min_lr_frac * lr (1.0 = constant, the DPO code's)
+    warmup: int = 10  # warmup steps (paper: 150)
+    weight_decay: float = 0.0  # AdamW decay of the weight matrices
+    grad_clip: float = 1.0  # max global gradient norm
+    eval_interval: int = 100  # steps between val metrics (and samples)
+    log_interval: int = 10  # steps between console/metrics.jsonl lines
+    ckpt_interval: int = 100  # steps between checkpoints (always one at the end)
+    n_samples: int = 4  # held-out prompts sampled and printed at each eval (0 = none)
+    max_new_tokens: int = 64  # length cap of those samples
+    seed: int = 0  # batch order and sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32; loss math is fp32 anyway
+    compile: bool = False  # torch.compile the policy's forward
+
+
+# --- data
+
+
+def expand_pairs(groups):
+    """(prompt, [best, ..., worst]) groups -> (prompt, chosen, rejected) for every i < j."""
+    return [(prompt, answers[i], answers[j]) for prompt, answers in groups
+            for i in range(len(answers)) for j in range(i + 1, len(answers))]
+
+
+def encode_pairs(pairs, tokenizer, max_len, min_prompt):
+    """Each pair -> ((chosen ids, n_prompt), (rejected ids, n_prompt)), ids = prompt + answer + EOS.
+    Prompt and answer are tokenized separately (model.encode_chat, RLHF_DETAILS.md item 8)."""
+    out, stats = [], {"pairs": len(pairs), "prompt_truncated": 0, "response_truncated": 0}  # truncations count rows
+    for prompt, chosen, rejected in pairs:
+        rows = []
+        for answer in (chosen, rejected):
+            p, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, answer), max_len, min_prompt)
+            stats["prompt_truncated"] += cut_p
+            stats["response_truncated"] += cut_r
+            rows.append((p + r, len(p)))
+        out.append(tuple(rows))
+    return out, stats
+
+
+def collate(examples):
+    """B pairs -> ONE right-padded batch: ids (2B, T), rows [0, B) chosen, [B, 2B) rejected, and
+    mask (2B, T), 1 on response tokens and the EOS only (not the prompt, not the padding)."""
+    rows = [e[0] for e in examples] + [e[1] for e in examples]
+    ids = M.pad_right([seq for seq, _ in rows])  # (2B, T)
+    mask = torch.zeros_like(ids)  # (2B, T)
+    for i, (seq, n_prompt) in enumerate(rows):
+        mask[i, n_prompt:len(seq)] = 1
+    return ids, mask
+
+
+def batch_indices(step, n, per_step, seed):
+    """Pair indices of optimizer step `step`: a fresh permutation every epoch, from (seed, epoch)."""
+    steps_per_epoch = math.ceil(n / per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[k * per_step:(k + 1) * per_step].tolist()
+
+
+# --- the loss
+
+
+def concatenated_logps(model, ids, mask):
+    """Summed response log-probs of chosen and rejected from one forward of the (2B, T) batch.
+    Returns (chosen (B,), rejected (B,)), fp32."""
+    logprobs = M.response_logprobs(model, ids)  # (2B, T-1): log p(ids[:, t] | ids[:, :t]) for t >= 1
+    logps = (logprobs * mask[:, 1:]).sum(-1)  # (2B,): the mask shifted like the targets ids[:, 1:]
+    B = ids.size(0) // 2
+    return logps[:B], logps[B:]
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta, label_smoothing=0.0, loss_type="dpo"):
+    """Per-pair DPO / cDPO / IPO loss and the implicit rewards.
+
+    policy_chosen_logps   (B,) log pi(y_w|x), summed over the response tokens and EOS
+    policy_rejected_logps (B,) log pi(y_l|x)
+    ref_chosen_logps      (B,) log pi_ref(y_w|x), a constant (no gradient reaches pi_ref)
+    ref_rejected_logps    (B,) log pi_ref(y_l|x)
+    beta                  float, the KL-constraint strength
+    label_smoothing       float e in [0, 0.5): cDPO's probability of a flipped label (dpo only)
+    loss_type             "dpo": -(1-e) log sigmoid(beta h) - e log sigmoid(-beta h)  (Rafailov et al. 2023, Eq. 7; e = 0)
+                          "ipo": (h - 1/(2 beta))^2                                   (Azar et al. 2023, Eq. 17)
+    with h = [log pi(y_w) - log pi(y_l)] - [log pi_ref(y_w) - log pi_ref(y_l)].
+    Returns losses (B,), chosen_rewards (B,), rejected_rewards (B,); the rewards are the implicit
+    beta (log pi(y) - log pi_ref(y)) (Rafailov et al. 2023, Sec. 5), detached.
+    """
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (B,)
+    if loss_type == "dpo":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {loss_type!r}: expected 'dpo' or 'ipo'")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, prefix=""):
+    """Means over pairs of the numbers the DPO paper and TRL report. Accuracy counts ties as half
+    (at step 0 every pair ties: accuracy 0.5, chance)."""
+    margin = chosen_rewards - rejected_rewards  # (B,)
+    acc = (margin > 0).float() + 0.5 * (margin == 0).float()  # (B,)
+    values = {"loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+              "rewards/accuracy": acc, "rewards/margin": margin, "logps/chosen": chosen_logps,
+              "logps/rejected": rejected_logps}
+    return {prefix + k: v.float().mean().item() for k, v in values.items()}
+
+
+@torch.no_grad()
+def reference_logprobs(ref, examples, batches, device, ctx):
+    """log pi_ref of the chosen and rejected answer of every pair in `batches` (lists of indices
+    into examples), in eval mode: (N, 2). A pair in no batch is NaN, so using it would fail loudly."""
+    ref.eval()
+    out = torch.full((len(examples), 2), float("nan"))  # (N, 2): [:, 0] chosen, [:, 1] rejected
+    for b in tqdm(batches, desc="reference log-probs", dynamic_ncols=True, leave=False):
+        ids, mask = collate([examples[i] for i in b])
+        with ctx:
+            chosen, rejected = concatenated_logps(ref, ids.to(device), mask.to(device))
+        out[b] = torch.stack([chosen, rejected], 1).float().cpu()  # (B, 2)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, examples, ref_logps, cfg, device, ctx):
+    """The training metrics on held-out pairs (val_ prefix), plus val_kl_data."""
+    model.eval()
+    cols = [[] for _ in range(5)]
+    for i in range(0, len(examples), cfg.batch_size):
+        ids, mask = collate(examples[i:i + cfg.batch_size])
+        with ctx:
+            chosen, rejected = concatenated_logps(model, ids.to(device), mask.to(device))
+        mb_ref = ref_logps[i:i + cfg.batch_size].to(device)  # (B, 2)
+        out = dpo_loss(chosen, rejected, mb_ref[:, 0], mb_ref[:, 1], cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        for c, v in zip(cols, (*out, chosen, rejected)):
+            c.append(v.float().cpu())
+    model.train()
+    losses, r_c, r_r, lp_c, lp_r = (torch.cat(c) for c in cols)
+    metrics = pair_metrics(losses, r_c, r_r, lp_c, lp_r, prefix="val_")
+    # mean of log pi(y) - log pi_ref(y) over the val chosen AND rejected answers. Not KL(pi || pi_ref):
+    # these answers are the data's, not samples from pi, so it can even be negative (both log-probs
+    # usually fall). eval.py measures the on-policy KL from the policy's own samples.
+    metrics["val_kl_data"] = ((torch.cat([r_c, r_r]) / cfg.beta).mean()).item()
+    return metrics
+
+
+@torch.no_grad()
+def print_samples(model, tokenizer, prompts, cfg, device):
+    """A few held-out answers, the first sign of over-optimisation (RLHF_DETAILS.md item 18)."""
+    model.eval()
+    ids, mask = M.pad_left([M.encode_chat(tokenizer, p) for p in prompts])
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    out, _, _ = model.generate(ids.to(device), cfg.max_new_tokens, attention_mask=mask.to(device),
+                               eos_id=tokenizer.eot_id, generator=g)
+    for p, row in zip(prompts, out[:, ids.size(1):].tolist()):
+        tqdm.write(f"  > {p}\n    {tokenizer.decode(row)!r}{'' if tokenizer.eot_id in row else ' [no EOS]'}")
+    model.train()
+
+
+# --- training
+
+
+def train(cfg):
+    if cfg.loss_type not in ("dpo", "ipo"):
+        raise M.ConfigError(f"loss_type {cfg.loss_type!r}: expected 'dpo' or 'ipo'")
+    if cfg.loss_type == "ipo" and cfg.label_smoothing:
+        raise M.ConfigError("label_smoothing is cDPO's; it does not apply to loss_type 'ipo'")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise M.ConfigError(f"label_smoothing {cfg.label_smoothing}: expected 0 <= e < 0.5 (a flip probability)")
+    device = M.get_device(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    state = M.load_train_state(ckpt)
+    ref, tokenizer = M.load_gpt(cfg.init, device)  # pi_ref, dropout 0 (RLHF_DETAILS.md item 2)
+    if cfg.max_len > ref.config.block_size:
+        raise M.ConfigError(f"max_len {cfg.max_len} > the model's block_size {ref.config.block_size}")
+    train_groups, train_read = M.read_preferences(cfg.data)
+    val_groups, val_read = M.read_preferences(cfg.val_data)
+    train_ex, train_stats = encode_pairs(expand_pairs(train_groups), tokenizer, cfg.max_len, cfg.min_prompt)
+    val_ex, val_stats = encode_pairs(expand_pairs(val_groups), tokenizer, cfg.max_len, cfg.min_prompt)
+    with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
+        json.dump({"train": {**train_read, **train_stats}, "val": {**val_read, **val_stats}}, f)
+    M.save_config(cfg, cfg.out_dir)
+    M.print_config(cfg)
+    per_step = cfg.batch_size * cfg.grad_accum
+    max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
+    print(f"train {train_read} {train_stats} | val {val_read} {val_stats} | {per_step} pairs/step | {max_steps} steps")
+    step = state["step"] if state is not None else 0
+    if step >= max_steps:
+        print(f"{ckpt} is at step {step} of {max_steps}: already done")
+        return M.load_checkpoint(ckpt, device)[0]
+    ctx = M.autocast(device, cfg.dtype)
+
+    # 0. reference log-probs, once for the whole run, in the very micro-batches of the first epoch
+    # (so step 0 gives h = 0 exactly; with epochs < 1 only the pairs the run will use) and of the
+    # evaluation. Then the reference model's job is done: the policy starts from the same weights
+    # (pi = pi_ref at step 0) or, on resume, from the checkpoint.
+    t0 = time.time()
+    steps_per_epoch = math.ceil(len(train_ex) / per_step)
+    batches = [idx[j::cfg.grad_accum] for s in range(min(max_steps, steps_per_epoch))
+               for idx in [batch_indices(s, len(train_ex), per_step, cfg.seed)] for j in range(cfg.grad_accum)
+               if idx[j::cfg.grad_accum]]  # an epoch's last step can leave a micro-batch empty
+    ref_train = reference_logprobs(ref, train_ex, batches, device, ctx)  # (N_train, 2)
+    val_batches = [list(range(i, min(i + cfg.batch_size, len(val_ex)))) for i in range(0, len(val_ex), cfg.batch_size)]
+    ref_val = reference_logprobs(ref, val_ex, val_batches, device, ctx)  # (N_val, 2)
+    print(f"reference log-probs of {sum(map(len, batches))} + {len(val_ex)} pairs in {time.time() - t0:.1f}s")
+    model = ref if state is None else M.load_checkpoint(ckpt, device)[0]
+    del ref
+    val_prompts = list(dict.fromkeys(p for p, _ in val_groups))[:cfg.n_samples]
+
+    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        M.truncate_metrics(cfg.out_dir, step)
+        print(f"resuming from {ckpt} at step {step}")
+    fwd = torch.compile(model) if cfg.compile else model
+    model.train()
+    t0, start = time.time(), step
+    bar = tqdm(total=max_steps, initial=step, desc="dpo", dynamic_ncols=True)
+    while step < max_steps:
+        # 1. the pairs of this step; learning rate: warmup, then linear decay
+        idx = batch_indices(step, len(train_ex), per_step, cfg.seed)
+        lr = M.lr_at(step, max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac, schedule="linear")
+        for group in opt.param_groups:
+            group["lr"] = lr
+        cols = [[] for _ in range(5)]
+        for j in range(cfg.grad_accum):
+            mb_idx = idx[j::cfg.grad_accum]
+            if not mb_idx:
+                continue  # the last step of an epoch can have fewer pairs than micro-batches
+            ids, mask = collate([train_ex[i] for i in mb_idx])
+            # 2. chosen and rejected in one forward, split back
+            with ctx:
+                chosen, rejected = concatenated_logps(fwd, ids.to(device), mask.to(device))  # (B,), (B,)
+            mb_ref = ref_train[mb_idx].to(device)  # (B, 2), constants
+            # 3. the loss, a mean over all pairs of the step
+            losses, r_c, r_r = dpo_loss(chosen, rejected, mb_ref[:, 0], mb_ref[:, 1],
+                                        cfg.beta, cfg.label_smoothing, cfg.loss_type)  # (B,) each
+            (losses.sum() / len(idx)).backward()
+            for c, v in zip(cols, (losses, r_c, r_r, chosen, rejected)):
+                c.append(v.detach().float().cpu())
+        metrics = pair_metrics(*(torch.cat(c) for c in cols))
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; last good checkpoint is in {ckpt}")
+        # 4. clip, step
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        # 5. log, eval with samples, checkpoint
+        last = step == max_steps
+        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last:
+            metrics = {"step": step, **metrics, "lr": lr, "grad_norm": grad_norm,
+                       "pairs_s": round(per_step * (step - start) / (time.time() - t0), 1)}
+            if step % cfg.eval_interval == 0 or last:
+                metrics.update(evaluate(model, val_ex, ref_val, cfg, device, ctx))
+                if val_prompts:
+                    print_samples(model, tokenizer, val_prompts, cfg, device)
+            M.log_metrics(cfg.out_dir, metrics)
+        if step % cfg.ckpt_interval == 0 or last:
+            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
+                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+    bar.close()
+    return model
+
+
+if __name__ == "__main__":
+    train(M.parse_config(Config))
