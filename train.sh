@@ -19,8 +19,9 @@ if [ "${QUICK:-0}" = 1 ]; then
   PREFS="--rounds_train 1 --k_max 4 --max_new_tokens 24"
   REWARD="--max_len 64 --eval_interval 10"
   PPO="--total_episodes 64 --rollout_batch_size 16 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
+  DPO="--epochs 0.02 --max_len 64 --eval_interval 4 --log_interval 2 --n_samples 1 --max_new_tokens 16"
 else
-  WORLD="" PRETRAIN="" SFT="" EVAL="" PREFS="" REWARD="" PPO=""
+  WORLD="" PRETRAIN="" SFT="" EVAL="" PREFS="" REWARD="" PPO="" DPO=""
 fi
 
 # --- 1. the world: pretraining corpus, SFT pairs, train/held-out prompts (seconds)
@@ -58,14 +59,20 @@ python ppo.py --config configs/ppo_world.toml --policy "$OUT/sft" --reward_model
 python ppo.py --config configs/ppo_world.toml --policy "$OUT/sft" --reward_model "$OUT/reward" \
   --prompts "$DATA/prompts_train.jsonl" --ptx_data "$DATA/pretrain.txt" --out_dir "$OUT/ppo_nokl" --kl_coef 0 $PPO
 
-# --- 8. evaluation on held-out prompts: gold reward and its parts, RM score, KL to SFT, gold win rate vs SFT
+# --- 8. DPO on the same preference pairs (no reward model, no sampling)
 echo "[train.sh $SECONDS s] stage 8"
+python dpo.py --config configs/dpo_world.toml --data "$DATA/prefs_pairs_train.jsonl" --val_data "$DATA/prefs_pairs_val.jsonl" \
+  --init "$OUT/sft" --out_dir "$OUT/dpo" $DPO
+
+# --- 9. evaluation on held-out prompts: gold reward and its parts, RM score, KL to SFT, gold win rate vs SFT
+echo "[train.sh $SECONDS s] stage 9"
 EV="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft $EVAL"
 python eval.py --ckpt "$OUT/pretrain" --prompts "$DATA/prompts_val.jsonl" --out "$OUT/eval_pretrain.json" --n_show 3 $EVAL
 python eval.py --ckpt "$OUT/sft" $EV --out "$OUT/eval_sft.json"
 python eval.py --ckpt "$OUT/sft" $EV --best_of_n 16 --out "$OUT/eval_bon16.json"
 python eval.py --ckpt "$OUT/ppo" $EV --out "$OUT/eval_ppo.json"
 python eval.py --ckpt "$OUT/ppo_nokl" $EV --out "$OUT/eval_ppo_nokl.json"
+python eval.py --ckpt "$OUT/dpo" $EV --out "$OUT/eval_dpo.json"
 
 # --- results
 echo "[train.sh $SECONDS s] results"
@@ -78,7 +85,7 @@ rm = [json.loads(l) for l in open(os.path.join(out, "reward", "metrics.jsonl"))]
 print(f"\nreward model: held-out pairwise accuracy {rm['val_acc']:.3f} | noise ceiling {stats['val']['noise_ceiling']:.3f} "
       f"| ratio {rm['val_acc'] / stats['val']['noise_ceiling']:.3f}")
 print(f"\n{'model':12s}" + "".join(f"{c[:9]:>10s}" for c in cols))
-for name in ["pretrain", "sft", "bon16", "ppo", "ppo_nokl"]:
+for name in ["pretrain", "sft", "bon16", "ppo", "ppo_nokl", "dpo"]:
     path = os.path.join(out, f"eval_{name}.json")
     if os.path.exists(path):
         r = json.load(open(path))

@@ -8,6 +8,8 @@ import model as M
 from data.bpe import save_ranks, train_bpe
 from data.world import generate
 
+torch.set_num_threads(1)  # tiny models: one thread is faster, and tests running beside a job don't thrash
+
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
