@@ -257,6 +257,7 @@ def train(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "ckpt")
+    M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
     state = M.load_train_state(ckpt)
     ref, tokenizer = M.load_gpt(cfg.init, device)  # pi_ref, dropout 0 (RLHF_DETAILS.md item 2)
     if cfg.max_len > ref.config.block_size:
@@ -331,7 +332,7 @@ def train(cfg):
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; last good checkpoint is in {ckpt}")
         # 4. clip, step
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = M.clip_grad_checked(model.parameters(), cfg.grad_clip, f"step {step} (last good checkpoint: {ckpt})")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

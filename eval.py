@@ -150,12 +150,17 @@ def mean(xs):
 
 
 def evaluate(cfg):
+    M.check_paths(ckpt=cfg.ckpt, prompts=cfg.prompts, ref=cfg.ref, baseline=cfg.baseline, reward_model=cfg.reward_model)
     device = M.get_device(cfg.device)
     torch.manual_seed(cfg.seed)
     policy, tokenizer = M.load_gpt(cfg.ckpt, device)
     prompts = [r["prompt"] for r in M.read_jsonl(cfg.prompts, ("prompt",))]
     prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
-    rm = M.load_checkpoint(cfg.reward_model, device, kind="scalar")[0] if cfg.reward_model else None
+    rm = None
+    if cfg.reward_model:
+        rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
+        if rm_tok.ranks != tokenizer.ranks:
+            raise M.ConfigError(f"{cfg.reward_model} uses another tokenizer than {cfg.ckpt}")
     if cfg.best_of_n > 1 and rm is None:
         raise M.ConfigError("best_of_n > 1 needs --reward_model to pick the best answer")
 

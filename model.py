@@ -820,6 +820,22 @@ def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-5
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.startswith("cuda"))
 
 
+def clip_grad_checked(params, max_norm, where):
+    """Clip the gradient norm and return it; a NaN or inf gradient stops the run before the
+    optimizer step, with a message saying where (the last checkpoint stays the last good one)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"{where}: gradient norm is {norm}; stopped before the optimizer step")
+    return norm
+
+
+def check_paths(**paths):
+    """Fail before any heavy work when an input path is missing (GPT-2 names are not paths)."""
+    for key, path in paths.items():
+        if path and path not in HF_NAMES and not os.path.exists(path):
+            raise ConfigError(f"--{key} {path}: no such file or directory")
+
+
 def lr_at(step, max_steps, lr, warmup=0, min_lr_frac=0.1, schedule="cosine"):
     """Linear warmup, then cosine (or linear) decay to min_lr_frac * lr at max_steps."""
     if step < warmup:

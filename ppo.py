@@ -272,6 +272,7 @@ def train(cfg):
     iterations = cfg.total_episodes // cfg.rollout_batch_size
     if cfg.value_init not in ("reward", "policy"):
         raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
+    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
     # --- models: policy, reference, reward model, value model (dropout off in all, item 2)
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     ref, _ = M.load_gpt(cfg.policy, device)
@@ -395,8 +396,9 @@ def train(cfg):
                 if not all(math.isfinite(v) for v in mb_stats.values()):
                     raise FloatingPointError(f"iteration {it} epoch {epoch} minibatch {mb}: non-finite {mb_stats}; "
                                              f"last good checkpoint is in {ckpt}")
-                mb_stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+                where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
+                mb_stats["grad_norm"] = M.clip_grad_checked(policy.parameters(), cfg.max_grad_norm, where)
+                mb_stats["value_grad_norm"] = M.clip_grad_checked(value_model.parameters(), cfg.max_grad_norm, where)
                 opt.step()
                 vopt.step()
                 opt.zero_grad(set_to_none=True)

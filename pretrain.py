@@ -162,6 +162,7 @@ def train(cfg):
     device = M.get_device(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    M.check_paths(data=cfg.data, tokenizer=cfg.tokenizer if cfg.init == "scratch" else "", init="" if cfg.init == "scratch" else cfg.init)
     model, tokenizer, state = init_model(cfg, device)
     if cfg.block_size > model.config.block_size:
         raise M.ConfigError(f"block_size {cfg.block_size} > the model's {model.config.block_size}")
@@ -209,7 +210,7 @@ def train(cfg):
         if not np.isfinite(total):
             raise FloatingPointError(f"step {step}: loss is {total}; last good checkpoint is in {cfg.out_dir}/ckpt")
         # 3. clip and step
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = M.clip_grad_checked(model.parameters(), cfg.grad_clip, f"step {step} (last good checkpoint: {cfg.out_dir}/ckpt)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

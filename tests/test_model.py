@@ -392,3 +392,17 @@ def test_lr_schedule():
     assert M.lr_at(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
     assert M.lr_at(100, 100, 1.0, warmup=10, min_lr_frac=0.1) == pytest.approx(0.1)
     assert M.lr_at(55, 100, 1.0, warmup=10, min_lr_frac=0.0, schedule="linear") == pytest.approx(0.5)
+
+
+def test_nan_gradient_stops_before_the_step():
+    m = tiny()
+    m(torch.randint(0, 97, (1, 4))).sum().backward()
+    next(m.parameters()).grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 7: gradient norm is nan"):
+        M.clip_grad_checked(m.parameters(), 1.0, "step 7")
+
+
+def test_missing_paths_fail_early(tmp_path):
+    M.check_paths(data=str(tmp_path), init="gpt2", val_data="")  # present, a name, unset
+    with pytest.raises(M.ConfigError, match="--data .*nope.jsonl: no such file"):
+        M.check_paths(data=str(tmp_path / "nope.jsonl"))
