@@ -182,9 +182,12 @@ class GPT(nn.Module):
             kv_cache.pos += T
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, attention_mask=None, kv_cache=None):
-        """Logits for every position, (B, T, V)."""
-        return self.lm_head(self.hidden(idx, attention_mask, kv_cache))
+    def forward(self, idx, attention_mask=None, kv_cache=None, logits_start=0):
+        """Logits for positions logits_start.. (all by default): (B, T - logits_start, V).
+
+        Skipping the prompt positions saves the (B, P, V) LM-head work; going through forward
+        (not hidden) keeps torch.compile and DDP wrappers in the path."""
+        return self.lm_head(self.hidden(idx, attention_mask, kv_cache)[:, logits_start:])
 
     # --- 2. sampling with a KV cache
 
@@ -306,10 +309,11 @@ def last_index(mask):
 
 
 def response_logits(model, seq, attention_mask=None, start=1):
-    """Logits that predict seq[:, start:]: position t - 1 predicts token t. (B, T - start, V)."""
+    """Logits that predict seq[:, start:]: position t - 1 predicts token t. (B, T - start, V).
+
+    model may be a GPT or a torch.compile / DDP wrapper of one."""
     assert start >= 1
-    h = model.hidden(seq, attention_mask)[:, start - 1:-1]  # (B, T - start, C)
-    return model.lm_head(h)
+    return model(seq, attention_mask, logits_start=start - 1)[:, :-1]  # (B, T - start, V)
 
 
 def logprobs_from_logits(logits, tokens, temperature=1.0):
