@@ -63,9 +63,11 @@ def sample(model, tokenizer, prompts, cfg, device, seed):
     """One answer per prompt: list of (response ids incl. EOS if emitted, ended)."""
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
+    max_prompt = model.config.block_size - cfg.max_new_tokens  # longer prompts keep their last tokens
     out = []
     for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="sample", leave=False):
-        ids, mask = M.pad_left([M.encode_chat(tokenizer, p) for p in prompts[i:i + cfg.batch_size]])
+        rows = [M.encode_chat(tokenizer, p) for p in prompts[i:i + cfg.batch_size]]
+        ids, mask = M.pad_left(rows, min(max_prompt, max(map(len, rows))))
         seq, gen_mask, _ = model.generate(ids.to(device), cfg.max_new_tokens, cfg.temperature, attention_mask=mask.to(device),
                                           eos_id=tokenizer.eot_id, generator=gen)
         for row, m in zip(seq[:, ids.size(1):].tolist(), gen_mask.tolist()):
@@ -74,9 +76,10 @@ def sample(model, tokenizer, prompts, cfg, device, seed):
     return out
 
 
-def right_padded(tokenizer, prompts, responses):
-    """Rows prompt + response, right-padded: ids (B, T) and the response mask (B, T)."""
-    rows = [(M.encode_chat(tokenizer, p), r) for p, r in zip(prompts, responses)]
+def right_padded(tokenizer, prompts, responses, max_len):
+    """Rows prompt + response, right-padded: ids (B, T) and the response mask (B, T). A prompt
+    that does not fit in max_len beside its response keeps its last tokens (as when sampled)."""
+    rows = [M.truncate_example(M.encode_chat(tokenizer, p), r, max_len, 0)[:2] for p, r in zip(prompts, responses)]
     ids = M.pad_right([p + r for p, r in rows])  # (B, T)
     mask = torch.zeros_like(ids)
     for i, (p, r) in enumerate(rows):
@@ -90,7 +93,7 @@ def logprob_sums(model, tokenizer, prompts, responses, cfg, device):
     model.eval()
     sums = []
     for i in range(0, len(prompts), cfg.batch_size):
-        ids, mask = right_padded(tokenizer, prompts[i:i + cfg.batch_size], responses[i:i + cfg.batch_size])
+        ids, mask = right_padded(tokenizer, prompts[i:i + cfg.batch_size], responses[i:i + cfg.batch_size], model.config.block_size)
         lp = M.response_logprobs(model, ids.to(device), temperature=cfg.temperature)  # (B, T-1)
         sums.append((lp * mask[:, 1:].to(device)).sum(-1).cpu())
     return torch.cat(sums)
@@ -102,7 +105,7 @@ def rm_scores(rm, tokenizer, prompts, responses, batch_size, device):
     rm.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids, _ = right_padded(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size])
+        ids, _ = right_padded(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size], rm.config.block_size)
         out.append(rm.score(ids.to(device), (ids != M.PAD_ID).long().to(device)).cpu())
     return torch.cat(out)
 
@@ -156,6 +159,10 @@ def evaluate(cfg):
     policy, tokenizer = M.load_gpt(cfg.ckpt, device)
     prompts = [r["prompt"] for r in M.read_jsonl(cfg.prompts, ("prompt",))]
     prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
+    max_prompt = policy.config.block_size - cfg.max_new_tokens
+    n_cut = sum(len(M.encode_chat(tokenizer, p)) > max_prompt for p in prompts)
+    if n_cut:
+        print(f"{n_cut} of {len(prompts)} prompts are longer than block_size - max_new_tokens = {max_prompt}: they keep their last tokens")
     rm = None
     if cfg.reward_model:
         rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
@@ -169,7 +176,7 @@ def evaluate(cfg):
     flat = [p for p in prompts for _ in range(n)]
     answers = sample(policy, tokenizer, flat, cfg, device, cfg.seed)
     responses = [a[0] for a in answers]
-    summary = {"ckpt": cfg.ckpt, "prompts": len(prompts), "best_of_n": n, "temperature": cfg.temperature}
+    summary = {"ckpt": cfg.ckpt, "prompts": len(prompts), "prompts_cut": n_cut, "best_of_n": n, "temperature": cfg.temperature}
     if rm is not None:
         scores = rm_scores(rm, tokenizer, flat, responses, cfg.batch_size, device).view(len(prompts), n)  # (N, n)
         if cfg.gold:  # how well the proxy tracks the truth on every sampled answer

@@ -608,12 +608,14 @@ def truncate_example(p, r, max_len, min_prompt):
 
 
 def pad_left(rows, max_len=None):
-    """Left-pad lists of ids with PAD_ID: (B, P) ids and (B, P) attention mask."""
+    """Left-pad lists of ids with PAD_ID: (B, P) ids and (B, P) attention mask; rows longer than
+    max_len keep their last max_len ids (the end of a prompt is what the answer follows)."""
     P = max_len or max(len(r) for r in rows)
     ids = torch.full((len(rows), P), PAD_ID, dtype=torch.long)
     for i, r in enumerate(rows):
+        r = r[-P:]  # a longer row keeps its last P tokens
         if r:
-            ids[i, P - len(r):] = torch.tensor(r[-P:], dtype=torch.long)
+            ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
     return ids, (ids != PAD_ID).long()
 
 

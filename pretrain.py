@@ -79,8 +79,13 @@ def read_documents(path, doc_sep):
         return [row["text"] for row in M.read_jsonl(path, ("text",))]
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     docs = [d for d in (text.split(doc_sep) if doc_sep else [text]) if d.strip()]
     if not docs:
         raise ValueError(f"{path}: no text")
