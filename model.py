@@ -10,8 +10,8 @@ Contents
   5. Hugging Face GPT-2     GPT.from_pretrained / save_pretrained, safetensors read and written by hand
   6. Tokenizer              tiktoken BPE (gpt2, or a ranks file we trained) and the chat template
   7. Checkpoints            directories written atomically (temp dir + rename)
-  8. Utilities              config parsing (dataclass < toml/json < --key value), device, autocast,
-                            optimizer, metrics log, jsonl reading
+  8. Utilities              config parsing (dataclass < toml/json < --key value), device, DDP,
+                            autocast, optimizer, metrics log, jsonl and preference reading
 
 Shapes: B batch, T tokens (prompt + response), P prompt, R response, V vocab, C n_embd,
 H heads, D head dim, S keys in the KV cache.
@@ -809,6 +809,43 @@ def get_device(name="auto"):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def ddp_setup(device="auto"):
+    """(rank, world_size, device). Under torchrun (RANK in the environment) join the process
+    group: nccl on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on CPU. Batch sizes in the
+    configs stay global: each rank takes its slice of every batch (rows rank::world_size)."""
+    device = get_device(device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def ddp_wrap(model, world, device):
+    """DistributedDataParallel when world > 1 (gradients all-reduced, averaged over ranks)."""
+    if world == 1:
+        return model
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def ddp_sum(x, world, device):
+    """Sum a float over ranks (identity for one process)."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
+def ddp_cleanup(world):
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def autocast(device, dtype="bfloat16"):

@@ -9,6 +9,9 @@ the tokenized corpus (a memory-mapped uint16/uint32 file, nanoGPT style), docume
 Data: a .txt file (documents separated by a blank line, see doc_sep) or a .jsonl of {"text": ...}.
 The token files are cached in out_dir and rebuilt when the corpus or tokenizer changes.
 
+Several GPUs: torchrun --nproc_per_node N pretrain.py ... (PyTorch DDP; batch_size stays the global
+batch, each process takes its rows of it; rank 0 writes checkpoints and logs).
+
 Resume: a checkpoint (weights, optimizer, RNG, step) is written to out_dir/ckpt every
 ckpt_interval steps; running the same command again continues from it. Same seed on CPU gives
 the same weights as an uninterrupted run.
@@ -23,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,7 +131,7 @@ def get_batch(data, batch_size, block_size, gen):
 
 def lm_loss(model, x, y):
     logits = model(x)  # (B, T, V)
-    return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
 
 
 @torch.no_grad()
@@ -164,20 +168,28 @@ def init_model(cfg, device):
 
 
 def train(cfg):
-    device = M.get_device(cfg.device)
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
+    if cfg.batch_size % world:
+        raise M.ConfigError(f"batch_size {cfg.batch_size} must split evenly over {world} processes")
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     M.check_paths(data=cfg.data, tokenizer=cfg.tokenizer if cfg.init == "scratch" else "", init="" if cfg.init == "scratch" else cfg.init)
     model, tokenizer, state = init_model(cfg, device)
     if cfg.block_size > model.config.block_size:
         raise M.ConfigError(f"block_size {cfg.block_size} > the model's {model.config.block_size}")
+    if world > 1 and not master:
+        torch.distributed.barrier()  # rank 0 tokenizes; the others then read its cached files
     meta = build_token_files(cfg, tokenizer)
+    if world > 1 and master:
+        torch.distributed.barrier()
     train_data = np.memmap(os.path.join(cfg.out_dir, "train.bin"), dtype=meta["dtype"], mode="r")
     val_data = np.memmap(os.path.join(cfg.out_dir, "val.bin"), dtype=meta["dtype"], mode="r")
-    M.save_config(cfg, cfg.out_dir)
-    M.print_config(cfg)
+    if master:
+        M.save_config(cfg, cfg.out_dir)
+        M.print_config(cfg)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
-    print(f"{model.num_params() / 1e6:.2f}M parameters | vocab {tokenizer.n_vocab} | train {meta['train']:,} tokens "
+    print(f"rank {rank}/{world} | {model.num_params() / 1e6:.2f}M parameters | vocab {tokenizer.n_vocab} | train {meta['train']:,} tokens "
           f"| val {meta['val']:,} | {tokens_per_step:,} tokens/step | {cfg.max_steps * tokens_per_step / meta['train']:.1f} epochs")
 
     opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device=device)
@@ -188,9 +200,11 @@ def train(cfg):
         gen.set_state(state["data_rng"])
         M.set_rng_state(state["rng"])
         step = state["step"]
-        M.truncate_metrics(cfg.out_dir, step)
+        if master:
+            M.truncate_metrics(cfg.out_dir, step)
     ctx = M.autocast(device, cfg.dtype)
-    fwd = torch.compile(model) if cfg.compile else model
+    ddp_model = M.ddp_wrap(model, world, device)
+    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
 
     def checkpoint():
@@ -198,20 +212,24 @@ def train(cfg):
                           state={"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "rng": M.rng_state()})
 
     t0 = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", dynamic_ncols=True, disable=not master)
     while step < cfg.max_steps:
         # 1. learning rate for this step
         lr = M.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for group in opt.param_groups:
             group["lr"] = lr
-        # 2. forward/backward over grad_accum micro-batches
+        # 2. forward/backward over grad_accum micro-batches; under DDP each rank takes its rows of
+        # the same global micro-batch and gradients are averaged when the last one is done
         total = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, gen)
-            with ctx:
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, gen)  # (B, T): every rank draws the same
+            x, y = x[rank::world], y[rank::world]  # (B / world, T)
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with ctx, (nullcontext() if sync else ddp_model.no_sync()):
                 loss = lm_loss(fwd, x.to(device), y.to(device)) / cfg.grad_accum
-            loss.backward()
+                loss.backward()
             total += loss.item()
+        total = M.ddp_sum(total, world, device) / world
         if not np.isfinite(total):
             raise FloatingPointError(f"step {step}: loss is {total}; last good checkpoint is in {cfg.out_dir}/ckpt")
         # 3. clip and step
@@ -221,15 +239,16 @@ def train(cfg):
         step += 1
         bar.update(1)
         # 4. log, eval, checkpoint
-        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        if master and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_steps):
             metrics = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
                        "tok_s": int(tokens_per_step * (step - (state or {}).get("step", 0)) / (time.time() - t0))}
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                metrics["val_loss"] = eval_loss(fwd, val_data, cfg, device, ctx)
+                metrics["val_loss"] = eval_loss(model, val_data, cfg, device, ctx)
             M.log_metrics(cfg.out_dir, metrics)
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+        if master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
             checkpoint()
     bar.close()
+    M.ddp_cleanup(world)
     return model
 
 
