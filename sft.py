@@ -19,6 +19,9 @@ saved in data_stats.json.
 Resume: the batch order is a function of (seed, step), so running the same command again
 continues from out_dir/ckpt exactly.
 
+Several GPUs: torchrun --nproc_per_node N sft.py ... (PyTorch DDP; batch_size stays global, each
+process takes its share of every micro-batch, the loss is normalised by the whole step's tokens).
+
 Run:
   CPU, built-in task:  python sft.py --config configs/sft_world.toml
   one GPU, GPT-2 on Alpaca:  python sft.py --config configs/sft_alpaca_gpt2.toml
@@ -29,6 +32,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -157,7 +161,8 @@ def print_samples(model, tokenizer, prompts, cfg, device):
 
 
 def train(cfg):
-    device = M.get_device(cfg.device)
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "ckpt")
@@ -173,10 +178,11 @@ def train(cfg):
     train_ex, stats = tokenize_pairs(read_pairs(cfg.data), tokenizer, cfg.max_len, cfg.min_prompt)
     val_pairs = read_pairs(cfg.val_data)
     val_ex, val_stats = tokenize_pairs(val_pairs, tokenizer, cfg.max_len, cfg.min_prompt)
-    with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
-        json.dump({"train": stats, "val": val_stats}, f)
-    M.save_config(cfg, cfg.out_dir)
-    M.print_config(cfg)
+    if master:
+        with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
+            json.dump({"train": stats, "val": val_stats}, f)
+        M.save_config(cfg, cfg.out_dir)
+        M.print_config(cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
     print(f"train {stats} | val {val_stats} | {per_step} examples/step | {max_steps} steps")
@@ -187,27 +193,34 @@ def train(cfg):
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         step = state["step"]
-        M.truncate_metrics(cfg.out_dir, step)
+        if master:
+            M.truncate_metrics(cfg.out_dir, step)
     ctx = M.autocast(device, cfg.dtype)
-    fwd = torch.compile(model) if cfg.compile else model
+    ddp_model = M.ddp_wrap(model, world, device)
+    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
     t0, start = time.time(), step
-    bar = tqdm(total=max_steps, initial=step, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not master)
     while step < max_steps:
-        # 1. the examples of this step, split into micro-batches
+        # 1. the examples of this step, split into micro-batches, each split over the ranks
         idx = batch_indices(step, len(train_ex), per_step, cfg.seed)
-        micro = [collate([train_ex[i] for i in idx[j::cfg.grad_accum]]) for j in range(cfg.grad_accum) if idx[j::cfg.grad_accum]]
-        n_tokens = sum(m[:, 1:].sum() for _, m in micro).item()
+        micro = [idx[j::cfg.grad_accum] for j in range(cfg.grad_accum) if idx[j::cfg.grad_accum]]
+        n_tokens = sum(len(train_ex[i][0]) - train_ex[i][1] for i in idx)  # target tokens of the whole step, all ranks
         lr = M.lr_at(step, max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for group in opt.param_groups:
             group["lr"] = lr
         # 2. token-mean loss over the whole step, accumulated over micro-batches
         total = 0.0
-        for ids, mask in micro:
-            with ctx:
+        for j, rows in enumerate(micro):
+            mine = rows[rank::world]
+            ids, mask = collate([train_ex[i] for i in mine or rows[:1]])  # an empty share still joins the all-reduce
+            sync = world == 1 or j == len(micro) - 1
+            with ctx, (nullcontext() if sync else ddp_model.no_sync()):
                 nll, _ = sft_loss_terms(fwd, ids.to(device), mask.to(device))
-            (nll / n_tokens).backward()
+                nll = nll * (1.0 if mine else 0.0)
+                (nll / n_tokens * world).backward()  # DDP averages over ranks: * world makes it the sum
             total += nll.item() / n_tokens
+        total = M.ddp_sum(total, world, device)
         if not math.isfinite(total):
             raise FloatingPointError(f"step {step}: loss is {total}; last good checkpoint is in {ckpt}")
         # 3. clip, step
@@ -218,17 +231,18 @@ def train(cfg):
         bar.update(1)
         # 4. log, eval with samples, checkpoint
         last = step == max_steps
-        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last:
+        if master and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
             metrics = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
                        "ex_s": round(per_step * (step - start) / (time.time() - t0), 1)}
             if step % cfg.eval_interval == 0 or last:
                 metrics["val_loss"] = eval_loss(model, val_ex, cfg.batch_size, device, ctx)
                 print_samples(model, tokenizer, [p for p, _ in val_pairs[:cfg.n_samples]], cfg, device)
             M.log_metrics(cfg.out_dir, metrics)
-        if step % cfg.ckpt_interval == 0 or last:
+        if master and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
                               state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
     bar.close()
+    M.ddp_cleanup(world)
     return model
 
 

@@ -42,3 +42,10 @@ def test_pretrain_ddp_equals_one_process(world, tmp_path):
             "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4", "--grad_accum", "2",
             "--max_steps", "3", "--log_interval", "1", "--eval_interval", "3", "--eval_iters", "1", "--device", "cpu"]
     assert_same_run(tmp_path, "pretrain.py", args, ["loss", "grad_norm"])
+
+
+def test_sft_ddp_equals_one_process(world, tiny_ckpt, tmp_path):
+    args = ["--data", str(world / "sft_train.jsonl"), "--val_data", str(world / "sft_val.jsonl"), "--init", tiny_ckpt,
+            "--max_len", "48", "--batch_size", "5", "--grad_accum", "2", "--epochs", "0.06", "--log_interval", "1",
+            "--eval_interval", "100", "--n_samples", "1", "--max_new_tokens", "4", "--device", "cpu"]
+    assert_same_run(tmp_path, "sft.py", args, ["loss", "grad_norm"])
