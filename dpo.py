@@ -58,6 +58,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -187,10 +188,11 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejecte
     (at step 0 every pair ties: accuracy 0.5, chance)."""
     margin = chosen_rewards - rejected_rewards  # (B,)
     acc = (margin > 0).float() + 0.5 * (margin == 0).float()  # (B,)
-    values = {"loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-              "rewards/accuracy": acc, "rewards/margin": margin, "logps/chosen": chosen_logps,
-              "logps/rejected": rejected_logps}
-    return {prefix + k: v.float().mean().item() for k, v in values.items()}
+    values = (losses, chosen_rewards, rejected_rewards, acc, margin, chosen_logps, rejected_logps)
+    return {prefix + k: v.float().mean().item() for k, v in zip(PAIR_KEYS, values)}
+
+
+PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected")
 
 
 @torch.no_grad()
@@ -253,7 +255,8 @@ def train(cfg):
         raise M.ConfigError("label_smoothing is cDPO's; it does not apply to loss_type 'ipo'")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise M.ConfigError(f"label_smoothing {cfg.label_smoothing}: expected 0 <= e < 0.5 (a flip probability)")
-    device = M.get_device(cfg.device)
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "ckpt")
@@ -266,10 +269,11 @@ def train(cfg):
     val_groups, val_read = M.read_preferences(cfg.val_data)
     train_ex, train_stats = encode_pairs(expand_pairs(train_groups), tokenizer, cfg.max_len, cfg.min_prompt)
     val_ex, val_stats = encode_pairs(expand_pairs(val_groups), tokenizer, cfg.max_len, cfg.min_prompt)
-    with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
-        json.dump({"train": {**train_read, **train_stats}, "val": {**val_read, **val_stats}}, f)
-    M.save_config(cfg, cfg.out_dir)
-    M.print_config(cfg)
+    if master:
+        with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
+            json.dump({"train": {**train_read, **train_stats}, "val": {**val_read, **val_stats}}, f)
+        M.save_config(cfg, cfg.out_dir)
+        M.print_config(cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
     print(f"train {train_read} {train_stats} | val {val_read} {val_stats} | {per_step} pairs/step | {max_steps} steps")
@@ -300,12 +304,14 @@ def train(cfg):
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
-        M.truncate_metrics(cfg.out_dir, step)
+        if master:
+            M.truncate_metrics(cfg.out_dir, step)
         print(f"resuming from {ckpt} at step {step}")
-    fwd = torch.compile(model) if cfg.compile else model
+    ddp_model = M.ddp_wrap(model, world, device)
+    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
     t0, start = time.time(), step
-    bar = tqdm(total=max_steps, initial=step, desc="dpo", dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=step, desc="dpo", dynamic_ncols=True, disable=not master)
     while step < max_steps:
         # 1. the pairs of this step; learning rate: warmup, then linear decay
         idx = batch_indices(step, len(train_ex), per_step, cfg.seed)
@@ -313,22 +319,27 @@ def train(cfg):
         for group in opt.param_groups:
             group["lr"] = lr
         cols = [[] for _ in range(5)]
-        for j in range(cfg.grad_accum):
-            mb_idx = idx[j::cfg.grad_accum]
-            if not mb_idx:
-                continue  # the last step of an epoch can have fewer pairs than micro-batches
+        micro = [idx[j::cfg.grad_accum] for j in range(cfg.grad_accum) if idx[j::cfg.grad_accum]]  # the last step can be short
+        for j, rows in enumerate(micro):
+            mine = rows[rank::world]  # this rank's share; an empty share still joins the all-reduce
+            mb_idx = mine or rows[:1]
             ids, mask = collate([train_ex[i] for i in mb_idx])
             # 2. chosen and rejected in one forward, split back
-            with ctx:
+            sync = world == 1 or j == len(micro) - 1
+            with ctx, (nullcontext() if sync else ddp_model.no_sync()):
                 chosen, rejected = concatenated_logps(fwd, ids.to(device), mask.to(device))  # (B,), (B,)
-            mb_ref = ref_train[mb_idx].to(device)  # (B, 2), constants
-            # 3. the loss, a mean over all pairs of the step
-            losses, r_c, r_r = dpo_loss(chosen, rejected, mb_ref[:, 0], mb_ref[:, 1],
-                                        cfg.beta, cfg.label_smoothing, cfg.loss_type)  # (B,) each
-            (losses.sum() / len(idx)).backward()
-            for c, v in zip(cols, (losses, r_c, r_r, chosen, rejected)):
-                c.append(v.detach().float().cpu())
-        metrics = pair_metrics(*(torch.cat(c) for c in cols))
+                mb_ref = ref_train[mb_idx].to(device)  # (B, 2), constants
+                # 3. the loss, a mean over all pairs of the step (DDP averages over ranks: * world)
+                losses, r_c, r_r = dpo_loss(chosen, rejected, mb_ref[:, 0], mb_ref[:, 1],
+                                            cfg.beta, cfg.label_smoothing, cfg.loss_type)  # (B,) each
+                (losses.sum() * (1.0 if mine else 0.0) / len(idx) * world).backward()
+            if mine:
+                for c, v in zip(cols, (losses, r_c, r_r, chosen, rejected)):
+                    c.append(v.detach().float().cpu())
+        n_mine = sum(len(c) for c in cols[0])
+        local = pair_metrics(*(torch.cat(c) for c in cols)) if n_mine else dict.fromkeys(PAIR_KEYS, 0.0)
+        sums = M.ddp_sum(torch.tensor([local[k] * n_mine for k in PAIR_KEYS]), world, device)  # over all ranks' pairs
+        metrics = {k: (v / len(idx)).item() for k, v in zip(PAIR_KEYS, sums)}
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; last good checkpoint is in {ckpt}")
         # 4. clip, step
@@ -339,7 +350,7 @@ def train(cfg):
         bar.update(1)
         # 5. log, eval with samples, checkpoint
         last = step == max_steps
-        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last:
+        if master and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
             metrics = {"step": step, **metrics, "lr": lr, "grad_norm": grad_norm,
                        "pairs_s": round(per_step * (step - start) / (time.time() - t0), 1)}
             if step % cfg.eval_interval == 0 or last:
@@ -347,10 +358,11 @@ def train(cfg):
                 if val_prompts:
                     print_samples(model, tokenizer, val_prompts, cfg, device)
             M.log_metrics(cfg.out_dir, metrics)
-        if step % cfg.ckpt_interval == 0 or last:
+        if master and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
                               state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
     bar.close()
+    M.ddp_cleanup(world)
     return model
 
 

@@ -835,12 +835,12 @@ def ddp_wrap(model, world, device):
 
 
 def ddp_sum(x, world, device):
-    """Sum a float over ranks (identity for one process)."""
+    """Sum a float or a tensor over ranks (identity for one process)."""
     if world == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
+    t = torch.as_tensor(x, dtype=torch.float64).to(device)
     torch.distributed.all_reduce(t)
-    return t.item()
+    return t.item() if t.dim() == 0 else t.cpu()
 
 
 def ddp_cleanup(world):
