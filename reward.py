@@ -20,6 +20,9 @@ checkpoint and applied by ScalarModel.score (item 10; lm-human-preferences, Inst
 Data: rankings {"prompt", "responses": [best, ..., worst]}, pairs {"prompt", "chosen", "rejected"},
 or HH-RLHF transcripts {"chosen", "rejected"} (model.read_preferences).
 
+Several GPUs: torchrun --nproc_per_node N reward.py ... (PyTorch DDP; batch_size stays global,
+each process takes its share of the rankings of every micro-batch).
+
 Run:
   CPU, built-in task:  python reward.py --config configs/reward_world.toml
   one GPU, GPT-2 on HH-RLHF:  python reward.py --config configs/reward_hh_gpt2.toml
@@ -30,6 +33,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -169,7 +173,8 @@ def fit_normalisation(model, groups, cfg, device, ctx):
 
 
 def train(cfg):
-    device = M.get_device(cfg.device)
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "ckpt")
@@ -187,14 +192,16 @@ def train(cfg):
     raw_val, val_read = M.read_preferences(cfg.val_data)
     train_g, train_stats = encode_groups(raw_train, tokenizer, cfg.max_len, cfg.min_prompt)
     val_g, val_stats = encode_groups(raw_val, tokenizer, cfg.max_len, cfg.min_prompt)
-    M.save_config(cfg, cfg.out_dir)
-    M.print_config(cfg)
+    if master:
+        M.save_config(cfg, cfg.out_dir)
+        M.print_config(cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_g) / per_step))
     n_pairs = sum(len(g) * (len(g) - 1) // 2 for g in train_g)
     print(f"train {train_read} {train_stats} ({n_pairs} pairs) | val {val_read} {val_stats} | {max_steps} steps")
-    with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
-        json.dump({"train": {**train_read, **train_stats, "pairs": n_pairs}, "val": {**val_read, **val_stats}}, f)
+    if master:
+        with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
+            json.dump({"train": {**train_read, **train_stats, "pairs": n_pairs}, "val": {**val_read, **val_stats}}, f)
 
     opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
     step = 0
@@ -202,12 +209,14 @@ def train(cfg):
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         step = state["step"]
-        M.truncate_metrics(cfg.out_dir, step)
+        if master:
+            M.truncate_metrics(cfg.out_dir, step)
     ctx = M.autocast(device, cfg.dtype)
-    fwd = torch.compile(model) if cfg.compile else model
+    ddp_model = M.ddp_wrap(model, world, device)
+    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
     t0, start = time.time(), step
-    bar = tqdm(total=max_steps, initial=step, desc="reward", dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=step, desc="reward", dynamic_ncols=True, disable=not master)
     while step < max_steps:
         # 1. the rankings of this step; learning rate: warmup, then linear decay to 0 (item 11)
         idx = batch_indices(step, len(train_g), per_step, cfg.seed)
@@ -216,18 +225,23 @@ def train(cfg):
             group["lr"] = lr
         # 2. one forward per answer, the loss over all pairs of each ranking
         total, acc, n_pairs = 0.0, 0.0, 0
-        for j in range(cfg.grad_accum):
-            if not idx[j::cfg.grad_accum]:  # the last step of an epoch can be short
-                continue
-            ids, w, l, weight = collate([train_g[i] for i in idx[j::cfg.grad_accum]])
-            with ctx:
+        micro = [idx[j::cfg.grad_accum] for j in range(cfg.grad_accum) if idx[j::cfg.grad_accum]]  # the last step can be short
+        for j, rows in enumerate(micro):
+            mine = rows[rank::world]  # this rank's share; an empty share still joins the all-reduce
+            ids, w, l, weight = collate([train_g[i] for i in mine or rows[:1]])
+            sync = world == 1 or j == len(micro) - 1
+            with ctx, (nullcontext() if sync else ddp_model.no_sync()):
                 s = scores_of(fwd, ids.to(device)).float()  # (N,)
-            weight = weight.to(device) * (len(idx[j::cfg.grad_accum]) / len(idx))  # mean over the step's groups
-            loss = reward_loss(s[w.to(device)], s[l.to(device)], weight, cfg.margin, cfg.label_smoothing)
-            loss.backward()
-            total += loss.item()
-            acc += (s[w] > s[l]).float().sum().item()
-            n_pairs += len(w)
+                # each group weighs 1/len(idx) of the step; DDP averages over ranks, so * world
+                weight = weight.to(device) * (len(mine) / len(idx)) * world
+                loss = reward_loss(s[w.to(device)], s[l.to(device)], weight, cfg.margin, cfg.label_smoothing)
+                loss.backward()
+            if mine:
+                total += loss.item() / world
+                acc += (s[w] > s[l]).float().sum().item()
+                n_pairs += len(w)
+        total = M.ddp_sum(total, world, device)
+        acc, n_pairs = M.ddp_sum(acc, world, device), M.ddp_sum(n_pairs, world, device)
         if not math.isfinite(total):
             raise FloatingPointError(f"step {step}: loss is {total}; last good checkpoint is in {ckpt}")
         # 3. clip, step
@@ -238,7 +252,7 @@ def train(cfg):
         bar.update(1)
         # 4. log, eval, checkpoint
         last = step == max_steps
-        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last:
+        if master and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
             metrics = {"step": step, "loss": total, "acc": acc / n_pairs, "lr": lr, "grad_norm": grad_norm,
                        "groups_s": round(per_step * (step - start) / (time.time() - t0), 1)}
             if step % cfg.eval_interval == 0 or last:
@@ -250,10 +264,11 @@ def train(cfg):
             model.reward_gain.fill_(gain)
             model.reward_bias.fill_(bias)
             print(f"reward normalisation: gain {gain:.4f} bias {bias:.4f}")
-        if step % cfg.ckpt_interval == 0 or last:
+        if master and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
                               state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
     bar.close()
+    M.ddp_cleanup(world)
     return model
 
 

@@ -59,3 +59,13 @@ def test_dpo_ddp_equals_one_process(tmp_path, tiny_ckpt):
             "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "1", "--lr", "1e-3", "--log_interval", "1",
             "--eval_interval", "100", "--n_samples", "0", "--device", "cpu"]
     assert_same_run(tmp_path, "dpo.py", args, ["loss", "rewards/margin", "rewards/accuracy", "grad_norm"])
+
+
+def test_reward_ddp_equals_one_process(tmp_path, tiny_ckpt):
+    rows = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
+            {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}] * 4
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--data", str(tmp_path / "r.jsonl"), "--val_data", str(tmp_path / "r.jsonl"), "--init", tiny_ckpt,
+            "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "2", "--lr", "1e-3",
+            "--log_interval", "1", "--eval_interval", "100", "--device", "cpu"]
+    assert_same_run(tmp_path, "reward.py", args, ["loss", "acc", "grad_norm"])
