@@ -17,10 +17,13 @@ The gold reward is the task's oracle: eval.py and ppo.py's metrics import it fro
 no training loss ever sees it. --gold false for real data.
 
 A JSON summary goes to --out (default: eval.json in the checkpoint's run directory).
+--frontier "out/eval_*.json" reads such summaries and prints (and plots, with matplotlib) gold
+reward against KL to SFT per method: the reward-vs-KL frontier of the DPO paper's Figure 2.
 
 Run:
   python eval.py --ckpt out/ppo --ref out/sft --baseline out/sft --reward_model out/reward
   python eval.py --ckpt out/sft --reward_model out/reward --best_of_n 16 --dump out/bon16.jsonl
+  python eval.py --frontier "out/sweep/eval_*.json" --plot out/frontier.png
 """
 
 import json
@@ -51,6 +54,8 @@ class Config:
     batch_size: int = 64  # sequences per generation batch
     n_show: int = 8  # sample answers printed
     out: str = ""  # summary JSON path ("" = <ckpt run dir>/eval.json)
+    frontier: str = ""  # comma-separated eval JSONs (globs allowed): print gold vs KL, plot it if matplotlib is there
+    plot: str = "frontier.png"
     seed: int = 0
     device: str = "auto"
 
@@ -238,5 +243,49 @@ def evaluate(cfg):
     return summary
 
 
+def method_of(summary):
+    """The curve a run belongs to, from its checkpoint path and best-of-n."""
+    if summary.get("best_of_n", 1) > 1:
+        return "best-of-n"
+    name = os.path.basename(summary["ckpt"].rstrip("/").removesuffix("/ckpt"))
+    return next((m for m in ("ppo", "dpo", "sft") if m in name), name)
+
+
+def frontier(cfg):
+    """Gold reward against KL to SFT for every run (the DPO paper's Figure 2, on our task)."""
+    import glob
+    paths = sorted({p for pattern in cfg.frontier.split(",") for p in glob.glob(pattern.strip())})
+    rows = []
+    for path in paths:
+        r = json.load(open(path))
+        kl = r.get("kl_best_of_n", r.get("kl"))
+        if kl is not None and "gold" in r:
+            rows.append((method_of(r), kl, r["gold"], r.get("win_rate"), path))
+    rows.sort()
+    print(f"{'method':10s} {'KL to SFT':>10s} {'gold':>8s} {'win rate':>9s}  run")
+    for m, kl, g, w, path in rows:
+        print(f"{m:10s} {kl:10.3f} {g:8.3f} {'-' if w is None else format(w, '.3f'):>9}  {path}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: the table above is the frontier (pip install matplotlib for the plot)")
+        return rows
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in sorted({r[0] for r in rows}):
+        pts = sorted((kl, g) for mm, kl, g, _, _ in rows if mm == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=m)
+    ax.set_xlabel("KL(policy || SFT), nats per answer")
+    ax.set_ylabel("gold reward (held-out prompts)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(cfg.plot, dpi=120)
+    print(f"plot written to {cfg.plot}")
+    return rows
+
+
 if __name__ == "__main__":
-    evaluate(M.parse_config(Config))
+    cfg = M.parse_config(Config)
+    frontier(cfg) if cfg.frontier else evaluate(cfg)

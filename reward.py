@@ -56,7 +56,7 @@ class Config:
     batch_size: int = 8  # rankings (or pairs) per micro-batch
     grad_accum: int = 1
     epochs: float = 1.0
-    lr: float = 3e-4
+    lr: float = 1e-3
     warmup: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
