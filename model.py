@@ -171,8 +171,9 @@ class GPT(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
             assert attention_mask.shape == (B, past + T), f"attention_mask {tuple(attention_mask.shape)} != {(B, past + T)}"
+            # positions <= S - 1, so checking the length needs no GPU sync (this runs every decode step)
+            assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-            assert int(pos.max()) < self.config.block_size, f"position {int(pos.max())} >= block_size {self.config.block_size}"
             attn_mask = attention_bias(attention_mask, T)  # (B, 1, T, S)
         x = self.transformer.wte(idx.clamp(min=0)) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
