@@ -127,12 +127,7 @@ def encode_pairs(pairs, tokenizer, max_len, min_prompt):
 def collate(examples):
     """B pairs -> ONE right-padded batch: ids (2B, T), rows [0, B) chosen, [B, 2B) rejected, and
     mask (2B, T), 1 on response tokens and the EOS only (not the prompt, not the padding)."""
-    rows = [e[0] for e in examples] + [e[1] for e in examples]
-    ids = M.pad_right([seq for seq, _ in rows])  # (2B, T)
-    mask = torch.zeros_like(ids)  # (2B, T)
-    for i, (seq, n_prompt) in enumerate(rows):
-        mask[i, n_prompt:len(seq)] = 1
-    return ids, mask
+    return M.pad_responses([e[0] for e in examples] + [e[1] for e in examples])  # (2B, T), (2B, T)
 
 
 def batch_indices(step, n, per_step, seed):

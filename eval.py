@@ -85,11 +85,7 @@ def right_padded(tokenizer, prompts, responses, max_len):
     """Rows prompt + response, right-padded: ids (B, T) and the response mask (B, T). A prompt
     that does not fit in max_len beside its response keeps its last tokens (as when sampled)."""
     rows = [M.truncate_example(M.encode_chat(tokenizer, p), r, max_len, 0)[:2] for p, r in zip(prompts, responses)]
-    ids = M.pad_right([p + r for p, r in rows])  # (B, T)
-    mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(rows):
-        mask[i, len(p):len(p) + len(r)] = 1
-    return ids, mask
+    return M.pad_responses([(p + r, len(p)) for p, r in rows])  # (B, T), (B, T)
 
 
 @torch.no_grad()

@@ -629,6 +629,16 @@ def pad_right(rows, max_len=None):
     return ids
 
 
+def pad_responses(rows):
+    """Rows (ids, n_prompt) of prompt + response (+ EOS), right-padded: ids (B, T) and the response
+    mask (B, T), 1 on the response tokens and the EOS, 0 on the prompt and the padding."""
+    ids = pad_right([seq for seq, _ in rows])  # (B, T)
+    mask = torch.zeros_like(ids)
+    for i, (seq, n_prompt) in enumerate(rows):
+        mask[i, n_prompt:len(seq)] = 1
+    return ids, mask
+
+
 # --- 7. checkpoints: a directory, written atomically
 
 

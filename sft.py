@@ -106,11 +106,7 @@ def tokenize_pairs(pairs, tokenizer, max_len, min_prompt):
 
 def collate(examples):
     """Right-padded ids (B, T) and the loss mask (B, T): 1 on response tokens and the EOS."""
-    ids = M.pad_right([e[0] for e in examples])  # (B, T)
-    mask = torch.zeros_like(ids)
-    for i, (seq, n_prompt) in enumerate(examples):
-        mask[i, n_prompt:len(seq)] = 1
-    return ids, mask
+    return M.pad_responses(examples)
 
 
 def batch_indices(step, n, per_step, seed):
