@@ -43,6 +43,7 @@ class Config:
     ckpt: str = "out/sft"  # the policy to evaluate: our checkpoint or a GPT-2 dir/name
     prompts: str = "data/world/prompts_val.jsonl"  # {"prompt": ...} rows
     n_prompts: int = 0  # 0 = all
+    repeats: int = 1  # independent answers per prompt (each compared with its own baseline answer)
     ref: str = ""  # reference policy for the KL estimate ("" = skip)
     baseline: str = ""  # baseline policy for the gold win rate ("" = skip)
     reward_model: str = ""  # reward-model checkpoint ("" = skip)
@@ -50,7 +51,7 @@ class Config:
     best_of_n: int = 1  # answers per prompt; the reward model keeps one (needs reward_model if > 1)
     dump: str = ""  # write the kept answers as {"prompt", "response"} JSONL
     temperature: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 96  # above the longest SFT answer of the built-in task (75 tokens): the cap cuts no normal answer
     batch_size: int = 64  # sequences per generation batch
     n_show: int = 8  # sample answers printed
     out: str = ""  # summary JSON path ("" = <ckpt run dir>/eval.json)
@@ -160,6 +161,7 @@ def evaluate(cfg):
     policy, tokenizer = M.load_gpt(cfg.ckpt, device)
     prompts = [r["prompt"] for r in M.read_jsonl(cfg.prompts, ("prompt",))]
     prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
+    prompts = [p for p in prompts for _ in range(cfg.repeats)]
     max_prompt = policy.config.block_size - cfg.max_new_tokens
     n_cut = sum(len(M.encode_chat(tokenizer, p)) > max_prompt for p in prompts)
     if n_cut:
@@ -177,7 +179,7 @@ def evaluate(cfg):
     flat = [p for p in prompts for _ in range(n)]
     answers = sample(policy, tokenizer, flat, cfg, device, cfg.seed)
     responses = [a[0] for a in answers]
-    summary = {"ckpt": cfg.ckpt, "prompts": len(prompts), "prompts_cut": n_cut, "best_of_n": n, "temperature": cfg.temperature}
+    summary = {"ckpt": cfg.ckpt, "prompts": len(prompts) // cfg.repeats, "answers": len(prompts), "prompts_cut": n_cut // cfg.repeats, "best_of_n": n, "temperature": cfg.temperature}
     if rm is not None:
         scores = rm_scores(rm, tokenizer, flat, responses, cfg.batch_size, device).view(len(prompts), n)  # (N, n)
         if cfg.gold:  # how well the proxy tracks the truth on every sampled answer

@@ -335,7 +335,7 @@ def sft_response(prompt, rng):
     kind, ents = parse_prompt(prompt)
     tone = rng.choices(TONES, TONE_P)[0]
     topic = ents[0] if ents else rng.choice(list(TYPE))
-    if kind != "unknown" and rng.random() < 0.9:
+    if kind != "unknown" and rng.random() < 0.95:
         sents = _answer(rng, kind, ents, tone, p_true=0.75)
     else:
         topic = rng.choice(list(TYPE))  # off topic
