@@ -179,11 +179,13 @@ def evaluate(cfg):
     flat = [p for p in prompts for _ in range(n)]
     answers = sample(policy, tokenizer, flat, cfg, device, cfg.seed)
     responses = [a[0] for a in answers]
-    summary = {"ckpt": cfg.ckpt, "prompts": len(prompts) // cfg.repeats, "answers": len(prompts), "prompts_cut": n_cut // cfg.repeats, "best_of_n": n, "temperature": cfg.temperature}
+    all_texts = [tokenizer.decode(r) for r in responses]
+    all_gold = gold_scores(flat, all_texts, [a[1] for a in answers]) if cfg.gold else None
+    summary = {"ckpt": cfg.ckpt, "prompts": len(prompts) // cfg.repeats, "answers": len(prompts),
+               "prompts_cut": n_cut // cfg.repeats, "best_of_n": n, "temperature": cfg.temperature}
     if rm is not None:
         scores = rm_scores(rm, tokenizer, flat, responses, cfg.batch_size, device).view(len(prompts), n)  # (N, n)
-        if cfg.gold:  # how well the proxy tracks the truth on every sampled answer
-            all_gold = gold_scores(flat, [tokenizer.decode(r) for r in responses], [a[1] for a in answers])
+        if all_gold:  # how well the proxy tracks the truth on every sampled answer
             summary["rm_gold_spearman"] = spearman(scores.view(-1).tolist(), [g["gold"] for g in all_gold])
         pick = scores.argmax(-1)  # (N,)
         keep = [i * n + int(pick[i]) for i in range(len(prompts))]
@@ -193,14 +195,14 @@ def evaluate(cfg):
         keep = list(range(len(prompts)))
     responses = [responses[i] for i in keep]
     ended = [answers[i][1] for i in keep]
-    texts = [tokenizer.decode(r) for r in responses]
+    texts = [all_texts[i] for i in keep]
     summary["eos_rate"] = mean(ended)
     summary["resp_tokens"] = mean(len(r) for r in responses)
     if n > 1:
         summary["kl_best_of_n"] = math.log(n) - (n - 1) / n
 
     # 2. gold reward and its parts
-    gold = gold_scores(prompts, texts, ended) if cfg.gold else None
+    gold = [all_gold[i] for i in keep] if all_gold else None
     if gold:
         for k in gold[0]:
             summary[k] = mean(g[k] for g in gold)
@@ -208,7 +210,8 @@ def evaluate(cfg):
     # 3. KL to the reference, sampled: E_pi [log pi(y) - log pi_ref(y)] per sequence
     if cfg.ref:
         ref, ref_tok = M.load_gpt(cfg.ref, device)
-        assert ref_tok.ranks == tokenizer.ranks, f"{cfg.ref} uses another tokenizer than {cfg.ckpt}"
+        if ref_tok.ranks != tokenizer.ranks:
+            raise M.ConfigError(f"{cfg.ref} uses another tokenizer than {cfg.ckpt}")
         lp = logprob_sums(policy, tokenizer, prompts, responses, cfg, device)
         lp_ref = logprob_sums(ref, tokenizer, prompts, responses, cfg, device)
         summary["kl"] = (lp - lp_ref).mean().item()
