@@ -15,7 +15,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   WORLD="--corpus_mb 0.3 --n_sft 600"
   PRETRAIN="--max_steps 30 --eval_interval 30 --eval_iters 2 --log_interval 10 --ckpt_interval 30 --n_embd 32 --n_layer 2 --n_head 2 --block_size 64"
   SFT="--epochs 1 --batch_size 32 --max_len 64 --eval_interval 10 --log_interval 5 --n_samples 2 --max_new_tokens 16"
-  EVAL="--n_prompts 16 --max_new_tokens 24"
+  EVAL="--n_prompts 16 --max_new_tokens 24 --repeats 1"
   PREFS="--rounds_train 1 --k_max 4 --max_new_tokens 24"
   REWARD="--max_len 64 --eval_interval 10"
   PPO="--total_episodes 64 --rollout_batch_size 16 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
@@ -66,8 +66,9 @@ python dpo.py --config configs/dpo_world.toml --data "$DATA/prefs_pairs_train.js
 
 # --- 9. evaluation on held-out prompts: gold reward and its parts, RM score, KL to SFT, gold win rate vs SFT
 echo "[train.sh $SECONDS s] stage 9"
-EV="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft $EVAL"
-python eval.py --ckpt "$OUT/pretrain" --prompts "$DATA/prompts_val.jsonl" --out "$OUT/eval_pretrain.json" --n_show 3 $EVAL
+# five answers per held-out prompt (540 in all): one answer each leaves a win rate +-4 points of noise
+EV="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 $EVAL"
+python eval.py --ckpt "$OUT/pretrain" --prompts "$DATA/prompts_val.jsonl" --out "$OUT/eval_pretrain.json" --n_show 3 --repeats 5 $EVAL
 python eval.py --ckpt "$OUT/sft" $EV --out "$OUT/eval_sft.json"
 python eval.py --ckpt "$OUT/sft" $EV --best_of_n 16 --out "$OUT/eval_bon16.json"
 python eval.py --ckpt "$OUT/ppo" $EV --out "$OUT/eval_ppo.json"
