@@ -142,6 +142,8 @@ def eval_loss(model, examples, batch_size, device, ctx):
 
 @torch.no_grad()
 def print_samples(model, tokenizer, prompts, cfg, device):
+    if not prompts:
+        return
     model.eval()
     ids, mask = M.pad_left([M.encode_chat(tokenizer, p) for p in prompts])
     g = torch.Generator(device=device).manual_seed(cfg.seed)
