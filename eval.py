@@ -207,8 +207,9 @@ def evaluate(cfg):
         for k in gold[0]:
             summary[k] = mean(g[k] for g in gold)
 
-    # 3. KL to the reference, sampled: E_pi [log pi(y) - log pi_ref(y)] per sequence
-    if cfg.ref:
+    # 3. KL to the reference, sampled: E_pi [log pi(y) - log pi_ref(y)] per sequence (best-of-n picks are
+    # not samples of the policy: their KL is the analytic kl_best_of_n above)
+    if cfg.ref and n == 1:
         ref, ref_tok = M.load_gpt(cfg.ref, device)
         if ref_tok.ranks != tokenizer.ranks:
             raise M.ConfigError(f"{cfg.ref} uses another tokenizer than {cfg.ckpt}")

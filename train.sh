@@ -90,5 +90,6 @@ for name in ["pretrain", "sft", "bon16", "ppo", "ppo_nokl", "dpo"]:
     path = os.path.join(out, f"eval_{name}.json")
     if os.path.exists(path):
         r = json.load(open(path))
-        print(f"{name:12s}" + "".join(f"{r[c]:10.3f}" if c in r else f"{'-':>10s}" for c in cols))
+        r.setdefault("kl", r.get("kl_best_of_n"))  # best-of-n: the analytic log n - (n - 1) / n
+        print(f"{name:12s}" + "".join(f"{r[c]:10.3f}" if r.get(c) is not None else f"{'-':>10s}" for c in cols))
 EOF
