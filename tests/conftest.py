@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny generated world, a BPE trained on it, and a tiny random checkpoint.
-Session-scoped so the whole suite builds them once."""
+"""Shared fixtures: a tiny generated world, a BPE trained on it, a tiny random checkpoint and reward
+model (session-scoped, built once), and a way to kill a training loop at a given step."""
+
+import contextlib
 
 import pytest
 import torch
@@ -34,3 +36,31 @@ def tiny_ckpt(tmp_path_factory, tokenizer):
     config = M.GPTConfig(vocab_size=tokenizer.n_vocab, block_size=96, n_layer=2, n_head=2, n_embd=32)
     M.save_checkpoint(str(d), M.GPT(config), tokenizer, {})
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tmp_path_factory, tiny_ckpt):
+    """The tiny GPT as a reward model (fresh head), saved as a checkpoint."""
+    rm, tok, _ = M.load_checkpoint(tiny_ckpt, kind="scalar")
+    d = str(tmp_path_factory.mktemp("rm") / "ckpt")
+    M.save_checkpoint(d, rm, tok, {})
+    return d
+
+
+@contextlib.contextmanager
+def killed_at_step(monkeypatch, n):
+    """Inside: the training loop dies at the start of step n (after the checkpoints before it),
+    through model.lr_at, which every stage calls once a step."""
+    real = M.lr_at
+
+    def dying(step, *a, **k):
+        if step == n:
+            raise KeyboardInterrupt
+        return real(step, *a, **k)
+
+    monkeypatch.setattr(M, "lr_at", dying)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(M, "lr_at", real)

@@ -11,6 +11,7 @@ import torch
 
 import dpo
 import model as M
+from conftest import killed_at_step
 
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 
@@ -143,17 +144,8 @@ def test_cli_resumes_exactly(tiny_ckpt, tmp_path, monkeypatch):
     args = ("--batch_size", "1", "--grad_accum", "2", "--epochs", "2", "--loss_type", "ipo", "--lr", "1e-3",
             "--warmup", "1", "--eval_interval", "4", "--ckpt_interval", "2")  # 6 steps
     run(prefs, tiny_ckpt, tmp_path / "a", *args)
-    real = M.lr_at
-
-    def killed_at_step_3(step, *a, **k):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(step, *a, **k)
-
-    monkeypatch.setattr(M, "lr_at", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 3):
         run(prefs, tiny_ckpt, tmp_path / "b", *args)
-    monkeypatch.setattr(M, "lr_at", real)
     run(prefs, tiny_ckpt, tmp_path / "b", *args)
     a, _, _ = M.load_checkpoint(str(tmp_path / "a"))
     b, _, _ = M.load_checkpoint(str(tmp_path / "b"))

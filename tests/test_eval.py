@@ -19,14 +19,6 @@ def test_spearman_with_ties():
     assert evaluate.spearman([1, 2, 3], [5, 5, 9]) == pytest.approx(math.sqrt(3) / 2, abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory, tiny_ckpt):
-    rm, tok, _ = M.load_checkpoint(tiny_ckpt, kind="scalar")
-    d = str(tmp_path_factory.mktemp("rm") / "ckpt")
-    M.save_checkpoint(d, rm, tok, {})
-    return d
-
-
 def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path):
     cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(world / "prompts_val.jsonl"), "--n_prompts", "6",
                                            "--reward_model", tiny_rm, "--best_of_n", "4", "--ref", tiny_ckpt, "--baseline", tiny_ckpt,

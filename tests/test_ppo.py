@@ -104,14 +104,6 @@ def test_explained_variance():
     assert ppo.explained_variance(torch.zeros(1, 4) + 2.5, r, mask) == pytest.approx(0.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory, tiny_ckpt):
-    rm, tok, _ = M.load_checkpoint(tiny_ckpt, kind="scalar")
-    d = str(tmp_path_factory.mktemp("rm") / "ckpt")
-    M.save_checkpoint(d, rm, tok, {})
-    return d
-
-
 def run(world, tiny_ckpt, tiny_rm, out, *extra):
     cfg = M.parse_config(ppo.Config, ["--policy", tiny_ckpt, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
                                       "--out_dir", str(out), "--rollout_batch_size", "8", "--num_minibatches", "2", "--grad_accum", "2",

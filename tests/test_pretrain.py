@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as M
+from conftest import killed_at_step
 import pretrain
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
@@ -50,17 +51,8 @@ def test_cli_trains_and_loss_falls(world, tmp_path):
 
 def test_resume_after_kill_equals_uninterrupted_run(world, tmp_path, monkeypatch):
     pretrain.train(cfg_for(world, tmp_path / "a", "--max_steps", "6", "--ckpt_interval", "2"))
-    real = M.lr_at
-
-    def killed_at_step_5(step, *a, **k):
-        if step == 5:
-            raise KeyboardInterrupt  # a kill after the step-4 checkpoint
-        return real(step, *a, **k)
-
-    monkeypatch.setattr(M, "lr_at", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 5):
         pretrain.train(cfg_for(world, tmp_path / "b", "--max_steps", "6", "--ckpt_interval", "2"))
-    monkeypatch.setattr(M, "lr_at", real)
     pretrain.train(cfg_for(world, tmp_path / "b", "--max_steps", "6", "--ckpt_interval", "2"))
     a, _, _ = M.load_checkpoint(str(tmp_path / "a"))
     b, _, _ = M.load_checkpoint(str(tmp_path / "b"))

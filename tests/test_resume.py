@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import model as M
+from conftest import killed_at_step
 import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,17 +63,8 @@ def test_reward_resume_after_kill_equals_uninterrupted_run(tiny_ckpt, tmp_path, 
         return reward.train(cfg)
 
     run(tmp_path / "a")
-    real = M.lr_at
-
-    def killed_at_step_3(step, *a, **k):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(step, *a, **k)
-
-    monkeypatch.setattr(M, "lr_at", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 3):
         run(tmp_path / "b")
-    monkeypatch.setattr(M, "lr_at", real)
     run(tmp_path / "b")
     assert same_weights(tmp_path / "a", tmp_path / "b")
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from conftest import killed_at_step
 import sft
 
 
@@ -89,17 +90,8 @@ def run(world, tiny_ckpt, out, *extra):
 
 def test_cli_runs_and_resumes_exactly(world, tiny_ckpt, tmp_path, monkeypatch):
     run(world, tiny_ckpt, tmp_path / "a", "--epochs", "0.25", "--ckpt_interval", "2")
-    real = M.lr_at
-
-    def killed_at_step_3(step, *a, **k):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(step, *a, **k)
-
-    monkeypatch.setattr(M, "lr_at", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 3):
         run(world, tiny_ckpt, tmp_path / "b", "--epochs", "0.25", "--ckpt_interval", "2")
-    monkeypatch.setattr(M, "lr_at", real)
     run(world, tiny_ckpt, tmp_path / "b", "--epochs", "0.25", "--ckpt_interval", "2")
     a, _, _ = M.load_checkpoint(str(tmp_path / "a"))
     b, _, _ = M.load_checkpoint(str(tmp_path / "b"))
