@@ -515,10 +515,7 @@ class Tokenizer:
         return self.enc.decode([int(i) for i in ids if i != PAD_ID and i != self.eot_id])
 
     def save(self, path):
-        """The tiktoken ranks format: base64(token bytes) rank, one per line."""
-        with open(path, "w") as f:
-            for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
-                f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+        write_ranks(self.ranks, path)
 
     def save_hf(self, out_dir):
         b2u = bytes_to_unicode()
@@ -534,6 +531,13 @@ class Tokenizer:
             json.dump(vocab, f, ensure_ascii=False)
         with open(os.path.join(out_dir, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def write_ranks(ranks, path):
+    """The tiktoken ranks format: base64(token bytes) rank, one per line, sorted by rank."""
+    with open(path, "w", encoding="ascii", newline="\n") as f:
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
 
 
 def read_ranks(path):

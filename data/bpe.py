@@ -8,29 +8,30 @@ counted over unique words weighted by frequency and updated incrementally after 
 
 Pre-splitting uses SPLIT_PAT, GPT-2's pattern rewritten for the stdlib `re` (\\p{L} ->
 [^\\W\\d_], \\p{N} -> \\d). It only decides which pairs are counted at training time: at encode
-time tiktoken uses the real GPT2_PAT, and since a merge never spans two pre-tokens, every
+time tiktoken uses model.GPT2_PAT, and since a merge never spans two pre-tokens, every
 merged token stays reachable. The file format is tiktoken's: one `base64(bytes) rank` line per
 token, sorted by rank. The model's vocabulary is len(ranks) + 1: `<|endoftext|>` gets id
 len(ranks).
 
-Note: tiktoken.load.load_tiktoken_bpe caches files by path (in $TMPDIR/data-gym-cache), so a
-retrained file at the same path can load stale; load_ranks below reads the file directly.
+The file is written and read by model.write_ranks / model.read_ranks, the one tokenizer format
+of the project (tiktoken.load caches files by path, so a retrained file could load stale).
 
 Run:  python data/bpe.py --input data/world/pretrain.txt [data/world/sft_train.jsonl] --vocab_size 2048 \\
           --out data/world/tokenizer.tiktoken
 """
 import argparse
-import base64
 import heapq
+import os
 import re
 import time
+import sys
 from collections import Counter, defaultdict
 
-# tiktoken's own GPT-2 (r50k) pattern: what encoding uses
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402  (the ranks file format and the tokenizer live there)
+
 # the same split for the stdlib re: what training counts
 SPLIT_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
-EOT = "<|endoftext|>"
 
 
 def _merge(word, a, b, z):
@@ -92,28 +93,6 @@ def train_bpe(text, vocab_size):
     return ranks
 
 
-def save_ranks(ranks, path):
-    with open(path, "w", encoding="ascii", newline="\n") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(base64.b64encode(token).decode("ascii") + " " + str(rank) + "\n")
-
-
-def load_ranks(path):
-    """the same dict as tiktoken.load.load_tiktoken_bpe(path), without its cache"""
-    ranks = {}
-    with open(path, encoding="ascii") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def encoding(ranks, name="plainrlhf"):
-    """a tiktoken.Encoding over ranks, with <|endoftext|> as id len(ranks)"""
-    import tiktoken
-    return tiktoken.Encoding(name=name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)})
 
 
 if __name__ == "__main__":
@@ -131,14 +110,14 @@ if __name__ == "__main__":
     t0 = time.time()
     ranks = train_bpe(text, args.vocab_size - 1)
     dt = time.time() - t0
-    save_ranks(ranks, args.out)
+    M.write_ranks(ranks, args.out)
     # check: the file loads back and round-trips text through tiktoken with the real pattern
-    enc = encoding(load_ranks(args.out))
+    enc = M.load_tokenizer(args.out).enc
     sample = text[:200_000]
     ids = enc.encode_ordinary(sample)
     assert enc.decode(ids) == sample, "round trip failed"
     n_merges = len(ranks) - 256
     short = "" if len(ranks) == args.vocab_size - 1 else f" (text ran out of pairs before {args.vocab_size - 1})"
-    print(f"bpe: {args.out} | {len(ranks)} ranks{short}, vocab_size {len(ranks) + 1} with {EOT} | "
+    print(f"bpe: {args.out} | {len(ranks)} ranks{short}, vocab_size {len(ranks) + 1} with {M.EOT} | "
           f"{n_merges} merges in {dt:.1f}s ({n_merges / max(dt, 1e-9):.0f} merges/s) | "
           f"{len(ids) / len(sample):.3f} tokens/char")

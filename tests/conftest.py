@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import model as M
-from data.bpe import save_ranks, train_bpe
+from data.bpe import train_bpe
 from data.world import generate
 
 torch.set_num_threads(1)  # tiny models: one thread is faster, and tests running beside a job don't thrash
@@ -19,7 +19,7 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
     generate(d, seed=0, corpus_mb=0.1, n_sft=400)
     text = (d / "pretrain.txt").read_text() + (d / "sft_train.jsonl").read_text()
-    save_ranks(train_bpe(text, 600), d / "tokenizer.tiktoken")
+    M.write_ranks(train_bpe(text, 600), d / "tokenizer.tiktoken")
     return d
 
 

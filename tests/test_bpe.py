@@ -13,7 +13,8 @@ import tiktoken.load
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so `data.bpe` imports however pytest is launched
 
-from data.bpe import SPLIT_PAT, encoding, load_ranks, save_ranks, train_bpe  # noqa: E402
+import model as M  # noqa: E402
+from data.bpe import SPLIT_PAT, train_bpe  # noqa: E402
 
 TEXT = " ".join(f"the quick brown fox {i} jumps over the lazy dog's back, and the dog doesn't mind."
                 for i in range(150)) + "\n\nnaïve café, déjà vu!\t\n"
@@ -63,7 +64,7 @@ def test_valid_vocabulary_and_deterministic():
 
 def test_tiktoken_round_trip_and_compression():
     r = train_bpe(TEXT, 300)
-    enc = encoding(r)
+    enc = M.Tokenizer(r).enc
     for s in [TEXT, ODD, "", " ", "the fox", "\x00\xff\U0010ffff"]:
         assert enc.decode(enc.encode_ordinary(s)) == s
     assert enc.encode("a<|endoftext|>", allowed_special="all")[-1] == len(r) == enc.eot_token
@@ -74,8 +75,8 @@ def test_ranks_file_loads_in_tiktoken(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken caches files by path otherwise
     r = train_bpe(TEXT, 300)
     path = tmp_path / "tok.tiktoken"
-    save_ranks(r, path)
-    assert tiktoken.load.load_tiktoken_bpe(str(path)) == r == load_ranks(path)
+    M.write_ranks(r, path)
+    assert tiktoken.load.load_tiktoken_bpe(str(path)) == r == M.read_ranks(path)
     assert path.read_text().splitlines()[0] == "AA== 0"
 
 
@@ -85,4 +86,4 @@ def test_cli(tmp_path):
     res = subprocess.run([sys.executable, "data/bpe.py", "--input", str(tmp_path / "a.txt"), "--vocab_size", "301",
                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert load_ranks(out) == train_bpe(TEXT + "\n\n", 300)  # vocab_size counts <|endoftext|>
+    assert M.read_ranks(out) == train_bpe(TEXT + "\n\n", 300)  # vocab_size counts <|endoftext|>
