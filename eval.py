@@ -33,7 +33,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import model as M
 
@@ -64,22 +63,11 @@ class Config:
 # --- sampling and scoring
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prompts, cfg, device, seed):
     """One answer per prompt: list of (response ids incl. EOS if emitted, ended)."""
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    max_prompt = model.config.block_size - cfg.max_new_tokens  # longer prompts keep their last tokens
-    out = []
-    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="sample", leave=False):
-        rows = [M.encode_chat(tokenizer, p) for p in prompts[i:i + cfg.batch_size]]
-        ids, mask = M.pad_left(rows, min(max_prompt, max(map(len, rows))))
-        seq, gen_mask, _ = model.generate(ids.to(device), cfg.max_new_tokens, cfg.temperature, attention_mask=mask.to(device),
-                                          eos_id=tokenizer.eot_id, generator=gen)
-        for row, m in zip(seq[:, ids.size(1):].tolist(), gen_mask.tolist()):
-            resp = row[:sum(m)]
-            out.append((resp, bool(resp) and resp[-1] == tokenizer.eot_id))
-    return out
+    return M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, gen)
 
 
 def right_padded(tokenizer, prompts, responses, max_len):

@@ -3,7 +3,8 @@ model.py: everything the stages must agree on, in one file.
 
 Contents
   1. GPTConfig, GPT         the GPT-2 architecture; left-padded batches; hidden states and logits
-  2. KVCache, GPT.generate  batched sampling with a key/value cache, stopping each row at EOS
+  2. KVCache, GPT.generate  batched sampling with a key/value cache, stopping each row at EOS;
+                            sample_answers: one answer per chat prompt, in batches
   3. ScalarModel            GPT trunk + linear head: per-token values, reward at the last real token
   4. log-probs              response_logits, logprobs_from_logits, response_logprobs: the one
                             place where logits and tokens are shifted against each other
@@ -228,6 +229,26 @@ class GPT(nn.Module):
         out = torch.cat([idx, torch.stack(tokens, 1)], dim=1)  # (B, P + R)
         gen_mask = torch.stack(alive, 1).long()  # (B, R)
         return out, gen_mask, torch.stack(logps, 1) if return_logprobs else None
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=64, generator=None):
+    """One sampled answer per prompt, in the chat template, batch_size prompts at a time (left-padded).
+
+    Returns a list of (response ids up to and including EOS, ended). A prompt longer than
+    block_size - max_new_tokens keeps its last tokens (the end is what the answer follows)."""
+    max_prompt = model.config.block_size - max_new_tokens
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="sample", leave=False, disable=len(prompts) <= batch_size):
+        rows = [encode_chat(tokenizer, p) for p in prompts[i:i + batch_size]]
+        ids, mask = pad_left(rows, min(max_prompt, max(map(len, rows))))
+        dev = next(model.parameters()).device
+        seq, gen_mask, _ = model.generate(ids.to(dev), max_new_tokens, temperature, attention_mask=mask.to(dev),
+                                          eos_id=tokenizer.eot_id, generator=generator)
+        for row, m in zip(seq[:, ids.size(1):].tolist(), gen_mask.tolist()):
+            resp = row[:sum(m)]
+            out.append((resp, bool(resp) and resp[-1] == tokenizer.eot_id))
+    return out
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

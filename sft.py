@@ -142,16 +142,14 @@ def eval_loss(model, examples, batch_size, device, ctx):
 
 @torch.no_grad()
 def print_samples(model, tokenizer, prompts, cfg, device):
+    """A few held-out answers, the first sign of over-optimisation (RLHF_DETAILS.md item 18)."""
     if not prompts:
         return
     model.eval()
-    ids, mask = M.pad_left([M.encode_chat(tokenizer, p) for p in prompts])
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    out, gen_mask, _ = model.generate(ids.to(device), cfg.max_new_tokens, cfg.sample_temperature,
-                                      attention_mask=mask.to(device), eos_id=tokenizer.eot_id, generator=g)
-    for p, row, m in zip(prompts, out[:, ids.size(1):].tolist(), gen_mask.tolist()):
-        ended = tokenizer.eot_id in row
-        tqdm.write(f"  > {p}\n    {tokenizer.decode(row)!r}{'' if ended else ' [no EOS]'}")
+    answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.sample_temperature, len(prompts), g)
+    for p, (resp, ended) in zip(prompts, answers):
+        tqdm.write(f"  > {p}\n    {tokenizer.decode(resp)!r}{'' if ended else ' [no EOS]'}")
     model.train()
 
 

@@ -54,18 +54,10 @@ class Config:
     device: str = "auto"
 
 
-@torch.no_grad()
-def sample_answers(model, tokenizer, prompts, cfg, device, gen):
+def sample_answers(model, tokenizer, prompts, cfg, gen):
     """One sampled answer per prompt: (text without EOS, ended)."""
-    out = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        ids, mask = M.pad_left([M.encode_chat(tokenizer, p) for p in prompts[i:i + cfg.batch_size]])
-        seq, gen_mask, _ = model.generate(ids.to(device), cfg.max_new_tokens, cfg.sample_temperature,
-                                          attention_mask=mask.to(device), eos_id=tokenizer.eot_id, generator=gen)
-        for row, m in zip(seq[:, ids.size(1):].tolist(), gen_mask.tolist()):
-            resp = row[:sum(m)]
-            out.append((tokenizer.decode(resp).strip(), bool(resp) and resp[-1] == tokenizer.eot_id))
-    return out
+    answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.sample_temperature, cfg.batch_size, gen)
+    return [(tokenizer.decode(resp).strip(), ended) for resp, ended in answers]
 
 
 def rank(prompt, answers, temperature, rng):
@@ -88,10 +80,10 @@ def noise_ceiling(golds_per_ranking, temperature):
     return sum(accs) / len(accs)
 
 
-def build_split(model, tokenizer, prompts, rounds, cfg, device, rng, gen):
+def build_split(model, tokenizer, prompts, rounds, cfg, rng, gen):
     jobs = [(p, rng.randint(cfg.k_min, cfg.k_max)) for _ in range(rounds) for p in prompts]
     flat = [p for p, k in jobs for _ in range(k)]
-    answers = sample_answers(model, tokenizer, flat, cfg, device, gen)
+    answers = sample_answers(model, tokenizer, flat, cfg, gen)
     rankings, golds, stats, i = [], [], {"sampled": len(flat), "no_eos_dropped": 0, "prompts_skipped": 0}, 0
     for p, k in jobs:
         group = answers[i:i + k]
@@ -127,7 +119,7 @@ def main(cfg):
     all_stats = {"labeler_temperature": cfg.temperature}
     for split, path, rounds in (("train", cfg.prompts_train, cfg.rounds_train), ("val", cfg.prompts_val, cfg.rounds_val)):
         prompts = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
-        rankings, stats = build_split(model, tokenizer, prompts, rounds, cfg, device, rng, gen)
+        rankings, stats = build_split(model, tokenizer, prompts, rounds, cfg, rng, gen)
         write_jsonl(os.path.join(cfg.out_dir, f"prefs_rankings_{split}.jsonl"), rankings)
         pairs = [{"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]}
                  for r in rankings for i in range(len(r["responses"])) for j in range(i + 1, len(r["responses"]))]
