@@ -12,7 +12,10 @@ For a policy checkpoint it reports, over the prompts:
 Best-of-n (--best_of_n n): n answers per prompt, the reward model keeps its favourite. Its KL to
 the sampling policy is the analytic log n - (n - 1) / n (Stiennon et al. 2020, appendix; Gao et al.
 2022). With --dump file.jsonl the picks are written as SFT data, so rejection-sampling
-fine-tuning (Llama 2) is this followed by sft.py --data file.jsonl.
+fine-tuning (Llama 2) is this followed by sft.py --data file.jsonl. With --dump_rankings file.jsonl
+all n answers of each prompt are written as a ranking by reward-model score, preference data
+labelled by a reward model: the DPO paper's IMDb pairs (4 SFT samples per prefix, ranked by the
+sentiment classifier; Rafailov et al. 2023, section 6.1), ready for dpo.py or reward.py.
 The gold reward is the task's oracle: eval.py and ppo.py's metrics import it from data/world.py;
 no training loss ever sees it. --gold false for real data.
 
@@ -23,6 +26,8 @@ reward against KL to SFT per method: the reward-vs-KL frontier of the DPO paper'
 Run:
   python eval.py --ckpt out/ppo --ref out/sft --baseline out/sft --reward_model out/reward
   python eval.py --ckpt out/sft --reward_model out/reward --best_of_n 16 --dump out/bon16.jsonl
+  python eval.py --ckpt out/sft_imdb --reward_model out/reward_imdb --gold false --prompts data/imdb/imdb_prompts_train.jsonl \
+      --best_of_n 4 --max_new_tokens 48 --dump_rankings data/imdb/imdb_prefs_train.jsonl
   python eval.py --frontier "out/sweep/eval_*.json" --plot out/frontier.png
 """
 
@@ -49,6 +54,7 @@ class Config:
     gold: bool = True  # score with the built-in task's gold reward
     best_of_n: int = 1  # answers per prompt; the reward model keeps one (needs reward_model if > 1)
     dump: str = ""  # write the kept answers as {"prompt", "response"} JSONL
+    dump_rankings: str = ""  # write all best_of_n answers per prompt as {"prompt", "responses": best..worst by RM}
     temperature: float = 1.0
     max_new_tokens: int = 96  # above the longest SFT answer of the built-in task (75 tokens): the cap cuts no normal answer
     batch_size: int = 64  # sequences per generation batch
@@ -98,6 +104,22 @@ def rm_scores(rm, tokenizer, prompts, responses, batch_size, device):
         ids, _ = right_padded(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size], rm.config.block_size)
         out.append(rm.score(ids.to(device), (ids != M.PAD_ID).long().to(device)).cpu())
     return torch.cat(out)
+
+
+def rm_rankings(prompts, texts, scores):
+    """Rows {"prompt", "responses": [best, ..., worst]} by reward-model score, texts (N * n) and
+    scores (N, n). A repeated answer is kept once; a prompt left with one distinct answer carries
+    no preference and is skipped. Returns (rows, skipped)."""
+    rows, skipped = [], 0
+    n = scores.size(1)
+    for i, p in enumerate(prompts):
+        order = scores[i].argsort(descending=True).tolist()
+        ranked = list(dict.fromkeys(texts[i * n + j].strip() for j in order))  # keeps the first (best) copy
+        if len(ranked) < 2 or not all(ranked):
+            skipped += 1
+            continue
+        rows.append({"prompt": p, "responses": ranked})
+    return rows, skipped
 
 
 def gold_scores(prompts, texts, ended):
@@ -161,6 +183,8 @@ def evaluate(cfg):
             raise M.ConfigError(f"{cfg.reward_model} uses another tokenizer than {cfg.ckpt}")
     if cfg.best_of_n > 1 and rm is None:
         raise M.ConfigError("best_of_n > 1 needs --reward_model to pick the best answer")
+    if cfg.dump_rankings and cfg.best_of_n < 2:
+        raise M.ConfigError("dump_rankings needs best_of_n >= 2 answers per prompt to rank")
 
     # 1. n answers per prompt; the reward model keeps the best (n = 1: the only one)
     n = cfg.best_of_n
@@ -225,6 +249,11 @@ def evaluate(cfg):
                 if e:  # an answer cut at the length cap would teach the model not to stop
                     f.write(json.dumps({"prompt": p, "response": t.strip()}) + "\n")
         summary["dumped"] = sum(ended)
+    if cfg.dump_rankings:
+        rows, summary["rankings_skipped"] = rm_rankings(prompts, all_texts, scores)
+        with open(cfg.dump_rankings, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        summary["rankings_dumped"] = len(rows)
     run_dir = os.path.dirname(cfg.ckpt.rstrip("/")) if os.path.basename(cfg.ckpt.rstrip("/")) == "ckpt" else cfg.ckpt
     out = cfg.out or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "eval.json")
     with open(out, "w") as f:

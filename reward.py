@@ -10,6 +10,14 @@ Each ranking weighs the same whatever its K (the 1/C(K,2)); a preference pair is
 Options: a margin m, -log sigmoid(r_w - r_l - m) (Llama 2 uses it for graded preferences), and
 label smoothing e, -(1-e) log sigmoid(d) - e log sigmoid(-d) (robust to flipped labels).
 
+objective = "classify": labelled answers instead of comparisons, {"prompt", "response", "label"}
+with label 1 (e.g. a positive IMDb review) or 0. A labelled answer is a pair against a constant
+score 0: -log sigmoid(r) for label 1, -log sigmoid(-r) for label 0, the logistic loss of a
+classifier whose logit is r. So r is the log-odds of "positive" (before the normalisation
+below), the sentiment reward of Ziegler
+et al. 2019 (section 4.1) and of the DPO paper's controlled-sentiment task (Rafailov et al. 2023,
+section 6.1); accuracy is then the classifier's accuracy.
+
 Details (RLHF_DETAILS.md): r is the scalar head read at the last real token, the EOS that ends
 every answer (items 5, 6); initialised from the SFT model, head N(0, 1/sqrt(n_embd + 1)), bias 0;
 one epoch, learning rate annealed linearly to 0 (item 11: it over-fits fast); dropout off (item 2).
@@ -18,7 +26,8 @@ data, which the SFT policy wrote) score mean 0 and std 1: gain and bias are stor
 checkpoint and applied by ScalarModel.score (item 10; lm-human-preferences, InstructGPT).
 
 Data: rankings {"prompt", "responses": [best, ..., worst]}, pairs {"prompt", "chosen", "rejected"},
-or HH-RLHF transcripts {"chosen", "rejected"} (model.read_preferences).
+or HH-RLHF transcripts {"chosen", "rejected"} (model.read_preferences); with objective "classify",
+{"prompt", "response", "label"} rows (read_labels).
 
 Several GPUs: torchrun --nproc_per_node N reward.py ... (PyTorch DDP; batch_size stays global,
 each process takes its share of the rankings of every micro-batch).
@@ -26,6 +35,7 @@ each process takes its share of the rankings of every micro-batch).
 Run:
   CPU, built-in task:  python reward.py --config configs/reward_world.toml
   one GPU, GPT-2 on HH-RLHF:  python reward.py --config configs/reward_hh_gpt2.toml
+  one GPU, IMDb sentiment classifier:  python reward.py --config configs/reward_imdb_gpt2.toml
 """
 
 import dataclasses
@@ -47,7 +57,8 @@ import model as M
 
 @dataclass
 class Config:
-    data: str = "data/world/prefs_rankings_train.jsonl"  # rankings, pairs or HH transcripts
+    objective: str = "preference"  # "preference": rankings, pairs or HH transcripts; "classify": labelled answers
+    data: str = "data/world/prefs_rankings_train.jsonl"  # rankings, pairs or HH transcripts (or labelled answers)
     val_data: str = "data/world/prefs_rankings_val.jsonl"
     init: str = "out/sft"  # the SFT checkpoint (or a GPT-2 dir/name)
     out_dir: str = "out/reward"
@@ -75,13 +86,35 @@ class Config:
 # --- data
 
 
+def read_labels(path):
+    """Labelled answers {"prompt", "response", "label": 1 or 0} as groups (prompt, [best, worst])
+    in which None stands for the constant score 0: (prompt, [response, None]) for label 1,
+    (prompt, [None, response]) for label 0. A bad label or an empty text is an error naming the line."""
+    groups, stats = [], {"rows": 0, "positive": 0}
+    for n, row in enumerate(M.read_jsonl(path, ("prompt", "response", "label")), 1):
+        prompt, response, label = row["prompt"], row["response"], row["label"]
+        if not all(isinstance(t, str) and t.strip() for t in (prompt, response)):
+            raise ValueError(f"{path}:{n}: empty or non-string prompt or response")
+        if label not in (0, 1):
+            raise ValueError(f"{path}:{n}: label must be 1 (positive) or 0 (negative), got {label!r}")
+        stats["rows"] += 1
+        stats["positive"] += int(label)
+        response = response.strip()
+        groups.append((prompt, [response, None] if label == 1 else [None, response]))
+    return groups, stats
+
+
 def encode_groups(groups, tokenizer, max_len, min_prompt):
-    """Each (prompt, [answers best..worst]) -> list of token rows prompt + answer + EOS."""
+    """Each (prompt, [answers best..worst]) -> list of token rows prompt + answer + EOS (None, the
+    constant 0 of a labelled answer, stays None)."""
     out, stats = [], {"groups": len(groups), "prompt_truncated": 0, "response_truncated": 0}
     for prompt, answers in groups:
         p = M.encode_chat(tokenizer, prompt)
         rows = []
         for a in answers:
+            if a is None:
+                rows.append(None)
+                continue
             pp, r, cut_p, cut_r = M.truncate_example(p, tokenizer.encode(" " + a) + [tokenizer.eot_id], max_len, min_prompt)
             stats["prompt_truncated"] += cut_p
             stats["response_truncated"] += cut_r
@@ -95,16 +128,20 @@ def collate(groups):
 
     Returns ids (N, T), and for every pair (i better than j within a group) the indices w (P,),
     l (P,) into the N rows and a weight (P,) = 1 / (C(K,2) * n_groups), so that the weighted sum
-    over pairs is the mean over groups of the mean over each group's pairs.
+    over pairs is the mean over groups of the mean over each group's pairs. A None answer (the
+    constant 0 of a labelled answer) gets index -1, where pair_scores puts that 0.
     """
     rows, w, l, weight = [], [], [], []
     for rows_g in groups:
-        base, k = len(rows), len(rows_g)
-        rows.extend(rows_g)
+        index = []
+        for r in rows_g:
+            index.append(-1 if r is None else len(rows))
+            rows.extend([] if r is None else [r])
+        k = len(rows_g)
         for i in range(k):
             for j in range(i + 1, k):
-                w.append(base + i)
-                l.append(base + j)
+                w.append(index[i])
+                l.append(index[j])
                 weight.append(1.0 / (k * (k - 1) / 2 * len(groups)))
     return M.pad_right(rows), torch.tensor(w), torch.tensor(l), torch.tensor(weight)
 
@@ -137,6 +174,13 @@ def scores_of(model, ids):
     return values.gather(1, M.last_index(ids != M.PAD_ID)[:, None]).squeeze(1)
 
 
+def pair_scores(model, ids, w, l):
+    """fp32 scores of the better and the worse side of every pair, (P,) each; index -1 is the
+    constant 0 that a labelled answer is compared with."""
+    s = F.pad(scores_of(model, ids).float(), (0, 1))  # (N + 1,)
+    return s[w], s[l]
+
+
 @torch.no_grad()
 def evaluate(model, groups, cfg, device, ctx):
     """Pairwise accuracy (ties count half), mean margin r_w - r_l and loss over all pairs."""
@@ -145,8 +189,8 @@ def evaluate(model, groups, cfg, device, ctx):
     for i in range(0, len(groups), cfg.batch_size):
         ids, w, l, weight = collate(groups[i:i + cfg.batch_size])
         with ctx:
-            s = scores_of(model, ids.to(device)).float().cpu()
-        d = s[w] - s[l]
+            sw, sl = pair_scores(model, ids.to(device), w.to(device), l.to(device))
+        d = (sw - sl).cpu()
         correct += (d > 0).sum().item() + 0.5 * (d == 0).sum().item()
         margin += d.sum().item()
         loss += -F.logsigmoid(d).sum().item()
@@ -188,8 +232,11 @@ def train(cfg):
         model = M.ScalarModel(policy.config).to(device)  # fresh head: N(0, 1/sqrt(n_embd + 1)), bias 0
         model.backbone.load_state_dict(policy.state_dict())
         del policy
-    raw_train, train_read = M.read_preferences(cfg.data)
-    raw_val, val_read = M.read_preferences(cfg.val_data)
+    if cfg.objective not in ("preference", "classify"):
+        raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
+    read = read_labels if cfg.objective == "classify" else M.read_preferences
+    raw_train, train_read = read(cfg.data)
+    raw_val, val_read = read(cfg.val_data)
     train_g, train_stats = encode_groups(raw_train, tokenizer, cfg.max_len, cfg.min_prompt)
     val_g, val_stats = encode_groups(raw_val, tokenizer, cfg.max_len, cfg.min_prompt)
     if master:
@@ -231,14 +278,14 @@ def train(cfg):
             ids, w, l, weight = collate([train_g[i] for i in mine or rows[:1]])
             sync = world == 1 or j == len(micro) - 1
             with ctx, (nullcontext() if sync else ddp_model.no_sync()):
-                s = scores_of(fwd, ids.to(device)).float()  # (N,)
+                sw, sl = pair_scores(fwd, ids.to(device), w.to(device), l.to(device))  # (P,) each
                 # each group weighs 1/len(idx) of the step; DDP averages over ranks, so * world
                 weight = weight.to(device) * (len(mine) / len(idx)) * world
-                loss = reward_loss(s[w.to(device)], s[l.to(device)], weight, cfg.margin, cfg.label_smoothing)
+                loss = reward_loss(sw, sl, weight, cfg.margin, cfg.label_smoothing)
                 loss.backward()
             if mine:
                 total += loss.item() / world
-                acc += (s[w] > s[l]).float().sum().item()
+                acc += (sw > sl).float().sum().item()
                 n_pairs += len(w)
         total = M.ddp_sum(total, world, device)
         acc, n_pairs = M.ddp_sum(acc, world, device), M.ddp_sum(n_pairs, world, device)

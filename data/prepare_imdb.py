@@ -16,10 +16,12 @@ Writes to --out_dir:
     imdb_prompts_{train,test}.jsonl   {"prompt"}: the prefix of each review (ppo.py, eval.py)
     imdb_sft_{train,test}.jsonl    {"prompt", "response"}: the same prefix and the rest of its review,
                                    to teach continuation under the chat template (sft.py)
-    imdb_sentiment_{train,test}.jsonl {"text", "label"}: label 1 positive, 0 negative (a classifier/reward)
+    imdb_sentiment_{train,test}.jsonl {"prompt", "response", "label"}: the same prefix and rest, label 1
+                                   positive, 0 negative: reward.py --objective classify trains the
+                                   sentiment reward on exactly the (prompt, response) form it scores
 Each split is shuffled with --seed; --max_rows keeps the first N reviews of each shuffled split.
 Skipped and counted: reviews empty after cleaning (empty), reviews with no more words than their
-prefix length (too_short; they still go into the sentiment and pretraining files). A member that
+prefix length (too_short; they still go into the pretraining file). A member that
 is not UTF-8, an archive that is not a readable .tar.gz, or a split/class with no reviews is an
 error naming the file.
 
@@ -96,24 +98,25 @@ def prepare(out_dir, src=None, cache_dir=CACHE, seed=0, max_rows=None):
         rng.shuffle(rows)
         rows = rows[:max_rows]
         skipped = {"empty": 0, "too_short": 0}
-        sentiment, prompts, sft = [], [], []
+        texts, sentiment, prompts, sft = [], [], [], []
         for label, _, text in rows:
             if not text:
                 skipped["empty"] += 1
                 continue
-            sentiment.append({"text": text, "label": label})
+            texts.append(text)
             cut = prefix_split(text, rng)
             if cut is None:
                 skipped["too_short"] += 1
                 continue
             prompts.append({"prompt": cut[0]})
             sft.append({"prompt": cut[0], "response": cut[1]})
+            sentiment.append({"prompt": cut[0], "response": cut[1], "label": label})
         if split == "train":
-            write_text(os.path.join(out_dir, "imdb_pretrain.txt"), "\n\n".join(r["text"] for r in sentiment) + "\n")
+            write_text(os.path.join(out_dir, "imdb_pretrain.txt"), "\n\n".join(texts) + "\n")
         write_jsonl(os.path.join(out_dir, f"imdb_sentiment_{split}.jsonl"), sentiment)
         write_jsonl(os.path.join(out_dir, f"imdb_prompts_{split}.jsonl"), prompts)
         write_jsonl(os.path.join(out_dir, f"imdb_sft_{split}.jsonl"), sft)
-        written = {"reviews": len(rows), "sentiment": len(sentiment), "prompts": len(prompts),
+        written = {"reviews": len(rows), "pretrain_docs": len(texts), "prompts": len(prompts),
                    "positive": sum(r["label"] for r in sentiment)}
         print(summary("prepare_imdb", split, written, skipped))
         stats[split] = {**written, "skipped": skipped}

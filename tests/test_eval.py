@@ -23,7 +23,7 @@ def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path):
     cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(world / "prompts_val.jsonl"), "--n_prompts", "6",
                                            "--reward_model", tiny_rm, "--best_of_n", "4", "--ref", tiny_ckpt, "--baseline", tiny_ckpt,
                                            "--max_new_tokens", "12", "--dump", str(tmp_path / "bon.jsonl"),
-                                           "--out", str(tmp_path / "e.json")])
+                                           "--dump_rankings", str(tmp_path / "ranked.jsonl"), "--out", str(tmp_path / "e.json")])
     s = evaluate.evaluate(cfg)
     assert s["kl_best_of_n"] == pytest.approx(math.log(4) - 3 / 4)
     assert s["rm_score"] >= s["rm_score_all"]  # the pick is the best of its n
@@ -32,6 +32,16 @@ def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path):
     dumped = [json.loads(x) for x in open(tmp_path / "bon.jsonl")] if s["dumped"] else []
     assert len(dumped) == s["dumped"] == round(s["eos_rate"] * 6)  # only answers that ended
     assert json.load(open(tmp_path / "e.json")) == s
+    # the rankings file (its order is tested below): one ranking per prompt, readable as preferences
+    groups, _ = M.read_preferences(str(tmp_path / "ranked.jsonl"))
+    assert len(groups) == s["rankings_dumped"] == 6 - s["rankings_skipped"] and all(len(a) >= 2 for _, a in groups)
+
+
+def test_rm_rankings_order_duplicates_and_skips():
+    # prompt "p": "b" twice (kept once, at its best place); prompt "q": one distinct answer, no preference
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.0, 0.3, 0.2]])
+    rows, skipped = evaluate.rm_rankings(["p", "q"], ["b", "a", "b", "x", " x", "x "], scores)
+    assert rows == [{"prompt": "p", "responses": ["a", "b"]}] and skipped == 1
 
 
 def test_win_rate_counts_ties_half(world, tiny_ckpt, tmp_path):

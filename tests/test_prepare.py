@@ -12,6 +12,7 @@ import tarfile
 import pytest
 
 import model as M
+import reward
 import sft
 from data import _download, prepare_alpaca, prepare_hh, prepare_imdb, prepare_tldr
 
@@ -130,20 +131,21 @@ def test_imdb(tmp_path):
     write_imdb(src, IMDB)
     stats = prepare_imdb.main(["--src", str(src), "--out_dir", str(out), "--seed", "0"])
     assert stats["train"]["skipped"] == {"empty": 0, "too_short": 1} and stats["test"]["prompts"] == 2
-    train = read(out / "imdb_sentiment_train.jsonl")
-    assert sorted(r["label"] for r in train) == [0, 0, 1, 1] and all(set(r) == {"text", "label"} for r in train)
-    texts = {r["text"] for r in train}
-    assert "A wonderful film with a great cast.\nI loved every minute of it." in texts
-    assert not any("<br" in t for t in texts)
     docs = (out / "imdb_pretrain.txt").read_text().strip().split("\n\n")  # as pretrain.py splits it
-    assert sorted(docs) == sorted(texts)
+    assert len(docs) == 4 and "A wonderful film with a great cast.\nI loved every minute of it." in docs
+    assert not any("<br" in t for t in docs)
     # prompts are the first 2-8 words; prompt + rest of review = the review, up to whitespace
     sft_rows = read(out / "imdb_sft_train.jsonl")
     prompts = M.read_jsonl(str(out / "imdb_prompts_train.jsonl"), ("prompt",))
     assert [r["prompt"] for r in sft_rows] == [p["prompt"] for p in prompts] and len(prompts) == 3
     for r in sft_rows:
         assert 2 <= len(r["prompt"].split()) <= 8
-        assert " ".join((r["prompt"] + " " + r["response"]).split()) in {" ".join(t.split()) for t in texts}
+        assert " ".join((r["prompt"] + " " + r["response"]).split()) in {" ".join(t.split()) for t in docs}
+    # the sentiment labels sit on the same (prompt, response) split that the reward model scores
+    labelled = read(out / "imdb_sentiment_train.jsonl")
+    assert [(r["prompt"], r["response"]) for r in labelled] == [(r["prompt"], r["response"]) for r in sft_rows]
+    assert sorted(r["label"] for r in labelled) == [0, 1, 1]  # "Awful." is too short for a prefix
+    assert len(reward.read_labels(str(out / "imdb_sentiment_test.jsonl"))[0]) == 2
     assert len(sft.read_pairs(str(out / "imdb_sft_test.jsonl"))) == 2
     # seeded: the same files again
     again = tmp_path / "again"

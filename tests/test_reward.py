@@ -98,3 +98,50 @@ def test_cli_trains_normalises_and_evaluates(world, tiny_ckpt, tmp_path):
     with torch.no_grad():
         s = loaded.score(ids, (ids != M.PAD_ID).long())
     assert abs(s.mean().item()) < 1e-4 and abs(s.std().item() - 1) < 1e-3  # normalised on the training answers
+
+
+def test_labelled_answers_are_pairs_against_a_constant_zero(tmp_path):
+    rows = [{"prompt": "the film", "response": "was wonderful.", "label": 1},
+            {"prompt": "the film", "response": "was awful.", "label": 0}]
+    p = tmp_path / "s.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups, stats = reward.read_labels(str(p))
+    assert groups == [("the film", ["was wonderful.", None]), ("the film", [None, "was awful."])]
+    assert stats == {"rows": 2, "positive": 1}
+    ids, w, l, weight = reward.collate([[[5, 6], None], [None, [7]]])
+    assert ids.shape == (2, 2) and w.tolist() == [0, -1] and l.tolist() == [-1, 1]
+    # the loss is the classifier's logistic loss (binary cross-entropy on the logit r)
+    r = torch.tensor([1.5, 0.7])  # raw scores of the two answers
+    s = torch.nn.functional.pad(r, (0, 1))  # as pair_scores builds it
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(r, torch.tensor([1.0, 0.0]))
+    assert reward.reward_loss(s[w], s[l], weight).item() == pytest.approx(bce.item(), abs=1e-6)
+    for bad, msg in (({"prompt": "a", "response": "b", "label": 2}, "label must be 1"),
+                     ({"prompt": "a", "response": "b", "label": "1"}, "label must be 1"),
+                     ({"prompt": "a", "response": " ", "label": 1}, "empty"),
+                     ({"prompt": "a", "response": "b"}, r"missing key\(s\) \['label'\]")):
+        p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=rf"s.jsonl:2: .*{msg}"):
+            reward.read_labels(str(p))
+
+
+def test_cli_classify_learns_a_sentiment_reward(tiny_ckpt, tmp_path):
+    good, bad = ["was wonderful.", "was lovely and kind.", "is a happy film."], ["was awful.", "was stupid and rude.", "is a nasty film."]
+    rows = [{"prompt": f"the {x} film", "response": r, "label": y}
+            for x in ("new", "old") for rs, y in ((good, 1), (bad, 0)) for r in rs]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    cfg = M.parse_config(reward.Config, ["--objective", "classify", "--data", str(tmp_path / "s.jsonl"),
+                                         "--val_data", str(tmp_path / "s.jsonl"), "--init", tiny_ckpt,
+                                         "--out_dir", str(tmp_path / "rm"), "--epochs", "6", "--batch_size", "8",
+                                         "--lr", "3e-3", "--log_interval", "4", "--eval_interval", "100"])
+    rm = reward.train(cfg)
+    metrics = [json.loads(x) for x in open(tmp_path / "rm" / "metrics.jsonl")]
+    assert metrics[-1]["val_acc"] == 1.0 and metrics[-1]["val_loss"] < metrics[0]["loss"]
+    tok = M.load_tokenizer(tiny_ckpt)
+    g, _ = reward.encode_groups([("the new film", ["was wonderful.", "was awful."])], tok, 128, 16)
+    ids, _, _, _ = reward.collate(g)
+    with torch.no_grad():
+        s = rm.score(ids, (ids != M.PAD_ID).long())
+    assert s[0] > s[1]  # positive above negative after normalisation too
+    with pytest.raises(M.ConfigError, match="objective must be"):
+        reward.train(M.parse_config(reward.Config, ["--objective", "pointwise", "--init", tiny_ckpt, "--data", str(tmp_path / "s.jsonl"),
+                                                    "--val_data", str(tmp_path / "s.jsonl"), "--out_dir", str(tmp_path / "x")]))
