@@ -37,6 +37,17 @@ log-probs agree to float error; recomputing makes step 0 exact whatever the samp
 shape); the gold reward of the built-in task is logged as a metric (data/world.py), never
 used for training.
 
+Several GPUs: torchrun --nproc_per_node N ppo.py --config ... (data parallel, no DDP wrapper).
+rollout_batch_size stays global. Every process takes the same prompts and owns a contiguous
+share of B/N rows: it samples, scores and runs GAE for those rows only (generation is never
+duplicated). Whitening, the KL of the controller and every logged mean are over the whole
+rollout (sums all-reduced). Every process walks the same shuffled minibatches of global row
+indices, runs the rows it owns of each micro-batch with the loss weighted by their real tokens /
+the minibatch's real tokens over all processes, and the gradients are summed over processes
+before clipping, so every process takes the step one process would take. Shard k's sampling
+depends on (seed, iteration, k) only: one process with --rollout_shards N samples the same
+answers as N processes and follows the same run (tests/test_ddp.py).
+
 Run:
   CPU, built-in task:  python ppo.py --config configs/ppo_world.toml
   no KL penalty (reward hacking):  python ppo.py --config configs/ppo_world.toml --kl_coef 0 --out_dir out/ppo_nokl
@@ -44,12 +55,14 @@ Run:
 """
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
@@ -66,7 +79,8 @@ class Config:
     out_dir: str = "out/ppo"
     # rollout
     total_episodes: int = 16384  # sampled answers over the whole run
-    rollout_batch_size: int = 64  # answers per PPO iteration
+    rollout_batch_size: int = 64  # answers per PPO iteration (global: over all processes)
+    rollout_shards: int = 0  # 0 = one per process; sampling of shard k depends on (seed, iteration, k) only
     max_prompt_len: int = 64  # prompts are cut to their last max_prompt_len tokens (counted)
     max_new_tokens: int = 48  # response length cap
     temperature: float = 1.0  # sampling temperature, also divides every log-prob's logits (item 1)
@@ -109,21 +123,24 @@ class Config:
     compile: bool = False
 
 
-# --- masked statistics (item 13): over real tokens only
+# --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x, mask, world=1):
+    total, count = (x * mask).sum(), mask.sum()
+    if world > 1:  # the sums of all processes (fp64, on the CPU), so the mean is the whole rollout's
+        total, count = M.ddp_sum(torch.stack([total, count]), world, x.device)
+    return total / count.clamp(min=1)
 
 
-def masked_var(x, mask):
+def masked_var(x, mask, world=1):
     """Biased variance over the masked entries."""
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    return masked_mean((x - masked_mean(x, mask, world)) ** 2, mask, world)
 
 
-def masked_whiten(x, mask, shift_mean=True):
+def masked_whiten(x, mask, shift_mean=True, world=1):
     """(x - mean) / sqrt(var + 1e-8) over real tokens; padded entries come out 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, world), masked_var(x, mask, world)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -180,7 +197,7 @@ def ppo_losses(logprobs, old_logprobs, advantages, vpred, old_values, returns, m
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
     pg_loss = masked_mean(torch.max(pg1, pg2), mask)
-    v_clipped = old_values + torch.clamp(vpred - old_values, -vf_clip, vf_clip)
+    v_clipped = torch.clamp(vpred, old_values - vf_clip, old_values + vf_clip)  # = vpred exactly when unclipped
     vf1 = (vpred - returns) ** 2
     vf2 = (v_clipped - returns) ** 2
     vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
@@ -203,10 +220,10 @@ def adaptive_kl_update(kl_coef, kl, target, n_steps, horizon):
     return kl_coef * (1 + err * n_steps / horizon)
 
 
-def explained_variance(values, returns, mask):
+def explained_variance(values, returns, mask, world=1):
     """1 - Var(R - V) / Var(R) over real tokens."""
-    var_r = masked_var(returns, mask)
-    return (1 - masked_var(returns - values, mask) / var_r).item() if var_r > 0 else float("nan")
+    var_r = masked_var(returns, mask, world)
+    return (1 - masked_var(returns - values, mask, world) / var_r).item() if var_r > 0 else float("nan")
 
 
 # --- data
@@ -242,6 +259,28 @@ def prompt_batch(iteration, n, batch_size, seed):
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
+# --- several processes
+
+
+def rng_seed(seed, iteration, stream, k=0):
+    """A generator seed that depends on (seed, iteration, stream, k) only, so a resumed run and every
+    process draw the same numbers. Streams: "sample" (k = rollout shard), "order" (minibatches),
+    "ptx" (k = rank)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{iteration}/{stream}/{k}".encode()).digest()[:8], "little")
+
+
+def all_reduce_grads(model, world):
+    """Sum the gradients over processes, as one flat tensor (a parameter without one counts 0). A
+    sum, not DDP's mean: each micro-batch loss is already weighted by its share of the minibatch."""
+    if world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
 # --- training
 
 
@@ -260,16 +299,28 @@ def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro,
 
 
 def train(cfg):
-    device = M.get_device(cfg.device)
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     # --- derived sizes and the batch hierarchy (item 14)
-    minibatch = cfg.rollout_batch_size // cfg.num_minibatches
+    B = cfg.rollout_batch_size
+    minibatch = B // cfg.num_minibatches
     micro = minibatch // cfg.grad_accum
-    if cfg.rollout_batch_size % cfg.num_minibatches or minibatch % cfg.grad_accum:
-        raise M.ConfigError(f"rollout_batch_size {cfg.rollout_batch_size} must split into num_minibatches {cfg.num_minibatches} "
+    if B % cfg.num_minibatches or minibatch % cfg.grad_accum:
+        raise M.ConfigError(f"rollout_batch_size {B} must split into num_minibatches {cfg.num_minibatches} "
                             f"of grad_accum {cfg.grad_accum} equal micro-batches")
-    iterations = cfg.total_episodes // cfg.rollout_batch_size
+    shards = cfg.rollout_shards or world
+    if cfg.rollout_shards < 0 or (world > 1 and shards != world):
+        raise M.ConfigError(f"rollout_shards {cfg.rollout_shards}: must be 0 (one shard per process) or, "
+                            f"with {world} processes, {world}")
+    if B % shards:
+        raise M.ConfigError(f"rollout_batch_size {B} must split into {shards} equal shards "
+                            f"(rollout_shards {cfg.rollout_shards}, {world} processes)")
+    share, shard_size = B // world, B // shards
+    lo = rank * share  # this process owns the rollout's rows lo .. lo + share - 1, shards lo // shard_size ..
+    my_shards = range(lo // shard_size, (lo + share) // shard_size)
+    iterations = cfg.total_episodes // B
     if cfg.value_init not in ("reward", "policy"):
         raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
     M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
@@ -301,44 +352,54 @@ def train(cfg):
     kl_coef, it = cfg.kl_coef, 0
     ckpt = os.path.join(cfg.out_dir, "ckpt")
     state = M.load_train_state(ckpt)
-    if state is not None:
+    if state is not None:  # every process resumes from the same checkpoint
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
         value_model.load_state_dict(state["value_model"])
         opt.load_state_dict(state["optimizer"])
         vopt.load_state_dict(state["value_optimizer"])
         M.set_rng_state(state["rng"])
         kl_coef, it = state["kl_coef"], state["iteration"]
-        M.truncate_metrics(cfg.out_dir, it)
-        print(f"resuming from {ckpt} at iteration {it}")
-    M.save_config(cfg, cfg.out_dir)
-    M.print_config(cfg)
-    print(f"batch hierarchy: rollout {cfg.rollout_batch_size} answers -> {cfg.num_minibatches} minibatches of {minibatch} "
-          f"-> {cfg.grad_accum} micro-batches of {micro}; {cfg.update_epochs} epochs = "
-          f"{cfg.update_epochs * cfg.num_minibatches} optimizer steps per rollout; {iterations} rollouts "
-          f"| {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens)")
+        if master:
+            M.truncate_metrics(cfg.out_dir, it)
+            print(f"resuming from {ckpt} at iteration {it}")
+    if master:
+        M.save_config(cfg, cfg.out_dir)
+        M.print_config(cfg)
+        print(f"batch hierarchy: rollout {B} answers ({shards} shards of {shard_size}, {world} processes) -> "
+              f"{cfg.num_minibatches} minibatches of {minibatch} -> {cfg.grad_accum} micro-batches of {micro}; "
+              f"{cfg.update_epochs} epochs = {cfg.update_epochs * cfg.num_minibatches} optimizer steps per rollout; "
+              f"{iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens)")
     ctx = M.autocast(device, cfg.dtype)
     fwd_policy = torch.compile(policy) if cfg.compile else policy
-    gen = torch.Generator(device=device)
+    gen, ptx_gen = torch.Generator(device=device), torch.Generator(device=device)
+    stat_keys = ["approx_kl", "clipfrac", "vf_clipfrac", "ratio", "pg_loss", "vf_loss", "entropy"] + ["ptx_loss"] * (ptx is not None)
     t0, start = time.time(), it
-    bar = tqdm(total=iterations, initial=it, desc="ppo", dynamic_ncols=True)
+    bar = tqdm(total=iterations, initial=it, desc="ppo", dynamic_ncols=True, disable=not master)
     while it < iterations:
-        gen.manual_seed(cfg.seed * 100003 + it)  # sampling depends on (seed, iteration) only: exact resume
         frac = 1.0 - it / iterations if cfg.anneal_lr else 1.0
         for o, lr in ((opt, cfg.lr), (vopt, cfg.value_lr)):
             for group in o.param_groups:
                 group["lr"] = lr * frac
 
-        # 1. rollout: sample answers to left-padded prompts with the KV cache
-        idx = prompt_batch(it, len(prompts), cfg.rollout_batch_size, cfg.seed)
-        p_ids, p_mask = M.pad_left([prompt_ids[i] for i in idx])
-        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        with ctx:
-            seq, mask, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
-                                           eos_id=tokenizer.eot_id, generator=gen)
-        P = p_ids.size(1)
-        full_mask = torch.cat([p_mask, mask], 1)  # (B, P + R)
-        responses = seq[:, P:]  # (B, R)
-        mask = mask.float()  # (B, R) 1 on response tokens up to and including EOS
+        # 1. rollout: sample answers to left-padded prompts with the KV cache, this process's shards
+        #    only, each with its own generator (exact resume; the same rows whatever the process count)
+        idx = prompt_batch(it, len(prompts), B, cfg.seed)  # the same B prompts on every process
+        P = max(len(prompt_ids[i]) for i in idx)  # one prompt width for all shards
+        seqs, masks = [], []
+        for k in my_shards:
+            p_ids, p_mask = M.pad_left([prompt_ids[i] for i in idx[k * shard_size:(k + 1) * shard_size]], P)
+            p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+            gen.manual_seed(rng_seed(cfg.seed, it, "sample", k))
+            with ctx:
+                s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
+                                          eos_id=tokenizer.eot_id, generator=gen)
+            seqs.append(s)
+            masks.append(torch.cat([p_mask, m], 1))
+        T = max(s.size(1) for s in seqs)  # shards stop at their own longest answer: right-pad to the longest
+        seq = torch.cat([F.pad(s, (0, T - s.size(1)), value=M.PAD_ID) for s in seqs])  # (b, P + R) b = share
+        full_mask = torch.cat([F.pad(m, (0, T - m.size(1))) for m in masks])  # (b, P + R)
+        responses = seq[:, P:]  # (b, R)
+        mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
 
         # 2. forward: old and reference log-probs, values, reward-model scores
         out = rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx)
@@ -353,27 +414,38 @@ def train(cfg):
         beta = kl_coef  # the coefficient of this rollout's rewards
         rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        seq_kl = kl.sum(1).mean().item()  # objective/kl: mean over sequences of the summed per-token KL
+            rewards = masked_whiten(rewards, mask, shift_mean=False, world=world)
+        # means over the rollout's sequences: this process's sums, summed over processes
+        seq_sums = torch.stack([rm_scores, scores, kl.sum(1), mask.sum(1), ended.float()]).sum(1)  # (5,)
+        score, score_used, seq_kl, resp_len, eos_frac = (M.ddp_sum(seq_sums, world, device) / B).tolist()
+        # seq_kl is objective/kl: the mean over sequences of the summed per-token KL
 
-        # 5. advantages and returns (GAE), then whitened advantages
+        # 5. advantages and returns (GAE), then whitened advantages, over the whole rollout's tokens
         advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
-        adv_stats = (masked_mean(advantages, mask).item(), masked_var(advantages, mask).sqrt().item())
+        adv_stats = (masked_mean(advantages, mask, world).item(), masked_var(advantages, mask, world).sqrt().item())
         if cfg.norm_adv:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, world=world)
 
-        # 6. PPO update: update_epochs over shuffled minibatches, grad_accum micro-batches each
+        # 6. PPO update: update_epochs over shuffled minibatches, grad_accum micro-batches each. The order
+        #    is the same on every process; each runs the rows it owns and the gradients are summed
+        order = torch.Generator().manual_seed(rng_seed(cfg.seed, it, "order"))
+        ptx_gen.manual_seed(rng_seed(cfg.seed, it, "ptx", rank))
         stats = []
         for epoch in range(cfg.update_epochs):
-            perm = torch.randperm(cfg.rollout_batch_size, device=device, generator=gen)
+            perm = torch.randperm(B, generator=order).tolist()  # global row indices
             for mb in range(cfg.num_minibatches):
                 mb_idx = perm[mb * minibatch:(mb + 1) * minibatch]
-                mb_tokens = mask[mb_idx].sum()  # means over the whole minibatch's tokens, whatever grad_accum
-                mb_stats = {}
+                mine = [g - lo for g in mb_idx if lo <= g < lo + share]
+                # means over the whole minibatch's tokens, whatever grad_accum and the process count
+                mb_tokens = M.ddp_sum(mask[mine].sum().item(), world, device)
+                mb_stats = torch.zeros(len(stat_keys), device=device)
                 for a in range(cfg.grad_accum):
-                    i = mb_idx[a * micro:(a + 1) * micro]
+                    i = [g - lo for g in mb_idx[a * micro:(a + 1) * micro] if lo <= g < lo + share]
+                    if not i:  # none of this micro-batch's rows is ours
+                        continue
+                    i = torch.tensor(i, device=device)
                     mb_seq, mb_full, mb_mask = seq[i], full_mask[i], mask[i]
-                    w = mb_mask.sum() / mb_tokens  # this micro-batch's share of the minibatch mean
+                    w = mb_mask.sum() / mb_tokens  # these rows' share of the minibatch mean
                     with ctx:
                         logits = M.response_logits(fwd_policy, mb_seq, mb_full, P)  # (b, R, V)
                         vpred = value_model(mb_seq, mb_full)[:, P - 1:-1].float()  # (b, R)
@@ -382,20 +454,23 @@ def train(cfg):
                                                      returns[i], mb_mask, cfg.clip_coef, cfg.vf_clip)
                     entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb_mask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-                    if ptx is not None:  # PPO-ptx: pretraining log-likelihood on random windows
-                        j = torch.randint(len(ptx) - cfg.ptx_len - 1, (cfg.ptx_batch_size,), generator=gen, device=device).cpu()
+                    if ptx is not None:  # PPO-ptx: pretraining log-likelihood on random windows (per process)
+                        j = torch.randint(len(ptx) - cfg.ptx_len - 1, (cfg.ptx_batch_size,), generator=ptx_gen, device=device).cpu()
                         x = torch.stack([ptx[k:k + cfg.ptx_len + 1] for k in j.tolist()]).to(device)
                         with ctx:
                             ptx_lp = M.response_logprobs(fwd_policy, x)  # (b, L)
                         ptx_loss = -ptx_lp.mean()
                         loss = loss + cfg.ptx_coef * ptx_loss
-                        s["ptx_loss"] = ptx_loss.detach()
+                        s["ptx_loss"] = ptx_loss
                     (loss * w).backward()
-                    for k, v in {**s, "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "entropy": entropy.detach()}.items():
-                        mb_stats[k] = mb_stats.get(k, 0.0) + (v * w).item()
+                    s.update(pg_loss=pg_loss, vf_loss=vf_loss, entropy=entropy)
+                    mb_stats += torch.stack([s[k].detach().float() for k in stat_keys]) * w
+                mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))  # token-weighted means
                 if not all(math.isfinite(v) for v in mb_stats.values()):
                     raise FloatingPointError(f"iteration {it} epoch {epoch} minibatch {mb}: non-finite {mb_stats}; "
                                              f"last good checkpoint is in {ckpt}")
+                all_reduce_grads(policy, world)
+                all_reduce_grads(value_model, world)
                 where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
                 mb_stats["grad_norm"] = M.clip_grad_checked(policy.parameters(), cfg.max_grad_norm, where)
                 mb_stats["value_grad_norm"] = M.clip_grad_checked(value_model.parameters(), cfg.max_grad_norm, where)
@@ -407,37 +482,39 @@ def train(cfg):
 
         # 7. adaptive KL controller (Ziegler et al. 2019), from this rollout's KL
         if cfg.adaptive_kl:
-            kl_coef = adaptive_kl_update(kl_coef, seq_kl, cfg.target_kl, cfg.rollout_batch_size, cfg.kl_horizon)
+            kl_coef = adaptive_kl_update(kl_coef, seq_kl, cfg.target_kl, B, cfg.kl_horizon)
         it += 1
         bar.update(1)
 
-        # 8. metrics, samples, checkpoint
-        texts = [tokenizer.decode(r) for r in responses.tolist()]
+        # 8. metrics (every process joins the sums), samples, checkpoint (rank 0)
+        texts = [tokenizer.decode(r) for r in responses.tolist()]  # this process's rows lo ..
         if it % cfg.log_interval == 0 or it == iterations:
-            non_score = (-beta * kl).sum(1)  # (B,)
-            metrics = {"step": it, "episodes": it * cfg.rollout_batch_size, "score": rm_scores.mean().item(),
-                       "score_used": scores.mean().item(), "kl": seq_kl, "kl_coef": beta,
-                       "non_score_reward": non_score.mean().item(), "rlhf_reward": (scores + non_score).mean().item(),
-                       "resp_len": mask.sum(1).mean().item(), "eos_frac": ended.float().mean().item(),
-                       "explained_var": explained_variance(old_values, returns, mask),
+            metrics = {"step": it, "episodes": it * B, "score": score, "score_used": score_used, "kl": seq_kl,
+                       "kl_coef": beta, "non_score_reward": -beta * seq_kl, "rlhf_reward": score_used - beta * seq_kl,
+                       "resp_len": resp_len, "eos_frac": eos_frac,
+                       "explained_var": explained_variance(old_values, returns, mask, world),
                        "adv_mean": adv_stats[0], "adv_std": adv_stats[1],
-                       "return_mean": masked_mean(returns, mask).item(), "value_mean": masked_mean(old_values, mask).item()}
+                       "return_mean": masked_mean(returns, mask, world).item(),
+                       "value_mean": masked_mean(old_values, mask, world).item()}
             metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
             metrics["approx_kl_step0"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
             if cfg.gold:
-                golds = [gold_reward(prompts[i], t, bool(e)) for i, t, e in zip(idx, texts, ended.tolist())]
-                for k in golds[0]:
-                    metrics[k if k == "gold" else f"gold_{k}"] = sum(g[k] for g in golds) / len(golds)
+                golds = [gold_reward(prompts[i], t, bool(e)) for i, t, e in zip(idx[lo:lo + share], texts, ended.tolist())]
+                parts = torch.tensor([list(g.values()) for g in golds], dtype=torch.float64)  # (b, parts)
+                for k, v in zip(golds[0], (M.ddp_sum(parts.sum(0), world, device) / B).tolist()):
+                    metrics[k if k == "gold" else f"gold_{k}"] = v
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
-            M.log_metrics(cfg.out_dir, metrics)
-        if it % cfg.sample_interval == 0 or it == iterations:  # reward hacking shows in the text first (item 18)
+            if master:
+                M.log_metrics(cfg.out_dir, metrics)
+        if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first (item 18)
             for i in range(min(cfg.n_show, len(texts))):
                 tqdm.write(f"  > {prompts[idx[i]]}\n    {texts[i]!r} score {scores[i].item():+.2f}")
-        if it % cfg.ckpt_interval == 0 or it == iterations:
+        if master and (it % cfg.ckpt_interval == 0 or it == iterations):
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
                               state={"iteration": it, "kl_coef": kl_coef, "value_model": value_model.state_dict(),
                                      "optimizer": opt.state_dict(), "value_optimizer": vopt.state_dict(), "rng": M.rng_state()})
     bar.close()
+    M.ddp_cleanup(world)
     return policy
 
 

@@ -1,5 +1,6 @@
 """DDP with torchrun: 2 CPU processes (gloo) on the same global batch give the same losses and
-the same weights as one process (up to the order of float sums)."""
+the same weights as one process (up to the order of float sums). PPO: 2 processes, each sampling
+its own shard, equal one process sampling the 2 shards in turn (--rollout_shards 2)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import model as M
+import ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,3 +71,51 @@ def test_reward_ddp_equals_one_process(tmp_path, tiny_ckpt):
             "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "2", "--lr", "1e-3",
             "--log_interval", "1", "--eval_interval", "100", "--device", "cpu"]
     assert_same_run(tmp_path, "reward.py", args, ["loss", "acc", "grad_norm"])
+
+
+def eos_prone(tiny_ckpt, path):
+    """The tiny GPT with EOS's logit raised by about 4.5 (ln_f bias along EOS's row): answers end
+    after about 5 tokens, at varied lengths, so the shards stop at different widths."""
+    model, tokenizer, _ = M.load_checkpoint(tiny_ckpt)
+    u = torch.nn.functional.normalize(torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0)), dim=0)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eot_id] = u  # tied: also EOS's embedding, only read after an answer ends
+        model.transformer.ln_f.bias.copy_(4.5 * u)
+    M.save_checkpoint(str(path), model, tokenizer, {})
+    return str(path)
+
+
+def test_ppo_ddp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
+    # 12 answers in 2 shards of 6, minibatches of 6, micro-batches of 3: every micro-batch's rows
+    # fall unevenly on the 2 processes (sometimes all on one, which the other skips)
+    policy = eos_prone(tiny_ckpt, tmp_path / "policy")
+    args = ["--policy", policy, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
+            "--rollout_batch_size", "12", "--rollout_shards", "2", "--num_minibatches", "2", "--grad_accum", "2",
+            "--update_epochs", "2", "--total_episodes", "36", "--max_new_tokens", "12", "--lr", "1e-3", "--value_lr", "1e-3",
+            "--adaptive_kl", "true", "--whiten_rewards", "true", "--sample_interval", "100", "--device", "cpu"]
+    assert_same_run(tmp_path, "ppo.py", args, ["score", "kl", "kl_coef", "resp_len", "eos_frac", "explained_var", "adv_mean",
+                                               "adv_std", "return_mean", "value_mean", "pg_loss", "vf_loss", "entropy",
+                                               "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm", "value_grad_norm", "gold"])
+    rows = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert all(r["eos_frac"] > 0 for r in rows) and any(r["eos_frac"] < 1 for r in rows)  # some answers hit the cap
+
+
+def whiten_worker(rank, init, x, mask, out):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    rows = slice(3 * rank, 3 * rank + 3)  # this process's rows of the batch
+    torch.save({"whiten": ppo.masked_whiten(x[rows], mask[rows], world=2),
+                "whiten_no_shift": ppo.masked_whiten(x[rows], mask[rows], shift_mean=False, world=2),
+                "ev": ppo.explained_variance(x[rows] * 0.5, x[rows], mask[rows], world=2)}, out / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_whiten_equals_whiten_of_all_rows(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(6, 5) * 3 + 1
+    mask = (torch.arange(5)[None] < torch.tensor([5, 1, 3, 0, 2, 4])[:, None]).float()  # uneven lengths, an empty row
+    torch.multiprocessing.spawn(whiten_worker, (f"file://{tmp_path / 'init'}", x, mask, tmp_path), nprocs=2)
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for key, expected in (("whiten", ppo.masked_whiten(x, mask)), ("whiten_no_shift", ppo.masked_whiten(x, mask, shift_mean=False))):
+        assert torch.allclose(torch.cat([p[key] for p in parts]), expected, atol=1e-5), key
+    ev = ppo.explained_variance(x * 0.5, x, mask)
+    assert parts[0]["ev"] == pytest.approx(ev, rel=1e-5) and parts[1]["ev"] == pytest.approx(ev, rel=1e-5)

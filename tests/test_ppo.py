@@ -1,5 +1,6 @@
 """Tests of ppo.py: GAE against a slow loop, masked statistics, rewards, losses against hand
-computation, the KL controller, the step-0 identities of a real run, exact resume."""
+computation, the KL controller, the step-0 identities of a real run, exact resume, the shard
+checks (several processes: tests/test_ddp.py)."""
 
 import json
 import math
@@ -146,3 +147,10 @@ def test_resume_after_kill_equals_uninterrupted_run(world, tiny_ckpt, tiny_rm, t
     assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), c.state_dict().values()))
     rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "s_per_it"} for x in open(d / "metrics.jsonl")]  # noqa: E731
     assert rows(tmp_path / "b") == rows(tmp_path / "c") and len(rows(tmp_path / "c")) == 4
+
+
+def test_rollout_shards_must_split_the_rollout(world, tiny_ckpt, tiny_rm, tmp_path):
+    with pytest.raises(M.ConfigError, match="rollout_batch_size 8 must split into 3 equal shards"):
+        run(world, tiny_ckpt, tiny_rm, tmp_path, "--rollout_shards", "3")
+    with pytest.raises(M.ConfigError, match="rollout_shards -1"):
+        run(world, tiny_ckpt, tiny_rm, tmp_path, "--rollout_shards", "-1")
