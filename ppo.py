@@ -9,7 +9,8 @@ as a token-level RL problem: the state is prompt + response so far, the action t
   2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of
                  logits / T), values V(s_t), and the reward-model score s at the EOS
   3. score       s = r(x, y), normalised by the RM's gain/bias; an answer without EOS gets the
-                 fixed score missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick")
+                 fixed score missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick");
+                 eos_trick false scores cut answers as they are (fixed-length continuations: IMDb)
   4. rewards     kl_t = log pi_old(y_t) - log pi_ref(y_t)          (k1 estimator, per token)
                  r_t = -beta * kl_t, plus s at the last response token (the EOS)
   5. KL control  beta fixed, or adaptive (Ziegler et al. 2019, Sec. 2.2):
@@ -84,6 +85,7 @@ class Config:
     max_prompt_len: int = 64  # prompts are cut to their last max_prompt_len tokens (counted)
     max_new_tokens: int = 48  # response length cap
     temperature: float = 1.0  # sampling temperature, also divides every log-prob's logits (item 1)
+    eos_trick: bool = True  # answers that never emit EOS score missing_eos_penalty (item 9); false: the RM scores them
     missing_eos_penalty: float = -1.0  # score of an answer that never emits EOS (item 9)
     # reward and KL
     kl_coef: float = 0.05  # beta; the start value when adaptive_kl
@@ -409,6 +411,8 @@ def train(cfg):
         # 3. score: answers without EOS get the fixed penalty (item 9), checked on the response only
         rm_scores = scores
         scores, ended = penalise_missing_eos(rm_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
+        if not cfg.eos_trick:  # continuations cut at max_new_tokens by design (IMDb): scored as they are
+            scores = rm_scores
 
         # 4. rewards: -beta * kl per token, the score at the last response token
         beta = kl_coef  # the coefficient of this rollout's rewards
