@@ -111,6 +111,8 @@ def write_jsonl(path, rows):
 
 
 def main(cfg):
+    M.check_paths(policy=cfg.policy, prompts_train=cfg.prompts_train, prompts_val=cfg.prompts_val)
+    os.makedirs(cfg.out_dir, exist_ok=True)
     device = M.get_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = M.load_gpt(cfg.policy, device)
