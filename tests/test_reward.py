@@ -145,3 +145,20 @@ def test_cli_classify_learns_a_sentiment_reward(tiny_ckpt, tmp_path):
     with pytest.raises(M.ConfigError, match="objective must be"):
         reward.train(M.parse_config(reward.Config, ["--objective", "pointwise", "--init", tiny_ckpt, "--data", str(tmp_path / "s.jsonl"),
                                                     "--val_data", str(tmp_path / "s.jsonl"), "--out_dir", str(tmp_path / "x")]))
+
+
+def test_rm_probe_splits_agreement_by_part(tiny_rm, tiny_ckpt, tmp_path):
+    from data import rm_probe
+    from data.world import gold_reward
+    prompt, answers = "what colour is the fox?", ["the fox is red.", "the fox is blue.", "the fox is red and stupid.", "a cat."]
+    (tmp_path / "r.jsonl").write_text(json.dumps({"prompt": prompt, "responses": answers}) + "\n")
+    counts = rm_probe.main(M.parse_config(rm_probe.Config, ["--reward_model", tiny_rm, "--rankings", str(tmp_path / "r.jsonl"),
+                                                            "--lm", tiny_ckpt]))
+    rm, tok, _ = M.load_checkpoint(tiny_rm, kind="scalar")
+    g, _ = reward.encode_groups([(prompt, answers)], tok, 96, 16)
+    s = reward.scores_of(rm.eval(), reward.collate(g)[0]).tolist()
+    gold = [gold_reward(prompt, a, True)["gold"] for a in answers]
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4) if gold[i] != gold[j]]  # gold ties left out
+    assert counts["all"] == [sum((s[i] > s[j]) == (gold[i] > gold[j]) for i, j in pairs), len(pairs)] and len(pairs) >= 4
+    assert sum(n for part, (_, n) in counts.items() if part != "all") == len(pairs)
+    assert set(counts) <= {"all", "helpful", "honest", "harmless", "length", "repetition"}
