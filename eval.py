@@ -26,7 +26,7 @@ reward against KL to SFT per method: the reward-vs-KL frontier of the DPO paper'
 Run:
   python eval.py --ckpt out/ppo --ref out/sft --baseline out/sft --reward_model out/reward
   python eval.py --ckpt out/sft --reward_model out/reward --best_of_n 16 --dump out/bon16.jsonl
-  python eval.py --ckpt out/sft_imdb --reward_model out/reward_imdb --gold false --prompts data/imdb/imdb_prompts_train.jsonl \
+  python eval.py --ckpt out/imdb_sft --reward_model out/imdb_reward --gold false --prompts data/imdb/imdb_prompts_train.jsonl \
       --best_of_n 4 --max_new_tokens 48 --dump_rankings data/imdb/imdb_prefs_train.jsonl
   python eval.py --frontier "out/sweep/eval_*.json" --plot out/frontier.png
 """

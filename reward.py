@@ -14,9 +14,9 @@ objective = "classify": labelled answers instead of comparisons, {"prompt", "res
 with label 1 (e.g. a positive IMDb review) or 0. A labelled answer is a pair against a constant
 score 0: -log sigmoid(r) for label 1, -log sigmoid(-r) for label 0, the logistic loss of a
 classifier whose logit is r. So r is the log-odds of "positive" (before the normalisation
-below), the sentiment reward of Ziegler
-et al. 2019 (section 4.1) and of the DPO paper's controlled-sentiment task (Rafailov et al. 2023,
-section 6.1); accuracy is then the classifier's accuracy.
+below), the sentiment reward of Ziegler et al. 2019 (section 4.1) and of the DPO paper's
+controlled-sentiment task (Rafailov et al. 2023, section 6.1); accuracy is then the
+classifier's accuracy.
 
 Details (RLHF_DETAILS.md): r is the scalar head read at the last real token, the EOS that ends
 every answer (items 5, 6); initialised from the SFT model, head N(0, 1/sqrt(n_embd + 1)), bias 0;
@@ -223,6 +223,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "ckpt")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    if cfg.objective not in ("preference", "classify"):
+        raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
     state = M.load_train_state(ckpt)
     if state is not None:
         model, tokenizer, _ = M.load_checkpoint(ckpt, device, kind="scalar")
@@ -232,8 +234,6 @@ def train(cfg):
         model = M.ScalarModel(policy.config).to(device)  # fresh head: N(0, 1/sqrt(n_embd + 1)), bias 0
         model.backbone.load_state_dict(policy.state_dict())
         del policy
-    if cfg.objective not in ("preference", "classify"):
-        raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
     read = read_labels if cfg.objective == "classify" else M.read_preferences
     raw_train, train_read = read(cfg.data)
     raw_val, val_read = read(cfg.val_data)
