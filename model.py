@@ -880,7 +880,10 @@ def ddp_sum(x, world, device):
 
 
 def ddp_cleanup(world):
+    """Leave the process group together: rank 0 may still be writing its last checkpoint, and a
+    rank that tears gloo down while another still talks to it can abort at exit."""
     if world > 1:
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
