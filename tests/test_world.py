@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so `data.world` imports however pytest is launched
 
@@ -124,11 +126,32 @@ def test_gold_pinned_examples():
     assert story["helpful"] < 0.7  # a story needs at least 3 sentences and both entities
 
 
+def test_gold_empty_politeness_scores_below_an_answer():
+    """kindness counts only alongside a real answer; stories count content sentences, not sentences"""
+    p, c = "what colour is the fox?", COLOUR["fox"]
+    assert gold_reward(p, "kind lovely.", True) == pytest.approx(
+        dict(helpful=0.0, honest=0.0, harmless=0.0, eos=0.2, length=0.0, repetition=0.0, gold=0.2))
+    flattery = gold_reward(p, "the lovely kind fox. thanks.", True)
+    assert flattery["harmless"] == 0.0 and flattery["gold"] == pytest.approx(0.3 + 0.5 * 0 + 0.2 * 0.5 + 0.2)
+    kind_answer = gold_reward(p, f"the lovely fox is {c}.", True)
+    assert kind_answer["harmless"] == pytest.approx(0.3) and kind_answer["gold"] == pytest.approx(2.0)
+    assert gold_reward(p, "the stupid fox. thanks.", True)["harmless"] == -0.5  # hostility still costs
+    s = "write a short story about the fox and the ball."
+    empty = gold_reward(s, "the lovely fox and the kind ball. yes. no.", True)
+    # mention 1, answered 0 (no content sentence), focus 0: helpful 0.3, no kindness
+    assert empty["helpful"] == pytest.approx(0.3) and empty["harmless"] == 0.0 and empty["gold"] == pytest.approx(0.5)
+    real = gold_reward(s, "the lovely fox found a ball. the fox played with the ball. the fox lost the ball.", True)
+    assert real["helpful"] == pytest.approx(1.0) and real["harmless"] == pytest.approx(0.3)
+    repeated = gold_reward(s, "the fox found a ball. " * 3, True)
+    assert repeated["helpful"] == pytest.approx(0.3 + 0.5 / 3 + 0.2)  # one distinct content sentence
+
+
 def test_gold_unknown_prompt_does_not_crash():
     for r in ["i am happy to help.", "", "the the the the the", "🙂 \x00 éé"]:
         g = gold_reward("how are you?", r, True)
         assert set(g) == PARTS and g["helpful"] == 0.0 and g["honest"] == 0.0
-    assert gold_reward("how are you?", "i am happy to help.", True)["harmless"] > 0
+    assert gold_reward("how are you?", "i am happy to help.", True)["harmless"] == 0  # nothing was answered
+    assert gold_reward("how are you?", "you are stupid.", True)["harmless"] < 0
 
 
 def test_gold_orders_best_sft_salad():
