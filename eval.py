@@ -10,13 +10,20 @@ For a policy checkpoint it reports, over the prompts:
              (per sequence, nats), with both log-probs at the sampling temperature
   win_rate   gold win rate against --baseline, one answer each per prompt, ties count half
 Best-of-n (--best_of_n n): n answers per prompt, the reward model keeps its favourite. Its KL to
-the sampling policy is the analytic log n - (n - 1) / n (Stiennon et al. 2020, appendix; Gao et al.
-2022). With --dump file.jsonl the picks are written as SFT data, so rejection-sampling
+the sampling policy is reported twice: kl_best_of_n_bound, the formula log n - (n - 1) / n of
+Stiennon et al. 2020 and Gao et al. 2022, which Beirami et al. 2024 show is only an upper bound
+(loose when answers repeat, as they often do here); and kl (the one the frontier uses), the exact
+KL of best-of-n over the empirical answer distribution of m >= 4n samples per prompt (Beirami et al.
+2024, Lemma 1: with answers sorted by reward, F the reward CDF and F- the strict one,
+pi_bon(y) = pi(y) (F(y)^n - F-(y)^n) / (F(y) - F-(y))), averaged over prompts. With --dump file.jsonl the picks are written as SFT data, so rejection-sampling
 fine-tuning (Llama 2) is this followed by sft.py --data file.jsonl. With --dump_rankings file.jsonl
 all n answers of each prompt are written as a ranking by reward-model score, preference data
 labelled by a reward model: the DPO paper's IMDb pairs (4 SFT samples per prefix, ranked by the
 sentiment classifier; Rafailov et al. 2023, section 6.1), ready for dpo.py or reward.py.
-The gold reward is the task's oracle: eval.py and ppo.py's metrics import it from data/world.py;
+Uncertainty: every mean over prompts (gold, win rate, KL) comes with a 95% percentile-bootstrap
+interval over prompts (the repeats of one prompt are resampled together), in `<key>_ci`; the
+per-prompt values are saved in `per_prompt`, so --pool can average runs of several seeds prompt by
+prompt and bootstrap that. The gold reward is the task's oracle: eval.py and ppo.py's metrics import it from data/world.py;
 no training loss ever sees it. --gold false for real data.
 
 A JSON summary goes to --out (default: eval.json in the checkpoint's run directory).
@@ -29,6 +36,7 @@ Run:
   python eval.py --ckpt out/imdb_sft --reward_model out/imdb_reward --gold false --prompts data/imdb/imdb_prompts_train.jsonl \
       --best_of_n 4 --max_new_tokens 48 --dump_rankings data/imdb/imdb_prefs_train.jsonl
   python eval.py --frontier "out/sweep/eval_*.json" --plot out/frontier.png
+  python eval.py --pool "out/seed*/eval_ppo.json"
 """
 
 import json
@@ -53,6 +61,7 @@ class Config:
     reward_model: str = ""  # reward-model checkpoint ("" = skip)
     gold: bool = True  # score with the built-in task's gold reward
     best_of_n: int = 1  # answers per prompt; the reward model keeps one (needs reward_model if > 1)
+    bon_kl_samples: int = 4  # best-of-n KL from m = max(this * n, repeats * n) samples per prompt (Beirami et al. 2024)
     dump: str = ""  # write the kept answers as {"prompt", "response"} JSONL
     dump_rankings: str = ""  # write all best_of_n answers per prompt as {"prompt", "responses": best..worst by RM}
     temperature: float = 1.0
@@ -61,6 +70,7 @@ class Config:
     n_show: int = 8  # sample answers printed
     out: str = ""  # summary JSON path ("" = <ckpt run dir>/eval.json)
     frontier: str = ""  # comma-separated eval JSONs (globs allowed): print gold vs KL, plot it if matplotlib is there
+    pool: str = ""  # comma-separated eval JSONs of one method over several seeds: means and intervals pooled by prompt
     plot: str = "frontier.png"
     seed: int = 0
     device: str = "auto"
@@ -161,6 +171,32 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def per_prompt(values, repeats):
+    """Mean of each prompt's `repeats` consecutive values: (N * repeats,) -> (N,) list."""
+    return [mean(values[i:i + repeats]) for i in range(0, len(values), repeats)]
+
+
+def best_of_n_kl(scores, answers, n):
+    """KL(best-of-n || policy) of one prompt, exact for the empirical distribution of its m sampled
+    answers (Beirami et al. 2024, Lemma 1). Each distinct answer is a level of probability
+    p = count / m; levels sorted by reward-model score, F the CDF up to and including a level and F-
+    below it, best-of-n puts q = F^n - F-^n on it, and KL = sum q log(q / p). With m distinct answers
+    this is sum_j ((j/m)^n - ((j-1)/m)^n) log(m ((j/m)^n - ((j-1)/m)^n)), which tends to the bound
+    log n - (n-1)/n as m grows; repeated answers make it smaller (one answer m times: 0).
+    scores: m floats; answers: m hashable answers (token-id tuples), the same answer the same score."""
+    m = len(scores)
+    counts, score = {}, {}
+    for s, a in zip(scores, answers):
+        counts[a], score[a] = counts.get(a, 0) + 1, s
+    levels = [counts[a] for a in sorted(counts, key=score.get)]  # ascending reward
+    kl, below = 0.0, 0
+    for c in levels:
+        q = ((below + c) / m) ** n - (below / m) ** n
+        kl += q * math.log(q * m / c) if q > 0 else 0.0
+        below += c
+    return kl
+
+
 # --- main
 
 
@@ -210,14 +246,29 @@ def evaluate(cfg):
     texts = [all_texts[i] for i in keep]
     summary["eos_rate"] = mean(ended)
     summary["resp_tokens"] = mean(len(r) for r in responses)
-    if n > 1:
-        summary["kl_best_of_n"] = math.log(n) - (n - 1) / n
+    if n > 1:  # the bound, and the exact KL of best-of-n over >= 4n samples of each prompt
+        summary["kl_best_of_n_bound"] = math.log(n) - (n - 1) / n
+        k = cfg.repeats * n  # every sample of a prompt so far; more are drawn if fewer than bon_kl_samples * n
+        kl_scores, kl_answers = scores.view(-1, k).tolist(), [[tuple(a[0]) for a in answers[i:i + k]] for i in range(0, len(flat), k)]
+        extra = max(0, cfg.bon_kl_samples - cfg.repeats) * n
+        if extra:
+            more_prompts = [p for p in prompts[::cfg.repeats] for _ in range(extra)]
+            more = [a[0] for a in sample(policy, tokenizer, more_prompts, cfg, device, cfg.seed + 2)]
+            more_scores = rm_scores(rm, tokenizer, more_prompts, more, cfg.batch_size, device).view(-1, extra).tolist()
+            for i in range(len(kl_scores)):
+                kl_scores[i] += more_scores[i]
+                kl_answers[i] += [tuple(r) for r in more[i * extra:(i + 1) * extra]]
+        kls = [best_of_n_kl(s, a, n) for s, a in zip(kl_scores, kl_answers)]
+        summary["kl"], summary["kl_ci"], summary["bon_kl_m"] = mean(kls), M.bootstrap_ci(kls), len(kl_scores[0])
 
     # 2. gold reward and its parts
     gold = [all_gold[i] for i in keep] if all_gold else None
+    pp = {"prompt": prompts[::cfg.repeats]}  # per-prompt means, for intervals and for pooling seeds
     if gold:
         for k in gold[0]:
             summary[k] = mean(g[k] for g in gold)
+        pp["gold"] = per_prompt([g["gold"] for g in gold], cfg.repeats)
+        summary["gold_ci"] = M.bootstrap_ci(pp["gold"])
 
     # 3. KL to the reference, sampled: E_pi [log pi(y) - log pi_ref(y)] per sequence (best-of-n picks are
     # not samples of the policy: their KL is the analytic kl_best_of_n above)
@@ -228,6 +279,8 @@ def evaluate(cfg):
         lp = logprob_sums(policy, tokenizer, prompts, responses, cfg, device)
         lp_ref = logprob_sums(ref, tokenizer, prompts, responses, cfg, device)
         summary["kl"] = (lp - lp_ref).mean().item()
+        pp["kl"] = per_prompt((lp - lp_ref).tolist(), cfg.repeats)
+        summary["kl_ci"] = M.bootstrap_ci(pp["kl"])
         del ref
 
     # 4. gold win rate against the baseline, one answer each, ties half
@@ -237,6 +290,8 @@ def evaluate(cfg):
         base_gold = gold_scores(prompts, [tokenizer.decode(a[0]) for a in base_ans], [a[1] for a in base_ans])
         wins = [1.0 if g["gold"] > b["gold"] else 0.5 if g["gold"] == b["gold"] else 0.0 for g, b in zip(gold, base_gold)]
         summary["win_rate"] = mean(wins)
+        pp["win"] = per_prompt(wins, cfg.repeats)
+        summary["win_rate_ci"] = M.bootstrap_ci(pp["win"])
         summary["baseline_gold"] = mean(b["gold"] for b in base_gold)
 
     # 5. a table of answers, the dump, the summary
@@ -254,12 +309,38 @@ def evaluate(cfg):
         with open(cfg.dump_rankings, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         summary["rankings_dumped"] = len(rows)
+    summary["per_prompt"] = pp
     run_dir = os.path.dirname(cfg.ckpt.rstrip("/")) if os.path.basename(cfg.ckpt.rstrip("/")) == "ckpt" else cfg.ckpt
     out = cfg.out or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "eval.json")
     with open(out, "w") as f:
         json.dump(summary, f, indent=2)
-    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {fmt_ci(v)}" if k.endswith("_ci") else f"{k} {v}"
+                     for k, v in summary.items() if k != "per_prompt"))
     return summary
+
+
+def fmt_ci(ci):
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def pool(cfg):
+    """One method over several seeds: each prompt's value averaged over the runs, then the mean over
+    prompts with its bootstrap interval; the per-run means show the spread between seeds."""
+    import glob
+    paths = sorted({p for pattern in cfg.pool.split(",") for p in glob.glob(pattern.strip())})
+    runs = [json.load(open(p)) for p in paths]
+    if not runs or any(r["per_prompt"]["prompt"] != runs[0]["per_prompt"]["prompt"] for r in runs):
+        raise M.ConfigError(f"--pool {cfg.pool!r}: needs eval JSONs of the same prompts ({len(runs)} found)")
+    out = {"runs": paths}
+    for key, name in (("gold", "gold"), ("win", "win_rate"), ("kl", "kl")):
+        if all(key in r["per_prompt"] for r in runs):
+            by_prompt = [mean(vals) for vals in zip(*(r["per_prompt"][key] for r in runs))]
+            out[name], out[f"{name}_ci"] = mean(by_prompt), M.bootstrap_ci(by_prompt)
+            out[f"{name}_per_run"] = [mean(r["per_prompt"][key]) for r in runs]
+    print(f"{len(runs)} runs: " + " | ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {fmt_ci(v)}" if k.endswith("_ci") else
+        f"{k} {' '.join(format(x, '.3f') for x in v)}" for k, v in out.items() if k != "runs"))
+    return out
 
 
 def method_of(summary):
@@ -277,7 +358,7 @@ def frontier(cfg):
     rows = []
     for path in paths:
         r = json.load(open(path))
-        kl = r.get("kl_best_of_n", r.get("kl"))
+        kl = r.get("kl", r.get("kl_best_of_n"))  # best-of-n: its sampled KL (older summaries: the bound)
         if kl is not None and "gold" in r:
             rows.append((method_of(r), kl, r["gold"], r.get("win_rate"), path))
     rows.sort()
@@ -307,4 +388,4 @@ def frontier(cfg):
 
 if __name__ == "__main__":
     cfg = M.parse_config(Config)
-    frontier(cfg) if cfg.frontier else evaluate(cfg)
+    frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else evaluate(cfg)

@@ -927,6 +927,15 @@ def lr_at(step, max_steps, lr, warmup=0, min_lr_frac=0.1, schedule="cosine"):
     return lr * (min_lr_frac + (1 - min_lr_frac) * decay)
 
 
+def bootstrap_ci(values, n_boot=2000, level=0.95, seed=0):
+    """Percentile-bootstrap interval (lo, hi) of the mean of `values`, one value per prompt
+    (Efron 1979): prompts resampled with replacement n_boot times, seeded, so it is reproducible."""
+    x = torch.as_tensor(values, dtype=torch.float64)  # (N,)
+    idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))  # (n_boot, N)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return torch.quantile(x[idx].mean(1), q).tolist()
+
+
 def log_metrics(out_dir, metrics):
     """Print one '|'-separated line and append the same dict to out_dir/metrics.jsonl."""
     parts = []

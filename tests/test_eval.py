@@ -25,9 +25,11 @@ def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path):
                                            "--max_new_tokens", "12", "--dump", str(tmp_path / "bon.jsonl"),
                                            "--dump_rankings", str(tmp_path / "ranked.jsonl"), "--out", str(tmp_path / "e.json")])
     s = evaluate.evaluate(cfg)
-    assert s["kl_best_of_n"] == pytest.approx(math.log(4) - 3 / 4)
+    assert s["kl_best_of_n_bound"] == pytest.approx(math.log(4) - 3 / 4)
+    assert s["bon_kl_m"] == 16  # 4 n samples per prompt for the sampled best-of-n KL
+    assert 0.0 <= s["kl"] <= s["kl_best_of_n_bound"] + 1e-9 and s["kl_ci"][0] <= s["kl"] <= s["kl_ci"][1]
     assert s["rm_score"] >= s["rm_score_all"]  # the pick is the best of its n
-    assert "kl" not in s  # picks are not samples of the policy: only the analytic KL is reported
+    assert len(s["per_prompt"]["gold"]) == 6 and s["gold_ci"][0] <= s["gold"] <= s["gold_ci"][1]
     assert 0.0 <= s["win_rate"] <= 1.0 and -1 <= s["rm_gold_spearman"] <= 1
     dumped = [json.loads(x) for x in open(tmp_path / "bon.jsonl")] if s["dumped"] else []
     assert len(dumped) == s["dumped"] == round(s["eos_rate"] * 6)  # only answers that ended
@@ -69,3 +71,39 @@ def test_frontier_table(tmp_path, capsys):
     assert [(m, round(kl, 3), g) for m, kl, g, _, _ in got] == [
         ("best-of-n", round(math.log(8) - 7 / 8, 3), 1.0), ("dpo", 2.0, 0.9), ("ppo", 3.0, 1.2), ("sft", 0.0, 0.5)]
     assert "ppo" in capsys.readouterr().out
+
+
+def test_best_of_n_kl_hand_values_repeats_and_the_bound():
+    # two distinct answers, n = 2: best-of-2 puts 1/4 on the worse and 3/4 on the better, p = 1/2 each
+    assert evaluate.best_of_n_kl([0.0, 1.0], ["a", "b"], 2) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    # one answer sampled every time: best-of-n is the policy itself
+    assert evaluate.best_of_n_kl([0.3] * 8, ["a"] * 8, 4) == 0.0
+    # a repeated answer is one level: ("a" x3, "b" x1) = p (3/4, 1/4), n = 2: q = (9/16, 7/16)
+    q, p = (9 / 16, 7 / 16), (3 / 4, 1 / 4)
+    want = sum(qi * math.log(qi / pi) for qi, pi in zip(q, p))
+    assert evaluate.best_of_n_kl([0.0, 0.0, 1.0, 0.0], ["a", "a", "b", "a"], 2) == pytest.approx(want)
+    # many distinct answers: tends to log n - (n - 1) / n from below (Beirami et al. 2024)
+    m, n = 20000, 4
+    kl = evaluate.best_of_n_kl(list(range(m)), list(range(m)), n)
+    assert kl < math.log(n) - (n - 1) / n and kl == pytest.approx(math.log(n) - (n - 1) / n, abs=2e-3)
+
+
+def test_bootstrap_interval():
+    assert M.bootstrap_ci([0.7] * 50) == pytest.approx([0.7, 0.7])
+    x = [float(i % 2) for i in range(400)]  # mean 0.5, sd 0.5: the 95% interval is about 0.5 +- 1.96 * 0.025
+    lo, hi = M.bootstrap_ci(x)
+    assert lo == pytest.approx(0.451, abs=0.01) and hi == pytest.approx(0.549, abs=0.01)
+    assert M.bootstrap_ci(x) == [lo, hi]  # seeded
+
+
+def test_pool_averages_seeds_prompt_by_prompt(tmp_path):
+    runs = [{"per_prompt": {"prompt": ["p", "q"], "gold": [1.0, 0.0], "win": [1.0, 0.0]}},
+            {"per_prompt": {"prompt": ["p", "q"], "gold": [0.0, 0.0], "win": [0.5, 0.5]}}]
+    for i, r in enumerate(runs):
+        (tmp_path / f"eval_{i}.json").write_text(json.dumps(r))
+    out = evaluate.pool(M.parse_config(evaluate.Config, ["--pool", str(tmp_path / "eval_*.json")]))
+    assert out["gold"] == pytest.approx(0.25) and out["gold_per_run"] == [0.5, 0.0]
+    assert out["win_rate"] == pytest.approx(0.5) and "kl" not in out
+    (tmp_path / "eval_2.json").write_text(json.dumps({"per_prompt": {"prompt": ["p"], "gold": [1.0]}}))
+    with pytest.raises(M.ConfigError):
+        evaluate.pool(M.parse_config(evaluate.Config, ["--pool", str(tmp_path / "eval_*.json")]))
