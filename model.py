@@ -927,13 +927,16 @@ def lr_at(step, max_steps, lr, warmup=0, min_lr_frac=0.1, schedule="cosine"):
     return lr * (min_lr_frac + (1 - min_lr_frac) * decay)
 
 
-def bootstrap_ci(values, n_boot=2000, level=0.95, seed=0):
-    """Percentile-bootstrap interval (lo, hi) of the mean of `values`, one value per prompt
-    (Efron 1979): prompts resampled with replacement n_boot times, seeded, so it is reproducible."""
+def bootstrap_ci(values, weights=None, n_boot=2000, level=0.95, seed=0):
+    """Percentile-bootstrap interval [lo, hi] of the mean of `values`, one value per prompt (Efron
+    1979): prompts resampled with replacement n_boot times, seeded, so it is reproducible. With
+    weights (say, pairs per ranking) it is the interval of the weighted mean sum(w x) / sum(w)."""
     x = torch.as_tensor(values, dtype=torch.float64)  # (N,)
+    w = torch.ones_like(x) if weights is None else torch.as_tensor(weights, dtype=torch.float64)  # (N,)
     idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))  # (n_boot, N)
+    means = (x[idx] * w[idx]).sum(1) / w[idx].sum(1)  # (n_boot,)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    return torch.quantile(x[idx].mean(1), q).tolist()
+    return torch.quantile(means, q).tolist()
 
 
 def log_metrics(out_dir, metrics):

@@ -10,13 +10,16 @@ difference of two Gumbels is logistic. Real labelers disagree; so do ours.
 Noise ceiling: the best pairwise accuracy any model can expect on these labels is that of the
 Bayes predictor, which always picks the answer with the higher gold reward:
   ceiling = mean over pairs of max(p, 1 - p),  p = sigmoid((g_a - g_b) / temperature).
+Its realised counterpart, gold_agreement, is how often the gold order agrees with the labels that
+were actually drawn (ties count half), with a 95% bootstrap interval over rankings: what a model
+that knew the gold reward would score on this very validation set.
 Answers cut at the length cap (no EOS) are left out and counted: the reward model only ever scores
 answers that end with EOS (ppo.py gives the others a fixed penalty). Duplicate answers to one
 prompt are merged; a prompt left with fewer than 2 distinct answers is skipped and counted.
 
 Writes to out_dir: prefs_rankings_{train,val}.jsonl ({"prompt", "responses": [best, ..., worst]}),
 prefs_pairs_{train,val}.jsonl (every pair of every ranking: {"prompt", "chosen", "rejected"}),
-prefs_stats.json (counts, noise ceiling). Train rankings come from the training prompts, val
+prefs_stats.json (counts, noise ceiling, gold agreement). Train rankings come from the training prompts, val
 rankings from the held-out prompts.
 
 Run:  python data/preferences.py --policy out/sft --out_dir data/world
@@ -80,6 +83,17 @@ def noise_ceiling(golds_per_ranking, temperature):
     return sum(accs) / len(accs)
 
 
+def gold_agreement(golds_per_ranking):
+    """Per ranking (golds listed best to worst by the labeler): the fraction of its pairs whose gold
+    order agrees with the label (ties half), and its number of pairs."""
+    agree, pairs = [], []
+    for g in golds_per_ranking:
+        hits = [1.0 if g[i] > g[j] else 0.5 if g[i] == g[j] else 0.0 for i in range(len(g)) for j in range(i + 1, len(g))]
+        agree.append(sum(hits) / len(hits))
+        pairs.append(len(hits))
+    return agree, pairs
+
+
 def build_split(model, tokenizer, prompts, rounds, cfg, rng, gen):
     jobs = [(p, rng.randint(cfg.k_min, cfg.k_max)) for _ in range(rounds) for p in prompts]
     flat = [p for p, k in jobs for _ in range(k)]
@@ -99,6 +113,9 @@ def build_split(model, tokenizer, prompts, rounds, cfg, rng, gen):
     stats["rankings"] = len(rankings)
     stats["pairs"] = sum(len(g) * (len(g) - 1) // 2 for g in golds)
     stats["noise_ceiling"] = noise_ceiling(golds, cfg.temperature)
+    agree, pairs = gold_agreement(golds)
+    stats["gold_agreement"] = sum(a * n for a, n in zip(agree, pairs)) / sum(pairs)
+    stats["gold_agreement_ci"] = M.bootstrap_ci(agree, pairs)
     stats["mean_k"] = sum(len(g) for g in golds) / len(golds)
     return rankings, stats
 
@@ -127,7 +144,8 @@ def main(cfg):
                  for r in rankings for i in range(len(r["responses"])) for j in range(i + 1, len(r["responses"]))]
         write_jsonl(os.path.join(cfg.out_dir, f"prefs_pairs_{split}.jsonl"), pairs)
         all_stats[split] = stats
-        print(f"{split}: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+        print(f"{split}: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
+                                      if not k.endswith("_ci")) + f" | gold_agreement 95% CI {stats['gold_agreement_ci']}")
     with open(os.path.join(cfg.out_dir, "prefs_stats.json"), "w") as f:
         json.dump(all_stats, f, indent=2)
 

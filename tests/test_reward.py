@@ -81,6 +81,12 @@ def test_noise_ceiling_and_bradley_terry_labels():
     assert abs(wins - p) < 0.03
 
 
+def test_gold_agreement_is_the_realised_ceiling():
+    # a ranking labelled best to worst: golds (2, 0, 1) -> pairs (2>0 yes, 2>1 yes, 0>1 no): 2/3; a tie counts half
+    agree, pairs = preferences.gold_agreement([[2.0, 0.0, 1.0], [1.0, 1.0]])
+    assert agree == pytest.approx([2 / 3, 0.5]) and pairs == [3, 1]
+
+
 def test_cli_trains_normalises_and_evaluates(world, tiny_ckpt, tmp_path):
     rankings = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox stupid fox"]},
                 {"prompt": "where does the owl live?", "responses": ["the owl lives in the forest.", "i do not know."]}] * 8
