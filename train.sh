@@ -20,8 +20,10 @@ if [ "${QUICK:-0}" = 1 ]; then
   REWARD="--max_len 64 --eval_interval 10"
   PPO="--total_episodes 64 --rollout_batch_size 16 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
   DPO="--epochs 0.02 --max_len 64 --eval_interval 4 --log_interval 2 --n_samples 1 --max_new_tokens 16"
+  RS_PICK="--n_prompts 8 --max_new_tokens 24 --best_of_n 4 --repeats 1"
+  RS="--epochs 1 --max_len 64 --eval_interval 5 --log_interval 5 --n_samples 1 --max_new_tokens 16"
 else
-  WORLD="" PRETRAIN="" SFT="" EVAL="" PREFS="" REWARD="" PPO="" DPO=""
+  WORLD="" PRETRAIN="" SFT="" EVAL="" PREFS="" REWARD="" PPO="" DPO="" RS_PICK="" RS=""
 fi
 
 # --- 1. the world: pretraining corpus, SFT pairs, train/held-out prompts (seconds)
@@ -64,8 +66,19 @@ echo "[train.sh $SECONDS s] stage 8"
 python dpo.py --config configs/dpo_world.toml --data "$DATA/prefs_pairs_train.jsonl" --val_data "$DATA/prefs_pairs_val.jsonl" \
   --init "$OUT/sft" --out_dir "$OUT/dpo" $DPO
 
-# --- 9. evaluation on held-out prompts: gold reward and its parts, RM score, KL to SFT, gold win rate vs SFT
+# --- 9. rejection-sampling fine-tuning (Llama 2): best of 16 SFT answers by the reward model, twice per
+#       training prompt, then SFT on the picks
 echo "[train.sh $SECONDS s] stage 9"
+if [ ! -s "$OUT/rs_bon16.jsonl" ]; then
+  python eval.py --ckpt "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" --reward_model "$OUT/reward" --best_of_n 16 --repeats 2 \
+    --bon_kl_samples 0 --n_show 0 --dump "$OUT/rs_bon16.jsonl.tmp" --out "$OUT/rs_pick.json" $RS_PICK
+  mv "$OUT/rs_bon16.jsonl.tmp" "$OUT/rs_bon16.jsonl"
+fi
+python sft.py --config configs/rs_world.toml --data "$OUT/rs_bon16.jsonl" --val_data "$DATA/sft_val.jsonl" \
+  --init "$OUT/sft" --out_dir "$OUT/rs" $RS
+
+# --- 10. evaluation on held-out prompts: gold reward and its parts, RM score, KL to SFT, gold win rate vs SFT
+echo "[train.sh $SECONDS s] stage 10"
 # five answers per held-out prompt (540 in all): one answer each leaves a win rate +-4 points of noise
 EV="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 $EVAL"
 python eval.py --ckpt "$OUT/pretrain" --prompts "$DATA/prompts_val.jsonl" --out "$OUT/eval_pretrain.json" --n_show 3 --repeats 5 $EVAL
@@ -74,6 +87,7 @@ python eval.py --ckpt "$OUT/sft" $EV --best_of_n 16 --out "$OUT/eval_bon16.json"
 python eval.py --ckpt "$OUT/ppo" $EV --out "$OUT/eval_ppo.json"
 python eval.py --ckpt "$OUT/ppo_nokl" $EV --out "$OUT/eval_ppo_nokl.json"
 python eval.py --ckpt "$OUT/dpo" $EV --out "$OUT/eval_dpo.json"
+python eval.py --ckpt "$OUT/rs" $EV --out "$OUT/eval_rs.json"
 
 # --- results
 echo "[train.sh $SECONDS s] results"
@@ -81,15 +95,17 @@ python - "$OUT" "$DATA" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 cols = ["gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score", "kl", "win_rate", "rm_gold_spearman"]
-stats = json.load(open(os.path.join(sys.argv[2], "prefs_stats.json")))
+stats = json.load(open(os.path.join(sys.argv[2], "prefs_stats.json")))["val"]
 rm = [json.loads(l) for l in open(os.path.join(out, "reward", "metrics.jsonl"))][-1]
-print(f"\nreward model: held-out pairwise accuracy {rm['val_acc']:.3f} | noise ceiling {stats['val']['noise_ceiling']:.3f} "
-      f"| ratio {rm['val_acc'] / stats['val']['noise_ceiling']:.3f}")
-print(f"\n{'model':12s}" + "".join(f"{c[:9]:>10s}" for c in cols))
-for name in ["pretrain", "sft", "bon16", "ppo", "ppo_nokl", "dpo"]:
+ci = lambda c: f"[{c[0]:.3f}, {c[1]:.3f}]"
+print(f"\nreward model: held-out pairwise accuracy {rm['val_acc']:.3f} | noise ceiling {stats['noise_ceiling']:.3f} "
+      f"(realised: gold order agrees with {stats['gold_agreement']:.3f} {ci(stats['gold_agreement_ci'])} of the labels) "
+      f"| ratio {rm['val_acc'] / stats['noise_ceiling']:.3f}")
+print(f"\n{'model':12s}" + "".join(f"{c[:9]:>10s}" for c in cols) + "  gold 95% CI        win rate 95% CI")
+for name in ["pretrain", "sft", "bon16", "rs", "ppo", "ppo_nokl", "dpo"]:
     path = os.path.join(out, f"eval_{name}.json")
     if os.path.exists(path):
         r = json.load(open(path))
-        r.setdefault("kl", r.get("kl_best_of_n"))  # best-of-n: the analytic log n - (n - 1) / n
-        print(f"{name:12s}" + "".join(f"{r[c]:10.3f}" if r.get(c) is not None else f"{'-':>10s}" for c in cols))
+        print(f"{name:12s}" + "".join(f"{r[c]:10.3f}" if r.get(c) is not None else f"{'-':>10s}" for c in cols)
+              + f"  {ci(r['gold_ci']) if 'gold_ci' in r else '-':18s} {ci(r['win_rate_ci']) if 'win_rate_ci' in r else '-'}")
 EOF
