@@ -299,10 +299,11 @@ def evaluate(cfg):
         tag = f"gold {g['gold']:+.2f}" if g else ""
         print(f"> {p}\n  {t!r}{'' if e else ' [no EOS]'} {tag}")
     if cfg.dump:
-        with open(cfg.dump, "w") as f:
+        with open(cfg.dump + ".tmp", "w") as f:  # renamed when complete: a kill never leaves half a dump
             for p, t, e in zip(prompts, texts, ended):
                 if e:  # an answer cut at the length cap would teach the model not to stop
                     f.write(json.dumps({"prompt": p, "response": t.strip()}) + "\n")
+        os.replace(cfg.dump + ".tmp", cfg.dump)
         summary["dumped"] = sum(ended)
     if cfg.dump_rankings:
         rows, summary["rankings_skipped"] = rm_rankings(prompts, all_texts, scores)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# sweep.sh: the reward-vs-KL frontier on the built-in task (the DPO paper's Figure 2, on our world).
-# Run after train.sh (it reuses out/sft, out/reward, out/ppo, out/ppo_nokl, out/dpo). Adds PPO at
-# three more KL coefficients, DPO at three more betas, and best-of-n for n = 1..64, evaluates every
-# run on the held-out prompts, and prints gold reward against KL to SFT (plotted to
-# out/frontier.png when matplotlib is installed). About 40 minutes on 2 CPU cores with the defaults;
-# NS, KLS and BETAS choose the points (e.g. KLS="0.2" BETAS="0.3 1.0" bash sweep.sh). A point whose
-# eval JSON exists is not run again.
+# sweep.sh: the reward-vs-KL frontier on the built-in task (the DPO paper's Figure 2, on our world),
+# and the seeds behind train.sh's numbers.
+# Run after train.sh (it reuses out/sft, out/reward, out/ppo, out/ppo_nokl, out/dpo, out/rs). Adds
+# PPO at three more KL coefficients, DPO at three more betas, and best-of-n for n = 1..64, evaluates
+# every run on the held-out prompts, and prints gold reward against KL to SFT (plotted to
+# out/frontier.png when matplotlib is installed). Then PPO, DPO and rejection sampling again with
+# training seeds SEEDS (default 1 2; train.sh's runs are seed 0), evaluated like train.sh (5 answers
+# per held-out prompt), and pooled with seed 0 prompt by prompt (eval.py --pool). About 40 minutes on
+# 2 CPU cores for the frontier and 25 for the seeds; NS, KLS, BETAS and SEEDS choose the points (e.g.
+# KLS="0.2" BETAS="0.3 1.0" SEEDS="" bash sweep.sh). A point whose eval JSON exists is not run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
@@ -38,3 +41,31 @@ done
 # --- the frontier: every evaluated run, gold reward against KL to SFT
 python eval.py --frontier "$S/eval_*.json,$OUT/eval_sft.json,$OUT/eval_ppo.json,$OUT/eval_ppo_nokl.json,$OUT/eval_dpo.json" \
   --plot "$OUT/frontier.png"
+
+# --- seeds: PPO, DPO and rejection-sampling fine-tuning with other training seeds, pooled with seed 0
+EV5="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 --n_show 0"
+for seed in ${SEEDS-1 2}; do
+  D="$OUT/seeds"
+  mkdir -p "$D"
+  if [ ! -f "$D/eval_ppo_seed$seed.json" ]; then
+    python ppo.py --config configs/ppo_world.toml --policy "$OUT/sft" --reward_model "$OUT/reward" \
+      --prompts "$DATA/prompts_train.jsonl" --out_dir "$D/ppo_seed$seed" --seed "$seed"
+    python eval.py --ckpt "$D/ppo_seed$seed" $EV5 --out "$D/eval_ppo_seed$seed.json"
+  fi
+  if [ ! -f "$D/eval_dpo_seed$seed.json" ]; then
+    python dpo.py --config configs/dpo_world.toml --data "$DATA/prefs_pairs_train.jsonl" --val_data "$DATA/prefs_pairs_val.jsonl" \
+      --init "$OUT/sft" --out_dir "$D/dpo_seed$seed" --seed "$seed"
+    python eval.py --ckpt "$D/dpo_seed$seed" $EV5 --out "$D/eval_dpo_seed$seed.json"
+  fi
+  if [ ! -f "$D/eval_rs_seed$seed.json" ]; then
+    [ -s "$D/rs_bon16_seed$seed.jsonl" ] || python eval.py --ckpt "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" \
+      --reward_model "$OUT/reward" --best_of_n 16 --repeats 2 --bon_kl_samples 0 --n_show 0 --seed "$seed" \
+      --dump "$D/rs_bon16_seed$seed.jsonl" --out "$D/rs_pick_seed$seed.json"
+    python sft.py --config configs/rs_world.toml --data "$D/rs_bon16_seed$seed.jsonl" --val_data "$DATA/sft_val.jsonl" \
+      --init "$OUT/sft" --out_dir "$D/rs_seed$seed" --seed "$seed"
+    python eval.py --ckpt "$D/rs_seed$seed" $EV5 --out "$D/eval_rs_seed$seed.json"
+  fi
+done
+for m in ppo dpo rs; do
+  ls "$OUT"/seeds/eval_"$m"_seed*.json >/dev/null 2>&1 && python eval.py --pool "$OUT/eval_$m.json,$OUT/seeds/eval_${m}_seed*.json"
+done

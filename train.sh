@@ -71,8 +71,7 @@ python dpo.py --config configs/dpo_world.toml --data "$DATA/prefs_pairs_train.js
 echo "[train.sh $SECONDS s] stage 9"
 if [ ! -s "$OUT/rs_bon16.jsonl" ]; then
   python eval.py --ckpt "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" --reward_model "$OUT/reward" --best_of_n 16 --repeats 2 \
-    --bon_kl_samples 0 --n_show 0 --dump "$OUT/rs_bon16.jsonl.tmp" --out "$OUT/rs_pick.json" $RS_PICK
-  mv "$OUT/rs_bon16.jsonl.tmp" "$OUT/rs_bon16.jsonl"
+    --bon_kl_samples 0 --n_show 0 --dump "$OUT/rs_bon16.jsonl" --out "$OUT/rs_pick.json" $RS_PICK
 fi
 python sft.py --config configs/rs_world.toml --data "$OUT/rs_bon16.jsonl" --val_data "$DATA/sft_val.jsonl" \
   --init "$OUT/sft" --out_dir "$OUT/rs" $RS
