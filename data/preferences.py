@@ -145,7 +145,7 @@ def main(cfg):
         write_jsonl(os.path.join(cfg.out_dir, f"prefs_pairs_{split}.jsonl"), pairs)
         all_stats[split] = stats
         print(f"{split}: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
-                                      if not k.endswith("_ci")) + f" | gold_agreement 95% CI {stats['gold_agreement_ci']}")
+                                      if not k.endswith("_ci")) + " | gold_agreement 95% CI [{:.3f}, {:.3f}]".format(*stats["gold_agreement_ci"]))
     with open(os.path.join(cfg.out_dir, "prefs_stats.json"), "w") as f:
         json.dump(all_stats, f, indent=2)
 
