@@ -37,8 +37,10 @@ ranking of K answers is expanded into its K(K-1)/2 pairs, each an independent ex
 treats pairs (InstructGPT instead keeps a ranking's pairs together in one batch element, see
 reward.py; a Plackett-Luce DPO over whole rankings is Rafailov et al. 2023, App. A.3, not done
 here). Too long rows follow model.truncate_example (prompt cut on the left, keeping min_prompt
-tokens, then the response on the right); chosen and rejected are truncated independently.
-Truncations are counted, printed and saved in out_dir/data_stats.json.
+tokens, then the response on the right), applied once per pair by model.truncate_group: the prompt
+is cut once, sized by the longer answer, so chosen and rejected are read in the same context (as
+the DPO reference code does). Truncations (rows) are counted, printed and saved in
+out_dir/data_stats.json.
 
 Departures from the paper's recipe (App. B: RMSprop, lr 1e-6, linear warmup over 150 steps, then
 constant): AdamW (model.configure_optimizer), and the lr decays linearly to min_lr_frac * lr after
@@ -114,13 +116,12 @@ def encode_pairs(pairs, tokenizer, max_len, min_prompt):
     Prompt and answer are tokenized separately (model.encode_chat, RLHF_DETAILS.md item 8)."""
     out, stats = [], {"pairs": len(pairs), "prompt_truncated": 0, "response_truncated": 0}  # truncations count rows
     for prompt, chosen, rejected in pairs:
-        rows = []
-        for answer in (chosen, rejected):
-            p, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, answer), max_len, min_prompt)
-            stats["prompt_truncated"] += cut_p
-            stats["response_truncated"] += cut_r
-            rows.append((p + r, len(p)))
-        out.append(tuple(rows))
+        p = M.encode_chat(tokenizer, prompt)
+        answers = [M.encode_chat(tokenizer, prompt, a)[1] for a in (chosen, rejected)]
+        p, answers, cut_p, cut_r = M.truncate_group(p, answers, max_len, min_prompt)  # one prompt cut for both
+        stats["prompt_truncated"] += 2 * cut_p
+        stats["response_truncated"] += sum(cut_r)
+        out.append(tuple((p + r, len(p)) for r in answers))
     return out, stats
 
 

@@ -156,3 +156,14 @@ def test_cli_resumes_exactly(tiny_ckpt, tmp_path, monkeypatch):
     again = run(prefs, tiny_ckpt, tmp_path / "a", *args)  # a finished run is not trained again
     assert rows(tmp_path / "a") == rows(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), again.state_dict().values()))
+
+
+def test_chosen_and_rejected_share_one_truncated_prompt(tokenizer):
+    prompt = "describe the cat and the dog and the owl and the forest and the town where they all live."
+    pair = (prompt, "no.", "the cat is a very black cat that sleeps in the town with the dog.")
+    p = M.encode_chat(tokenizer, prompt)
+    long_ = M.encode_chat(tokenizer, prompt, pair[2])[1]
+    max_len = len(p) + len(long_) - 5  # the longer answer forces a 5-token prompt cut; the short one alone would not
+    (c, n_c), (r, n_r) = dpo.encode_pairs([pair], tokenizer, max_len, 4)[0][0]
+    assert n_c == n_r == len(p) - 5 and c[:n_c] == r[:n_r] == p[5:]
+    assert dpo.encode_pairs([pair], tokenizer, max_len, 4)[1] == {"pairs": 1, "prompt_truncated": 2, "response_truncated": 0}
