@@ -620,6 +620,15 @@ def encode_chat(tokenizer, prompt, response=None):
     return p, tokenizer.encode(" " + response) + [tokenizer.eot_id]
 
 
+def reencode(tokenizer, ids):
+    """The tokenizer's own encoding of sampled ids' text: encode(decode(ids)), + EOS if they end with
+    it. Sampled ids need not be that encoding (BPE can spell a text several ways); a model trained
+    on encoded text (the reward model) should read the text's canonical ids."""
+    ids = [int(i) for i in ids if i != PAD_ID]
+    ended = bool(ids) and ids[-1] == tokenizer.eot_id
+    return tokenizer.encode(tokenizer.decode(ids)) + [tokenizer.eot_id] * ended
+
+
 def truncate_example(p, r, max_len, min_prompt):
     """The one truncation rule, for prompt ids p and response ids r (with EOS) longer than max_len:
     cut the prompt from the left (keep its last tokens) but keep at least min_prompt of them; if
