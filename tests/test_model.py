@@ -420,3 +420,11 @@ def test_truncate_group_cuts_the_prompt_once_by_the_longest_answer():
     assert got_p == p[-4:] and rs == [short, long_[:6]] and cut_r == [False, True]
     # a group of one is truncate_example
     assert M.truncate_group(p, [long_], 24, 4) == (p[-13:], [long_], True, [False])
+
+
+def test_reencode_gives_the_canonical_ids_of_sampled_text(tokenizer):
+    text = " the cat is black."
+    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()]  # the same text, one byte a token
+    assert spelled != tokenizer.encode(text) and tokenizer.decode(spelled) == text
+    assert M.reencode(tokenizer, spelled + [tokenizer.eot_id]) == tokenizer.encode(text) + [tokenizer.eot_id]
+    assert M.reencode(tokenizer, spelled + [M.PAD_ID, M.PAD_ID]) == tokenizer.encode(text)  # a cut answer gets no EOS

@@ -301,3 +301,21 @@ def test_real_compile_step0_ratio_is_exactly_one(world, tiny_ckpt, tiny_rm, tmp_
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--compile", "true")
     first = json.loads(open(tmp_path / "metrics.jsonl").readline())
     assert first["approx_kl_step0"] == 0.0 and first["kl"] == 0.0
+
+
+def test_reward_model_reads_the_canonical_ids_of_a_sampled_answer(tokenizer, tiny_rm):
+    # an answer sampled as one token per byte is scored like the same text encoded, as the RM was trained
+    import eval as evaluate
+    rm, _, _ = M.load_checkpoint(tiny_rm)
+    prompt = M.encode_chat(tokenizer, "what colour is the cat?")
+    text = " the cat is black."
+    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
+    canonical = tokenizer.encode(text) + [tokenizer.eot_id]
+    responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
+    rows = ppo.rm_rows(tokenizer, [prompt, prompt], responses, 96)
+    assert rows.tolist() == [prompt + canonical] * 2
+    s = evaluate.rm_scores(rm, tokenizer, ["what colour is the cat?"] * 2, [spelled, canonical], 2, "cpu")
+    assert s[0].item() == s[1].item()
+    with torch.no_grad():  # the sampled ids themselves would score differently
+        raw = rm.score(torch.tensor([prompt + spelled]))
+    assert raw.item() != s[0].item()
