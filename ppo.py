@@ -24,8 +24,9 @@ as a token-level RL problem: the state is prompt + response so far, the action t
                  clipped value loss (as in OpenAI baselines / lm-human-preferences):
                  V_clip = V_old + clip(V - V_old, -eps_v, eps_v), L_v = 0.5 mean(max((V-R)^2, (V_clip-R)^2))
                  loss = L_pg + vf_coef L_v - ent_coef H + ptx_coef L_ptx (InstructGPT's PPO-ptx),
-                 one AdamW step over the policy AND the value model, the gradient norm clipped
-                 over both jointly (as N+ and cleanrl do)
+                 one AdamW step over the policy AND the value model (N+: one optimizer over policy
+                 and critic), the gradient norm clipped over both jointly (as cleanrl's PPO clips
+                 its one agent's)
 Means are over real response tokens of the minibatch (RLHF_DETAILS.md item 13). Log-prob, KL and
 loss arithmetic is fp32 even under bf16 autocast (item 16). Dropout is off in all four models
 (item 2). Adam eps 1e-5 (item 15). The entropy H is computed without gradients (for the log only)
@@ -36,7 +37,7 @@ model's gradients, and Adam's update m / (sqrt(v) + eps) is invariant to a const
 parameter's gradients: vf_coef acts only through eps and through the joint gradient clip (a
 larger vf_coef makes the value gradients a larger share of the clipped norm, so the policy's step
 shrinks when the clip is active). That is what it means in N+ (one optimizer over policy and
-critic, loss = pg + vf_coef * vf), kept here so their settings carry over; the direct knob of the
+critic, loss = pg + vf_coef * vf), kept here so its settings carry over; the direct knob of the
 value model's step size is value_lr (its own parameter group of the same AdamW).
 
 Precision. The reference keeps the policy's fp32 weights and runs through the same autocast path
@@ -293,7 +294,7 @@ def rm_rows(tokenizer, prompt_ids, responses, max_len):
 
 
 def init_value_model(value_init, policy, reward_model, device):
-    """The value model (RLHF_DETAILS.md item 12). "reward": the reward model with its normalisation
+    """The value model (item 12). "reward": the reward model with its normalisation
     folded into the head, so its first values are in the units of the normalised scores (InstructGPT,
     N+); "policy": the SFT trunk with a zero head, every first value 0 (lm-human-preferences)."""
     if value_init == "reward":
@@ -554,7 +555,7 @@ def train(cfg):
                 all_reduce_grads(value_model, world)
                 where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
                 both = [p for m in (policy, value_model) for p in m.parameters()]
-                mb_stats["grad_norm"] = M.clip_grad_checked(both, cfg.max_grad_norm, where)  # joint, as N+
+                mb_stats["grad_norm"] = M.clip_grad_checked(both, cfg.max_grad_norm, where)  # one norm over both models
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 stats.append(mb_stats)
