@@ -37,13 +37,18 @@ ranking of K answers is expanded into its K(K-1)/2 pairs, each an independent ex
 treats pairs (InstructGPT instead keeps a ranking's pairs together in one batch element, see
 reward.py; a Plackett-Luce DPO over whole rankings is Rafailov et al. 2023, App. A.3, not done
 here). Too long rows follow model.truncate_example (prompt cut on the left, keeping min_prompt
-tokens, then the response on the right); chosen and rejected are truncated independently.
-Truncations are counted, printed and saved in out_dir/data_stats.json.
+tokens, then the response on the right), applied once per pair by model.truncate_group: the prompt
+is cut once, sized by the longer answer, so chosen and rejected are read in the same context (as
+the DPO reference code does). Truncations (rows) are counted, printed and saved in
+out_dir/data_stats.json.
 
 Departures from the paper's recipe (App. B: RMSprop, lr 1e-6, linear warmup over 150 steps, then
 constant): AdamW (model.configure_optimizer), and the lr decays linearly to min_lr_frac * lr after
-warmup (min_lr_frac 1.0 gives the constant rate). TRL averages the log-probs over tokens for IPO;
-here IPO uses the summed log-probs, as the formula is written.
+warmup (min_lr_frac 1.0 gives the constant rate). IPO comes in two forms. Summed
+log-probs (the default) are Azar et al.'s Eq. 17 as written, with log pi(y|x) the sequence
+log-likelihood, and what the DPO reference code's IPO loss uses. ipo_average = true averages them
+over each answer's tokens (EOS included) before h is formed, as TRL does for IPO, following the IPO
+authors; h is then per token, so the target 1/(2 beta) and a good beta differ from the summed form.
 
 Run:
   CPU, built-in task:  python dpo.py --config configs/dpo_world.toml
@@ -79,6 +84,7 @@ class Config:
     loss_type: str = "dpo"  # "dpo" (Rafailov et al. Eq. 7, with label_smoothing: cDPO) or "ipo" (Azar et al. Eq. 17)
     beta: float = 0.1  # strength of the implicit KL constraint to pi_ref (paper: 0.1; 0.5 for TL;DR)
     label_smoothing: float = 0.0  # cDPO: assumed probability that a label is flipped (dpo only)
+    ipo_average: bool = False  # ipo only: log-probs averaged over response tokens (TRL's form), not summed (Eq. 17 as written)
     max_len: int = 128  # prompt + response tokens per row
     min_prompt: int = 16  # prompt tokens always kept when truncating
     batch_size: int = 32  # pairs per micro-batch (each pair is 2 rows of the forward)
@@ -114,13 +120,12 @@ def encode_pairs(pairs, tokenizer, max_len, min_prompt):
     Prompt and answer are tokenized separately (model.encode_chat, RLHF_DETAILS.md item 8)."""
     out, stats = [], {"pairs": len(pairs), "prompt_truncated": 0, "response_truncated": 0}  # truncations count rows
     for prompt, chosen, rejected in pairs:
-        rows = []
-        for answer in (chosen, rejected):
-            p, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, answer), max_len, min_prompt)
-            stats["prompt_truncated"] += cut_p
-            stats["response_truncated"] += cut_r
-            rows.append((p + r, len(p)))
-        out.append(tuple(rows))
+        p = M.encode_chat(tokenizer, prompt)
+        answers = [M.encode_chat(tokenizer, prompt, a)[1] for a in (chosen, rejected)]
+        p, answers, cut_p, cut_r = M.truncate_group(p, answers, max_len, min_prompt)  # one prompt cut for both
+        stats["prompt_truncated"] += 2 * cut_p
+        stats["response_truncated"] += sum(cut_r)
+        out.append(tuple((p + r, len(p)) for r in answers))
     return out, stats
 
 
@@ -141,11 +146,14 @@ def batch_indices(step, n, per_step, seed):
 # --- the loss
 
 
-def concatenated_logps(model, ids, mask):
-    """Summed response log-probs of chosen and rejected from one forward of the (2B, T) batch.
-    Returns (chosen (B,), rejected (B,)), fp32."""
+def concatenated_logps(model, ids, mask, average=False):
+    """Summed response log-probs of chosen and rejected from one forward of the (2B, T) batch, or
+    with average, their mean over each answer's tokens (EOS included). Returns (chosen (B,),
+    rejected (B,)), fp32."""
     logprobs = M.response_logprobs(model, ids)  # (2B, T-1): log p(ids[:, t] | ids[:, :t]) for t >= 1
     logps = (logprobs * mask[:, 1:]).sum(-1)  # (2B,): the mask shifted like the targets ids[:, 1:]
+    if average:
+        logps = logps / mask[:, 1:].sum(-1)  # (2B,) every answer has at least its EOS
     B = ids.size(0) // 2
     return logps[:B], logps[B:]
 
@@ -191,7 +199,7 @@ PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "
 
 
 @torch.no_grad()
-def reference_logprobs(ref, examples, batches, device, ctx):
+def reference_logprobs(ref, examples, batches, device, ctx, average=False):
     """log pi_ref of the chosen and rejected answer of every pair in `batches` (lists of indices
     into examples), in eval mode: (N, 2). A pair in no batch is NaN, so using it would fail loudly."""
     ref.eval()
@@ -199,7 +207,7 @@ def reference_logprobs(ref, examples, batches, device, ctx):
     for b in tqdm(batches, desc="reference log-probs", dynamic_ncols=True, leave=False):
         ids, mask = collate([examples[i] for i in b])
         with ctx:
-            chosen, rejected = concatenated_logps(ref, ids.to(device), mask.to(device))
+            chosen, rejected = concatenated_logps(ref, ids.to(device), mask.to(device), average)
         out[b] = torch.stack([chosen, rejected], 1).float().cpu()  # (B, 2)
     return out
 
@@ -212,7 +220,7 @@ def evaluate(model, examples, ref_logps, cfg, device, ctx):
     for i in range(0, len(examples), cfg.batch_size):
         ids, mask = collate(examples[i:i + cfg.batch_size])
         with ctx:
-            chosen, rejected = concatenated_logps(model, ids.to(device), mask.to(device))
+            chosen, rejected = concatenated_logps(model, ids.to(device), mask.to(device), cfg.ipo_average)
         mb_ref = ref_logps[i:i + cfg.batch_size].to(device)  # (B, 2)
         out = dpo_loss(chosen, rejected, mb_ref[:, 0], mb_ref[:, 1], cfg.beta, cfg.label_smoothing, cfg.loss_type)
         for c, v in zip(cols, (*out, chosen, rejected)):
@@ -248,6 +256,8 @@ def train(cfg):
         raise M.ConfigError(f"loss_type {cfg.loss_type!r}: expected 'dpo' or 'ipo'")
     if cfg.loss_type == "ipo" and cfg.label_smoothing:
         raise M.ConfigError("label_smoothing is cDPO's; it does not apply to loss_type 'ipo'")
+    if cfg.ipo_average and cfg.loss_type != "ipo":
+        raise M.ConfigError("ipo_average is IPO's per-token form; it does not apply to loss_type 'dpo'")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise M.ConfigError(f"label_smoothing {cfg.label_smoothing}: expected 0 <= e < 0.5 (a flip probability)")
     rank, world, device = M.ddp_setup(cfg.device)
@@ -287,9 +297,9 @@ def train(cfg):
     batches = [idx[j::cfg.grad_accum] for s in range(min(max_steps, steps_per_epoch))
                for idx in [batch_indices(s, len(train_ex), per_step, cfg.seed)] for j in range(cfg.grad_accum)
                if idx[j::cfg.grad_accum]]  # an epoch's last step can leave a micro-batch empty
-    ref_train = reference_logprobs(ref, train_ex, batches, device, ctx)  # (N_train, 2)
+    ref_train = reference_logprobs(ref, train_ex, batches, device, ctx, cfg.ipo_average)  # (N_train, 2)
     val_batches = [list(range(i, min(i + cfg.batch_size, len(val_ex)))) for i in range(0, len(val_ex), cfg.batch_size)]
-    ref_val = reference_logprobs(ref, val_ex, val_batches, device, ctx)  # (N_val, 2)
+    ref_val = reference_logprobs(ref, val_ex, val_batches, device, ctx, cfg.ipo_average)  # (N_val, 2)
     print(f"reference log-probs of {sum(map(len, batches))} + {len(val_ex)} pairs in {time.time() - t0:.1f}s")
     model = ref if state is None else M.load_checkpoint(ckpt, device)[0]
     del ref
@@ -322,7 +332,7 @@ def train(cfg):
             # 2. chosen and rejected in one forward, split back
             sync = world == 1 or j == len(micro) - 1
             with ctx, (nullcontext() if sync else ddp_model.no_sync()):
-                chosen, rejected = concatenated_logps(fwd, ids.to(device), mask.to(device))  # (B,), (B,)
+                chosen, rejected = concatenated_logps(fwd, ids.to(device), mask.to(device), cfg.ipo_average)  # (B,), (B,)
                 mb_ref = ref_train[mb_idx].to(device)  # (B, 2), constants
                 # 3. the loss, a mean over all pairs of the step (DDP averages over ranks: * world)
                 losses, r_c, r_r = dpo_loss(chosen, rejected, mb_ref[:, 0], mb_ref[:, 1],

@@ -107,8 +107,10 @@ def logprob_sums(model, tokenizer, prompts, responses, cfg, device):
 
 @torch.no_grad()
 def rm_scores(rm, tokenizer, prompts, responses, batch_size, device):
-    """Normalised reward-model score of each (prompt, response): (N,)."""
+    """Normalised reward-model score of each (prompt, response ids): (N,). The answers are
+    re-encoded from their text first (model.reencode), the ids the reward model was trained on."""
     rm.eval()
+    responses = [M.reencode(tokenizer, r) for r in responses]
     out = []
     for i in range(0, len(prompts), batch_size):
         ids, _ = right_padded(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size], rm.config.block_size)

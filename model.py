@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import struct
 import sys
@@ -619,6 +620,15 @@ def encode_chat(tokenizer, prompt, response=None):
     return p, tokenizer.encode(" " + response) + [tokenizer.eot_id]
 
 
+def reencode(tokenizer, ids):
+    """The tokenizer's own encoding of sampled ids' text: encode(decode(ids)), + EOS if they end with
+    it. Sampled ids need not be that encoding (BPE can spell a text several ways); a model trained
+    on encoded text (the reward model) should read the text's canonical ids."""
+    ids = [int(i) for i in ids if i != PAD_ID]
+    ended = bool(ids) and ids[-1] == tokenizer.eot_id
+    return tokenizer.encode(tokenizer.decode(ids)) + [tokenizer.eot_id] * ended
+
+
 def truncate_example(p, r, max_len, min_prompt):
     """The one truncation rule, for prompt ids p and response ids r (with EOS) longer than max_len:
     cut the prompt from the left (keep its last tokens) but keep at least min_prompt of them; if
@@ -631,6 +641,16 @@ def truncate_example(p, r, max_len, min_prompt):
         if len(p) + len(r) > max_len:
             r, cut_r = r[:max_len - len(p)], True
     return p, r, cut_p, cut_r
+
+
+def truncate_group(p, rs, max_len, min_prompt):
+    """truncate_example for answers that share one prompt (a preference pair, a K-wise ranking):
+    the prompt is cut ONCE, sized by the longest answer, so every answer of the group is read in
+    the same context (as the DPO reference code does); then an answer still too long is cut on
+    the right. Returns (p, rs, cut_p, cut_rs) with cut_rs one flag per answer."""
+    p, _, cut_p, _ = truncate_example(p, max(rs, key=len), max_len, min_prompt)
+    cut = [truncate_example(p, r, max_len, min_prompt) for r in rs]  # the prompt fits: only answers are cut
+    return p, [c[1] for c in cut], cut_p, [c[3] for c in cut]
 
 
 def pad_left(rows, max_len=None):
@@ -733,13 +753,23 @@ def load_gpt(init, device="cpu", dropout=0.0):
 
 
 def load_train_state(path):
-    """The optimizer/RNG/step state saved with a checkpoint, or None."""
+    """The optimizer/RNG/step state saved with a checkpoint, or None.
+
+    Read with weights_only=True: tensors, numbers and plain containers only, so a run directory
+    copied from someone else cannot run code on resume (a full unpickle can)."""
     try:
         d = checkpoint_dir(path)
     except FileNotFoundError:
         return None
     p = os.path.join(d, "state.pt")
-    return torch.load(p, map_location="cpu", weights_only=False) if os.path.exists(p) else None
+    if not os.path.exists(p):
+        return None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")  # names the object it refused
+        raise ValueError(f"{p}: refused to load: it holds more than tensors, numbers and plain containers, so "
+                         f"unpickling it could run code. {why} Resume only from run directories you made.") from None
 
 
 def rng_state():

@@ -23,15 +23,42 @@ as a token-level RL problem: the state is prompt + response so far, the action t
                  ratio = exp(logp - logp_old), L_pg = mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps)))
                  clipped value loss (as in OpenAI baselines / lm-human-preferences):
                  V_clip = V_old + clip(V - V_old, -eps_v, eps_v), L_v = 0.5 mean(max((V-R)^2, (V_clip-R)^2))
-                 loss = L_pg + vf_coef L_v - ent_coef H + ptx_coef L_ptx (InstructGPT's PPO-ptx)
+                 loss = L_pg + vf_coef L_v - ent_coef H + ptx_coef L_ptx (InstructGPT's PPO-ptx),
+                 one AdamW step over the policy AND the value model (N+: one optimizer over policy
+                 and critic), the gradient norm clipped over both jointly (as cleanrl's PPO clips
+                 its one agent's)
 Means are over real response tokens of the minibatch (RLHF_DETAILS.md item 13). Log-prob, KL and
 loss arithmetic is fp32 even under bf16 autocast (item 16). Dropout is off in all four models
-(item 2). Adam eps 1e-5 (item 15).
+(item 2). Adam eps 1e-5 (item 15). The entropy H is computed without gradients (for the log only)
+when ent_coef is 0, so no (B, R, V) fp32 graph is kept for it.
+
+What vf_coef does. Policy and value model are separate networks, so vf_coef scales only the value
+model's gradients, and Adam's update m / (sqrt(v) + eps) is invariant to a constant scale of a
+parameter's gradients: vf_coef acts only through eps and through the joint gradient clip (a
+larger vf_coef makes the value gradients a larger share of the clipped norm, so the policy's step
+shrinks when the clip is active). That is what it means in N+ (one optimizer over policy and
+critic, loss = pg + vf_coef * vf), kept here so its settings carry over; the direct knob of the
+value model's step size is value_lr (its own parameter group of the same AdamW).
+
+Precision. The reference keeps the policy's fp32 weights and runs through the same autocast path
+as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16 copy of the
+reference under a policy autocast from fp32 weights is not the same function). The reward model,
+which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17); its gain
+and bias stay fp32. With compile, the rollout's old log-probs, the reference's and the update's
+all go through compiled modules (the policy's old and new log-probs through the same one), so the
+step-0 ratio is exactly 1.
+
+Scores and tokenization. The reward model was trained on answers encoded from text, but a
+sampled answer's ids need not be the canonical encoding of its text (BPE can spell a word in
+several ways). The reward model therefore scores prompt + encode(decode(answer)) (+ EOS if it
+ended), the ids it would have seen for that text in training (model.reencode).
 
 Models: the policy (from SFT), the frozen reference (the same SFT weights), the frozen reward
 model, and a separate value model. value_init = "reward": the value model is initialised from
-the reward model (InstructGPT, Stiennon et al. 2020, N+); "policy": from the SFT trunk with a
-zero-initialised head (lm-human-preferences initialises its value head to zero).
+the reward model (InstructGPT, Stiennon et al. 2020, N+), with the reward normalisation folded
+into its head (w <- gain w, b <- gain b + bias) so its values start in the units of the
+normalised scores, and of the returns; "policy": from the SFT trunk with a zero-initialised head
+(lm-human-preferences initialises its value head to zero).
 
 Departures: old log-probs are recomputed by a full forward after sampling (the sampler's own
 log-probs agree to float error; recomputing makes step 0 exact whatever the sampler's batch
@@ -98,12 +125,12 @@ class Config:
     num_minibatches: int = 4
     grad_accum: int = 1  # micro-batches per minibatch
     lr: float = 3e-5  # policy
-    value_lr: float = 3e-5
+    value_lr: float = 3e-5  # value model (its parameter group of the one AdamW): the value step size knob
     anneal_lr: bool = True  # linear decay to 0 over the run (N+)
     clip_coef: float = 0.2
     vf_clip: float = 0.2  # eps_v of the clipped value loss
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
+    vf_coef: float = 0.1  # weight of L_v in the joint loss; acts only through Adam's eps and the joint clip (docstring)
+    ent_coef: float = 0.0  # entropy bonus; 0: the entropy is logged without a gradient graph
     gamma: float = 1.0
     gae_lambda: float = 0.95
     norm_adv: bool = True
@@ -121,7 +148,7 @@ class Config:
     ckpt_interval: int = 20
     seed: int = 0
     device: str = "auto"
-    dtype: str = "bfloat16"  # autocast on CUDA; frozen models also stored in it there (item 17)
+    dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
     compile: bool = False
 
 
@@ -216,6 +243,19 @@ def entropy_from_logits(logits, temperature):
     return -(logp.exp() * logp).sum(-1)
 
 
+def fold_reward_normalisation(value_model):
+    """Fold a reward model's normalisation into its head, in place: w <- gain w, b <- gain b + bias,
+    then gain 1 and bias 0. Its forward() (the values) is then in the units of score(), the
+    normalised scores that the rewards and returns are made of. Returns the model."""
+    with torch.no_grad():
+        gain, bias = value_model.reward_gain.float(), value_model.reward_bias.float()
+        value_model.head.weight.mul_(gain)
+        value_model.head.bias.mul_(gain).add_(bias)
+        value_model.reward_gain.fill_(1.0)
+        value_model.reward_bias.fill_(0.0)
+    return value_model
+
+
 def adaptive_kl_update(kl_coef, kl, target, n_steps, horizon):
     """Ziegler et al. 2019's proportional controller: beta *= 1 + clip(KL/target - 1, -.2, .2) * n / horizon."""
     err = min(max(kl / target - 1, -0.2), 0.2)
@@ -240,6 +280,41 @@ def load_prompts(path, tokenizer, max_len):
     ids = [M.encode_chat(tokenizer, p) for p in rows]
     cut = sum(len(x) > max_len for x in ids)
     return rows, [x[-max_len:] for x in ids], cut
+
+
+def rm_rows(tokenizer, prompt_ids, responses, max_len):
+    """Right-padded rows prompt + re-encoded answer (+ EOS if it ended) for the reward model: (B, T).
+    The ids it saw in training for the same text (model.reencode); a row longer than max_len
+    keeps the end of its prompt (model.truncate_example)."""
+    rows = []
+    for p, r in zip(prompt_ids, responses.tolist()):
+        p, r, _, _ = M.truncate_example(p, M.reencode(tokenizer, r), max_len, 0)
+        rows.append(p + r)
+    return M.pad_right(rows)
+
+
+def init_value_model(value_init, policy, reward_model, device):
+    """The value model (item 12). "reward": the reward model with its normalisation
+    folded into the head, so its first values are in the units of the normalised scores (InstructGPT,
+    N+); "policy": the SFT trunk with a zero head, every first value 0 (lm-human-preferences)."""
+    if value_init == "reward":
+        return fold_reward_normalisation(M.load_checkpoint(reward_model, device, kind="scalar")[0])
+    value_model = M.ScalarModel(policy.config).to(device)
+    value_model.backbone.load_state_dict(policy.state_dict())
+    torch.nn.init.zeros_(value_model.head.weight)  # the bias is 0 already
+    return value_model
+
+
+def ptx_windows(ptx, ptx_len, batch_size, generator):
+    """batch_size random windows of ptx_len + 1 tokens of the pretraining stream: (b, L + 1)."""
+    j = torch.randint(len(ptx) - ptx_len - 1, (batch_size,), generator=generator, device=generator.device).cpu()
+    return torch.stack([ptx[k:k + ptx_len + 1] for k in j.tolist()])
+
+
+def ptx_loss(model, x):
+    """PPO-ptx's term (InstructGPT Eq. 2, ptx_coef E_pretrain[log pi(x)]) as a loss to minimise: the
+    mean next-token negative log-likelihood of windows x (b, L + 1), fp32."""
+    return -M.response_logprobs(model, x).mean()
 
 
 def load_ptx(path, tokenizer):
@@ -287,16 +362,18 @@ def all_reduce_grads(model, world):
 
 
 @torch.no_grad()
-def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx):
-    """Old/ref log-probs, values and scores of a rollout, in chunks of `micro` rows (item 17)."""
+def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids):
+    """Old/ref log-probs, values and scores of a rollout, in chunks of `micro` rows (item 17).
+    policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1;
+    rm_ids (B, T') are the reward model's rows (rm_rows)."""
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for i in range(0, seq.size(0), micro):
-        s, m = seq[i:i + micro], full_mask[i:i + micro]
+        s, m, r = seq[i:i + micro], full_mask[i:i + micro], rm_ids[i:i + micro]
         with ctx:
             outs["logprobs"].append(M.response_logprobs(policy, s, m, P, cfg.temperature))
             outs["ref_logprobs"].append(M.response_logprobs(ref, s, m, P, cfg.temperature))
             outs["values"].append(value_model(s, m)[:, P - 1:-1].float())  # V(s_t) read at the token before y_t
-            outs["scores"].append(rm.score(s, m).float())
+            outs["scores"].append(rm.score(r, r != M.PAD_ID).float())
     return {k: torch.cat(v) for k, v in outs.items()}
 
 
@@ -332,16 +409,15 @@ def train(cfg):
     rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
     if rm_tok.ranks != tokenizer.ranks:
         raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
-    if cfg.value_init == "reward":
-        value_model, _, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
-    else:
-        value_model = M.ScalarModel(policy.config).to(device)
-        value_model.backbone.load_state_dict(policy.state_dict())
-        torch.nn.init.zeros_(value_model.head.weight)
+    value_model = init_value_model(cfg.value_init, policy, cfg.reward_model, device)
     for frozen in (ref, rm):
         frozen.eval().requires_grad_(False)
-        if device.startswith("cuda") and cfg.dtype == "bfloat16":
-            frozen.to(torch.bfloat16)  # half the memory; their outputs are cast to fp32
+    ctx = M.autocast(device, cfg.dtype)
+    if isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
+        # the reward model in bf16: half the memory, scores cast to fp32, gain and bias kept fp32.
+        # The reference stays in fp32 like the policy: the same autocast path, so step-0 KL is exactly 0
+        rm.backbone.to(torch.bfloat16)
+        rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
     value_model.eval()
     prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len)
@@ -349,8 +425,10 @@ def train(cfg):
     if cfg.gold:
         from data.world import gold_reward  # the task's oracle: a metric only
 
-    opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
-    vopt = M.configure_optimizer(value_model, cfg.value_lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
+    # one AdamW over both models (N+), eps 1e-5 (item 15); the value model is its own group for value_lr
+    opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
+                             {"params": list(value_model.parameters()), "lr": cfg.value_lr}],
+                            betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0, fused=device.startswith("cuda"))
     kl_coef, it = cfg.kl_coef, 0
     ckpt = os.path.join(cfg.out_dir, "ckpt")
     state = M.load_train_state(ckpt)
@@ -358,7 +436,6 @@ def train(cfg):
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
         value_model.load_state_dict(state["value_model"])
         opt.load_state_dict(state["optimizer"])
-        vopt.load_state_dict(state["value_optimizer"])
         M.set_rng_state(state["rng"])
         kl_coef, it = state["kl_coef"], state["iteration"]
         if master:
@@ -371,17 +448,16 @@ def train(cfg):
               f"{cfg.num_minibatches} minibatches of {minibatch} -> {cfg.grad_accum} micro-batches of {micro}; "
               f"{cfg.update_epochs} epochs = {cfg.update_epochs * cfg.num_minibatches} optimizer steps per rollout; "
               f"{iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens)")
-    ctx = M.autocast(device, cfg.dtype)
-    fwd_policy = torch.compile(policy) if cfg.compile else policy
+    fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
+    fwd_ref = torch.compile(ref) if cfg.compile else ref  # the same path as the policy's: step-0 KL is 0
     gen, ptx_gen = torch.Generator(device=device), torch.Generator(device=device)
     stat_keys = ["approx_kl", "clipfrac", "vf_clipfrac", "ratio", "pg_loss", "vf_loss", "entropy"] + ["ptx_loss"] * (ptx is not None)
     t0, start = time.time(), it
     bar = tqdm(total=iterations, initial=it, desc="ppo", dynamic_ncols=True, disable=not master)
     while it < iterations:
         frac = 1.0 - it / iterations if cfg.anneal_lr else 1.0
-        for o, lr in ((opt, cfg.lr), (vopt, cfg.value_lr)):
-            for group in o.param_groups:
-                group["lr"] = lr * frac
+        for group, lr in zip(opt.param_groups, (cfg.lr, cfg.value_lr)):
+            group["lr"] = lr * frac
 
         # 1. rollout: sample answers to left-padded prompts with the KV cache, this process's shards
         #    only, each with its own generator (exact resume; the same rows whatever the process count)
@@ -403,8 +479,9 @@ def train(cfg):
         responses = seq[:, P:]  # (b, R)
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
 
-        # 2. forward: old and reference log-probs, values, reward-model scores
-        out = rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx)
+        # 2. forward: old and reference log-probs, values, reward-model scores (of the re-encoded text)
+        rm_ids = rm_rows(tokenizer, [prompt_ids[i] for i in idx[lo:lo + share]], responses, rm.config.block_size).to(device)
+        out = rollout_forward(fwd_policy, fwd_ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
         old_logprobs, ref_logprobs, scores = out["logprobs"], out["ref_logprobs"], out["scores"]
         old_values = out["values"] * mask  # padded values zeroed (item 13)
 
@@ -456,16 +533,17 @@ def train(cfg):
                     new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
                     pg_loss, vf_loss, s = ppo_losses(new_logprobs, old_logprobs[i], advantages[i], vpred, old_values[i],
                                                      returns[i], mb_mask, cfg.clip_coef, cfg.vf_clip)
-                    entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb_mask)
+                    if cfg.ent_coef > 0:  # a bonus in the loss: its gradient is needed
+                        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb_mask)
+                    else:  # logged only: no (b, R, V) fp32 graph
+                        with torch.no_grad():
+                            entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb_mask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                     if ptx is not None:  # PPO-ptx: pretraining log-likelihood on random windows (per process)
-                        j = torch.randint(len(ptx) - cfg.ptx_len - 1, (cfg.ptx_batch_size,), generator=ptx_gen, device=device).cpu()
-                        x = torch.stack([ptx[k:k + cfg.ptx_len + 1] for k in j.tolist()]).to(device)
+                        x = ptx_windows(ptx, cfg.ptx_len, cfg.ptx_batch_size, ptx_gen).to(device)  # (b, L + 1)
                         with ctx:
-                            ptx_lp = M.response_logprobs(fwd_policy, x)  # (b, L)
-                        ptx_loss = -ptx_lp.mean()
-                        loss = loss + cfg.ptx_coef * ptx_loss
-                        s["ptx_loss"] = ptx_loss
+                            s["ptx_loss"] = ptx_loss(fwd_policy, x)
+                        loss = loss + cfg.ptx_coef * s["ptx_loss"]
                     (loss * w).backward()
                     s.update(pg_loss=pg_loss, vf_loss=vf_loss, entropy=entropy)
                     mb_stats += torch.stack([s[k].detach().float() for k in stat_keys]) * w
@@ -476,12 +554,10 @@ def train(cfg):
                 all_reduce_grads(policy, world)
                 all_reduce_grads(value_model, world)
                 where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
-                mb_stats["grad_norm"] = M.clip_grad_checked(policy.parameters(), cfg.max_grad_norm, where)
-                mb_stats["value_grad_norm"] = M.clip_grad_checked(value_model.parameters(), cfg.max_grad_norm, where)
+                both = [p for m in (policy, value_model) for p in m.parameters()]
+                mb_stats["grad_norm"] = M.clip_grad_checked(both, cfg.max_grad_norm, where)  # one norm over both models
                 opt.step()
-                vopt.step()
                 opt.zero_grad(set_to_none=True)
-                vopt.zero_grad(set_to_none=True)
                 stats.append(mb_stats)
 
         # 7. adaptive KL controller (Ziegler et al. 2019), from this rollout's KL
@@ -516,7 +592,7 @@ def train(cfg):
         if master and (it % cfg.ckpt_interval == 0 or it == iterations):
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
                               state={"iteration": it, "kl_coef": kl_coef, "value_model": value_model.state_dict(),
-                                     "optimizer": opt.state_dict(), "value_optimizer": vopt.state_dict(), "rng": M.rng_state()})
+                                     "optimizer": opt.state_dict(), "rng": M.rng_state()})
     bar.close()
     M.ddp_cleanup(world)
     return policy

@@ -106,20 +106,18 @@ def read_labels(path):
 
 def encode_groups(groups, tokenizer, max_len, min_prompt):
     """Each (prompt, [answers best..worst]) -> list of token rows prompt + answer + EOS (None, the
-    constant 0 of a labelled answer, stays None)."""
+    constant 0 of a labelled answer, stays None). Too long rows follow model.truncate_group: the
+    prompt is cut once per group, sized by its longest answer, so the K answers of a ranking are
+    compared in the same context; truncations count rows."""
     out, stats = [], {"groups": len(groups), "prompt_truncated": 0, "response_truncated": 0}
     for prompt, answers in groups:
         p = M.encode_chat(tokenizer, prompt)
-        rows = []
-        for a in answers:
-            if a is None:
-                rows.append(None)
-                continue
-            pp, r, cut_p, cut_r = M.truncate_example(p, tokenizer.encode(" " + a) + [tokenizer.eot_id], max_len, min_prompt)
-            stats["prompt_truncated"] += cut_p
-            stats["response_truncated"] += cut_r
-            rows.append(pp + r)
-        out.append(rows)
+        real = [M.encode_chat(tokenizer, prompt, a)[1] for a in answers if a is not None]
+        p, real, cut_p, cut_r = M.truncate_group(p, real, max_len, min_prompt)  # one prompt cut for the whole group
+        stats["prompt_truncated"] += cut_p * len(real)
+        stats["response_truncated"] += sum(cut_r)
+        real = iter(real)
+        out.append([None if a is None else p + next(real) for a in answers])
     return out, stats
 
 

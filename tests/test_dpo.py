@@ -156,3 +156,42 @@ def test_cli_resumes_exactly(tiny_ckpt, tmp_path, monkeypatch):
     again = run(prefs, tiny_ckpt, tmp_path / "a", *args)  # a finished run is not trained again
     assert rows(tmp_path / "a") == rows(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), again.state_dict().values()))
+
+
+def test_chosen_and_rejected_share_one_truncated_prompt(tokenizer):
+    prompt = "describe the cat and the dog and the owl and the forest and the town where they all live."
+    pair = (prompt, "no.", "the cat is a very black cat that sleeps in the town with the dog.")
+    p = M.encode_chat(tokenizer, prompt)
+    long_ = M.encode_chat(tokenizer, prompt, pair[2])[1]
+    max_len = len(p) + len(long_) - 5  # the longer answer forces a 5-token prompt cut; the short one alone would not
+    (c, n_c), (r, n_r) = dpo.encode_pairs([pair], tokenizer, max_len, 4)[0][0]
+    assert n_c == n_r == len(p) - 5 and c[:n_c] == r[:n_r] == p[5:]
+    assert dpo.encode_pairs([pair], tokenizer, max_len, 4)[1] == {"pairs": 1, "prompt_truncated": 2, "response_truncated": 0}
+
+
+def test_ipo_average_uses_per_token_log_probs():
+    # a stand-in model whose next-token distribution is log-probs [log 0.5, log 0.25, log 0.25] everywhere
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    model = lambda seq, mask=None, logits_start=0: logits.expand(seq.size(0), seq.size(1) - logits_start, 3)  # noqa: E731
+    # chosen: prompt [0], answer [0, 1, 2] (3 tokens); rejected: prompt [0], answer [1] (1 token)
+    ids, mask = dpo.collate([(([0, 0, 1, 2], 1), ([0, 1], 1))])
+    chosen, rejected = dpo.concatenated_logps(model, ids, mask)
+    assert chosen.item() == pytest.approx(math.log(0.5) + 2 * math.log(0.25)) and rejected.item() == pytest.approx(math.log(0.25))
+    chosen, rejected = dpo.concatenated_logps(model, ids, mask, average=True)
+    assert chosen.item() == pytest.approx((math.log(0.5) + 2 * math.log(0.25)) / 3) and rejected.item() == pytest.approx(math.log(0.25))
+    # IPO on the averages against a reference at -1 (chosen) and -2 (rejected): h = (c + 1) - (r + 2), beta 0.5
+    losses, _, _ = dpo.dpo_loss(chosen, rejected, torch.tensor([-1.0]), torch.tensor([-2.0]), 0.5, loss_type="ipo")
+    h = (chosen.item() + 1) - (rejected.item() + 2)
+    assert losses.item() == pytest.approx((h - 1.0) ** 2)
+
+
+def test_cli_ipo_average_step0(tiny_ckpt, tmp_path):
+    prefs = write_prefs(tmp_path / "prefs.jsonl")
+    run(prefs, tiny_ckpt, tmp_path / "ipo", "--loss_type", "ipo", "--ipo_average", "true", "--batch_size", "5",
+        "--epochs", "1", "--n_samples", "0")
+    first = json.loads(open(tmp_path / "ipo" / "metrics.jsonl").readline())
+    assert first["loss"] == pytest.approx((0 - 1 / (2 * 0.1)) ** 2, abs=1e-4)  # h = 0: policy and reference averaged alike
+    # the logged log-probs are per token: a mean over answers of about log(1/V) for a random tiny model
+    assert -2 * math.log(601) < first["logps/chosen"] < 0
+    with pytest.raises(M.ConfigError, match="ipo_average"):
+        run(prefs, tiny_ckpt, tmp_path / "x", "--ipo_average", "true")

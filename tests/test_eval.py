@@ -19,7 +19,11 @@ def test_spearman_with_ties():
     assert evaluate.spearman([1, 2, 3], [5, 5, 9]) == pytest.approx(math.sqrt(3) / 2, abs=1e-6)
 
 
-def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path):
+def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    seen = {"gold": [], "rm": []}  # what evaluate computed, to check its summary against by hand
+    real_gold, real_rm = evaluate.gold_scores, evaluate.rm_scores
+    monkeypatch.setattr(evaluate, "gold_scores", lambda *a: seen["gold"].append(real_gold(*a)) or seen["gold"][-1])
+    monkeypatch.setattr(evaluate, "rm_scores", lambda *a: seen["rm"].append(real_rm(*a)) or seen["rm"][-1])
     cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(world / "prompts_val.jsonl"), "--n_prompts", "6",
                                            "--reward_model", tiny_rm, "--best_of_n", "4", "--ref", tiny_ckpt, "--baseline", tiny_ckpt,
                                            "--max_new_tokens", "12", "--dump", str(tmp_path / "bon.jsonl"),
@@ -30,7 +34,13 @@ def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path):
     assert 0.0 <= s["kl"] <= s["kl_best_of_n_bound"] + 1e-9 and s["kl_ci"][0] <= s["kl"] <= s["kl_ci"][1]
     assert s["rm_score"] >= s["rm_score_all"]  # the pick is the best of its n
     assert len(s["per_prompt"]["gold"]) == 6 and s["gold_ci"][0] <= s["gold"] <= s["gold_ci"][1]
-    assert 0.0 <= s["win_rate"] <= 1.0 and -1 <= s["rm_gold_spearman"] <= 1
+    (all_gold, base_gold), scores = seen["gold"], seen["rm"][0]  # 6 x 4 answers, then the baseline's 6
+    gold = [g["gold"] for g in all_gold]
+    assert s["rm_gold_spearman"] == pytest.approx(evaluate.spearman(scores.tolist(), gold))
+    picks = [gold[4 * i + int(scores[4 * i:4 * i + 4].argmax())] for i in range(6)]  # the RM's best of each 4
+    assert s["gold"] == pytest.approx(sum(picks) / 6)
+    wins = [1.0 if a > b["gold"] else 0.5 if a == b["gold"] else 0.0 for a, b in zip(picks, base_gold)]
+    assert s["win_rate"] == pytest.approx(sum(wins) / 6) and s["baseline_gold"] == pytest.approx(sum(b["gold"] for b in base_gold) / 6)
     dumped = [json.loads(x) for x in open(tmp_path / "bon.jsonl")] if s["dumped"] else []
     assert len(dumped) == s["dumped"] == round(s["eos_rate"] * 6)  # only answers that ended
     assert json.load(open(tmp_path / "e.json")) == s

@@ -5,6 +5,9 @@ stands in for GPT-2 (--init/--policy), on CPU in fp32 without compile."""
 
 import json
 
+import pytest
+import torch
+
 import dpo
 import eval as evaluate
 import model as M
@@ -31,12 +34,23 @@ def test_imdb_chain_runs_with_the_committed_configs(tiny_ckpt, tmp_path):
         "--out_dir", str(out / "reward"), "--batch_size", "3", "--grad_accum", "1"]))
     assert json.load(open(out / "reward" / "config.json"))["objective"] == "classify" and rm.reward_gain.item() != 1.0
     last = [json.loads(x) for x in open(out / "reward" / "metrics.jsonl")][-1]
-    assert 0.0 <= last["val_acc"] <= 1.0
+    # val_acc is the classifier's accuracy: the sign of the raw score against the label, counted here by hand
+    groups, _ = reward.read_labels(str(d / "imdb_sentiment_test.jsonl"))
+    rows, _ = reward.encode_groups(groups, M.load_checkpoint(str(out / "reward"))[1], 72, 16)  # the config's max_len
+    right = 0.0
+    with torch.no_grad():
+        for g in rows:
+            label = int(g[0] is not None)
+            r = rm(torch.tensor([g[0] if label else g[1]]))[0, -1].item()  # the raw score at the EOS
+            right += 1.0 if (r > 0) == bool(label) and r != 0 else 0.5 if r == 0 else 0.0
+    assert last["val_acc"] == pytest.approx(right / len(rows))
     for split in ("train", "test"):
         s = evaluate.evaluate(M.parse_config(evaluate.Config, [
             "--ckpt", str(out / "sft"), "--reward_model", str(out / "reward"), "--gold", "false", "--best_of_n", "4",
             "--max_new_tokens", "8", "--prompts", str(d / f"imdb_prompts_{split}.jsonl"), "--device", "cpu",
             "--dump_rankings", str(d / f"imdb_prefs_{split}.jsonl"), "--out", str(out / f"prefs_{split}.json")]))
+        n_prompts = len(M.read_jsonl(str(d / f"imdb_prompts_{split}.jsonl")))
+        assert s["rankings_dumped"] == n_prompts - s["rankings_skipped"] == len(open(d / f"imdb_prefs_{split}.jsonl").readlines())
         assert s["rankings_dumped"] >= 1
     dpo.train(M.parse_config(dpo.Config, [
         "--config", "configs/dpo_imdb_gpt2.toml", *CPU, "--compile", "false", "--init", str(out / "sft"),

@@ -406,3 +406,25 @@ def test_missing_paths_fail_early(tmp_path):
     M.check_paths(data=str(tmp_path), init="gpt2", val_data="")  # present, a name, unset
     with pytest.raises(M.ConfigError, match="--data .*nope.jsonl: no such file"):
         M.check_paths(data=str(tmp_path / "nope.jsonl"))
+
+
+def test_truncate_group_cuts_the_prompt_once_by_the_longest_answer():
+    p, short, long_ = list(range(100, 120)), [1, 2, 99], list(range(1, 11)) + [99]  # 20 prompt, 3 and 11 answer tokens
+    # max_len 24: the longest answer leaves 13 prompt tokens, and the short answer sees the same 13
+    got_p, rs, cut_p, cut_r = M.truncate_group(p, [short, long_], 24, 4)
+    assert got_p == p[-13:] and rs == [short, long_] and cut_p and cut_r == [False, False]
+    # alone, the short answer would keep 21 > 20: every prompt token (what the rows used to disagree on)
+    assert M.truncate_example(p, short, 24, 4)[0] == p
+    # too long even at min_prompt: the prompt keeps min_prompt, only the answer that does not fit is cut
+    got_p, rs, cut_p, cut_r = M.truncate_group(p, [short, long_], 10, 4)
+    assert got_p == p[-4:] and rs == [short, long_[:6]] and cut_r == [False, True]
+    # a group of one is truncate_example
+    assert M.truncate_group(p, [long_], 24, 4) == (p[-13:], [long_], True, [False])
+
+
+def test_reencode_gives_the_canonical_ids_of_sampled_text(tokenizer):
+    text = " the cat is black."
+    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()]  # the same text, one byte a token
+    assert spelled != tokenizer.encode(text) and tokenizer.decode(spelled) == text
+    assert M.reencode(tokenizer, spelled + [tokenizer.eot_id]) == tokenizer.encode(text) + [tokenizer.eot_id]
+    assert M.reencode(tokenizer, spelled + [M.PAD_ID, M.PAD_ID]) == tokenizer.encode(text)  # a cut answer gets no EOS

@@ -115,14 +115,16 @@ def run(world, tiny_ckpt, tiny_rm, out, *extra):
 
 def test_step0_identities_and_zero_initial_kl(world, tiny_ckpt, tiny_rm, tmp_path):
     # a tiny model's tokens often miss EOS: the penalty, the adaptive controller and ptx all run
-    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "16", "--adaptive_kl", "true",
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "24", "--adaptive_kl", "true", "--target_kl", "0.5",
         "--ptx_coef", "0.1", "--ptx_data", str(world / "pretrain.txt"))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     first = rows[0]
     assert first["approx_kl_step0"] < 1e-10  # ratio == 1 on the first minibatch of the first epoch (item 3)
     assert first["kl"] == 0.0  # the policy is the reference at the start
-    assert abs(first["non_score_reward"]) == 0.0
-    assert rows[1]["kl"] != 0.0 and rows[1]["kl_coef"] != rows[0]["kl_coef"]  # it moved; the controller reacted
+    assert rows[1]["kl"] != 0.0  # it moved
+    # the controller is fed each rollout's logged KL (KL 0 at step 0 always lowers beta: check every step's value)
+    for a, b in zip(rows, rows[1:]):
+        assert b["kl_coef"] == pytest.approx(ppo.adaptive_kl_update(a["kl_coef"], a["kl"], 0.5, 8, 10000), rel=1e-12)
     assert all(math.isfinite(v) for r in rows for v in r.values())
 
 
@@ -154,3 +156,166 @@ def test_rollout_shards_must_split_the_rollout(world, tiny_ckpt, tiny_rm, tmp_pa
         run(world, tiny_ckpt, tiny_rm, tmp_path, "--rollout_shards", "3")
     with pytest.raises(M.ConfigError, match="rollout_shards -1"):
         run(world, tiny_ckpt, tiny_rm, tmp_path, "--rollout_shards", "-1")
+
+
+def test_entropy_hand_computed():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))  # (1, 1, 3)
+    assert ppo.entropy_from_logits(logits, 1.0).item() == pytest.approx(1.5 * math.log(2))
+    q = [math.sqrt(x) for x in (0.5, 0.25, 0.25)]  # temperature 2: softmax(log p / 2) is proportional to sqrt(p)
+    q = [x / sum(q) for x in q]
+    assert ppo.entropy_from_logits(logits, 2.0).item() == pytest.approx(-sum(x * math.log(x) for x in q))
+
+
+@pytest.mark.parametrize("ent_coef", ["0", "0.01"])
+def test_entropy_has_a_graph_only_when_it_is_in_the_loss(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch, ent_coef):
+    real, seen = ppo.entropy_from_logits, []
+
+    def spy(logits, temperature):
+        out = real(logits, temperature)
+        seen.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(ppo, "entropy_from_logits", spy)
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--ent_coef", ent_coef)
+    assert len(seen) == 2 * 2 * 2 and set(seen) == {ent_coef != "0"}  # epochs x minibatches x micro-batches
+
+
+def test_values_are_read_at_the_token_before_each_response_token(tiny_rm):
+    # V(s_t) for response token y_t is the value model's output at the last token of s_t = prompt + y_<t
+    vm, _, _ = M.load_checkpoint(tiny_rm)
+    torch.manual_seed(0)
+    seq = torch.tensor([[M.PAD_ID, 5, 6, 7, 8, 9, 3], [4, 5, 6, 10, 11, M.PAD_ID, M.PAD_ID]])  # P = 3, R = 4
+    full_mask = (seq != M.PAD_ID).long()
+    P, R = 3, 4
+    cfg = ppo.Config(temperature=1.0)
+    out = ppo.rollout_forward(vm.backbone, vm.backbone, vm, vm, seq, full_mask, P, cfg, 2, torch.no_grad(), seq)
+    with torch.no_grad():
+        for b in range(2):
+            for t in range(R):
+                if full_mask[b, P + t]:
+                    prefix, m = seq[b:b + 1, :P + t], full_mask[b:b + 1, :P + t]
+                    assert out["values"][b, t].item() == pytest.approx(vm(prefix, m)[0, -1].item(), abs=1e-5)
+
+
+def test_ptx_windows_and_loss_hand_computed():
+    stream = torch.arange(100, 200)
+    x = ppo.ptx_windows(stream, 5, 3, torch.Generator().manual_seed(0))  # (3, 6): contiguous slices of the stream
+    assert x.shape == (3, 6) and all((row - row[0] == torch.arange(6)).all() and row[-1] < 200 for row in x)
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))  # a stand-in model with the same next-token distribution everywhere
+    model = lambda seq, mask=None, logits_start=0: logits.expand(seq.size(0), seq.size(1) - logits_start, 3)  # noqa: E731
+    loss = ppo.ptx_loss(model, torch.tensor([[0, 1, 2, 0], [2, 2, 2, 2]]))  # targets 1, 2, 0 and 2, 2, 2
+    assert loss.item() == pytest.approx(-(2 * math.log(0.25) + math.log(0.5) + 3 * math.log(0.25)) / 6)
+
+
+def test_value_init_modes(tiny_ckpt, tiny_rm, tmp_path, tokenizer):
+    # a reward model whose normalisation is far from identity (the HH measurement: gain 0.287, bias 1.33)
+    rm, _, _ = M.load_checkpoint(tiny_rm)
+    rm.reward_gain.fill_(0.287)
+    rm.reward_bias.fill_(1.33)
+    M.save_checkpoint(str(tmp_path / "rm"), rm, tokenizer, {})
+    policy, _, _ = M.load_checkpoint(tiny_ckpt)
+    vm = ppo.init_value_model("reward", policy, str(tmp_path / "rm"), "cpu")
+    rows = M.pad_right([[4, 5, 6, 7, 3], [4, 8, 3], [9, 9, 9, 9, 9, 9, 3]])  # right-padded rows ending in EOS
+    with torch.no_grad():
+        values = vm(rows)  # (B, T)
+        at_eos = values.gather(1, M.last_index(rows != M.PAD_ID)[:, None]).squeeze(1)
+        assert torch.allclose(at_eos, rm.score(rows), atol=1e-5)  # the normalised scores, the units of the returns
+        assert not torch.allclose(rm(rows).gather(1, M.last_index(rows != M.PAD_ID)[:, None]).squeeze(1), rm.score(rows))
+        assert vm.reward_gain.item() == 1.0 and vm.reward_bias.item() == 0.0
+        assert torch.equal(vm.score(rows), at_eos)
+        vm = ppo.init_value_model("policy", policy, str(tmp_path / "rm"), "cpu")
+        assert torch.equal(vm(rows), torch.zeros(3, 7))  # zero head: every first value 0
+        assert all(torch.equal(a, b) for a, b in zip(vm.backbone.state_dict().values(), policy.state_dict().values()))
+
+
+def test_vf_coef_acts_through_the_joint_clip(world, tiny_ckpt, tiny_rm, tmp_path):
+    # one AdamW over both models with a joint gradient clip (N+): when the clip is active, a larger
+    # vf_coef makes the value gradients a larger share of the norm and shrinks the policy's step
+    weights = []
+    for vf_coef in ("0.1", "10"):
+        run(world, tiny_ckpt, tiny_rm, tmp_path / vf_coef, "--total_episodes", "8", "--vf_coef", vf_coef, "--max_grad_norm", "1e-3")
+        weights.append(M.load_checkpoint(str(tmp_path / vf_coef))[0].state_dict())
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
+    state = M.load_train_state(str(tmp_path / "10"))
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-3, 1e-3]  # anneal: lr * (1 - 0 / 1) at the one step
+
+
+def test_bf16_path_keeps_step0_kl_zero_and_reward_gain_fp32(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    # CPU bf16 autocast stands in for CUDA's: the reward model is then stored in bf16 (the frozen-in-bf16 branch)
+    bf16 = lambda device, dtype="bfloat16": torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setattr(M, "autocast", bf16)
+    real, seen = ppo.rollout_forward, {}
+
+    def spy(policy, ref, value_model, rm, *a):
+        seen.update(ref=ref, rm=rm)
+        return real(policy, ref, value_model, rm, *a)
+
+    monkeypatch.setattr(ppo, "rollout_forward", spy)
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8")
+    first = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert first["kl"] == 0.0 and first["approx_kl_step0"] < 1e-10
+    assert seen["rm"].head.weight.dtype == torch.bfloat16 and seen["rm"].reward_gain.dtype == torch.float32
+    assert seen["rm"].reward_bias.dtype == torch.float32 and seen["ref"].lm_head.weight.dtype == torch.float32
+    # what the reference used to be on CUDA (bf16 weights beside a policy autocast from fp32): not the same function
+    policy, _, _ = M.load_checkpoint(tiny_ckpt)
+    ref16, _, _ = M.load_checkpoint(tiny_ckpt)
+    ref16.to(torch.bfloat16)
+    seq = torch.tensor([[4, 5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.equal(M.response_logprobs(policy, seq, start=3), M.response_logprobs(ref16, seq, start=3))
+
+
+def test_compile_scores_old_and_new_log_probs_with_one_module(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    # torch.compile replaced by a wrapper module: every log-prob forward of the policy and the reference
+    # (rollout and update) must go through a compiled module, never through the eager one beside it
+    inside = {"n": 0}
+    calls = {"outside": 0, "inside": 0}
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+        def forward(self, *a, **k):
+            inside["n"] += 1
+            try:
+                return self._orig_mod(*a, **k)
+            finally:
+                inside["n"] -= 1
+
+    real_forward = M.GPT.forward
+
+    def counted(self, *a, **k):
+        calls["inside" if inside["n"] else "outside"] += 1
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(torch, "compile", lambda m, **k: Compiled(m))
+    monkeypatch.setattr(M.GPT, "forward", counted)
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--compile", "true")
+    assert calls["outside"] == 0 and calls["inside"] == 4 * 2 + 2 * 2 * 2  # rollout: 4 chunks x (policy, ref); update: 8
+
+
+@pytest.mark.slow
+def test_real_compile_step0_ratio_is_exactly_one(world, tiny_ckpt, tiny_rm, tmp_path):
+    pytest.importorskip("torch._inductor")
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--compile", "true")
+    first = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert first["approx_kl_step0"] == 0.0 and first["kl"] == 0.0
+
+
+def test_reward_model_reads_the_canonical_ids_of_a_sampled_answer(tokenizer, tiny_rm):
+    # an answer sampled as one token per byte is scored like the same text encoded, as the RM was trained
+    import eval as evaluate
+    rm, _, _ = M.load_checkpoint(tiny_rm)
+    prompt = M.encode_chat(tokenizer, "what colour is the cat?")
+    text = " the cat is black."
+    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
+    canonical = tokenizer.encode(text) + [tokenizer.eot_id]
+    responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
+    rows = ppo.rm_rows(tokenizer, [prompt, prompt], responses, 96)
+    assert rows.tolist() == [prompt + canonical] * 2
+    s = evaluate.rm_scores(rm, tokenizer, ["what colour is the cat?"] * 2, [spelled, canonical], 2, "cpu")
+    assert s[0].item() == s[1].item()
+    with torch.no_grad():  # the sampled ids themselves would score differently
+        raw = rm.score(torch.tensor([prompt + spelled]))
+    assert raw.item() != s[0].item()

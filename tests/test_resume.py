@@ -69,3 +69,25 @@ def test_reward_resume_after_kill_equals_uninterrupted_run(tiny_ckpt, tmp_path, 
     assert same_weights(tmp_path / "a", tmp_path / "b")
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
     assert M.load_checkpoint(str(tmp_path / "b"))[0].reward_gain.item() != 1.0  # normalised at the end, once
+
+
+class RunsCode:
+    """An object whose unpickling calls a function: what a crafted state.pt would hold."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_crafted_state_pickle_is_refused(tiny_ckpt, tokenizer, tmp_path):
+    d = str(tmp_path / "ckpt")
+    m, _, _ = M.load_checkpoint(tiny_ckpt)
+    M.save_checkpoint(d, m, tokenizer, {}, state={"step": 1, "rng": M.rng_state(), "payload": RunsCode()})
+    with pytest.raises(ValueError, match=r"state\.pt: refused to load.*could run code.*GLOBAL .*system"):
+        M.load_train_state(d)
+    # what the stages save (tensors, numbers, optimizer and RNG states) loads
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.tensor([[1, 2]])).sum().backward()
+    opt.step()
+    M.save_checkpoint(d, m, tokenizer, {}, state={"step": 1, "kl_coef": 0.1, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+    state = M.load_train_state(d)
+    assert state["step"] == 1 and torch.equal(state["rng"]["torch"], torch.get_rng_state())

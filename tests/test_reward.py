@@ -168,3 +168,17 @@ def test_rm_probe_splits_agreement_by_part(tiny_rm, tiny_ckpt, tmp_path):
     assert counts["all"] == [sum((s[i] > s[j]) == (gold[i] > gold[j]) for i, j in pairs), len(pairs)] and len(pairs) >= 4
     assert sum(n for part, (_, n) in counts.items() if part != "all") == len(pairs)
     assert set(counts) <= {"all", "helpful", "honest", "harmless", "length", "repetition"}
+
+
+def test_ranking_answers_share_one_truncated_prompt(tokenizer):
+    prompt = "describe the cat and the dog and the owl and the forest and the town where they all live."
+    answers = ["no.", "the cat is black.", "the cat is a very black cat that sleeps in the town with the dog."]
+    p = M.encode_chat(tokenizer, prompt)
+    long_ = M.encode_chat(tokenizer, prompt, answers[2])[1]
+    max_len = len(p) + len(long_) - 5
+    (rows,), stats = reward.encode_groups([(prompt, answers)], tokenizer, max_len, 4)
+    for row, a in zip(rows, answers):
+        assert row[:len(p) - 5] == p[5:] and row[len(p) - 5:] == M.encode_chat(tokenizer, prompt, a)[1]
+    assert stats == {"groups": 1, "prompt_truncated": 3, "response_truncated": 0}
+    (rows,), _ = reward.encode_groups([(prompt, [answers[2], None])], tokenizer, max_len, 4)  # a labelled answer
+    assert rows[1] is None and rows[0][:len(p) - 5] == p[5:]

@@ -169,7 +169,12 @@ def test_gold_is_fast():
     _, val = split_prompts()
     rng = random.Random(0)
     pairs = [(p, sft_response(p, rng)) for p in val] * 20
-    t0 = time.perf_counter()
-    for p, r in pairs:
-        gold_reward(p, r, True)
-    assert len(pairs) / (time.perf_counter() - t0) > 5000
+    # this process's CPU time, best of 3: wall time on a machine shared with other jobs measured
+    # 5000/s where the CPU time said 13000/s, so a wall-clock bar failed at random
+    rates = []
+    for _ in range(3):
+        t0 = time.process_time()
+        for p, r in pairs:
+            gold_reward(p, r, True)
+        rates.append(len(pairs) / max(time.process_time() - t0, 1e-9))
+    assert max(rates) > 5000, rates
