@@ -61,7 +61,7 @@ for seed in ${SEEDS-1 2}; do
     [ -s "$D/rs_bon16_seed$seed.jsonl" ] || python eval.py --ckpt "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" \
       --reward_model "$OUT/reward" --best_of_n 16 --repeats 2 --bon_kl_samples 0 --n_show 0 --seed "$seed" \
       --dump "$D/rs_bon16_seed$seed.jsonl" --out "$D/rs_pick_seed$seed.json"
-    python sft.py --config configs/rs_world.toml --data "$D/rs_bon16_seed$seed.jsonl" --val_data "$DATA/sft_val.jsonl" \
+    python sft.py --config configs/sft_rs_world.toml --data "$D/rs_bon16_seed$seed.jsonl" --val_data "$DATA/sft_val.jsonl" \
       --init "$OUT/sft" --out_dir "$D/rs_seed$seed" --seed "$seed"
     python eval.py --ckpt "$D/rs_seed$seed" $EV5 --out "$D/eval_rs_seed$seed.json"
   fi

@@ -73,7 +73,7 @@ if [ ! -s "$OUT/rs_bon16.jsonl" ]; then
   python eval.py --ckpt "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" --reward_model "$OUT/reward" --best_of_n 16 --repeats 2 \
     --bon_kl_samples 0 --n_show 0 --dump "$OUT/rs_bon16.jsonl" --out "$OUT/rs_pick.json" $RS_PICK
 fi
-python sft.py --config configs/rs_world.toml --data "$OUT/rs_bon16.jsonl" --val_data "$DATA/sft_val.jsonl" \
+python sft.py --config configs/sft_rs_world.toml --data "$OUT/rs_bon16.jsonl" --val_data "$DATA/sft_val.jsonl" \
   --init "$OUT/sft" --out_dir "$OUT/rs" $RS
 
 # --- 10. evaluation on held-out prompts: gold reward and its parts, RM score, KL to SFT, gold win rate vs SFT
