@@ -155,25 +155,27 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def hidden(self, idx, attention_mask=None, kv_cache=None):
+    def hidden(self, idx, attention_mask=None, kv_cache=None, pos=None, attn_mask=None):
         """Final hidden states (after ln_f), (B, T, C).
 
         idx (B, T) token ids, PAD_ID allowed. attention_mask (B, S) with S = cached + T, 1 = real
         token; needed for left padding and with a cache. Position ids count real tokens only,
         cumsum(mask) - 1, so padding never shifts positions (RLHF_DETAILS.md, item 7).
+        pos (B, T) and attn_mask (B, 1, T, S) bool, given together, replace both: generate's decode
+        steps slice them from buffers allocated once, instead of rebuilding them every token.
         """
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
-        if attention_mask is None and kv_cache is None:
-            assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        # positions <= S - 1, so checking the length needs no GPU sync (this runs every decode step)
+        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
+        if pos is not None:
+            assert attn_mask is not None and attn_mask.size(-1) == past + T, "pos needs attn_mask over all S keys"
+        elif attention_mask is None and kv_cache is None:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
-            attn_mask = None
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
             assert attention_mask.shape == (B, past + T), f"attention_mask {tuple(attention_mask.shape)} != {(B, past + T)}"
-            # positions <= S - 1, so checking the length needs no GPU sync (this runs every decode step)
-            assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             attn_mask = attention_bias(attention_mask, T)  # (B, 1, T, S)
         x = self.transformer.wte(idx.clamp(min=0)) + self.transformer.wpe(pos)  # (B, T, C)
@@ -203,32 +205,52 @@ class GPT(nn.Module):
         Returns (tokens (B, P + R), mask (B, R) 1 = generated token, logprobs (B, R) or None),
         R <= max_new_tokens. logprobs are of the sampling distribution (temperature, top-k and
         top-p applied), 0 where mask is 0. For PPO use neither top-k nor top-p (RLHF_DETAILS.md 1).
+
+        The work of a rollout, not of a fixed-length batch: the prompts run once (prefill); the
+        cache, key mask, positions and outputs are allocated once and each decode step slices
+        them. Rows that emitted EOS leave the decode batch: once a quarter of it has finished, the
+        cache of the rows still going is compacted, so the last steps run the long answers only.
+        Each step draws one uniform per original row (see sample_next), live or not, so a row's
+        tokens never depend on when the other rows finished.
         """
         B, P = idx.shape
+        R, dev = max_new_tokens, idx.device
         if attention_mask is None:
             attention_mask = idx != PAD_ID
-        mask = attention_mask.long()  # (B, S) grows by one column a step
-        assert P + max_new_tokens <= self.config.block_size, \
-            f"prompt {P} + {max_new_tokens} new tokens > block_size {self.config.block_size}"
-        cache = KVCache(self.config, B, P + max_new_tokens)
-        h = self.hidden(idx, mask, cache)[:, -1]  # (B, C) prefill; logits of the last position only
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        tokens, alive, logps = [], [], []
-        for step in range(max_new_tokens):
-            logits = self.lm_head(h).float()  # (B, V)
-            tok, logp = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
-            tokens.append(tok.masked_fill(done, PAD_ID))
-            logps.append(logp.masked_fill(done, 0.0))
-            alive.append(~done)
+        assert P + R <= self.config.block_size, f"prompt {P} + {R} new tokens > block_size {self.config.block_size}"
+        cache = KVCache(self.config, B, P + R)
+        h = self.hidden(idx, attention_mask, cache)[:, -1]  # (B, C) prefill; logits of the last position only
+        # generated keys are always real (a finished row stops being computed), so the key mask is final now
+        keys = torch.ones(B, 1, 1, P + R, dtype=torch.bool, device=dev)  # (B, 1, 1, P + R)
+        keys[:, 0, 0, :P] = attention_mask.bool()
+        pos = attention_mask.long().sum(1, keepdim=True) + torch.arange(R, device=dev)  # (B, R) ids of new tokens
+        tokens = torch.full((B, R), PAD_ID, dtype=torch.long, device=dev)  # (B, R)
+        logps = torch.zeros(B, R, device=dev)  # (B, R)
+        rows = torch.arange(B, device=dev)  # (b,) original row of each row of the decode batch
+        done = torch.zeros(B, dtype=torch.bool, device=dev)  # (b,) finished, not yet compacted away
+        for step in range(R):
+            logits = self.lm_head(h).float()  # (b, V)
+            u = torch.rand(B, generator=generator, device=dev)[rows] if temperature > 0 else None  # (b,)
+            tok, logp = sample_next(logits, temperature, top_k, top_p, u=u)  # (b,), (b,)
+            tokens[rows, step] = tok.masked_fill(done, PAD_ID)
+            logps[rows, step] = logp.masked_fill(done, 0.0)
             if eos_id is not None:
                 done = done | (tok == eos_id)
-            if step == max_new_tokens - 1 or bool(done.all()):
+                n_done = int(done.sum())  # the one sync per step
+                if n_done == rows.numel():
+                    R = step + 1
+                    break
+                if 4 * n_done >= rows.numel():  # compact: copying the cache beats carrying dead rows
+                    live = (~done).nonzero().squeeze(1)  # (b',)
+                    cache.keep(live)
+                    rows, tok, keys, pos, done = rows[live], tok[live], keys[live], pos[live], done[live]
+            if step == R - 1:
                 break
-            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # finished rows feed masked PAD
-            h = self.hidden(tokens[-1][:, None], mask, cache)[:, -1]  # (B, C)
-        out = torch.cat([idx, torch.stack(tokens, 1)], dim=1)  # (B, P + R)
-        gen_mask = torch.stack(alive, 1).long()  # (B, R)
-        return out, gen_mask, torch.stack(logps, 1) if return_logprobs else None
+            h = self.hidden(tok[:, None], kv_cache=cache, pos=pos[:, step:step + 1],
+                            attn_mask=keys[..., :P + step + 1])[:, -1]  # (b, C)
+        tokens = tokens[:, :R]  # (B, R) the longest answer decides R
+        out = torch.cat([idx, tokens], dim=1)  # (B, P + R)
+        return out, (tokens != PAD_ID).long(), logps[:, :R] if return_logprobs else None
 
 
 @torch.no_grad()
@@ -251,8 +273,15 @@ def sample_answers(model, tokenizer, prompts, max_new_tokens, temperature=1.0, b
     return out
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (B, V) and its log-prob under the distribution sampled."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
+    """One token per row from logits (B, V) and its log-prob under the distribution sampled.
+
+    Inverse-CDF sampling: the token is the first whose cumulative probability exceeds u * total,
+    with u ~ U[0, 1), one per row (u (B,) given, or drawn from generator). A row's draw is one
+    number whatever the other rows are, which lets generate drop finished rows without changing
+    the others' tokens. The cumulative sum is in float64, so a token of probability 1e-9 still
+    gets its share of [0, 1) (float32 rounding would erase it; MPS has no float64).
+    """
     if temperature == 0:
         logp = F.log_softmax(logits, dim=-1)  # (B, V)
         tok = logp.argmax(-1)  # (B,)
@@ -267,15 +296,23 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     logp = F.log_softmax(logits, dim=-1)  # (B, V)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+    if u is None:
+        u = torch.rand(logits.size(0), generator=generator, device=logits.device)  # (B,)
+    dt = torch.float32 if logits.device.type == "mps" else torch.float64
+    cdf = logp.to(dt).exp().cumsum(-1)  # (B, V)
+    tok = torch.searchsorted(cdf, (u.to(dt) * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (B,)
+    tok = tok.clamp(max=logits.size(-1) - 1)  # u * total < total already; rounding cannot step past the end
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: (L, B, H, S_max, D). pos = tokens cached."""
+    """Keys and values of every layer, preallocated: (L, B, H, S_max, D). pos = tokens cached.
+
+    H is the number of key/value heads (n_kv_head where the config has one, else n_head)."""
 
     def __init__(self, config, batch_size, max_len):
-        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        n_kv_head = getattr(config, "n_kv_head", None) or config.n_head
+        self.shape = (config.n_layer, batch_size, n_kv_head, max_len, config.n_embd // config.n_head)
         self.k = self.v = None  # allocated at the first update, in the dtype autocast gives
         self.pos = 0
 
@@ -287,6 +324,13 @@ class KVCache:
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, H, S, D)
+
+    def keep(self, rows):
+        """Keep batch rows `rows` (b,) only, moved to the front in place: finished rows leave."""
+        b = rows.numel()
+        for buf in (self.k, self.v):
+            buf[:, :b, :, :self.pos] = buf[:, rows, :, :self.pos]  # the right side is a copy: no overlap
+        self.k, self.v = self.k[:, :b], self.v[:, :b]  # (L, b, H, S_max, D) views of the same storage
 
 
 # --- 3. scalar-head model (reward and value models)
