@@ -31,6 +31,7 @@ import os
 import shutil
 import struct
 import sys
+import time
 import tomllib
 import typing
 import urllib.request
@@ -879,6 +880,13 @@ def save_config(cfg, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def clock(device):
+    """time.perf_counter() once the device has run all queued work: a phase's time, not its launch's."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def get_device(name="auto"):
