@@ -7,7 +7,8 @@ Contents
                             sample_answers: one answer per chat prompt, in batches
   3. ScalarModel            GPT trunk + linear head: per-token values, reward at the last real token
   4. log-probs              response_logits, logprobs_from_logits, response_logprobs: the one
-                            place where logits and tokens are shifted against each other
+                            place where logits and tokens are shifted against each other;
+                            kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref)
   5. Hugging Face GPT-2     GPT.from_pretrained / save_pretrained, safetensors read and written by hand
   6. Tokenizer              tiktoken BPE (gpt2, or a ranks file we trained) and the chat template
   7. Checkpoints            directories written atomically (temp dir + rename)
@@ -198,12 +199,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 attention_mask=None, eos_id=None, return_logprobs=False, generator=None):
+                 attention_mask=None, eos_id=None, return_logprobs=False, generator=None, num_samples=1):
         """Sample continuations of a batch of left-padded prompts.
 
         idx (B, P) prompts, left-padded with PAD_ID; attention_mask (B, P) defaults to idx != PAD_ID.
         temperature 0 is greedy. A row stops at eos_id (kept, counted) and is PAD_ID after it.
-        Returns (tokens (B, P + R), mask (B, R) 1 = generated token, logprobs (B, R) or None),
+        num_samples G > 1 answers each prompt G times (a group, as GRPO and RLOO sample): rows
+        b*G .. b*G + G - 1 of the output belong to prompt b. Each prompt's prefill runs once and
+        its KV cache is copied to its G rows (repeat_interleave), so a group costs one prefill.
+        Returns (tokens (B*G, P + R), mask (B*G, R) 1 = generated token, logprobs (B*G, R) or None),
         R <= max_new_tokens. logprobs are of the sampling distribution (temperature, top-k and
         top-p applied), 0 where mask is 0. For PPO use neither top-k nor top-p (RLHF_DETAILS.md 1).
 
@@ -221,6 +225,11 @@ class GPT(nn.Module):
         assert P + R <= self.config.block_size, f"prompt {P} + {R} new tokens > block_size {self.config.block_size}"
         cache = KVCache(self.config, B, P + R)
         h = self.hidden(idx, attention_mask, cache)[:, -1]  # (B, C) prefill; logits of the last position only
+        if num_samples > 1:  # one prefill per prompt, shared by its group
+            cache.repeat_interleave(num_samples)
+            idx, attention_mask, h = (x.repeat_interleave(num_samples, 0)
+                                      for x in (idx, attention_mask, h))  # (B*G, P), (B*G, P), (B*G, C)
+            B = B * num_samples
         # generated keys are always real (a finished row stops being computed), so the key mask is final now
         keys = torch.ones(B, 1, 1, P + R, dtype=torch.bool, device=dev)  # (B, 1, 1, P + R)
         keys[:, 0, 0, :P] = attention_mask.bool()
@@ -333,6 +342,11 @@ class KVCache:
             buf[:, :b, :, :self.pos] = buf[:, rows, :, :self.pos]  # the right side is a copy: no overlap
         self.k, self.v = self.k[:, :b], self.v[:, :b]  # (L, b, H, S_max, D) views of the same storage
 
+    def repeat_interleave(self, n):
+        """Each row's cache n times in a row: (L, B, ...) -> (L, B*n, ...), after a shared prefill."""
+        self.k, self.v = self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1)  # (L, B*n, H, S_max, D)
+        self.shape = (self.shape[0], self.shape[1] * n) + self.shape[2:]
+
 
 # --- 3. scalar-head model (reward and value models)
 
@@ -401,6 +415,25 @@ def response_logprobs(model, seq, attention_mask=None, start=1, temperature=1.0)
     Divide by the sampling temperature so the log-probs are of the distribution sampled (item 1).
     """
     return logprobs_from_logits(response_logits(model, seq, attention_mask, start), seq[:, start:], temperature)
+
+
+def kl_estimate(logprobs, ref_logprobs, kind="k1"):
+    """Per-token estimators of KL(pi || pi_ref) from samples y_t ~ pi (Schulman 2020, "Approximating
+    KL divergence"), with l = log pi(y_t) - log pi_ref(y_t) and rho = pi_ref / pi = exp(-l):
+      k1 = l                unbiased, can be negative
+      k2 = l^2 / 2          biased, low variance
+      k3 = rho - 1 + l      unbiased, never negative
+    As reward terms all push towards pi_ref the same way; as differentiable loss terms their expected
+    gradients differ: E grad k1 = 0, E grad k2 = grad KL(pi || pi_ref), E grad k3 = grad KL(pi_ref || pi).
+    logprobs, ref_logprobs (B, R) fp32 -> (B, R); 0 where both are 0 (padding)."""
+    log_ratio = logprobs - ref_logprobs  # (B, R)
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"kl estimator must be k1, k2 or k3, not {kind!r}")
 
 
 # --- 5. Hugging Face GPT-2 import/export (no transformers needed)
