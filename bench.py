@@ -7,19 +7,31 @@ back by transformers' GPT2LMHeadModel.from_pretrained), it measures:
                   batch_size prompts of prompt_len random tokens, exactly new_tokens steps each (no
                   EOS), tokens/s = batch_size * new_tokens / wall time (prefill included). Checks that
                   both produce the same greedy tokens (they should in fp32).
-  2. train step   forward + backward + AdamW step at (train_batch, train_seq), next-token cross
+  2. rollouts     sampling as an RLHF rollout does it: temperature 1, no top-k or top-p, each row
+                  ending at EOS, group answers per prompt (transformers: num_return_sequences), from
+                  rollout_prompts left-padded prompts; tokens/s of real generated tokens (up to and
+                  including EOS, never the padding after). Two models: (a) the GPT-2 small shape
+                  with random weights whose EOS logit is biased (bias_eos) so answers end after
+                  about 1 / eos_prob tokens, at lengths that vary; (b) the built-in world's SFT
+                  checkpoint (world_sft) on its held-out prompts, also checked for identical greedy
+                  answers from the left-padded batch.
+  3. train step   forward + backward + AdamW step at (train_batch, train_seq), next-token cross
                   entropy, tokens/s; the same for GPT2LMHeadModel(labels=idx).
-  3. MFU          the machine's matmul peak (an n x n @ n x n matmul, 2 n^3 FLOPs, timed between
+  4. MFU          the machine's matmul peak (an n x n @ n x n matmul, 2 n^3 FLOPs, timed between
                   the train steps) and the model FLOPs utilization of our train step (nanoGPT/PaLM
                   formula, see below).
 The two contenders are timed back to back in every repeat (who goes first alternates), so load
 from other jobs lands on both alike: tokens/s are medians over repeats, a ratio is the median of
-the per-repeat ratios, ours / transformers in speed (> 1: ours is faster). On a shared CPU, load
+the per-repeat ratios, ours / transformers in speed (> 1: ours is faster). Rollouts seed both
+samplers alike in each repeat; their answers still differ (different random streams), so each
+side's rate is its own tokens over its own time. On a shared CPU, load
 makes torch's threads wait for each other at every op; --threads 1 gives steadier ratios.
 
 Run (CPU, GPT-2 small: about 4 minutes on 2 idle cores, 9 with --repeats 5 on a busy machine):
     python bench.py
     python bench.py --repeats 5 --threads 1 --out bench.json
+Rollouts only, with the world's SFT model (see docs/rollout_speed.md for the numbers):
+    python bench.py --sections rollout --threads 1 --world_sft out/sft --world_prompts data/world/prompts_val.jsonl
 One GPU:
     python bench.py --dtype bfloat16 --compile true --batch_size 64 --train_batch 16 --train_seq 1024
 """
@@ -159,8 +171,7 @@ def rollout_race(name, model, hf, ids, mask, eos_id, R, cfg, device, res):
     gen = torch.Generator(device=device)
 
     def ours():
-        seq, gen_mask, _ = model.generate(ids.repeat_interleave(G, 0), R, 1.0, attention_mask=mask.repeat_interleave(G, 0),
-                                          eos_id=eos_id, generator=gen)
+        seq, gen_mask, _ = model.generate(ids, R, 1.0, attention_mask=mask, eos_id=eos_id, generator=gen, num_samples=G)
         return int(gen_mask.sum())
 
     def theirs():
