@@ -412,6 +412,7 @@ def train(cfg):
         for group in opt.param_groups:
             group["lr"] = lr
 
+        t_start = M.clock(device)  # phase times: time_gen (1), time_fwd (2), time_update (6), time_iter
         # 1. rollout: G answers to each left-padded prompt, one shared prefill per prompt; this process's
         #    shards only, each with its own generator (exact resume; the same rows whatever the process count)
         idx = prompt_batch(it, len(prompts), B // G, cfg.seed)  # the same B / G prompts on every process
@@ -435,7 +436,9 @@ def train(cfg):
         texts = [tokenizer.decode(r) for r in responses.tolist()]
 
         # 2. forward: old and reference log-probs, reward-model scores
+        t_gen = M.clock(device)
         out = rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx)
+        t_fwd = M.clock(device)
         old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
 
         # 3. score: the reward model or the fact checker; answers without EOS get the fixed penalty (item 9)
@@ -470,7 +473,7 @@ def train(cfg):
         # 6. update: update_epochs over shuffled minibatches, grad_accum micro-batches each. The order is
         #    the same on every process; each runs the rows it owns and the gradients are summed
         order = torch.Generator().manual_seed(rng_seed(cfg.seed, it, "order"))
-        stats = []
+        stats, t_update = [], M.clock(device)
         for epoch in range(cfg.update_epochs):
             perm = torch.randperm(B, generator=order).tolist()  # global row indices
             for mb in range(cfg.num_minibatches):
@@ -508,6 +511,7 @@ def train(cfg):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 stats.append(mb_stats)
+        t_update = M.clock(device) - t_update
         it += 1
         bar.update(1)
 
@@ -530,6 +534,8 @@ def train(cfg):
                 if sums[-1]:  # verify_answer's accuracy over the rollout's fact questions
                     metrics["fact_acc"] = sums[-2] / sums[-1]
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
+            metrics.update(time_gen=t_gen - t_start, time_fwd=t_fwd - t_gen, time_update=t_update,
+                           time_iter=M.clock(device) - t_start)  # this iteration's; the rest: steps 3-5, gold
             if master:
                 M.log_metrics(cfg.out_dir, metrics)
         if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first (item 18)

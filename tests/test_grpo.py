@@ -233,7 +233,7 @@ def run(*a):
     return grpo.train(M.parse_config(grpo.Config, args(*a)))
 
 
-def rows(d, drop=("s_per_it",)):
+def rows(d, drop=("s_per_it", "time_gen", "time_fwd", "time_update", "time_iter")):  # timings vary run to run
     return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in open(d / "metrics.jsonl")]
 
 
