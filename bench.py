@@ -72,13 +72,14 @@ class Config:
     prompt_len: int = 32  # tokens per prompt (no padding)
     new_tokens: int = 64  # greedy steps, all taken: EOS is disabled in both models
     # rollouts: sampling as in RLHF (temperature 1, no top-k/top-p, EOS ends a row, G answers per prompt)
-    rollout_prompts: int = 8  # prompts per rollout batch
+    rollout_prompts: int = 4  # prompts per rollout batch, random model
     group: int = 4  # answers per prompt (transformers: num_return_sequences)
     rollout_prompt_len: int = 32  # random model: prompt lengths drawn from [len/2, len], left-padded
-    rollout_new_tokens: int = 96  # answer length cap
-    eos_prob: float = 0.025  # random model: the EOS logit is biased so EOS has about this chance a step
+    rollout_new_tokens: int = 64  # answer length cap
+    eos_prob: float = 0.04  # random model: the EOS logit is biased so EOS has about this chance a step
     world_sft: str = "out/sft"  # the built-in world's SFT checkpoint ("" or missing: that row is skipped)
-    world_prompts: str = "data/world/prompts_val.jsonl"  # its held-out prompts, the first rollout_prompts used
+    world_prompts: str = "data/world/prompts_val.jsonl"  # its held-out prompts, the first world_rollout_prompts used
+    world_rollout_prompts: int = 16  # prompts per rollout batch, world model (x group = ppo_world's 64 answers)
     world_new_tokens: int = 48  # answer length cap for the world model (ppo_world's max_new_tokens)
     sections: str = "gen,rollout,train"  # which parts to run (MFU comes with train)
     # training
@@ -292,7 +293,8 @@ def main(cfg):
             wmodel, tok = M.load_gpt(cfg.world_sft, device)
             wmodel.eval()
             whf = load_hf(wmodel, device) if hf is not None else None
-            prompts = [r["prompt"] for r in M.read_jsonl(cfg.world_prompts, required=("prompt",))][:cfg.rollout_prompts]
+            prompts = [r["prompt"] for r in M.read_jsonl(cfg.world_prompts, required=("prompt",))]
+            prompts = prompts[:cfg.world_rollout_prompts]
             R = min(cfg.world_new_tokens, wmodel.config.block_size - max(len(M.encode_chat(tok, p)) for p in prompts))
             ids, mask = M.pad_left([M.encode_chat(tok, p) for p in prompts])
             ids, mask = ids.to(device), mask.to(device)

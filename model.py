@@ -171,7 +171,7 @@ class GPT(nn.Module):
         # positions <= S - 1, so checking the length needs no GPU sync (this runs every decode step)
         assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
         if pos is not None:
-            assert attn_mask is not None and attn_mask.size(-1) == past + T, "pos needs attn_mask over all S keys"
+            assert attn_mask is not None, "pos needs attn_mask (B, 1, T, S) over the cached keys"
         elif attention_mask is None and kv_cache is None:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         else:
@@ -185,7 +185,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, attention_mask=None, kv_cache=None, logits_start=0):
@@ -199,7 +199,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 attention_mask=None, eos_id=None, return_logprobs=False, generator=None, num_samples=1):
+                 attention_mask=None, eos_id=None, return_logprobs=False, generator=None, num_samples=1,
+                 compile=False):
         """Sample continuations of a batch of left-padded prompts.
 
         idx (B, P) prompts, left-padded with PAD_ID; attention_mask (B, P) defaults to idx != PAD_ID.
@@ -217,6 +218,11 @@ class GPT(nn.Module):
         cache of the rows still going is compacted, so the last steps run the long answers only.
         Each step draws one uniform per original row (see sample_next), live or not, so a row's
         tokens never depend on when the other rows finished.
+
+        compile=True runs the decode step through torch.compile (mode reduce-overhead: CUDA graphs
+        on CUDA) with static shapes: the batch keeps its finished rows (their tokens are dropped)
+        and each step attends over every slot of a cache of fixed shape, kept across calls so a
+        captured graph replays on the same memory. The tokens are the same as without it.
         """
         B, P = idx.shape
         R, dev = max_new_tokens, idx.device
@@ -231,15 +237,22 @@ class GPT(nn.Module):
                                       for x in (idx, attention_mask, h))  # (B*G, P), (B*G, P), (B*G, C)
             B = B * num_samples
         # generated keys are always real (a finished row stops being computed), so the key mask is final now
-        keys = torch.ones(B, 1, 1, P + R, dtype=torch.bool, device=dev)  # (B, 1, 1, P + R)
+        decode = self.decode_logits
+        if compile:  # the prefill moves into a fixed-shape cache; slots rounded up to 64 bound the recompiles
+            cache = self.static_cache(cache, min(self.config.block_size, -(-(P + R) // 64) * 64))
+            if "_compiled_decode" not in self.__dict__:
+                self._compiled_decode = torch.compile(self.decode_logits, mode="reduce-overhead" if dev.type == "cuda" else None,
+                                                      fullgraph=True, dynamic=False)
+            decode = self._compiled_decode
+        keys = torch.zeros(B, 1, 1, cache.k.size(3), dtype=torch.bool, device=dev)  # (B, 1, 1, S) a column a step
         keys[:, 0, 0, :P] = attention_mask.bool()
         pos = attention_mask.long().sum(1, keepdim=True) + torch.arange(R, device=dev)  # (B, R) ids of new tokens
         tokens = torch.full((B, R), PAD_ID, dtype=torch.long, device=dev)  # (B, R)
         logps = torch.zeros(B, R, device=dev)  # (B, R)
         rows = torch.arange(B, device=dev)  # (b,) original row of each row of the decode batch
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # (b,) finished, not yet compacted away
+        logits = self.lm_head(h).float()  # (B, V)
         for step in range(R):
-            logits = self.lm_head(h).float()  # (b, V)
             u = torch.rand(B, generator=generator, device=dev)[rows] if temperature > 0 else None  # (b,)
             tok, logp = sample_next(logits, temperature, top_k, top_p, u=u)  # (b,), (b,)
             tokens[rows, step] = tok.masked_fill(done, PAD_ID)
@@ -250,17 +263,42 @@ class GPT(nn.Module):
                 if n_done == rows.numel():
                     R = step + 1
                     break
-                if 4 * n_done >= rows.numel():  # compact: copying the cache beats carrying dead rows
+                if 4 * n_done >= rows.numel() and not compile:  # compact: copying the cache beats carrying dead rows
                     live = (~done).nonzero().squeeze(1)  # (b',)
                     cache.keep(live)
                     rows, tok, keys, pos, done = rows[live], tok[live], keys[live], pos[live], done[live]
             if step == R - 1:
                 break
-            h = self.hidden(tok[:, None], kv_cache=cache, pos=pos[:, step:step + 1],
-                            attn_mask=keys[..., :P + step + 1])[:, -1]  # (b, C)
+            keys[:, 0, 0, P + step] = True  # the key of the token fed now (finished rows are gone or dropped)
+            mask = keys if compile else keys[..., :P + step + 1]  # (b, 1, 1, S)
+            logits = decode(tok[:, None], pos[:, step:step + 1], mask, cache)  # (b, V)
         tokens = tokens[:, :R]  # (B, R) the longest answer decides R
         out = torch.cat([idx, tokens], dim=1)  # (B, P + R)
         return out, (tokens != PAD_ID).long(), logps[:, :R] if return_logprobs else None
+
+    def decode_logits(self, tok, pos, attn_mask, cache):
+        """One decode step: logits (b, V) after tok (b, 1) at positions pos (b, 1), attending over
+        the cached keys that attn_mask (b, 1, 1, S) allows. What generate(compile=True) compiles."""
+        return self.lm_head(self.hidden(tok, kv_cache=cache, pos=pos, attn_mask=attn_mask)[:, -1]).float()
+
+    def static_cache(self, cache, S):
+        """A KV cache of S slots holding `cache`'s prefill, at addresses that stay the same from call
+        to call for the same shape (CUDA graphs replay on fixed memory); its writes go to cache.slot."""
+        L, B, H, P, D = cache.k.shape[:3] + (cache.pos, cache.k.size(4))
+        key = (B, S, cache.k.dtype, cache.k.device)
+        pool = self.__dict__.setdefault("_static_caches", {})
+        if key not in pool:
+            c = KVCache(self.config, B, S)
+            # zeros, not empty: a masked slot still enters the weighted sum as 0 * value, and 0 * NaN is NaN
+            c.k, c.v = (torch.zeros(L, B, H, S, D, dtype=cache.k.dtype, device=cache.k.device) for _ in range(2))
+            c.slot = torch.zeros(1, dtype=torch.long, device=cache.k.device)
+            for t in (c.k, c.v, c.slot):
+                torch._dynamo.mark_static_address(t)
+            pool[key] = c
+        c = pool[key]
+        c.k[:, :, :, :P], c.v[:, :, :, :P] = cache.k[:, :, :, :P], cache.v[:, :, :, :P]
+        c.slot.fill_(P)  # c.pos stays 0: a compiled step must not see a Python int that changes
+        return c
 
 
 @torch.no_grad()
@@ -325,15 +363,26 @@ class KVCache:
         self.shape = (config.n_layer, batch_size, n_kv_head, max_len, config.n_embd // config.n_head)
         self.k = self.v = None  # allocated at the first update, in the dtype autocast gives
         self.pos = 0
+        self.slot = None  # static shapes (GPT.static_cache): a (1,) tensor, the slot the next key goes to
 
     def update(self, layer, k, v):
         if self.k is None:
             self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
+        if self.slot is not None:  # one token at slot; every slot is returned, the key mask hides the empty ones
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]  # (B, H, S_max, D)
         T = k.size(2)
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, H, S, D)
+
+    def advance(self, T):
+        if self.slot is None:
+            self.pos += T
+        else:
+            self.slot += T  # in place: a compiled step gets the same tensor every call
 
     def keep(self, rows):
         """Keep batch rows `rows` (b,) only, moved to the front in place: finished rows leave."""

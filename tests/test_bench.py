@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--vocab_size", "101", "--block_size", "64",
         "--batch_size", "2", "--prompt_len", "4", "--new_tokens", "4", "--train_batch", "2", "--train_seq", "16",
-        "--rollout_prompts", "2", "--group", "2", "--rollout_prompt_len", "6", "--rollout_new_tokens", "12",
+        "--rollout_prompts", "2", "--world_rollout_prompts", "2", "--group", "2", "--rollout_prompt_len", "6", "--rollout_new_tokens", "12",
         "--eos_prob", "0.2", "--world_new_tokens", "8",
         "--repeats", "1", "--matmul_n", "64", "--matmul_iters", "2", "--device", "cpu"]
 

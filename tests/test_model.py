@@ -160,6 +160,28 @@ def test_sampling_equals_rows_alone_uncached_token_for_token():
     assert torch.allclose(re * gen_mask, logps, atol=1e-5)
 
 
+def static_vs_dynamic(m):
+    ids, mask = left_batch([[5, 6, 7, 8, 9], [1, 2], [3, 5, 6], [7], [8, 9, 10, 1], [2, 3]])
+    run = lambda **kw: m.generate(ids, 20, 0.9, attention_mask=mask, eos_id=4, return_logprobs=True,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(0), num_samples=2, **kw)
+    a, b, c = run(), run(compile=True), run(compile=True)  # c: the second call reuses b's static cache
+    for x in (b, c):
+        assert torch.equal(a[0], x[0]) and torch.equal(a[1], x[1]) and torch.allclose(a[2], x[2], atol=1e-5)
+    assert len(set(a[1].sum(1).tolist())) > 2  # answers of several lengths: rows finished while others went on
+
+
+def test_static_shape_decode_draws_the_same_tokens(monkeypatch):
+    # compile=True's static shapes (attention over every slot, a slot tensor, finished rows kept in
+    # the batch) against the compacting path; torch.compile itself is the identity here (see the slow test)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    static_vs_dynamic(tiny(vocab=11, seed=3))
+
+
+@pytest.mark.slow
+def test_compiled_decode_draws_the_same_tokens():
+    static_vs_dynamic(tiny(vocab=11, seed=3))  # inductor on CPU: minutes to compile
+
+
 def test_inverse_cdf_sampling_by_hand_and_in_distribution():
     # probabilities 0.5, 0.25, 0, 0.25: u * total falls in [0, .5) -> 0, [.5, .75) -> 1, [.75, 1) -> 3
     logits = torch.tensor([[0.5, 0.25, 0.0, 0.25]]).log().expand(6, 4)
