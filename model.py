@@ -4,7 +4,10 @@ model.py: everything the stages must agree on, in one file.
 Contents
   1. GPTConfig, GPT         the GPT-2 architecture; left-padded batches; hidden states and logits
   2. KVCache, GPT.generate  batched sampling with a key/value cache, stopping each row at EOS;
-                            sample_answers: one answer per chat prompt, in batches
+                            finished rows leave the batch, a group of answers shares its prompt's
+                            prefill, an optional compiled static-shape decode step;
+                            sample_next (inverse-CDF draws); sample_answers: one answer per chat
+                            prompt, in batches
   3. ScalarModel            GPT trunk + linear head: per-token values, reward at the last real token
   4. log-probs              response_logits, logprobs_from_logits, response_logprobs: the one
                             place where logits and tokens are shifted against each other;
