@@ -206,6 +206,30 @@ def load_hf(model, device):
         return GPT2LMHeadModel.from_pretrained(d).to(device).eval()
 
 
+def report(res, cfg):
+    """The summary table, and the numbers as JSON in cfg.out."""
+    sections = cfg.sections.split(",")
+    print(f"\n{'':14s} {'ours':>10s} {'transformers':>13s} {'ours/hf':>8s}")
+    if "gen" in sections:
+        print(f"{'gen tok/s':14s} {fmt(res['gen_ours_tok_s'], 10, '.1f')} {fmt(res['gen_hf_tok_s'], 13, '.1f')} "
+              f"{fmt(res['gen_ratio'], 8, '.3f')}   greedy tokens match: {res['greedy_match']}")
+    for name in ("random", "world"):
+        r = res.get(f"rollout_{name}")
+        if r is not None:
+            print(f"{'rollout ' + name:14s} {fmt(r['ours_tok_s'], 10, '.1f')} {fmt(r['hf_tok_s'], 13, '.1f')} "
+                  f"{fmt(r['ratio'], 8, '.3f')}   tok/s of real answer tokens, mean answer {r['ours_len']:.1f}")
+    if "train" in sections:
+        print(f"{'train tok/s':14s} {fmt(res['train_ours_tok_s'], 10, '.1f')} {fmt(res['train_hf_tok_s'], 13, '.1f')} "
+              f"{fmt(res['train_ratio'], 8, '.3f')}")
+        print(f"{'mfu':14s} {fmt(res['mfu'], 10, '.1%')} {fmt(res['mfu_hf'], 13, '.1%')} {'':8s}   "
+              f"matmul peak {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {cfg.out}")
+    return res
+
+
 def main(cfg):
     print_config(cfg)
     device = get_device(cfg.device)
@@ -313,93 +337,74 @@ def main(cfg):
 
     # --- 3. train step: forward + backward + AdamW, next-token cross entropy on random tokens
 
-    if "train" in sections:
-        x = torch.randint(cfg.vocab_size, (cfg.train_batch, cfg.train_seq), device=device)  # (B, T)
-        targets = F.pad(x[:, 1:], (0, 1), value=-1)  # (B, T) the last position predicts nothing
-        model.train()
-        train_ours = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+    if "train" not in sections:
+        return report(res, cfg)
+    x = torch.randint(cfg.vocab_size, (cfg.train_batch, cfg.train_seq), device=device)  # (B, T)
+    targets = F.pad(x[:, 1:], (0, 1), value=-1)  # (B, T) the last position predicts nothing
+    model.train()
+    train_ours = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
 
-        def loss_ours():
-            logits = train_ours(x)  # (B, T, V)
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+    def loss_ours():
+        logits = train_ours(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
-        steps = [("ours", model, loss_ours)]
-        if hf is not None:
-            hf.train()
-            train_hf = torch.compile(hf) if cfg.compile and device.startswith("cuda") else hf
-            steps.append(("hf", hf, lambda: train_hf(input_ids=x, labels=x).loss))  # shifts labels inside
-        opts = {name: configure_optimizer(m, cfg.lr, weight_decay=0.1, device=device) for name, m, _ in steps}
+    steps = [("ours", model, loss_ours)]
+    if hf is not None:
+        hf.train()
+        train_hf = torch.compile(hf) if cfg.compile and device.startswith("cuda") else hf
+        steps.append(("hf", hf, lambda: train_hf(input_ids=x, labels=x).loss))  # shifts labels inside
+    opts = {name: configure_optimizer(m, cfg.lr, weight_decay=0.1, device=device) for name, m, _ in steps}
 
-        def train_step(name, loss_fn):
-            with ctx:
-                loss = loss_fn()
-            loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            return loss.item()
+    def train_step(name, loss_fn):
+        with ctx:
+            loss = loss_fn()
+        loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return loss.item()
 
-        # the matmul peak is measured between the train steps, so it sees the same load
-        dt = torch.bfloat16 if device.startswith("cuda") and cfg.dtype == "bfloat16" else torch.float32
-        a = torch.randn(cfg.matmul_n, cfg.matmul_n, device=device, dtype=dt)
-        b = torch.randn(cfg.matmul_n, cfg.matmul_n, device=device, dtype=dt)
+    # the matmul peak is measured between the train steps, so it sees the same load
+    dt = torch.bfloat16 if device.startswith("cuda") and cfg.dtype == "bfloat16" else torch.float32
+    a = torch.randn(cfg.matmul_n, cfg.matmul_n, device=device, dtype=dt)
+    b = torch.randn(cfg.matmul_n, cfg.matmul_n, device=device, dtype=dt)
 
-        def matmuls():
-            for _ in range(cfg.matmul_iters):
-                a @ b
+    def matmuls():
+        for _ in range(cfg.matmul_iters):
+            a @ b
 
-        times = {name: [] for name, _, _ in steps}
-        peak_s = []
-        losses = {name: train_step(name, fn) for name, _, fn in steps}  # warm-up
-        matmuls()
-        for r in range(cfg.repeats):
-            for name, _, fn in steps if r % 2 == 0 else steps[::-1]:
-                times[name].append(timed(lambda: train_step(name, fn), device)[0])
-            peak_s.append(timed(matmuls, device)[0])
-        n_tok = cfg.train_batch * cfg.train_seq
-        res["train_ours_tok_s"] = n_tok / statistics.median(times["ours"])
-        res["train_hf_tok_s"] = n_tok / statistics.median(times["hf"]) if hf is not None else None
-        res["train_ratio"] = paired_ratio(times)
-        res["train_ours_s"], res["train_hf_s"] = times["ours"], times.get("hf")
-        res["train_loss_ours"], res["train_loss_hf"] = losses["ours"], losses.get("hf")
-        print_line("train step", res["train_ours_tok_s"], res["train_hf_tok_s"], res["train_ratio"])
+    times = {name: [] for name, _, _ in steps}
+    peak_s = []
+    losses = {name: train_step(name, fn) for name, _, fn in steps}  # warm-up
+    matmuls()
+    for r in range(cfg.repeats):
+        for name, _, fn in steps if r % 2 == 0 else steps[::-1]:
+            times[name].append(timed(lambda: train_step(name, fn), device)[0])
+        peak_s.append(timed(matmuls, device)[0])
+    n_tok = cfg.train_batch * cfg.train_seq
+    res["train_ours_tok_s"] = n_tok / statistics.median(times["ours"])
+    res["train_hf_tok_s"] = n_tok / statistics.median(times["hf"]) if hf is not None else None
+    res["train_ratio"] = paired_ratio(times)
+    res["train_ours_s"], res["train_hf_s"] = times["ours"], times.get("hf")
+    res["train_loss_ours"], res["train_loss_hf"] = losses["ours"], losses.get("hf")
+    print_line("train step", res["train_ours_tok_s"], res["train_hf_tok_s"], res["train_ratio"])
 
-        # --- 4. MFU
-        # nanoGPT's estimate_mfu (PaLM, Chowdhery et al. 2022, appendix B): per token, 6 N FLOPs for
-        # the weight matmuls forward + backward, N = parameters without the position embedding (wte
-        # counted once: it is tied to lm_head, whose matmul it stands for), plus 12 L T C for the
-        # attention scores and weighted sum (causal masking not discounted). T = train_seq.
-        N = model.num_params()
-        flops_per_token = 6 * N + 12 * cfg.n_layer * cfg.train_seq * cfg.n_embd
-        res["n_params"] = N
-        res["flops_per_token"] = flops_per_token
-        res["matmul_peak_flops"] = 2 * cfg.matmul_n ** 3 * cfg.matmul_iters / statistics.median(peak_s)
-        res["train_ours_flops"] = flops_per_token * res["train_ours_tok_s"]
-        res["mfu"] = res["train_ours_flops"] / res["matmul_peak_flops"]
-        res["mfu_hf"] = flops_per_token * res["train_hf_tok_s"] / res["matmul_peak_flops"] if hf is not None else None
-        print(f"mfu        | peak {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({dt}) | ours "
-              f"{res['train_ours_flops'] / 1e9:.1f} GFLOP/s | mfu {res['mfu']:.1%}")
+    # --- 4. MFU
+    # nanoGPT's estimate_mfu (PaLM, Chowdhery et al. 2022, appendix B): per token, 6 N FLOPs for
+    # the weight matmuls forward + backward, N = parameters without the position embedding (wte
+    # counted once: it is tied to lm_head, whose matmul it stands for), plus 12 L T C for the
+    # attention scores and weighted sum (causal masking not discounted). T = train_seq.
+    N = model.num_params()
+    flops_per_token = 6 * N + 12 * cfg.n_layer * cfg.train_seq * cfg.n_embd
+    res["n_params"] = N
+    res["flops_per_token"] = flops_per_token
+    res["matmul_peak_flops"] = 2 * cfg.matmul_n ** 3 * cfg.matmul_iters / statistics.median(peak_s)
+    res["train_ours_flops"] = flops_per_token * res["train_ours_tok_s"]
+    res["mfu"] = res["train_ours_flops"] / res["matmul_peak_flops"]
+    res["mfu_hf"] = flops_per_token * res["train_hf_tok_s"] / res["matmul_peak_flops"] if hf is not None else None
+    print(f"mfu        | peak {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({dt}) | ours "
+          f"{res['train_ours_flops'] / 1e9:.1f} GFLOP/s | mfu {res['mfu']:.1%}")
 
-    # --- summary
-
-    print(f"\n{'':14s} {'ours':>10s} {'transformers':>13s} {'ours/hf':>8s}")
-    if "gen" in sections:
-        print(f"{'gen tok/s':14s} {fmt(res['gen_ours_tok_s'], 10, '.1f')} {fmt(res['gen_hf_tok_s'], 13, '.1f')} "
-              f"{fmt(res['gen_ratio'], 8, '.3f')}   greedy tokens match: {res['greedy_match']}")
-    for name in ("random", "world"):
-        r = res.get(f"rollout_{name}")
-        if r is not None:
-            print(f"{'rollout ' + name:14s} {fmt(r['ours_tok_s'], 10, '.1f')} {fmt(r['hf_tok_s'], 13, '.1f')} "
-                  f"{fmt(r['ratio'], 8, '.3f')}   tok/s of real answer tokens, mean answer {r['ours_len']:.1f}")
-    if "train" in sections:
-        print(f"{'train tok/s':14s} {fmt(res['train_ours_tok_s'], 10, '.1f')} {fmt(res['train_hf_tok_s'], 13, '.1f')} "
-              f"{fmt(res['train_ratio'], 8, '.3f')}")
-        print(f"{'mfu':14s} {fmt(res['mfu'], 10, '.1%')} {fmt(res['mfu_hf'], 13, '.1%')} {'':8s}   "
-              f"matmul peak {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"wrote {cfg.out}")
-    return res
+    return report(res, cfg)
 
 
 if __name__ == "__main__":
