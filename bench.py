@@ -187,14 +187,16 @@ def rollout_race(name, model, hf, ids, mask, eos_id, R, cfg, device, res):
     contenders = [("ours", ours)] + ([("hf", theirs)] if hf is not None else [])
     times, counts = race(contenders, cfg.repeats, device, seed)
     rates = {n: [c / t for c, t in zip(counts[n], times[n])] for n in times}
-    rows = ids.size(0) * G
+    rows, both = ids.size(0) * G, hf is not None
     out = {"ours_tok_s": statistics.median(rates["ours"]),
-           "hf_tok_s": statistics.median(rates["hf"]) if hf is not None else None,
-           "ratio": statistics.median(o / h for o, h in zip(rates["ours"], rates["hf"])) if hf is not None else None,
-           "ours_len": statistics.mean(counts["ours"]) / rows, "hf_len": statistics.mean(counts["hf"]) / rows if hf is not None else None,
+           "hf_tok_s": statistics.median(rates["hf"]) if both else None,
+           "ratio": statistics.median(o / h for o, h in zip(rates["ours"], rates["hf"])) if both else None,
+           "ours_len": statistics.mean(counts["ours"]) / rows,
+           "hf_len": statistics.mean(counts["hf"]) / rows if both else None,
            "ours_s": times["ours"], "hf_s": times.get("hf"), "ours_tokens": counts["ours"], "hf_tokens": counts.get("hf")}
     res[f"rollout_{name}"] = out
-    lens = f" | mean answer ours {out['ours_len']:.1f}" + (f" hf {out['hf_len']:.1f}" if hf is not None else "") + f" of <= {R} tokens"
+    lens = f" | mean answer ours {out['ours_len']:.1f}" + (f" hf {out['hf_len']:.1f}" if both else "")
+    lens += f" of <= {R} tokens"
     print_line(f"rollout {name}", out["ours_tok_s"], out["hf_tok_s"], out["ratio"], lens)
     return out
 
@@ -306,11 +308,14 @@ def main(cfg):
         rhf = load_hf(rmodel, device) if hf is not None else None
         gen = torch.Generator().manual_seed(cfg.seed)
         lo = max(1, cfg.rollout_prompt_len // 2)
-        rows = [torch.randint(cfg.vocab_size - 1, (int(torch.randint(lo, cfg.rollout_prompt_len + 1, (1,), generator=gen)),),
-                              generator=gen).tolist() for _ in range(cfg.rollout_prompts)]
+        rows = []
+        for _ in range(cfg.rollout_prompts):  # lengths in [len / 2, len], tokens other than EOS
+            n = int(torch.randint(lo, cfg.rollout_prompt_len + 1, (1,), generator=gen))
+            rows.append(torch.randint(cfg.vocab_size - 1, (n,), generator=gen).tolist())
         ids, mask = M.pad_left(rows)  # (B, P) left-padded
         with ctx:
-            rollout_race("random", rmodel, rhf, ids.to(device), mask.to(device), eos_id, cfg.rollout_new_tokens, cfg, device, res)
+            rollout_race("random", rmodel, rhf, ids.to(device), mask.to(device), eos_id, cfg.rollout_new_tokens,
+                         cfg, device, res)
         del rmodel, rhf
         # the built-in world's SFT model on its held-out prompts, EOS = <|endoftext|>
         if cfg.world_sft and os.path.exists(cfg.world_sft):
@@ -325,7 +330,7 @@ def main(cfg):
             with ctx:
                 rollout_race("world", wmodel, whf, ids, mask, tok.eot_id, R, cfg, device, res)
                 if whf is not None:  # greedy answers with EOS from left-padded prompts: the same tokens?
-                    ours = wmodel.generate(ids, R, temperature=0, attention_mask=mask, eos_id=tok.eot_id)[0][:, ids.size(1):]
+                    ours = wmodel.generate(ids, R, 0, attention_mask=mask, eos_id=tok.eot_id)[0][:, ids.size(1):]
                     theirs = whf.generate(ids.clamp(min=0), attention_mask=mask, do_sample=False, max_new_tokens=R,
                                           eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)[:, ids.size(1):]
                     n = real_tokens(theirs, tok.eot_id)

@@ -239,15 +239,15 @@ class GPT(nn.Module):
             idx, attention_mask, h = (x.repeat_interleave(num_samples, 0)
                                       for x in (idx, attention_mask, h))  # (B*G, P), (B*G, P), (B*G, C)
             B = B * num_samples
-        # generated keys are always real (a finished row stops being computed), so the key mask is final now
         decode = self.decode_logits
         if compile:  # the prefill moves into a fixed-shape cache; slots rounded up to 64 bound the recompiles
             cache = self.static_cache(cache, min(self.config.block_size, -(-(P + R) // 64) * 64))
             if "_compiled_decode" not in self.__dict__:
-                self._compiled_decode = torch.compile(self.decode_logits, mode="reduce-overhead" if dev.type == "cuda" else None,
-                                                      fullgraph=True, dynamic=False)
+                mode = "reduce-overhead" if dev.type == "cuda" else None  # reduce-overhead = CUDA graphs
+                self._compiled_decode = torch.compile(self.decode_logits, mode=mode, fullgraph=True, dynamic=False)
             decode = self._compiled_decode
-        keys = torch.zeros(B, 1, 1, cache.k.size(3), dtype=torch.bool, device=dev)  # (B, 1, 1, S) a column a step
+        # generated keys are real (a finished row leaves, or its tokens are dropped): one column set a step
+        keys = torch.zeros(B, 1, 1, cache.k.size(3), dtype=torch.bool, device=dev)  # (B, 1, 1, S)
         keys[:, 0, 0, :P] = attention_mask.bool()
         pos = attention_mask.long().sum(1, keepdim=True) + torch.arange(R, device=dev)  # (B, R) ids of new tokens
         tokens = torch.full((B, R), PAD_ID, dtype=torch.long, device=dev)  # (B, R)
