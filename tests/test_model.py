@@ -179,7 +179,7 @@ def test_static_shape_decode_draws_the_same_tokens(monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_decode_draws_the_same_tokens():
-    static_vs_dynamic(tiny(vocab=11, seed=3))  # inductor on CPU: minutes to compile
+    static_vs_dynamic(tiny(vocab=11, seed=3))  # inductor on CPU: about a minute to compile
 
 
 def test_inverse_cdf_sampling_by_hand_and_in_distribution():
