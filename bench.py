@@ -301,22 +301,25 @@ def main(cfg):
     # tokens/s count real generated tokens (up to and including EOS), not the padding after them
 
     if "rollout" in sections:
-        # GPT-2 small shape, random weights, EOS biased to come with about eos_prob a step
-        rmodel = copy.deepcopy(model).eval()
-        eos_id = cfg.vocab_size - 1  # GPT-2's <|endoftext|> is its last id
-        bias_eos(rmodel, eos_id, cfg.eos_prob)
-        rhf = load_hf(rmodel, device) if hf is not None else None
-        gen = torch.Generator().manual_seed(cfg.seed)
-        lo = max(1, cfg.rollout_prompt_len // 2)
-        rows = []
-        for _ in range(cfg.rollout_prompts):  # lengths in [len / 2, len], tokens other than EOS
-            n = int(torch.randint(lo, cfg.rollout_prompt_len + 1, (1,), generator=gen))
-            rows.append(torch.randint(cfg.vocab_size - 1, (n,), generator=gen).tolist())
-        ids, mask = M.pad_left(rows)  # (B, P) left-padded
-        with ctx:
-            rollout_race("random", rmodel, rhf, ids.to(device), mask.to(device), eos_id, cfg.rollout_new_tokens,
-                         cfg, device, res)
-        del rmodel, rhf
+        if getattr(model.transformer.ln_f, "bias", None) is None:  # bias=False, or an RMSNorm
+            print("rollout random | skipped: bias_eos needs a bias in the final norm, as GPT-2 has")
+        else:
+            # GPT-2 small shape, random weights, EOS biased to come with about eos_prob a step
+            rmodel = copy.deepcopy(model).eval()
+            eos_id = cfg.vocab_size - 1  # GPT-2's <|endoftext|> is its last id
+            bias_eos(rmodel, eos_id, cfg.eos_prob)
+            rhf = load_hf(rmodel, device) if hf is not None else None
+            gen = torch.Generator().manual_seed(cfg.seed)
+            lo = max(1, cfg.rollout_prompt_len // 2)
+            rows = []
+            for _ in range(cfg.rollout_prompts):  # lengths in [len / 2, len], tokens other than EOS
+                n = int(torch.randint(lo, cfg.rollout_prompt_len + 1, (1,), generator=gen))
+                rows.append(torch.randint(cfg.vocab_size - 1, (n,), generator=gen).tolist())
+            ids, mask = M.pad_left(rows)  # (B, P) left-padded
+            with ctx:
+                rollout_race("random", rmodel, rhf, ids.to(device), mask.to(device), eos_id, cfg.rollout_new_tokens,
+                             cfg, device, res)
+            del rmodel, rhf
         # the built-in world's SFT model on its held-out prompts, EOS = <|endoftext|>
         if cfg.world_sft and os.path.exists(cfg.world_sft):
             wmodel, tok = M.load_gpt(cfg.world_sft, device)
