@@ -7,25 +7,40 @@ back by transformers' GPT2LMHeadModel.from_pretrained), it measures:
                   batch_size prompts of prompt_len random tokens, exactly new_tokens steps each (no
                   EOS), tokens/s = batch_size * new_tokens / wall time (prefill included). Checks that
                   both produce the same greedy tokens (they should in fp32).
-  2. train step   forward + backward + AdamW step at (train_batch, train_seq), next-token cross
+  2. rollouts     sampling as an RLHF rollout does it: temperature 1, no top-k or top-p, each row
+                  ending at EOS, group answers per prompt (transformers: num_return_sequences), from
+                  rollout_prompts left-padded prompts; tokens/s of real generated tokens (up to and
+                  including EOS, never the padding after). Two models: (a) the GPT-2 small shape
+                  with random weights whose EOS logit is biased (bias_eos) so answers end after
+                  about 1 / eos_prob tokens, at lengths that vary; (b) the built-in world's SFT
+                  checkpoint (world_sft) on its held-out prompts, also checked for identical greedy
+                  answers from the left-padded batch.
+  3. train step   forward + backward + AdamW step at (train_batch, train_seq), next-token cross
                   entropy, tokens/s; the same for GPT2LMHeadModel(labels=idx).
-  3. MFU          the machine's matmul peak (an n x n @ n x n matmul, 2 n^3 FLOPs, timed between
+  4. MFU          the machine's matmul peak (an n x n @ n x n matmul, 2 n^3 FLOPs, timed between
                   the train steps) and the model FLOPs utilization of our train step (nanoGPT/PaLM
                   formula, see below).
 The two contenders are timed back to back in every repeat (who goes first alternates), so load
 from other jobs lands on both alike: tokens/s are medians over repeats, a ratio is the median of
-the per-repeat ratios, ours / transformers in speed (> 1: ours is faster). On a shared CPU, load
+the per-repeat ratios, ours / transformers in speed (> 1: ours is faster). Rollouts seed both
+samplers alike in each repeat; their answers still differ (different random streams), so each
+side's rate is its own tokens over its own time. On a shared CPU, load
 makes torch's threads wait for each other at every op; --threads 1 gives steadier ratios.
 
 Run (CPU, GPT-2 small: about 4 minutes on 2 idle cores, 9 with --repeats 5 on a busy machine):
     python bench.py
     python bench.py --repeats 5 --threads 1 --out bench.json
+Rollouts only, with the world's SFT model (see docs/rollout_speed.md for the numbers):
+    python bench.py --sections rollout --threads 1 --world_sft out/sft --world_prompts data/world/prompts_val.jsonl
 One GPU:
     python bench.py --dtype bfloat16 --compile true --batch_size 64 --train_batch 16 --train_seq 1024
 """
 
+import copy
 import dataclasses
 import json
+import math
+import os
 import statistics
 import tempfile
 import time
@@ -34,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import model as M
 from model import GPT, GPTConfig, autocast, configure_optimizer, get_device, parse_config, print_config
 
 try:
@@ -55,6 +71,17 @@ class Config:
     batch_size: int = 16  # prompts sampled at once
     prompt_len: int = 32  # tokens per prompt (no padding)
     new_tokens: int = 64  # greedy steps, all taken: EOS is disabled in both models
+    # rollouts: sampling as in RLHF (temperature 1, no top-k/top-p, EOS ends a row, G answers per prompt)
+    rollout_prompts: int = 4  # prompts per rollout batch, random model
+    group: int = 4  # answers per prompt (transformers: num_return_sequences)
+    rollout_prompt_len: int = 32  # random model: prompt lengths drawn from [len/2, len], left-padded
+    rollout_new_tokens: int = 64  # answer length cap
+    eos_prob: float = 0.04  # random model: the EOS logit is biased so EOS has about this chance a step
+    world_sft: str = "out/sft"  # the built-in world's SFT checkpoint ("" or missing: that row is skipped)
+    world_prompts: str = "data/world/prompts_val.jsonl"  # its held-out prompts, the first world_rollout_prompts used
+    world_rollout_prompts: int = 16  # prompts per rollout batch, world model (x group = ppo_world's 64 answers)
+    world_new_tokens: int = 48  # answer length cap for the world model (ppo_world's max_new_tokens)
+    sections: str = "gen,rollout,train"  # which parts to run (MFU comes with train)
     # training
     train_batch: int = 8  # rows per train step
     train_seq: int = 256  # tokens per row
@@ -102,6 +129,109 @@ def print_line(title, ours, hf, ratio, extra=""):
     print(f"{title} | ours {ours:.1f} tok/s{theirs}{extra}")
 
 
+def race(contenders, repeats, device, before=None):
+    """Times of each contender over repeats, timed back to back, who goes first alternating; one
+    untimed warm-up first. Each fn returns a count (tokens), kept beside its time. before(r) runs
+    before every call of repeat r (r = -1: warm-up), outside the timing: it seeds the samplers."""
+    times, counts = {n: [] for n, _ in contenders}, {n: [] for n, _ in contenders}
+    for r in range(-1, repeats):
+        for name, fn in contenders if r % 2 == 0 else contenders[::-1]:
+            if before is not None:
+                before(r)
+            t, n = timed(fn, device)
+            if r >= 0:
+                times[name].append(t)
+                counts[name].append(n)
+    return times, counts
+
+
+def bias_eos(model, eos_id, eos_prob):
+    """Give a random-weight GPT (near-uniform logits) an EOS that comes with about eos_prob a step.
+
+    ln_f's bias gets a = 10 in coordinate 0 and EOS's row of the tied embedding is b / a there (0
+    elsewhere), so logit_EOS = b + x_0 b / a, x_0 the normalised coordinate 0 (about unit
+    variance): b on average, noisy, so answer lengths vary. The other logits move by a w_0 ~ N(0, 0.2^2).
+    b solves e^b / (e^b + V - 1) = eos_prob with the other logits taken as 0."""
+    a = 10.0
+    b = math.log(eos_prob / (1 - eos_prob) * (model.config.vocab_size - 1))
+    with torch.no_grad():
+        model.transformer.ln_f.bias[0] = a
+        model.transformer.wte.weight[eos_id] = 0.0
+        model.transformer.wte.weight[eos_id, 0] = b / a
+
+
+def real_tokens(resp, eos_id):
+    """Tokens of each answer up to and including its first EOS (all of them without one): (B,)."""
+    is_eos = resp == eos_id  # (B, R)
+    return torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, resp.size(1))
+
+
+def rollout_race(name, model, hf, ids, mask, eos_id, R, cfg, device, res):
+    """Sampled answers as in RLHF: ours vs transformers, generated tokens/s (real tokens only)."""
+    G, P = cfg.group, ids.size(1)
+    gen = torch.Generator(device=device)
+
+    def ours():
+        seq, gen_mask, _ = model.generate(ids, R, 1.0, attention_mask=mask, eos_id=eos_id, generator=gen, num_samples=G)
+        return int(gen_mask.sum())
+
+    def theirs():
+        out = hf.generate(ids.clamp(min=0), attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          max_new_tokens=R, num_return_sequences=G, eos_token_id=eos_id, pad_token_id=eos_id)
+        return int(real_tokens(out[:, P:], eos_id).sum())  # (B G,) answers in order prompt 0's G, prompt 1's, ...
+
+    def seed(r):
+        gen.manual_seed(cfg.seed + r)
+        torch.manual_seed(cfg.seed + r)  # transformers samples from the global generator
+
+    contenders = [("ours", ours)] + ([("hf", theirs)] if hf is not None else [])
+    times, counts = race(contenders, cfg.repeats, device, seed)
+    rates = {n: [c / t for c, t in zip(counts[n], times[n])] for n in times}
+    rows, both = ids.size(0) * G, hf is not None
+    out = {"ours_tok_s": statistics.median(rates["ours"]),
+           "hf_tok_s": statistics.median(rates["hf"]) if both else None,
+           "ratio": statistics.median(o / h for o, h in zip(rates["ours"], rates["hf"])) if both else None,
+           "ours_len": statistics.mean(counts["ours"]) / rows,
+           "hf_len": statistics.mean(counts["hf"]) / rows if both else None,
+           "ours_s": times["ours"], "hf_s": times.get("hf"), "ours_tokens": counts["ours"], "hf_tokens": counts.get("hf")}
+    res[f"rollout_{name}"] = out
+    lens = f" | mean answer ours {out['ours_len']:.1f}" + (f" hf {out['hf_len']:.1f}" if both else "")
+    lens += f" of <= {R} tokens"
+    print_line(f"rollout {name}", out["ours_tok_s"], out["hf_tok_s"], out["ratio"], lens)
+    return out
+
+
+def load_hf(model, device):
+    """transformers' GPT2LMHeadModel with our model's weights, through our export path."""
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return GPT2LMHeadModel.from_pretrained(d).to(device).eval()
+
+
+def report(res, cfg):
+    """The summary table, and the numbers as JSON in cfg.out."""
+    sections = cfg.sections.split(",")
+    print(f"\n{'':14s} {'ours':>10s} {'transformers':>13s} {'ours/hf':>8s}")
+    if "gen" in sections:
+        print(f"{'gen tok/s':14s} {fmt(res['gen_ours_tok_s'], 10, '.1f')} {fmt(res['gen_hf_tok_s'], 13, '.1f')} "
+              f"{fmt(res['gen_ratio'], 8, '.3f')}   greedy tokens match: {res['greedy_match']}")
+    for name in ("random", "world"):
+        r = res.get(f"rollout_{name}")
+        if r is not None:
+            print(f"{'rollout ' + name:14s} {fmt(r['ours_tok_s'], 10, '.1f')} {fmt(r['hf_tok_s'], 13, '.1f')} "
+                  f"{fmt(r['ratio'], 8, '.3f')}   tok/s of real answer tokens, mean answer {r['ours_len']:.1f}")
+    if "train" in sections:
+        print(f"{'train tok/s':14s} {fmt(res['train_ours_tok_s'], 10, '.1f')} {fmt(res['train_hf_tok_s'], 13, '.1f')} "
+              f"{fmt(res['train_ratio'], 8, '.3f')}")
+        print(f"{'mfu':14s} {fmt(res['mfu'], 10, '.1%')} {fmt(res['mfu_hf'], 13, '.1%')} {'':8s}   "
+              f"matmul peak {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {cfg.out}")
+    return res
+
+
 def main(cfg):
     print_config(cfg)
     device = get_device(cfg.device)
@@ -130,40 +260,93 @@ def main(cfg):
     res = {"config": dataclasses.asdict(cfg), "device": device, "torch": torch.__version__,
            "transformers": transformers.__version__ if hf is not None else None}
 
+    sections = cfg.sections.split(",")
+    if set(sections) - {"gen", "rollout", "train"}:
+        raise M.ConfigError(f"sections={cfg.sections!r}: a comma-separated subset of gen,rollout,train")
+
     # --- 1. generation: greedy, KV cache, exactly R new tokens per row
 
-    model.eval()
-    idx = torch.randint(cfg.vocab_size, (B, P), device=device)  # (B, P)
+    if "gen" in sections:
+        model.eval()
+        idx = torch.randint(cfg.vocab_size, (B, P), device=device)  # (B, P)
 
-    def gen_ours():
-        with ctx:
-            return model.generate(idx, R, temperature=0, eos_id=None)[0][:, P:]  # (B, R)
+        def gen_ours():
+            with ctx:
+                return model.generate(idx, R, temperature=0, eos_id=None)[0][:, P:]  # (B, R)
 
-    def gen_hf():
-        with ctx:
-            out = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
-                              max_new_tokens=R, min_new_tokens=R)
-        return out[:, P:]  # (B, R)
+        def gen_hf():
+            with ctx:
+                out = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                                  max_new_tokens=R, min_new_tokens=R)
+            return out[:, P:]  # (B, R)
 
-    contenders = [("ours", gen_ours)] + ([("hf", gen_hf)] if hf is not None else [])
-    times = {name: [] for name, _ in contenders}
-    tokens = {name: fn() for name, fn in contenders}  # warm-up, and the tokens compared below
-    for r in range(cfg.repeats):
-        for name, fn in contenders if r % 2 == 0 else contenders[::-1]:  # alternate who goes first
-            times[name].append(timed(fn, device)[0])
-    res["gen_ours_tok_s"] = B * R / statistics.median(times["ours"])
-    res["gen_hf_tok_s"] = B * R / statistics.median(times["hf"]) if hf is not None else None
-    res["gen_ratio"] = paired_ratio(times)
-    res["gen_ours_s"], res["gen_hf_s"] = times["ours"], times.get("hf")
-    res["greedy_match"] = bool(torch.equal(tokens["ours"], tokens["hf"])) if hf is not None else None
-    if hf is not None and not res["greedy_match"]:
-        same = (tokens["ours"] == tokens["hf"]).float().mean().item()
-        print(f"greedy tokens differ: {same:.1%} of positions equal")
-    print_line("generation", res["gen_ours_tok_s"], res["gen_hf_tok_s"], res["gen_ratio"],
-               f" | greedy match {res['greedy_match']}")
+        contenders = [("ours", gen_ours)] + ([("hf", gen_hf)] if hf is not None else [])
+        times = {name: [] for name, _ in contenders}
+        tokens = {name: fn() for name, fn in contenders}  # warm-up, and the tokens compared below
+        for r in range(cfg.repeats):
+            for name, fn in contenders if r % 2 == 0 else contenders[::-1]:  # alternate who goes first
+                times[name].append(timed(fn, device)[0])
+        res["gen_ours_tok_s"] = B * R / statistics.median(times["ours"])
+        res["gen_hf_tok_s"] = B * R / statistics.median(times["hf"]) if hf is not None else None
+        res["gen_ratio"] = paired_ratio(times)
+        res["gen_ours_s"], res["gen_hf_s"] = times["ours"], times.get("hf")
+        res["greedy_match"] = bool(torch.equal(tokens["ours"], tokens["hf"])) if hf is not None else None
+        if hf is not None and not res["greedy_match"]:
+            same = (tokens["ours"] == tokens["hf"]).float().mean().item()
+            print(f"greedy tokens differ: {same:.1%} of positions equal")
+        print_line("generation", res["gen_ours_tok_s"], res["gen_hf_tok_s"], res["gen_ratio"],
+                   f" | greedy match {res['greedy_match']}")
 
-    # --- 2. train step: forward + backward + AdamW, next-token cross entropy on random tokens
+    # --- 2. rollouts: sampled as in RLHF, answers ending at EOS, G answers per prompt
+    # tokens/s count real generated tokens (up to and including EOS), not the padding after them
 
+    if "rollout" in sections:
+        if getattr(model.transformer.ln_f, "bias", None) is None:  # bias=False, or an RMSNorm
+            print("rollout random | skipped: bias_eos needs a bias in the final norm, as GPT-2 has")
+        else:
+            # GPT-2 small shape, random weights, EOS biased to come with about eos_prob a step
+            rmodel = copy.deepcopy(model).eval()
+            eos_id = cfg.vocab_size - 1  # GPT-2's <|endoftext|> is its last id
+            bias_eos(rmodel, eos_id, cfg.eos_prob)
+            rhf = load_hf(rmodel, device) if hf is not None else None
+            gen = torch.Generator().manual_seed(cfg.seed)
+            lo = max(1, cfg.rollout_prompt_len // 2)
+            rows = []
+            for _ in range(cfg.rollout_prompts):  # lengths in [len / 2, len], tokens other than EOS
+                n = int(torch.randint(lo, cfg.rollout_prompt_len + 1, (1,), generator=gen))
+                rows.append(torch.randint(cfg.vocab_size - 1, (n,), generator=gen).tolist())
+            ids, mask = M.pad_left(rows)  # (B, P) left-padded
+            with ctx:
+                rollout_race("random", rmodel, rhf, ids.to(device), mask.to(device), eos_id, cfg.rollout_new_tokens,
+                             cfg, device, res)
+            del rmodel, rhf
+        # the built-in world's SFT model on its held-out prompts, EOS = <|endoftext|>
+        if cfg.world_sft and os.path.exists(cfg.world_sft):
+            wmodel, tok = M.load_gpt(cfg.world_sft, device)
+            wmodel.eval()
+            whf = load_hf(wmodel, device) if hf is not None else None
+            prompts = [r["prompt"] for r in M.read_jsonl(cfg.world_prompts, required=("prompt",))]
+            prompts = prompts[:cfg.world_rollout_prompts]
+            R = min(cfg.world_new_tokens, wmodel.config.block_size - max(len(M.encode_chat(tok, p)) for p in prompts))
+            ids, mask = M.pad_left([M.encode_chat(tok, p) for p in prompts])
+            ids, mask = ids.to(device), mask.to(device)
+            with ctx:
+                rollout_race("world", wmodel, whf, ids, mask, tok.eot_id, R, cfg, device, res)
+                if whf is not None:  # greedy answers with EOS from left-padded prompts: the same tokens?
+                    ours = wmodel.generate(ids, R, 0, attention_mask=mask, eos_id=tok.eot_id)[0][:, ids.size(1):]
+                    theirs = whf.generate(ids.clamp(min=0), attention_mask=mask, do_sample=False, max_new_tokens=R,
+                                          eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)[:, ids.size(1):]
+                    n = real_tokens(theirs, tok.eot_id)
+                    res["world_greedy_match"] = all(ours[i, :k].tolist() == theirs[i, :k].tolist() and
+                                                    (ours[i, k:] == M.PAD_ID).all() for i, k in enumerate(n.tolist()))
+                    print(f"world greedy answers (left-padded, EOS) match transformers: {res['world_greedy_match']}")
+        else:
+            print(f"rollout world | skipped: no checkpoint at world_sft={cfg.world_sft!r}")
+
+    # --- 3. train step: forward + backward + AdamW, next-token cross entropy on random tokens
+
+    if "train" not in sections:
+        return report(res, cfg)
     x = torch.randint(cfg.vocab_size, (cfg.train_batch, cfg.train_seq), device=device)  # (B, T)
     targets = F.pad(x[:, 1:], (0, 1), value=-1)  # (B, T) the last position predicts nothing
     model.train()
@@ -188,7 +371,7 @@ def main(cfg):
         opts[name].zero_grad(set_to_none=True)
         return loss.item()
 
-    # 3. the matmul peak is measured between the train steps, so it sees the same load
+    # the matmul peak is measured between the train steps, so it sees the same load
     dt = torch.bfloat16 if device.startswith("cuda") and cfg.dtype == "bfloat16" else torch.float32
     a = torch.randn(cfg.matmul_n, cfg.matmul_n, device=device, dtype=dt)
     b = torch.randn(cfg.matmul_n, cfg.matmul_n, device=device, dtype=dt)
@@ -213,7 +396,7 @@ def main(cfg):
     res["train_loss_ours"], res["train_loss_hf"] = losses["ours"], losses.get("hf")
     print_line("train step", res["train_ours_tok_s"], res["train_hf_tok_s"], res["train_ratio"])
 
-    # --- 3. MFU
+    # --- 4. MFU
     # nanoGPT's estimate_mfu (PaLM, Chowdhery et al. 2022, appendix B): per token, 6 N FLOPs for
     # the weight matmuls forward + backward, N = parameters without the position embedding (wte
     # counted once: it is tied to lm_head, whose matmul it stands for), plus 12 L T C for the
@@ -229,20 +412,7 @@ def main(cfg):
     print(f"mfu        | peak {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({dt}) | ours "
           f"{res['train_ours_flops'] / 1e9:.1f} GFLOP/s | mfu {res['mfu']:.1%}")
 
-    # --- summary
-
-    print(f"\n{'':12s} {'ours':>10s} {'transformers':>13s} {'ours/hf':>8s}")
-    print(f"{'gen tok/s':12s} {fmt(res['gen_ours_tok_s'], 10, '.1f')} {fmt(res['gen_hf_tok_s'], 13, '.1f')} "
-          f"{fmt(res['gen_ratio'], 8, '.3f')}   greedy tokens match: {res['greedy_match']}")
-    print(f"{'train tok/s':12s} {fmt(res['train_ours_tok_s'], 10, '.1f')} {fmt(res['train_hf_tok_s'], 13, '.1f')} "
-          f"{fmt(res['train_ratio'], 8, '.3f')}")
-    print(f"{'mfu':12s} {fmt(res['mfu'], 10, '.1%')} {fmt(res['mfu_hf'], 13, '.1%')} {'':8s}   "
-          f"matmul peak {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"wrote {cfg.out}")
-    return res
+    return report(res, cfg)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ model.py: everything the stages must agree on, in one file.
 Contents
   1. GPTConfig, GPT         the GPT-2 architecture; left-padded batches; hidden states and logits
   2. KVCache, GPT.generate  batched sampling with a key/value cache, stopping each row at EOS;
-                            sample_answers: one answer per chat prompt, in batches
+                            finished rows leave the batch, a group of answers shares its prompt's
+                            prefill, an optional compiled static-shape decode step;
+                            sample_next (inverse-CDF draws); sample_answers: one answer per chat
+                            prompt, in batches
   3. ScalarModel            GPT trunk + linear head: per-token values, reward at the last real token
   4. log-probs              response_logits, logprobs_from_logits, response_logprobs: the one
-                            place where logits and tokens are shifted against each other
+                            place where logits and tokens are shifted against each other;
+                            kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref)
   5. Hugging Face GPT-2     GPT.from_pretrained / save_pretrained, safetensors read and written by hand
   6. Tokenizer              tiktoken BPE (gpt2, or a ranks file we trained) and the chat template
   7. Checkpoints            directories written atomically (temp dir + rename)
@@ -32,6 +36,7 @@ import pickle
 import shutil
 import struct
 import sys
+import time
 import tomllib
 import typing
 import urllib.request
@@ -156,25 +161,27 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def hidden(self, idx, attention_mask=None, kv_cache=None):
+    def hidden(self, idx, attention_mask=None, kv_cache=None, pos=None, attn_mask=None):
         """Final hidden states (after ln_f), (B, T, C).
 
         idx (B, T) token ids, PAD_ID allowed. attention_mask (B, S) with S = cached + T, 1 = real
         token; needed for left padding and with a cache. Position ids count real tokens only,
         cumsum(mask) - 1, so padding never shifts positions (RLHF_DETAILS.md, item 7).
+        pos (B, T) and attn_mask (B, 1, T, S) bool, given together, replace both: generate's decode
+        steps slice them from buffers allocated once, instead of rebuilding them every token.
         """
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
-        if attention_mask is None and kv_cache is None:
-            assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        # positions <= S - 1, so checking the length needs no GPU sync (this runs every decode step)
+        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
+        if pos is not None:
+            assert attn_mask is not None, "pos needs attn_mask (B, 1, T, S) over the cached keys"
+        elif attention_mask is None and kv_cache is None:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
-            attn_mask = None
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
             assert attention_mask.shape == (B, past + T), f"attention_mask {tuple(attention_mask.shape)} != {(B, past + T)}"
-            # positions <= S - 1, so checking the length needs no GPU sync (this runs every decode step)
-            assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             attn_mask = attention_bias(attention_mask, T)  # (B, 1, T, S)
         x = self.transformer.wte(idx.clamp(min=0)) + self.transformer.wpe(pos)  # (B, T, C)
@@ -182,7 +189,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, attention_mask=None, kv_cache=None, logits_start=0):
@@ -196,40 +203,106 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 attention_mask=None, eos_id=None, return_logprobs=False, generator=None):
+                 attention_mask=None, eos_id=None, return_logprobs=False, generator=None, num_samples=1,
+                 compile=False):
         """Sample continuations of a batch of left-padded prompts.
 
         idx (B, P) prompts, left-padded with PAD_ID; attention_mask (B, P) defaults to idx != PAD_ID.
         temperature 0 is greedy. A row stops at eos_id (kept, counted) and is PAD_ID after it.
-        Returns (tokens (B, P + R), mask (B, R) 1 = generated token, logprobs (B, R) or None),
+        num_samples G > 1 answers each prompt G times (a group, as GRPO and RLOO sample): rows
+        b*G .. b*G + G - 1 of the output belong to prompt b. Each prompt's prefill runs once and
+        its KV cache is copied to its G rows (repeat_interleave), so a group costs one prefill.
+        Returns (tokens (B*G, P + R), mask (B*G, R) 1 = generated token, logprobs (B*G, R) or None),
         R <= max_new_tokens. logprobs are of the sampling distribution (temperature, top-k and
         top-p applied), 0 where mask is 0. For PPO use neither top-k nor top-p (RLHF_DETAILS.md 1).
+
+        The work of a rollout, not of a fixed-length batch: the prompts run once (prefill); the
+        cache, key mask, positions and outputs are allocated once and each decode step slices
+        them. Rows that emitted EOS leave the decode batch: once a quarter of it has finished, the
+        cache of the rows still going is compacted, so the last steps run the long answers only.
+        Each step draws one uniform per original row (see sample_next), live or not, so a row's
+        tokens never depend on when the other rows finished.
+
+        compile=True runs the decode step through torch.compile (mode reduce-overhead: CUDA graphs
+        on CUDA) with static shapes: the batch keeps its finished rows (their tokens are dropped)
+        and each step attends over every slot of a cache of fixed shape, kept across calls so a
+        captured graph replays on the same memory. The tokens are the same as without it.
         """
         B, P = idx.shape
+        R, dev = max_new_tokens, idx.device
         if attention_mask is None:
             attention_mask = idx != PAD_ID
-        mask = attention_mask.long()  # (B, S) grows by one column a step
-        assert P + max_new_tokens <= self.config.block_size, \
-            f"prompt {P} + {max_new_tokens} new tokens > block_size {self.config.block_size}"
-        cache = KVCache(self.config, B, P + max_new_tokens)
-        h = self.hidden(idx, mask, cache)[:, -1]  # (B, C) prefill; logits of the last position only
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        tokens, alive, logps = [], [], []
-        for step in range(max_new_tokens):
-            logits = self.lm_head(h).float()  # (B, V)
-            tok, logp = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
-            tokens.append(tok.masked_fill(done, PAD_ID))
-            logps.append(logp.masked_fill(done, 0.0))
-            alive.append(~done)
+        assert P + R <= self.config.block_size, f"prompt {P} + {R} new tokens > block_size {self.config.block_size}"
+        cache = KVCache(self.config, B, P + R)
+        h = self.hidden(idx, attention_mask, cache)[:, -1]  # (B, C) prefill; logits of the last position only
+        if num_samples > 1:  # one prefill per prompt, shared by its group
+            cache.repeat_interleave(num_samples)
+            idx, attention_mask, h = (x.repeat_interleave(num_samples, 0)
+                                      for x in (idx, attention_mask, h))  # (B*G, P), (B*G, P), (B*G, C)
+            B = B * num_samples
+        decode = self.decode_logits
+        if compile:  # the prefill moves into a fixed-shape cache; slots rounded up to 64 bound the recompiles
+            cache = self.static_cache(cache, min(self.config.block_size, -(-(P + R) // 64) * 64))
+            if "_compiled_decode" not in self.__dict__:
+                mode = "reduce-overhead" if dev.type == "cuda" else None  # reduce-overhead = CUDA graphs
+                self._compiled_decode = torch.compile(self.decode_logits, mode=mode, fullgraph=True, dynamic=False)
+            decode = self._compiled_decode
+        # generated keys are real (a finished row leaves, or its tokens are dropped): one column set a step
+        keys = torch.zeros(B, 1, 1, cache.k.size(3), dtype=torch.bool, device=dev)  # (B, 1, 1, S)
+        keys[:, 0, 0, :P] = attention_mask.bool()
+        pos = attention_mask.long().sum(1, keepdim=True) + torch.arange(R, device=dev)  # (B, R) ids of new tokens
+        tokens = torch.full((B, R), PAD_ID, dtype=torch.long, device=dev)  # (B, R)
+        logps = torch.zeros(B, R, device=dev)  # (B, R)
+        rows = torch.arange(B, device=dev)  # (b,) original row of each row of the decode batch
+        done = torch.zeros(B, dtype=torch.bool, device=dev)  # (b,) finished, not yet compacted away
+        logits = self.lm_head(h).float()  # (B, V)
+        for step in range(R):
+            u = torch.rand(B, generator=generator, device=dev)[rows] if temperature > 0 else None  # (b,)
+            tok, logp = sample_next(logits, temperature, top_k, top_p, u=u)  # (b,), (b,)
+            tokens[rows, step] = tok.masked_fill(done, PAD_ID)
+            logps[rows, step] = logp.masked_fill(done, 0.0)
             if eos_id is not None:
                 done = done | (tok == eos_id)
-            if step == max_new_tokens - 1 or bool(done.all()):
+                n_done = int(done.sum())  # the one sync per step
+                if n_done == rows.numel():
+                    R = step + 1
+                    break
+                if 4 * n_done >= rows.numel() and not compile:  # compact: copying the cache beats carrying dead rows
+                    live = (~done).nonzero().squeeze(1)  # (b',)
+                    cache.keep(live)
+                    rows, tok, keys, pos, done = rows[live], tok[live], keys[live], pos[live], done[live]
+            if step == R - 1:
                 break
-            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # finished rows feed masked PAD
-            h = self.hidden(tokens[-1][:, None], mask, cache)[:, -1]  # (B, C)
-        out = torch.cat([idx, torch.stack(tokens, 1)], dim=1)  # (B, P + R)
-        gen_mask = torch.stack(alive, 1).long()  # (B, R)
-        return out, gen_mask, torch.stack(logps, 1) if return_logprobs else None
+            keys[:, 0, 0, P + step] = True  # the key of the token fed now (finished rows are gone or dropped)
+            mask = keys if compile else keys[..., :P + step + 1]  # (b, 1, 1, S)
+            logits = decode(tok[:, None], pos[:, step:step + 1], mask, cache)  # (b, V)
+        tokens = tokens[:, :R]  # (B, R) the longest answer decides R
+        out = torch.cat([idx, tokens], dim=1)  # (B, P + R)
+        return out, (tokens != PAD_ID).long(), logps[:, :R] if return_logprobs else None
+
+    def decode_logits(self, tok, pos, attn_mask, cache):
+        """One decode step: logits (b, V) after tok (b, 1) at positions pos (b, 1), attending over
+        the cached keys that attn_mask (b, 1, 1, S) allows. What generate(compile=True) compiles."""
+        return self.lm_head(self.hidden(tok, kv_cache=cache, pos=pos, attn_mask=attn_mask)[:, -1]).float()
+
+    def static_cache(self, cache, S):
+        """A KV cache of S slots holding `cache`'s prefill, at addresses that stay the same from call
+        to call for the same shape (CUDA graphs replay on fixed memory); its writes go to cache.slot."""
+        L, B, H, P, D = cache.k.shape[:3] + (cache.pos, cache.k.size(4))
+        key = (B, S, cache.k.dtype, cache.k.device)
+        pool = self.__dict__.setdefault("_static_caches", {})
+        if key not in pool:
+            c = KVCache(self.config, B, S)
+            # zeros, not empty: a masked slot still enters the weighted sum as 0 * value, and 0 * NaN is NaN
+            c.k, c.v = (torch.zeros(L, B, H, S, D, dtype=cache.k.dtype, device=cache.k.device) for _ in range(2))
+            c.slot = torch.zeros(1, dtype=torch.long, device=cache.k.device)
+            for t in (c.k, c.v, c.slot):
+                torch._dynamo.mark_static_address(t)
+            pool[key] = c
+        c = pool[key]
+        c.k[:, :, :, :P], c.v[:, :, :, :P] = cache.k[:, :, :, :P], cache.v[:, :, :, :P]
+        c.slot.fill_(P)  # c.pos stays 0: a compiled step must not see a Python int that changes
+        return c
 
 
 @torch.no_grad()
@@ -252,8 +325,15 @@ def sample_answers(model, tokenizer, prompts, max_new_tokens, temperature=1.0, b
     return out
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (B, V) and its log-prob under the distribution sampled."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
+    """One token per row from logits (B, V) and its log-prob under the distribution sampled.
+
+    Inverse-CDF sampling: the token is the first whose cumulative probability exceeds u * total,
+    with u ~ U[0, 1), one per row (u (B,) given, or drawn from generator). A row's draw is one
+    number whatever the other rows are, which lets generate drop finished rows without changing
+    the others' tokens. The cumulative sum is in float64, so a token of probability 1e-9 still
+    gets its share of [0, 1) (float32 rounding would erase it; MPS has no float64).
+    """
     if temperature == 0:
         logp = F.log_softmax(logits, dim=-1)  # (B, V)
         tok = logp.argmax(-1)  # (B,)
@@ -268,26 +348,57 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     logp = F.log_softmax(logits, dim=-1)  # (B, V)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+    if u is None:
+        u = torch.rand(logits.size(0), generator=generator, device=logits.device)  # (B,)
+    dt = torch.float32 if logits.device.type == "mps" else torch.float64
+    cdf = logp.to(dt).exp().cumsum(-1)  # (B, V)
+    tok = torch.searchsorted(cdf, (u.to(dt) * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (B,)
+    tok = tok.clamp(max=logits.size(-1) - 1)  # u * total < total already; rounding cannot step past the end
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: (L, B, H, S_max, D). pos = tokens cached."""
+    """Keys and values of every layer, preallocated: (L, B, H, S_max, D). pos = tokens cached.
+
+    H is the number of key/value heads (n_kv_head where the config has one, else n_head)."""
 
     def __init__(self, config, batch_size, max_len):
-        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        n_kv_head = getattr(config, "n_kv_head", None) or config.n_head
+        self.shape = (config.n_layer, batch_size, n_kv_head, max_len, config.n_embd // config.n_head)
         self.k = self.v = None  # allocated at the first update, in the dtype autocast gives
         self.pos = 0
+        self.slot = None  # static shapes (GPT.static_cache): a (1,) tensor, the slot the next key goes to
 
     def update(self, layer, k, v):
         if self.k is None:
             self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
+        if self.slot is not None:  # one token at slot; every slot is returned, the key mask hides the empty ones
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]  # (B, H, S_max, D)
         T = k.size(2)
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, H, S, D)
+
+    def advance(self, T):
+        if self.slot is None:
+            self.pos += T
+        else:
+            self.slot += T  # in place: a compiled step gets the same tensor every call
+
+    def keep(self, rows):
+        """Keep batch rows `rows` (b,) only, moved to the front in place: finished rows leave."""
+        b = rows.numel()
+        for buf in (self.k, self.v):
+            buf[:, :b, :, :self.pos] = buf[:, rows, :, :self.pos]  # the right side is a copy: no overlap
+        self.k, self.v = self.k[:, :b], self.v[:, :b]  # (L, b, H, S_max, D) views of the same storage
+
+    def repeat_interleave(self, n):
+        """Each row's cache n times in a row: (L, B, ...) -> (L, B*n, ...), after a shared prefill."""
+        self.k, self.v = self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1)  # (L, B*n, H, S_max, D)
+        self.shape = (self.shape[0], self.shape[1] * n) + self.shape[2:]
 
 
 # --- 3. scalar-head model (reward and value models)
@@ -357,6 +468,25 @@ def response_logprobs(model, seq, attention_mask=None, start=1, temperature=1.0)
     Divide by the sampling temperature so the log-probs are of the distribution sampled (item 1).
     """
     return logprobs_from_logits(response_logits(model, seq, attention_mask, start), seq[:, start:], temperature)
+
+
+def kl_estimate(logprobs, ref_logprobs, kind="k1"):
+    """Per-token estimators of KL(pi || pi_ref) from samples y_t ~ pi (Schulman 2020, "Approximating
+    KL divergence"), with l = log pi(y_t) - log pi_ref(y_t) and rho = pi_ref / pi = exp(-l):
+      k1 = l                unbiased, can be negative
+      k2 = l^2 / 2          biased, low variance
+      k3 = rho - 1 + l      unbiased, never negative
+    As reward terms all push towards pi_ref the same way; as differentiable loss terms their expected
+    gradients differ: E grad k1 = 0, E grad k2 = grad KL(pi || pi_ref), E grad k3 = grad KL(pi_ref || pi).
+    logprobs, ref_logprobs (B, R) fp32 -> (B, R); 0 where both are 0 (padding)."""
+    log_ratio = logprobs - ref_logprobs  # (B, R)
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"kl estimator must be k1, k2 or k3, not {kind!r}")
 
 
 # --- 5. Hugging Face GPT-2 import/export (no transformers needed)
@@ -865,6 +995,13 @@ def save_config(cfg, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def clock(device):
+    """time.perf_counter() once the device has run all queued work: a phase's time, not its launch's."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def get_device(name="auto"):

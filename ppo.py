@@ -459,6 +459,7 @@ def train(cfg):
         for group, lr in zip(opt.param_groups, (cfg.lr, cfg.value_lr)):
             group["lr"] = lr * frac
 
+        t_start = M.clock(device)  # phase times: time_gen (1), time_fwd (2), time_update (6), time_iter
         # 1. rollout: sample answers to left-padded prompts with the KV cache, this process's shards
         #    only, each with its own generator (exact resume; the same rows whatever the process count)
         idx = prompt_batch(it, len(prompts), B, cfg.seed)  # the same B prompts on every process
@@ -480,8 +481,10 @@ def train(cfg):
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
 
         # 2. forward: old and reference log-probs, values, reward-model scores (of the re-encoded text)
+        t_gen = M.clock(device)
         rm_ids = rm_rows(tokenizer, [prompt_ids[i] for i in idx[lo:lo + share]], responses, rm.config.block_size).to(device)
         out = rollout_forward(fwd_policy, fwd_ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
+        t_fwd = M.clock(device)
         old_logprobs, ref_logprobs, scores = out["logprobs"], out["ref_logprobs"], out["scores"]
         old_values = out["values"] * mask  # padded values zeroed (item 13)
 
@@ -511,7 +514,7 @@ def train(cfg):
         #    is the same on every process; each runs the rows it owns and the gradients are summed
         order = torch.Generator().manual_seed(rng_seed(cfg.seed, it, "order"))
         ptx_gen.manual_seed(rng_seed(cfg.seed, it, "ptx", rank))
-        stats = []
+        stats, t_update = [], M.clock(device)
         for epoch in range(cfg.update_epochs):
             perm = torch.randperm(B, generator=order).tolist()  # global row indices
             for mb in range(cfg.num_minibatches):
@@ -560,6 +563,7 @@ def train(cfg):
                 opt.zero_grad(set_to_none=True)
                 stats.append(mb_stats)
 
+        t_update = M.clock(device) - t_update
         # 7. adaptive KL controller (Ziegler et al. 2019), from this rollout's KL
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_update(kl_coef, seq_kl, cfg.target_kl, B, cfg.kl_horizon)
@@ -584,6 +588,8 @@ def train(cfg):
                 for k, v in zip(golds[0], (M.ddp_sum(parts.sum(0), world, device) / B).tolist()):
                     metrics[k if k == "gold" else f"gold_{k}"] = v
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
+            metrics.update(time_gen=t_gen - t_start, time_fwd=t_fwd - t_gen, time_update=t_update,
+                           time_iter=M.clock(device) - t_start)  # this iteration's; the rest: steps 3-5, 7, gold
             if master:
                 M.log_metrics(cfg.out_dir, metrics)
         if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first (item 18)

@@ -509,6 +509,28 @@ def gold_reward(prompt, response, ended):
     parts["gold"] = sum(parts.values())
     return parts
 
+# --- the verifiable reward (RL from verifiable rewards): a rule-based checker, not the gold reward
+
+VERIFIABLE = ("colour", "where", "eat", "name")  # the fact questions: one checkable answer each
+
+
+def verify_answer(prompt, response):
+    """1.0 if the response states the true value of what a fact question asks and no false value
+    of it, else 0.0; None for a prompt that is not a fact question (about, describe, place, story,
+    unknown). Claims are read as in the gold reward (claims(), _relevant()); claims about anything
+    the question did not ask are ignored, and there are no tone, length or EOS terms.
+      colour  "what colour is the apple?"      a colour claim about the apple
+      where   "where does the fox live?"       a place claim about the fox (animal or object)
+      eat     "what does the fox eat?"         an eats claim about the fox
+      name    "name an animal that lives in the forest."  an animal placed in the forest"""
+    kind, ents = parse_prompt(prompt)
+    if kind not in VERIFIABLE:
+        return None
+    sents = (re.findall(r"[a-z]+|,", t) for t in re.split(r"[.!?\n]+", response.lower()))  # commas end clauses
+    asked = [c for s in sents for c in claims(s) if _relevant(kind, ents, c)]
+    right = [true_value(c[0], c[1]) == c[2] for c in asked]
+    return float(bool(right) and all(right))
+
 # --- files
 
 

@@ -1,4 +1,5 @@
-"""bench.py's real CLI on a tiny model: the JSON has every number, and greedy tokens match transformers."""
+"""bench.py's real CLI on a tiny model: the JSON has every number, greedy tokens match transformers,
+and the RLHF-shaped rollouts run on a random model and on a world checkpoint."""
 
 import json
 import os
@@ -10,14 +11,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--vocab_size", "101", "--block_size", "64",
         "--batch_size", "2", "--prompt_len", "4", "--new_tokens", "4", "--train_batch", "2", "--train_seq", "16",
+        "--rollout_prompts", "2", "--world_rollout_prompts", "2", "--group", "2", "--rollout_prompt_len", "6", "--rollout_new_tokens", "12",
+        "--eos_prob", "0.2", "--world_new_tokens", "8",
         "--repeats", "1", "--matmul_n", "64", "--matmul_iters", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, tiny_ckpt, world):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    subprocess.run([sys.executable, "bench.py", *TINY, "--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True, text=True, timeout=120)
+    subprocess.run([sys.executable, "bench.py", *TINY, "--world_sft", tiny_ckpt,
+                    "--world_prompts", str(world / "prompts_val.jsonl"), "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=180)
     with open(out) as f:
         return json.load(f)
 
@@ -31,6 +35,10 @@ def test_bench_numbers(results):
     assert results["flops_per_token"] == 6 * results["n_params"] + 12 * 2 * 16 * 32
     assert results["train_ours_flops"] == pytest.approx(results["flops_per_token"] * results["train_ours_tok_s"], rel=1e-12)
     assert results["mfu"] == pytest.approx(results["train_ours_flops"] / results["matmul_peak_flops"], rel=1e-12)
+    for name, cap in (("random", 12), ("world", 8)):
+        r = results[f"rollout_{name}"]
+        assert r["ours_tok_s"] > 0 and 1 <= r["ours_len"] <= cap, name
+        assert len(r["ours_tokens"]) == 1 and r["ours_tokens"][0] == round(r["ours_len"] * 4)  # 2 prompts x 2 answers
 
 
 def test_bench_matches_transformers(results):
@@ -42,4 +50,7 @@ def test_bench_matches_transformers(results):
     assert results["gen_ratio"] == pytest.approx(results["gen_ours_tok_s"] / results["gen_hf_tok_s"], rel=1e-9)
     assert results["train_ratio"] == pytest.approx(results["train_ours_tok_s"] / results["train_hf_tok_s"], rel=1e-9)
     assert results["mfu_hf"] == pytest.approx(results["flops_per_token"] * results["train_hf_tok_s"] / results["matmul_peak_flops"], rel=1e-12)
+    assert results["world_greedy_match"] is True  # left-padded prompts, stopped at EOS
+    for name in ("random", "world"):
+        assert results[f"rollout_{name}"]["ratio"] > 0
     assert results["train_loss_ours"] == pytest.approx(results["train_loss_hf"], rel=1e-5)  # same weights, same loss

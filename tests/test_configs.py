@@ -8,13 +8,14 @@ import pytest
 
 import dpo
 import eval as evaluate
+import grpo
 import model as M
 import ppo
 import pretrain
 import reward
 import sft
 
-STAGES = {"pretrain": pretrain, "sft": sft, "reward": reward, "ppo": ppo, "dpo": dpo, "eval": evaluate}
+STAGES = {"pretrain": pretrain, "sft": sft, "reward": reward, "ppo": ppo, "grpo": grpo, "dpo": dpo, "eval": evaluate}
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.toml")))
 
 

@@ -127,6 +127,96 @@ def test_generate_logprobs_equal_recomputed_logprobs():
     assert torch.allclose(re * gen_mask, logps, atol=1e-5)
 
 
+def test_sampling_equals_rows_alone_uncached_token_for_token():
+    # the fast path (left-padded batch, KV cache, finished rows compacted out) against the plain one:
+    # each prompt alone, no cache, the same uniforms. A small vocabulary makes EOS common, so rows
+    # finish at many different steps and the cache is compacted several times on the way.
+    m = tiny(vocab=11, seed=3)
+    eos, R = 4, 24
+    rows = [[5, 6, 7, 8, 9], [1, 2], [3, 5, 6], [7], [8, 9, 10, 1], [2, 3], [6, 6, 6], [9, 1, 2, 3, 5, 7]] * 2
+    ids, mask = left_batch(rows)
+    out, gen_mask, logps = m.generate(ids, R, 0.9, attention_mask=mask, eos_id=eos, return_logprobs=True,
+                                      generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    us = [torch.rand(len(rows), generator=g) for _ in range(R)]  # generate draws one uniform per row a step
+    lengths = []
+    for i, r in enumerate(rows):
+        seq, lps = list(r), []
+        for step in range(R):
+            logits = m(torch.tensor([seq]))[:, -1]  # (1, V) no cache, no padding
+            tok, lp = M.sample_next(logits, 0.9, u=us[step][i:i + 1])
+            seq.append(tok.item())
+            lps.append(lp.item())
+            if tok.item() == eos:
+                break
+        n = len(seq) - len(r)
+        lengths.append(n)
+        assert out[i, ids.size(1):ids.size(1) + n].tolist() == seq[len(r):], i
+        assert (out[i, ids.size(1) + n:] == PAD_ID).all() and gen_mask[i].sum() == n
+        assert torch.allclose(logps[i, :n], torch.tensor(lps), atol=1e-5)
+    assert len(set(lengths)) >= 5 and min(lengths) < R // 4  # rows did finish at different times
+    # and what the sampler reports is what training recomputes (item 1, 3)
+    re = M.response_logprobs(m, out, torch.cat([mask, gen_mask], 1), start=ids.size(1), temperature=0.9)
+    assert torch.allclose(re * gen_mask, logps, atol=1e-5)
+
+
+def static_vs_dynamic(m):
+    ids, mask = left_batch([[5, 6, 7, 8, 9], [1, 2], [3, 5, 6], [7], [8, 9, 10, 1], [2, 3]])
+    run = lambda **kw: m.generate(ids, 20, 0.9, attention_mask=mask, eos_id=4, return_logprobs=True,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(0), num_samples=2, **kw)
+    a, b, c = run(), run(compile=True), run(compile=True)  # c: the second call reuses b's static cache
+    for x in (b, c):
+        assert torch.equal(a[0], x[0]) and torch.equal(a[1], x[1]) and torch.allclose(a[2], x[2], atol=1e-5)
+    assert len(set(a[1].sum(1).tolist())) > 2  # answers of several lengths: rows finished while others went on
+
+
+def test_static_shape_decode_draws_the_same_tokens(monkeypatch):
+    # compile=True's static shapes (attention over every slot, a slot tensor, finished rows kept in
+    # the batch) against the compacting path; torch.compile itself is the identity here (see the slow test)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    static_vs_dynamic(tiny(vocab=11, seed=3))
+
+
+@pytest.mark.slow
+def test_compiled_decode_draws_the_same_tokens():
+    static_vs_dynamic(tiny(vocab=11, seed=3))  # inductor on CPU: about a minute to compile
+
+
+def test_inverse_cdf_sampling_by_hand_and_in_distribution():
+    # probabilities 0.5, 0.25, 0, 0.25: u * total falls in [0, .5) -> 0, [.5, .75) -> 1, [.75, 1) -> 3
+    logits = torch.tensor([[0.5, 0.25, 0.0, 0.25]]).log().expand(6, 4)
+    u = torch.tensor([0.0, 0.49, 0.51, 0.74, 0.76, 0.9999])  # not on a boundary: those are float rounding
+    tok, logp = M.sample_next(logits, 1.0, u=u)
+    assert tok.tolist() == [0, 0, 1, 1, 3, 3]  # the zero-probability token is never drawn
+    assert torch.allclose(logp, torch.tensor([0.5, 0.5, 0.25, 0.25, 0.25, 0.25]).log())
+    # drawn from a generator: the frequencies follow softmax(logits / T)
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7) * 2
+    tok, _ = M.sample_next(logits.expand(40000, 7), 0.8, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=7).float() / 40000
+    assert (freq - (logits[0] / 0.8).softmax(-1)).abs().max() < 0.01  # 4 standard errors at most
+
+
+def test_kv_cache_compaction_keeps_rows():
+    cache = M.KVCache(GPTConfig(n_layer=2, n_head=4, n_embd=32), 4, 6)
+    k = torch.randn(4, 4, 3, 8)  # (B, H, T, D)
+    for layer in range(2):
+        cache.update(layer, k, -k)
+    cache.pos = 3
+    cache.keep(torch.tensor([1, 3]))
+    assert torch.equal(cache.k[0, :, :, :3], k[[1, 3]]) and torch.equal(cache.v[1, :, :, :3], -k[[1, 3]])
+    kk, vv = cache.update(0, torch.ones(2, 4, 1, 8), torch.ones(2, 4, 1, 8))  # the next step's keys go after
+    assert kk.shape == (2, 4, 4, 8) and torch.equal(kk[:, :, :3], k[[1, 3]]) and (kk[:, :, 3] == 1).all()
+
+    @dataclass
+    class GQAConfig:  # a config with fewer key/value heads than query heads (grouped-query attention)
+        n_layer: int = 2
+        n_head: int = 4
+        n_kv_head: Optional[int] = 2
+        n_embd: int = 32
+    assert M.KVCache(GQAConfig(), 3, 5).shape == (2, 3, 2, 5, 8)
+
+
 def test_top_k_and_top_p():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)

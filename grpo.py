@@ -1,0 +1,553 @@
+"""
+grpo.py: the critic-free policy gradients sampled in groups (GRPO, Dr. GRPO, RLOO, REINFORCE++), beside ppo.py.
+
+Objective: the same as PPO's (maximise E[R(x, y)] - beta KL(pi || pi_ref)), but with no value model:
+each prompt is answered G times (a group) and the group is the baseline.
+  1. rollout     P prompts x G answers (group_size) with the KV cache; each prompt's prefill runs once
+                 and its cache is copied to its G samples. Temperature T, no top-k/top-p, at most
+                 max_new_tokens, each row stopping at EOS
+  2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of logits / T;
+                 no reference model at all when kl_coef = 0)
+  3. score       R_i: reward = "rm": the reward-model score (normalised by its gain/bias), an answer
+                 without EOS scoring missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick");
+                 reward = "verifiable": 1 if the answer states the true value of what a fact question
+                 asks and no false one, else 0 (data/world.py verify_answer; RL from verifiable rewards);
+                 training prompts are filtered to the fact questions (counted)
+  4. KL          k_t = kl_estimator(log pi_old(y_t) - log pi_ref(y_t)) (Schulman 2020):
+                 k1 = l, k2 = l^2 / 2, k3 = exp(-l) - 1 + l.  kl_in = "reward": a penalty on the reward,
+                 kl_in = "loss": beta * k_t(pi_theta) added to the per-token loss (the KL section of
+                 the docstring of model.kl_estimate says what gradient each estimator gives there)
+  5. advantages  one of (R_i the score of answer i, mean_g / std_g over its group of G):
+                 grpo         A_i = (R_i - mean_g R) / (std_g R + eps)          (Shao et al. 2024, Eq. 3)
+                 dr_grpo      A_i = R_i - mean_g R                                (Liu et al. 2025, Dr. GRPO)
+                 rloo         A_i = R_i - 1/(G-1) sum_{j!=i} R_j                  (Ahmadian et al. 2024, Eq. 9)
+                 reinforce_pp r_t = -beta k_t + R_i at the last token, A_t = sum_{s>=t} r_s,
+                              whitened over the whole rollout's tokens            (Hu 2025, REINFORCE++)
+                 reinforce_pp_baseline  the same with R_i - mean_g R in place of R_i  (Hu 2025)
+                 grpo / dr_grpo / rloo put A_i on every token of answer i; with kl_in = "reward" their
+                 R_i is R_i - beta sum_t k_t before the group baseline (RLOO's sequence-level penalty),
+                 REINFORCE++'s KL is per token as in PPO. A group whose rewards are all equal has
+                 A = 0 (grpo, dr_grpo, rloo): such groups are counted; drop_equal_groups also takes
+                 them out of the loss (DAPO's dynamic sampling without the re-sampling, Yu et al. 2025)
+  6. update      update_epochs passes over the rollout in shuffled minibatches of whole rows (each split
+                 into grad_accum micro-batches), PPO's clipped surrogate with separate clip ranges
+                 (DAPO's clip-higher, Yu et al. 2025, Eq. 10):
+                 l_t = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - clip_low, 1 + clip_high))
+                       + [kl_in = loss] beta * ratio_t.detach() * k_t
+                 aggregated over the minibatch by loss_agg (L_i the length of answer i, N answers):
+                 seq_mean_token_mean      1/N sum_i 1/L_i sum_t l_t          (GRPO, Shao et al. 2024, Eq. 3)
+                 token_mean               1/sum_i L_i sum_i sum_t l_t         (DAPO, Yu et al. 2025, Eq. 8)
+                 seq_mean_token_sum_norm  1/N sum_i 1/max_new_tokens sum_t l_t (Dr. GRPO, Liu et al. 2025)
+                 The first favours short correct answers and long wrong ones (a per-answer 1/L_i);
+                 the other two weigh every token the same. N and sum_i L_i are the whole minibatch's
+                 (over micro-batches and processes), so grad_accum and torchrun never change the loss.
+Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (RLHF_DETAILS.md item 16);
+dropout is off in every model (item 2); Adam eps 1e-5 (item 15).
+
+Departures: the KL loss term is weighted by the detached importance ratio pi_theta / pi_old, so that
+on later minibatches (ratio != 1) its expected gradient is still the estimator's on-policy one
+(DeepSeekMath adds k3 unweighted; at ratio 1 the two are the same). GRPO's std is the unbiased
+sample std (as in TRL, OpenRLHF and verl), eps 1e-6. As in ppo.py, old log-probs are recomputed by a
+full forward after sampling, and the gold reward of the built-in task is logged, never trained on.
+
+Several GPUs: torchrun --nproc_per_node N grpo.py --config ... (data parallel, no DDP wrapper), as
+ppo.py: every process takes the same prompts and samples, scores and computes advantages for its own
+contiguous share of whole groups (a group is never split across processes, so its baseline is
+local); REINFORCE++'s whitening and every logged mean are over the whole rollout; minibatch losses
+are normalised by the whole minibatch's answers or tokens and gradients are summed over processes,
+so N processes take the step one process takes (tests/test_grpo.py).
+
+Run:
+  CPU, built-in task:  python grpo.py --config configs/grpo_world.toml
+  Dr. GRPO:  python grpo.py --config configs/grpo_world.toml --advantage dr_grpo --loss_agg seq_mean_token_sum_norm --out_dir out/dr_grpo
+  RLOO:      python grpo.py --config configs/grpo_world.toml --advantage rloo --kl_in reward --kl_estimator k1 --out_dir out/rloo
+  verifiable rewards:  python grpo.py --config configs/grpo_world_verifiable.toml
+  one GPU:   python grpo.py --config configs/grpo_world.toml --device cuda
+"""
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+
+# --- config
+
+
+@dataclass
+class Config:
+    policy: str = "out/sft"  # SFT checkpoint: the policy's start and the frozen reference
+    reward: str = "rm"  # "rm": reward_model's score; "verifiable": data/world.py verify_answer (0/1)
+    reward_model: str = "out/reward"  # used when reward = "rm"
+    prompts: str = "data/world/prompts_train.jsonl"  # {"prompt": ...} rows
+    out_dir: str = "out/grpo"
+    # rollout
+    total_episodes: int = 8192  # sampled answers over the whole run
+    rollout_batch_size: int = 64  # answers per iteration (global: over all processes) = prompts x group_size
+    group_size: int = 8  # G answers per prompt; the group is the baseline
+    rollout_shards: int = 0  # 0 = one per process; sampling of shard k depends on (seed, iteration, k) only
+    max_prompt_len: int = 64  # prompts are cut to their last max_prompt_len tokens (counted)
+    max_new_tokens: int = 48  # response length cap; also Dr. GRPO's constant normaliser
+    temperature: float = 1.0  # sampling temperature, also divides every log-prob's logits (item 1)
+    eos_trick: bool = True  # answers that never emit EOS score missing_eos_penalty (item 9)
+    missing_eos_penalty: float = -1.0  # score of an answer that never emits EOS (item 9); 0 keeps verifiable rewards 0/1
+    # advantage, KL, loss
+    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline
+    adv_eps: float = 1e-6  # GRPO's eps in (R - mean) / (std + eps)
+    kl_coef: float = 0.04  # beta (DeepSeekMath: 0.04); 0 = no KL term and no reference model loaded
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
+    kl_in: str = "loss"  # "loss" (GRPO) or "reward" (RLOO, REINFORCE++)
+    loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
+    drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted)
+    # update
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    grad_accum: int = 1  # micro-batches per minibatch
+    lr: float = 1e-4
+    anneal_lr: bool = True  # linear decay to 0 over the run (N+)
+    clip_low: float = 0.2  # ratio >= 1 - clip_low
+    clip_high: float = 0.2  # ratio <= 1 + clip_high (DAPO's clip-higher: 0.28)
+    max_grad_norm: float = 1.0
+    # bookkeeping
+    gold: bool = True  # log the built-in task's gold reward and fact accuracy (never trained on)
+    log_interval: int = 1  # iterations
+    sample_interval: int = 10  # print a few answers every this many iterations (item 18)
+    n_show: int = 3
+    ckpt_interval: int = 20
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"  # autocast on CUDA; the frozen models also stored in it there (item 17)
+    compile: bool = False
+
+
+# --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
+
+
+def masked_mean(x, mask, world=1):
+    total, count = (x * mask).sum(), mask.sum()
+    if world > 1:  # the sums of all processes (fp64, on the CPU), so the mean is the whole rollout's
+        total, count = M.ddp_sum(torch.stack([total, count]), world, x.device)
+    return total / count.clamp(min=1)
+
+
+def masked_var(x, mask, world=1):
+    """Biased variance over the masked entries."""
+    return masked_mean((x - masked_mean(x, mask, world)) ** 2, mask, world)
+
+
+def masked_whiten(x, mask, world=1):
+    """(x - mean) / sqrt(var + 1e-8) over real tokens; padded entries come out 0."""
+    mean, var = masked_mean(x, mask, world), masked_var(x, mask, world)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+# --- the algorithm, as pure functions
+
+
+def penalise_missing_eos(scores, responses, eos_id, penalty):
+    """Scores (B,) with answers that never emit EOS replaced by a fixed penalty (N+ "EOS trick").
+
+    responses (B, R) holds the sampled tokens only, so an EOS inside the prompt never counts."""
+    ended = (responses == eos_id).any(1)  # (B,)
+    return torch.where(ended, scores, torch.full_like(scores, penalty)), ended
+
+
+def group_advantages(scores, group_size, advantage, eps=1e-6):
+    """Sequence-level advantages (B,) from scores (B,) in groups of G consecutive rows.
+
+    grpo      (R_i - mean_g R) / (std_g R + eps), std unbiased; a group of 1 gets 0   (Shao et al. 2024, Eq. 3)
+    dr_grpo, reinforce_pp_baseline   R_i - mean_g R                (Liu et al. 2025; Hu 2025)
+    rloo      R_i - 1/(G-1) sum_{j != i} R_j = G/(G-1) (R_i - mean_g R)  (Ahmadian et al. 2024), G >= 2
+    reinforce_pp   R_i: no group baseline (the batch whitening of reinforce_pp_returns centres it)"""
+    R = scores.view(-1, group_size)  # (B / G, G)
+    centred = R - R.mean(1, keepdim=True)
+    if advantage == "grpo":
+        std = R.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(R)
+        out = centred / (std + eps)
+    elif advantage in ("dr_grpo", "reinforce_pp_baseline"):
+        out = centred
+    elif advantage == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs group_size >= 2: the baseline is the mean of the other answers")
+        out = R - (R.sum(1, keepdim=True) - R) / (group_size - 1)
+    elif advantage == "reinforce_pp":
+        out = R
+    else:
+        raise ValueError(f"advantage must be one of {ADVANTAGES}, not {advantage!r}")
+    return out.reshape(-1)  # (B,)
+
+
+def equal_groups(scores, group_size):
+    """(B,) bool: the row's group has all rewards equal (so grpo, dr_grpo and rloo give it A = 0)."""
+    R = scores.view(-1, group_size)  # (B / G, G)
+    return (R == R[:, :1]).all(1).repeat_interleave(group_size)  # (B,)
+
+
+def reinforce_pp_returns(seq_rewards, kl, mask, kl_coef):
+    """REINFORCE++ (Hu 2025): token rewards r_t = -beta k_t, plus the sequence reward at the last real
+    token; the return-to-go A_t = sum_{s >= t} r_s (gamma 1), before the batch whitening.
+
+    seq_rewards (B,), kl and mask (B, R). Returns (B, R), 0 on padding."""
+    rewards = -kl_coef * kl * mask  # (B, R)
+    rewards[torch.arange(len(seq_rewards)), M.last_index(mask)] += seq_rewards
+    return rewards.flip(1).cumsum(1).flip(1) * mask  # (B, R)
+
+
+def aggregate_loss(losses, mask, loss_agg, n_seqs=None, n_tokens=None, norm=None):
+    """Aggregate per-token losses (B, R) over mask into this batch's share of the minibatch loss.
+
+    n_seqs, n_tokens: the number of answers and of real tokens in the whole minibatch (over
+    micro-batches and processes; default: this batch's own), so the shares of a minibatch's parts
+    add up to the loss of the whole minibatch, whatever grad_accum and the process count.
+    seq_mean_token_mean      1/N sum_i (1/L_i) sum_t l_it      (GRPO, Shao et al. 2024, Eq. 3)
+    token_mean               1/sum_i L_i sum_i sum_t l_it      (DAPO, Yu et al. 2025, Eq. 8)
+    seq_mean_token_sum_norm  1/N sum_i (1/norm) sum_t l_it     (Dr. GRPO, Liu et al. 2025; norm = max_new_tokens)
+    Rows with an empty mask (dropped answers) count in neither N nor sum L."""
+    lengths = mask.sum(1)  # (B,)
+    n_seqs = (lengths > 0).sum() if n_seqs is None else n_seqs
+    n_tokens = lengths.sum() if n_tokens is None else n_tokens
+    per_seq = (losses * mask).sum(1)  # (B,)
+    if loss_agg == "seq_mean_token_mean":
+        return (per_seq / lengths.clamp(min=1)).sum() / max(n_seqs, 1)
+    if loss_agg == "token_mean":
+        return per_seq.sum() / max(n_tokens, 1)
+    if loss_agg == "seq_mean_token_sum_norm":
+        return (per_seq / norm).sum() / max(n_seqs, 1)
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, not {loss_agg!r}")
+
+
+def grpo_losses(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs=None,
+                kl_coef=0.0, kl_estimator="k3"):
+    """Per-token losses (B, R): the clipped surrogate with clip-higher (Schulman et al. 2017, Eq. 7;
+    Yu et al. 2025, Eq. 10), plus, when ref_logprobs is given (kl_in = "loss"), beta times the KL
+    estimator of the current policy, weighted by the detached ratio pi_theta / pi_old (so that its
+    expected gradient is the on-policy one on every minibatch). All inputs (B, R).
+    Returns the per-token losses (aggregate them with aggregate_loss) and a dict of per-token stats."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)  # (B, R)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    pg = torch.max(pg1, pg2)  # (B, R)
+    kl = M.kl_estimate(logprobs, ref_logprobs, kl_estimator) if ref_logprobs is not None else torch.zeros_like(pg)
+    losses = pg + kl_coef * ratio.detach() * kl  # (B, R)
+    with torch.no_grad():
+        stats = {"approx_kl": 0.5 * log_ratio ** 2, "clipfrac": (pg2 > pg1).float(), "ratio": ratio, "pg_loss": pg,
+                 "kl_loss": kl}
+    return losses, stats
+
+
+def entropy_from_logits(logits, temperature):
+    """Entropy of softmax(logits / T) per position, fp32: (B, R)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# --- data
+
+
+def load_prompts(path, tokenizer, max_len, verifiable=False):
+    """Templated prompt ids, cut to their last max_len tokens (counted); verifiable: the fact
+    questions only (the others have no checkable answer), with the number left out."""
+    rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
+    for n, p in enumerate(rows, 1):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{path}: row {n}: empty prompt")
+    n_other = 0
+    if verifiable:
+        from data.world import VERIFIABLE, parse_prompt
+        kept = [p for p in rows if parse_prompt(p)[0] in VERIFIABLE]
+        n_other, rows = len(rows) - len(kept), kept
+        if not rows:
+            raise M.ConfigError(f"{path}: reward = 'verifiable' needs fact questions ({', '.join(VERIFIABLE)}); none found")
+    ids = [M.encode_chat(tokenizer, p) for p in rows]
+    cut = sum(len(x) > max_len for x in ids)
+    return rows, [x[-max_len:] for x in ids], cut, n_other
+
+
+def prompt_batch(iteration, n, batch_size, seed):
+    """Prompt indices of rollout `iteration`: a fresh permutation each pass, from (seed, pass)."""
+    per_pass = n // batch_size if n >= batch_size else 1
+    p, k = divmod(iteration, per_pass)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + p))
+    if n < batch_size:
+        return perm.repeat(math.ceil(batch_size / n))[:batch_size].tolist()
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+# --- several processes
+
+
+def rng_seed(seed, iteration, stream, k=0):
+    """A generator seed that depends on (seed, iteration, stream, k) only, so a resumed run and every
+    process draw the same numbers. Streams: "sample" (k = rollout shard), "order" (minibatches)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{iteration}/{stream}/{k}".encode()).digest()[:8], "little")
+
+
+def all_reduce_grads(model, world):
+    """Sum the gradients over processes, as one flat tensor (a parameter without one counts 0). A
+    sum, not DDP's mean: each micro-batch loss is already its share of the minibatch loss."""
+    if world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def check_config(cfg, world):
+    """Every option error before any model loads; returns the derived sizes."""
+    for key, value, allowed in (("reward", cfg.reward, ("rm", "verifiable")), ("advantage", cfg.advantage, ADVANTAGES),
+                                ("kl_estimator", cfg.kl_estimator, ("k1", "k2", "k3")), ("kl_in", cfg.kl_in, ("reward", "loss")),
+                                ("loss_agg", cfg.loss_agg, LOSS_AGGS)):
+        if value not in allowed:
+            raise M.ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    B, G = cfg.rollout_batch_size, cfg.group_size
+    if G < 1 or B % G:
+        raise M.ConfigError(f"rollout_batch_size {B} must be a whole number of groups of group_size {G}")
+    if cfg.advantage == "rloo" and G < 2:
+        raise M.ConfigError("advantage 'rloo' needs group_size >= 2 (its baseline is the other answers' mean)")
+    if cfg.kl_coef < 0 or cfg.clip_low < 0 or cfg.clip_high < 0:
+        raise M.ConfigError(f"kl_coef {cfg.kl_coef}, clip_low {cfg.clip_low}, clip_high {cfg.clip_high} must be >= 0")
+    minibatch = B // max(cfg.num_minibatches, 1)
+    if cfg.num_minibatches < 1 or cfg.grad_accum < 1 or B % cfg.num_minibatches or minibatch % cfg.grad_accum:
+        raise M.ConfigError(f"rollout_batch_size {B} must split into num_minibatches {cfg.num_minibatches} "
+                            f"of grad_accum {cfg.grad_accum} equal micro-batches")
+    shards = cfg.rollout_shards or world
+    if cfg.rollout_shards < 0 or (world > 1 and shards != world):
+        raise M.ConfigError(f"rollout_shards {cfg.rollout_shards}: must be 0 (one shard per process) or, "
+                            f"with {world} processes, {world}")
+    if B % (shards * G):
+        raise M.ConfigError(f"rollout_batch_size {B} must split into {shards} shards of whole groups of {G} "
+                            f"(rollout_shards {cfg.rollout_shards}, {world} processes): a group is never split")
+    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model if cfg.reward == "rm" else "", prompts=cfg.prompts)
+    return B, G, minibatch, minibatch // cfg.grad_accum, shards
+
+
+# --- training
+
+
+@torch.no_grad()
+def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx):
+    """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17)."""
+    outs = {"logprobs": [], "ref_logprobs": [], "scores": []}
+    for i in range(0, seq.size(0), micro):
+        s, m = seq[i:i + micro], full_mask[i:i + micro]
+        with ctx:
+            outs["logprobs"].append(M.response_logprobs(policy, s, m, P, cfg.temperature))
+            if ref is not None:
+                outs["ref_logprobs"].append(M.response_logprobs(ref, s, m, P, cfg.temperature))
+            if rm is not None:
+                outs["scores"].append(rm.score(s, m).float())
+    return {k: torch.cat(v) if v else None for k, v in outs.items()}
+
+
+def train(cfg):
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
+    # --- derived sizes and the batch hierarchy (item 14); every config error before a model loads
+    B, G, minibatch, micro, shards = check_config(cfg, world)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    share, shard_size = B // world, B // shards
+    lo = rank * share  # this process owns rows lo .. lo + share - 1 (whole groups), shards lo // shard_size ..
+    my_shards = range(lo // shard_size, (lo + share) // shard_size)
+    iterations = cfg.total_episodes // B
+    # --- models: policy, reference (kl_coef > 0), reward model (reward = "rm"); dropout off (item 2)
+    policy, tokenizer = M.load_gpt(cfg.policy, device)
+    ref = M.load_gpt(cfg.policy, device)[0] if cfg.kl_coef > 0 else None
+    rm = None
+    if cfg.reward == "rm":
+        rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
+        if rm_tok.ranks != tokenizer.ranks:
+            raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
+    for frozen in (m for m in (ref, rm) if m is not None):
+        frozen.eval().requires_grad_(False)
+        if device.startswith("cuda") and cfg.dtype == "bfloat16":
+            frozen.to(torch.bfloat16)  # half the memory; their outputs are cast to fp32
+    policy.eval()  # eval() = no dropout; gradients still flow
+    prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.reward == "verifiable")
+    if cfg.gold or cfg.reward == "verifiable":
+        from data.world import gold_reward, verify_answer  # the task's oracle and its fact checker
+
+    opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
+    it = 0
+    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    state = M.load_train_state(ckpt)
+    if state is not None:  # every process resumes from the same checkpoint
+        policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        it = state["iteration"]
+        if master:
+            M.truncate_metrics(cfg.out_dir, it)
+            print(f"resuming from {ckpt} at iteration {it}")
+    if master:
+        M.save_config(cfg, cfg.out_dir)
+        M.print_config(cfg)
+        print(f"batch hierarchy: rollout {B} answers = {B // G} prompts x {G} ({shards} shards of {shard_size}, "
+              f"{world} processes) -> {cfg.num_minibatches} minibatches of {minibatch} -> {cfg.grad_accum} micro-batches "
+              f"of {micro}; {cfg.update_epochs} epochs = {cfg.update_epochs * cfg.num_minibatches} optimizer steps per "
+              f"rollout; {iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens"
+              + (f"; {n_other} that are not fact questions left out)" if cfg.reward == "verifiable" else ")")
+              + f" | reference model {'loaded' if ref is not None else 'not loaded (kl_coef 0)'}")
+    ctx = M.autocast(device, cfg.dtype)
+    fwd_policy = torch.compile(policy) if cfg.compile else policy
+    gen = torch.Generator(device=device)
+    stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"]
+    t0, start = time.time(), it
+    bar = tqdm(total=iterations, initial=it, desc=cfg.advantage, dynamic_ncols=True, disable=not master)
+    while it < iterations:
+        lr = M.lr_at(it, iterations, cfg.lr, min_lr_frac=0.0, schedule="linear") if cfg.anneal_lr else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        t_start = M.clock(device)  # phase times: time_gen (1), time_fwd (2), time_update (6), time_iter
+        # 1. rollout: G answers to each left-padded prompt, one shared prefill per prompt; this process's
+        #    shards only, each with its own generator (exact resume; the same rows whatever the process count)
+        idx = prompt_batch(it, len(prompts), B // G, cfg.seed)  # the same B / G prompts on every process
+        P = max(len(prompt_ids[i]) for i in idx)  # one prompt width for all shards
+        seqs, masks = [], []
+        for k in my_shards:
+            p_ids, p_mask = M.pad_left([prompt_ids[i] for i in idx[k * shard_size // G:(k + 1) * shard_size // G]], P)
+            p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+            gen.manual_seed(rng_seed(cfg.seed, it, "sample", k))
+            with ctx:
+                s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
+                                          eos_id=tokenizer.eot_id, generator=gen, num_samples=G)
+            seqs.append(s)
+            masks.append(torch.cat([p_mask.repeat_interleave(G, 0), m], 1))
+        T = max(s.size(1) for s in seqs)  # shards stop at their own longest answer: right-pad to the longest
+        seq = torch.cat([F.pad(s, (0, T - s.size(1)), value=M.PAD_ID) for s in seqs])  # (b, P + R) b = share
+        full_mask = torch.cat([F.pad(m, (0, T - m.size(1))) for m in masks])  # (b, P + R)
+        responses = seq[:, P:]  # (b, R)
+        mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
+        my_prompts = [prompts[idx[r // G]] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
+        texts = [tokenizer.decode(r) for r in responses.tolist()]
+
+        # 2. forward: old and reference log-probs, reward-model scores
+        t_gen = M.clock(device)
+        out = rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx)
+        t_fwd = M.clock(device)
+        old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
+
+        # 3. score: the reward model or the fact checker; answers without EOS get the fixed penalty (item 9)
+        if cfg.reward == "rm":
+            raw_scores = out["scores"]
+        else:
+            raw_scores = torch.tensor([verify_answer(p, t) for p, t in zip(my_prompts, texts)], device=device)
+        scores, ended = penalise_missing_eos(raw_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
+        if not cfg.eos_trick:
+            scores = raw_scores
+
+        # 4. KL of the sampled tokens to the reference (0 without one); in the reward or later in the loss
+        beta = cfg.kl_coef
+        kl = M.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
+        kl1 = (old_logprobs - ref_logprobs) * mask if ref is not None else torch.zeros_like(mask)  # k1: the logged KL
+        kl_reward = cfg.kl_in == "reward" and ref is not None
+
+        # 5. advantages: the group baseline (grpo, dr_grpo, rloo), or REINFORCE++'s whitened returns-to-go
+        equal = equal_groups(scores, G)  # (b,) counted before any KL enters the reward
+        if cfg.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
+            seq_adv = group_advantages(scores, G, cfg.advantage, cfg.adv_eps)  # (b,) R_i or R_i - mean_g R
+            returns = reinforce_pp_returns(seq_adv, kl if kl_reward else torch.zeros_like(kl), mask, beta)  # (b, R)
+            advantages = masked_whiten(returns, mask, world=world)
+        else:
+            seq_rewards = scores - beta * kl.sum(1) if kl_reward else scores  # RLOO's sequence-level penalty
+            advantages = group_advantages(seq_rewards, G, cfg.advantage, cfg.adv_eps)[:, None] * mask  # (b, R)
+        loss_mask = mask * (~equal).float()[:, None] if cfg.drop_equal_groups else mask  # (b, R)
+        seq_sums = torch.stack([raw_scores.float(), scores.float(), kl1.sum(1), kl.sum(1), mask.sum(1), ended.float(),
+                                equal.float(), (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)]).sum(1)  # (8,)
+        score, score_used, seq_kl, seq_kl_est, resp_len, eos_frac, equal_frac, adv_mean = (M.ddp_sum(seq_sums, world, device) / B).tolist()
+
+        # 6. update: update_epochs over shuffled minibatches, grad_accum micro-batches each. The order is
+        #    the same on every process; each runs the rows it owns and the gradients are summed
+        order = torch.Generator().manual_seed(rng_seed(cfg.seed, it, "order"))
+        stats, t_update = [], M.clock(device)
+        for epoch in range(cfg.update_epochs):
+            perm = torch.randperm(B, generator=order).tolist()  # global row indices
+            for mb in range(cfg.num_minibatches):
+                mb_idx = perm[mb * minibatch:(mb + 1) * minibatch]
+                mine = [g - lo for g in mb_idx if lo <= g < lo + share]
+                # the whole minibatch's answers and tokens: the denominators of aggregate_loss
+                lens = loss_mask[mine].sum(1)
+                mb_seqs, mb_tokens = M.ddp_sum(torch.stack([(lens > 0).sum().float(), lens.sum()]), world, device).tolist()
+                if mb_tokens == 0:  # every answer of it dropped (drop_equal_groups): no step, on every process
+                    continue
+                mb_stats = torch.zeros(len(stat_keys), device=device)
+                for a in range(cfg.grad_accum):
+                    i = [g - lo for g in mb_idx[a * micro:(a + 1) * micro] if lo <= g < lo + share]
+                    if not i:  # none of this micro-batch's rows is ours
+                        continue
+                    i = torch.tensor(i, device=device)
+                    mb_seq, mb_full, mb_mask = seq[i], full_mask[i], loss_mask[i]
+                    with ctx:
+                        logits = M.response_logits(fwd_policy, mb_seq, mb_full, P)  # (b, R, V)
+                    new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
+                    kl_loss_ref = ref_logprobs[i] if ref is not None and cfg.kl_in == "loss" else None
+                    losses, s = grpo_losses(new_logprobs, old_logprobs[i], advantages[i], mb_mask, cfg.clip_low, cfg.clip_high,
+                                            kl_loss_ref, beta, cfg.kl_estimator)
+                    loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)
+                    loss.backward()
+                    s.update(entropy=entropy_from_logits(logits.detach(), cfg.temperature), loss=losses.detach())
+                    mb_stats += torch.stack([(s[k] * mb_mask).sum().float() for k in stat_keys]) / mb_tokens  # token-weighted means
+                mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))
+                if not all(math.isfinite(v) for v in mb_stats.values()):
+                    raise FloatingPointError(f"iteration {it} epoch {epoch} minibatch {mb}: non-finite {mb_stats}; "
+                                             f"last good checkpoint is in {ckpt}")
+                all_reduce_grads(policy, world)
+                where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
+                mb_stats["grad_norm"] = M.clip_grad_checked(policy.parameters(), cfg.max_grad_norm, where)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                stats.append(mb_stats)
+        t_update = M.clock(device) - t_update
+        it += 1
+        bar.update(1)
+
+        # 7. metrics (every process joins the sums), samples, checkpoint (rank 0)
+        if it % cfg.log_interval == 0 or it == iterations:
+            metrics = {"step": it, "episodes": it * B, "score": score, "score_used": score_used, "kl": seq_kl,
+                       "kl_est": seq_kl_est, "kl_coef": beta, "resp_len": resp_len, "eos_frac": eos_frac,
+                       "equal_groups": equal_frac * B / G, "adv_mean": adv_mean, "lr": lr}
+            if stats:
+                metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+                metrics["approx_kl_step0"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
+            if cfg.gold:
+                golds = [gold_reward(p, t, bool(e)) for p, t, e in zip(my_prompts, texts, ended.tolist())]
+                checks = [verify_answer(p, t) for p, t in zip(my_prompts, texts)]
+                parts = torch.tensor([list(g.values()) + [c or 0.0, c is not None] for g, c in zip(golds, checks)],
+                                     dtype=torch.float64)  # (b, parts + 2)
+                sums = M.ddp_sum(parts.sum(0), world, device).tolist()
+                for k, v in zip(golds[0], sums):
+                    metrics[k if k == "gold" else f"gold_{k}"] = v / B
+                if sums[-1]:  # verify_answer's accuracy over the rollout's fact questions
+                    metrics["fact_acc"] = sums[-2] / sums[-1]
+            metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
+            metrics.update(time_gen=t_gen - t_start, time_fwd=t_fwd - t_gen, time_update=t_update,
+                           time_iter=M.clock(device) - t_start)  # this iteration's; the rest: steps 3-5, gold
+            if master:
+                M.log_metrics(cfg.out_dir, metrics)
+        if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first (item 18)
+            for r in range(0, min(cfg.n_show * G, len(texts)), G):  # the first answer of the first groups
+                tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
+        if master and (it % cfg.ckpt_interval == 0 or it == iterations):
+            M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
+                              state={"iteration": it, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+    bar.close()
+    M.ddp_cleanup(world)
+    return policy
+
+
+if __name__ == "__main__":
+    train(M.parse_config(Config))

@@ -1,0 +1,308 @@
+"""Tests of grpo.py and what it shares with ppo.py in model.py: every advantage estimator and every loss
+aggregation against hand values (GRPO's length bias included), the k1/k2/k3 KL estimators enumerated
+exactly on a small categorical distribution, grouped sampling with a shared prefill, the verifiable
+checker, gradient accumulation and 2 processes against one, gradients on response tokens only, the
+step-0 identities of a real CLI run, exact resume after a kill, config errors before any model loads."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo
+import model as M
+from conftest import killed_at_step
+from data.world import ANIMALS, COLOUR, EATS, FOUND, LIVES, verify_answer
+from test_ddp import assert_same_run, eos_prone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- advantages
+
+
+def test_group_advantages_hand_values_ties_and_equal_groups():
+    scores = torch.tensor([1.0, 2.0, 2.0, 5.0, 3.0, 3.0, 3.0, 3.0])  # a group with a tie, an all-equal group
+    centred = [-1.5, -0.5, -0.5, 2.5]  # mean 2.5; unbiased std sqrt(9 / 3) = sqrt(3)
+    adv = lambda kind: grpo.group_advantages(scores, 4, kind).tolist()  # noqa: E731
+    assert adv("grpo") == pytest.approx([c / (math.sqrt(3) + 1e-6) for c in centred] + [0.0] * 4)
+    assert adv("dr_grpo") == pytest.approx(centred + [0.0] * 4)
+    assert adv("reinforce_pp_baseline") == pytest.approx(centred + [0.0] * 4)
+    # leave-one-out: 1 - (2+2+5)/3, 2 - (1+2+5)/3, ..., 5 - (1+2+2)/3
+    assert adv("rloo") == pytest.approx([1 - 3, 2 - 8 / 3, 2 - 8 / 3, 5 - 5 / 3] + [0.0] * 4)
+    assert adv("reinforce_pp") == pytest.approx(scores.tolist())
+    assert grpo.equal_groups(scores, 4).tolist() == [False] * 4 + [True] * 4
+
+
+def test_group_of_one():
+    scores = torch.tensor([0.7, -2.0])
+    for kind in ("grpo", "dr_grpo", "reinforce_pp_baseline"):
+        assert grpo.group_advantages(scores, 1, kind).tolist() == [0.0, 0.0], kind  # its own mean: no signal
+    assert grpo.group_advantages(scores, 1, "reinforce_pp").tolist() == pytest.approx([0.7, -2.0])
+    with pytest.raises(ValueError, match="rloo needs group_size >= 2"):
+        grpo.group_advantages(scores, 1, "rloo")
+    assert grpo.equal_groups(scores, 1).all()
+
+
+def test_reinforce_pp_returns_to_go_with_token_kl():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.2, -0.3], [0.5, 9.0, 9.0]])
+    ret = grpo.reinforce_pp_returns(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
+    # row 0: r = [-0.05, -0.1, 0.15 + 2]; returns-to-go [2.0, 2.05, 2.15]. row 1: r = [-0.25 - 1]
+    assert ret.tolist() == [pytest.approx([2.0, 2.05, 2.15]), pytest.approx([-1.25, 0.0, 0.0])]
+    w = grpo.masked_whiten(ret, mask)
+    real = torch.tensor([2.0, 2.05, 2.15, -1.25])
+    assert torch.allclose(w[mask.bool()], (real - real.mean()) / torch.sqrt(real.var(unbiased=False) + 1e-8), atol=1e-5)
+
+
+# --- loss aggregation
+
+
+def test_aggregations_hand_values():
+    losses = torch.tensor([[1.0, 2.0, 3.0, 7.0], [4.0, 7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # lengths 3 and 1
+    assert grpo.aggregate_loss(losses, mask, "seq_mean_token_mean").item() == pytest.approx((6 / 3 + 4 / 1) / 2)
+    assert grpo.aggregate_loss(losses, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert grpo.aggregate_loss(losses, mask, "seq_mean_token_sum_norm", norm=4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    dropped = mask * torch.tensor([[1.0], [0.0]])  # the second answer dropped: counts in neither N nor sum L
+    assert grpo.aggregate_loss(losses, dropped, "seq_mean_token_mean").item() == pytest.approx(2.0)
+    assert grpo.aggregate_loss(losses, dropped, "seq_mean_token_sum_norm", norm=4).item() == pytest.approx(6 / 4)
+
+
+def test_grpo_length_bias_two_wrong_answers():
+    """Two wrong answers (A = -1), 2 and 8 tokens, ratio 1: the per-token weight of the gradient. GRPO's
+    1/L_i pushes each token of the long wrong answer down 4 times less than the short one's (Liu et
+    al. 2025); token_mean and Dr. GRPO's constant normaliser weigh every token the same."""
+    mask = torch.tensor([[1.0] * 2 + [0.0] * 6, [1.0] * 8])
+    logprobs = torch.zeros(2, 8, requires_grad=True)
+    weights = {}
+    for agg in grpo.LOSS_AGGS:
+        losses, _ = grpo.grpo_losses(logprobs, logprobs.detach(), -torch.ones(2, 8), mask, 0.2, 0.2)
+        grad, = torch.autograd.grad(grpo.aggregate_loss(losses, mask, agg, norm=8), logprobs)
+        weights[agg] = (grad[0, 0].item(), grad[1, 0].item())  # d loss / d logp of a short and a long token
+    assert weights["seq_mean_token_mean"] == pytest.approx((1 / (2 * 2), 1 / (2 * 8)))
+    assert weights["token_mean"] == pytest.approx((1 / 10, 1 / 10))
+    assert weights["seq_mean_token_sum_norm"] == pytest.approx((1 / (2 * 8), 1 / (2 * 8)))
+
+
+@pytest.mark.parametrize("agg", grpo.LOSS_AGGS)
+def test_micro_batch_shares_add_up_to_the_minibatch_gradient(agg):
+    """Gradient accumulation (and processes): each part normalised by the whole minibatch's N and
+    sum L gives, summed, the gradient of the whole minibatch at once."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([5, 1, 3, 6, 2, 4])
+    mask = (torch.arange(6)[None] < lengths[:, None]).float()
+    x = torch.randn(6, 6, requires_grad=True)
+    whole, = torch.autograd.grad(grpo.aggregate_loss(x ** 2, mask, agg, norm=6), x)
+    n_seqs, n_tokens = 6, lengths.sum().item()
+    total = sum(grpo.aggregate_loss(x[i] ** 2, mask[i], agg, n_seqs, n_tokens, norm=6) for i in ([0, 3], [1], [2, 4, 5]))
+    parts, = torch.autograd.grad(total, x)
+    assert torch.allclose(whole, parts, atol=1e-6)
+    naive = sum(grpo.aggregate_loss(x[i] ** 2, mask[i], agg, norm=6) / 3 for i in ([0, 3], [1], [2, 4, 5]))
+    assert not torch.allclose(torch.autograd.grad(naive, x)[0], whole, atol=1e-4)  # the bug this guards against
+
+
+# --- losses
+
+
+def test_grpo_losses_clip_higher_and_kl_term():
+    lp = torch.log(torch.tensor([[1.5, 0.7, 1.25]]))
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, -1.0, 1.0]])
+    mask = torch.ones(1, 3)
+    ref = torch.tensor([[0.0, 0.0, 0.2]])
+    losses, s = grpo.grpo_losses(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, ref_logprobs=ref, kl_coef=0.5, kl_estimator="k3")
+    # token 0: min(1.5, 1.28) = 1.28 clipped above; token 1: ratio 0.7 < 0.8, A < 0: max(0.7, 0.8) = 0.8;
+    # token 2: 1.25 inside [0.8, 1.28]. KL k3 at l = log 1.25 - 0.2 on token 2, weighted by ratio 1.25
+    l = [math.log(1.5), math.log(0.7), math.log(1.25) - 0.2]
+    k3 = [math.exp(-v) - 1 + v for v in l]
+    expected = [-1.28 + 0.5 * 1.5 * k3[0], 0.8 + 0.5 * 0.7 * k3[1], -1.25 + 0.5 * 1.25 * k3[2]]
+    assert losses[0].tolist() == pytest.approx(expected)
+    assert s["clipfrac"][0].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_gradients_only_on_response_tokens():
+    logits = torch.randn(2, 4, 11, requires_grad=True)
+    tokens = torch.tensor([[1, 2, 3, M.PAD_ID], [4, M.PAD_ID, M.PAD_ID, M.PAD_ID]])
+    mask = (tokens != M.PAD_ID).float()
+    for agg in grpo.LOSS_AGGS:
+        lp = M.logprobs_from_logits(logits, tokens)
+        losses, _ = grpo.grpo_losses(lp, lp.detach() - 0.1, torch.randn(2, 4), mask, 0.2, 0.28,
+                                     ref_logprobs=torch.randn(2, 4), kl_coef=0.1, kl_estimator="k2")
+        grad, = torch.autograd.grad(grpo.aggregate_loss(losses, mask, agg, norm=4), logits)
+        assert torch.equal(grad.abs().sum(-1) > 0, mask.bool()), agg
+
+
+# --- KL estimators, enumerated exactly on a categorical distribution (Schulman 2020)
+
+
+def test_kl_estimators_exact_expectations_and_gradients():
+    torch.manual_seed(0)
+    theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(5, dtype=torch.float64), 0)  # (V,)
+    logp = torch.log_softmax(theta, 0)
+    p, q = logp.exp(), ref.exp()
+    kl_fwd = (p * (logp - ref)).sum()  # KL(pi || ref)
+    kl_rev = (q * (ref - logp)).sum()  # KL(ref || pi)
+    est = {k: M.kl_estimate(logp, ref, k) for k in ("k1", "k2", "k3")}  # each y of the support
+    expect = lambda x: (p.detach() * x).sum()  # noqa: E731  E_{y ~ pi}, pi not differentiated
+    assert expect(est["k1"]).item() == pytest.approx(kl_fwd.item(), rel=1e-12)
+    assert expect(est["k3"]).item() == pytest.approx(kl_fwd.item(), rel=1e-12)
+    assert expect(est["k2"]).item() != pytest.approx(kl_fwd.item(), rel=1e-3)  # biased
+    assert (est["k3"] >= 0).all() and (est["k1"] < 0).any()
+    g = lambda f: torch.autograd.grad(f, theta, retain_graph=True)[0]  # noqa: E731
+    assert torch.allclose(g(expect(est["k1"])), torch.zeros(5, dtype=torch.float64), atol=1e-12)  # no signal
+    assert torch.allclose(g(expect(est["k2"])), g(kl_fwd), atol=1e-12)  # the reverse KL of the objective
+    assert torch.allclose(g(expect(est["k3"])), g(kl_rev), atol=1e-12)  # the forward KL(ref || pi)
+    assert not torch.allclose(g(kl_fwd), g(kl_rev), atol=1e-3)
+    # off-policy (a later minibatch): samples from pi_old, grpo_losses weights the KL term by the detached
+    # ratio, so each estimator keeps its on-policy expected gradient
+    old = torch.log_softmax(torch.randn(5, dtype=torch.float64), 0)
+    for k, target in (("k1", torch.zeros(5, dtype=torch.float64)), ("k2", g(kl_fwd)), ("k3", g(kl_rev))):
+        losses, _ = grpo.grpo_losses(logp[None], old[None], torch.zeros(1, 5, dtype=torch.float64), torch.ones(1, 5),
+                                     0.2, 0.2, ref_logprobs=ref[None], kl_coef=1.0, kl_estimator=k)
+        assert torch.allclose(g((old.exp() * losses[0]).sum()), target, atol=1e-12), k
+
+
+# --- grouped sampling (model.py)
+
+
+def test_grouped_sampling_equals_sampling_repeated_prompts():
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    ids, am = M.pad_left([[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]])
+    G = 4
+    a = m.generate(ids, 20, 1.0, attention_mask=am, eos_id=0, return_logprobs=True,
+                   generator=torch.Generator().manual_seed(3), num_samples=G)
+    b = m.generate(ids.repeat_interleave(G, 0), 20, 1.0, attention_mask=am.repeat_interleave(G, 0), eos_id=0,
+                   return_logprobs=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.allclose(a[2], b[2], atol=1e-6)
+    assert len({tuple(r) for r in a[0][:G].tolist()}) > 1  # the group's answers differ
+    lp = M.response_logprobs(m, a[0], torch.cat([am.repeat_interleave(G, 0), a[1]], 1), ids.size(1))
+    assert torch.allclose(lp * a[1], a[2], atol=1e-5)  # the sampler's log-probs = recomputed
+    greedy = m.generate(ids, 10, 0.0, attention_mask=am, num_samples=2)[0]
+    assert torch.equal(greedy[0::2], m.generate(ids, 10, 0.0, attention_mask=am)[0])
+
+
+# --- the verifiable checker (data/world.py)
+
+
+def test_verify_answer_hand_examples():
+    fox_colour, fox_home, fox_food = COLOUR["fox"], LIVES["fox"], EATS["fox"]
+    wrong = next(c for c in ("red", "blue", "green") if c != fox_colour)
+    resident = next(a for a in ANIMALS if LIVES[a] == "forest")
+    outsider = next(a for a in ANIMALS if LIVES[a] != "forest")
+    cases = [
+        ("what colour is the fox?", f"the fox is {fox_colour}.", 1.0),
+        ("what colour is the fox?", f"the lovely fox is {fox_colour}. the fox is {wrong}.", 0.0),  # a true and a false value
+        ("what colour is the fox?", f"the fox is {wrong}.", 0.0),
+        ("what colour is the fox?", "i do not know.", 0.0),  # nothing stated
+        ("what colour is the fox?", f"the {fox_colour} fox lives in the {fox_home}, the cat is {wrong}.", 1.0),  # other claims ignored
+        ("where does the fox live?", f"the fox lives in the {fox_home}.", 1.0),
+        ("where does the fox live?", f"the fox lives in the {'cave' if fox_home != 'cave' else 'lake'}.", 0.0),
+        ("where is the ball?", f"the ball is found in the {FOUND['ball']}.", 1.0),
+        ("what does the fox eat?", f"the fox eats {fox_food}s.", 1.0),
+        ("what does the fox eat?", "the fox eats " + ("honey." if fox_food != "honey" else "bread."), 0.0),
+        ("name an animal that lives in the forest.", f"the {resident} lives in the forest.", 1.0),
+        ("name an animal that lives in the forest.", f"the {outsider} lives in the forest.", 0.0),
+        ("name an animal that lives in the forest.", f"the {resident} lives in the forest. the {outsider} lives in the forest.", 0.0),
+    ]
+    for prompt, response, expected in cases:
+        assert verify_answer(prompt, response) == expected, (prompt, response)
+    for prompt in ("tell me about the fox.", "describe the fox.", "describe the forest in one sentence.",
+                   "write a short story about the fox and the ball.", "what is love?"):
+        assert verify_answer(prompt, "the fox is red.") is None, prompt  # not a fact question
+
+
+# --- real runs
+
+
+def args(world, tiny_ckpt, tiny_rm, out, *extra):
+    return ["--policy", tiny_ckpt, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
+            "--out_dir", str(out), "--rollout_batch_size", "8", "--group_size", "4", "--num_minibatches", "2",
+            "--update_epochs", "2", "--max_new_tokens", "10", "--lr", "1e-3", "--sample_interval", "100",
+            "--eos_trick", "false", "--device", "cpu", *extra]  # a random tiny model rarely ends: the RM scores the cut answers
+
+
+def run(*a):
+    return grpo.train(M.parse_config(grpo.Config, args(*a)))
+
+
+def rows(d, drop=("s_per_it", "time_gen", "time_fwd", "time_update", "time_iter")):  # timings vary run to run
+    return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in open(d / "metrics.jsonl")]
+
+
+def test_cli_two_steps_step0_identities(world, tiny_ckpt, tiny_rm, tmp_path):
+    r = subprocess.run([sys.executable, "grpo.py", *args(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "16",
+                                                         "--kl_coef", "0.1", "--clip_high", "0.28")],
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 prompts x 4" in r.stdout and "reference model loaded" in r.stdout
+    first, second = rows(tmp_path)
+    assert first["approx_kl_step0"] < 1e-10  # ratio == 1 on the first minibatch of the first epoch
+    assert first["kl"] == 0.0 and first["kl_est"] == 0.0  # the policy is the reference at the start
+    assert second["kl"] != 0.0 and second["step"] == 2
+    assert all(math.isfinite(v) for row in (first, second) for v in row.values())
+    assert M.load_checkpoint(str(tmp_path))[0] is not None
+
+
+def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
+    extra = ("--total_episodes", "16", "--loss_agg", "seq_mean_token_mean", "--kl_coef", "0.1", "--kl_estimator", "k2")
+    a = run(world, tiny_ckpt, tiny_rm, tmp_path / "a", *extra)
+    b = run(world, tiny_ckpt, tiny_rm, tmp_path / "b", *extra, "--grad_accum", "2")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-5)
+    for ra, rb in zip(rows(tmp_path / "a"), rows(tmp_path / "b")):
+        for k in ("pg_loss", "kl_loss", "grad_norm", "approx_kl", "score"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+
+
+def test_two_processes_equal_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
+    # 16 answers = 4 groups of 4 in 2 shards; minibatches of 8 rows in micro-batches of 4 fall unevenly
+    # on the processes; token_mean and REINFORCE++'s whitening both need the sums over processes
+    policy = eos_prone(tiny_ckpt, tmp_path / "policy")
+    a = ["--policy", policy, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
+         "--rollout_batch_size", "16", "--group_size", "4", "--rollout_shards", "2", "--num_minibatches", "2",
+         "--grad_accum", "2", "--update_epochs", "2", "--total_episodes", "32", "--max_new_tokens", "12", "--lr", "1e-3",
+         "--advantage", "reinforce_pp_baseline", "--kl_in", "reward", "--kl_estimator", "k1", "--kl_coef", "0.1",
+         "--loss_agg", "token_mean", "--sample_interval", "100", "--device", "cpu"]
+    assert_same_run(tmp_path, "grpo.py", a, ["score", "kl", "resp_len", "eos_frac", "equal_groups", "adv_mean", "pg_loss",
+                                             "entropy", "approx_kl", "clipfrac", "grad_norm", "gold"])
+
+
+def test_resume_after_kill_equals_uninterrupted_run(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    extra = ("--total_episodes", "32", "--ckpt_interval", "2", "--advantage", "rloo", "--kl_in", "reward",
+             "--kl_estimator", "k1", "--loss_agg", "seq_mean_token_sum_norm")
+    with killed_at_step(monkeypatch, 3):  # during iteration 3, after the iteration-2 checkpoint
+        run(world, tiny_ckpt, tiny_rm, tmp_path / "b", *extra)
+    run(world, tiny_ckpt, tiny_rm, tmp_path / "b", *extra)
+    c = run(world, tiny_ckpt, tiny_rm, tmp_path / "c", *extra)
+    b, _, _ = M.load_checkpoint(str(tmp_path / "b"))
+    assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), c.state_dict().values()))
+    assert rows(tmp_path / "b") == rows(tmp_path / "c") and len(rows(tmp_path / "c")) == 4
+
+
+def test_verifiable_reward_run_without_reference_and_dropped_groups(world, tiny_ckpt, tmp_path):
+    run(world, tiny_ckpt, "no/such/rm", tmp_path, "--total_episodes", "16", "--reward", "verifiable", "--kl_coef", "0",
+        "--missing_eos_penalty", "0", "--drop_equal_groups", "true", "--advantage", "dr_grpo")
+    got = rows(tmp_path)
+    # a random tiny model answers no fact question: every group's rewards are 0, all dropped, no step taken
+    assert [r["equal_groups"] for r in got] == [2.0, 2.0] and all("pg_loss" not in r for r in got)
+    assert all(r["score"] == 0.0 and r["kl"] == 0.0 and r["fact_acc"] == 0.0 for r in got)
+
+
+def test_config_errors_before_any_model_loads(tmp_path):
+    bad = [(["--advantage", "ppo"], "advantage must be one of"), (["--loss_agg", "sum"], "loss_agg must be one of"),
+           (["--kl_estimator", "k4"], "kl_estimator must be one of"), (["--kl_in", "value"], "kl_in must be one of"),
+           (["--group_size", "3"], "whole number of groups"), (["--advantage", "rloo", "--group_size", "1"], "rloo"),
+           (["--rollout_shards", "16"], "shards of whole groups"), (["--num_minibatches", "3"], "must split into")]
+    for extra, msg in bad:
+        with pytest.raises(M.ConfigError, match=msg):
+            grpo.train(M.parse_config(grpo.Config, ["--policy", "no/such/policy", "--out_dir", str(tmp_path), *extra]))
+    with pytest.raises(M.ConfigError, match="no/such/policy"):
+        grpo.train(M.parse_config(grpo.Config, ["--policy", "no/such/policy", "--out_dir", str(tmp_path)]))
