@@ -36,6 +36,7 @@ import typing
 import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import tiktoken
 import torch
@@ -57,57 +58,162 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
+    bias: bool = True  # biases in every Linear but lm_head, and in LayerNorm (GPT-2, Pythia)
+    # every field below defaults to GPT-2's choice, so GPT-2 checkpoints saved before they existed
+    # load unchanged; FAMILIES (below) lists the values of Llama, Qwen2, Qwen3 and Pythia
+    family: str = "gpt2"  # gpt2, llama, qwen2, qwen3 or pythia: picks the Hugging Face names on export
+    n_kv_head: Optional[int] = None  # key/value heads; None = n_head; fewer = grouped-query attention
+    head_dim: Optional[int] = None  # None = n_embd // n_head (Qwen3 uses wider heads)
+    qkv_bias: Optional[bool] = None  # biases on q, k, v; None = same as bias (Qwen2: True, bias False)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3)
+    norm: str = "layernorm"  # layernorm or rmsnorm (Zhang & Sennrich 2019)
+    norm_eps: float = 1e-5
+    pos_emb: str = "learned"  # learned (GPT-2) or rope (rotary embeddings, Su et al. 2021)
+    rope_theta: float = 10000.0  # RoPE base
+    rotary_frac: float = 1.0  # fraction of each head's dims that RoPE rotates (Pythia: 0.25)
+    rope_factor: float = 1.0  # Llama 3 RoPE scaling of long wavelengths; 1 = off
+    rope_low_freq_factor: float = 1.0  # Llama 3 scaling: wavelengths above original/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # Llama 3 scaling: wavelengths below original/high are kept
+    rope_original_max_pos: int = 8192  # Llama 3 scaling: the context length trained before scaling
+    mlp: str = "gelu_tanh"  # gelu_tanh (GPT-2's gelu_new), gelu (exact; Pythia) or swiglu (Shazeer 2020)
+    n_inner: Optional[int] = None  # MLP hidden width; None = 4 * n_embd
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-J, Pythia)
+    tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2, small Qwen and Llama 3.2)
+
+    def __post_init__(self):
+        choices = {"family": FAMILIES, "norm": ("layernorm", "rmsnorm"), "pos_emb": ("learned", "rope"),
+                   "mlp": ("gelu_tanh", "gelu", "swiglu")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"GPTConfig.{key} = {getattr(self, key)!r}; valid: {sorted(valid)}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hd(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+
+# each family's GPTConfig values (the architecture; sizes come from the checkpoint's config.json)
+FAMILIES = {
+    "gpt2": dict(),
+    "llama": dict(bias=False, norm="rmsnorm", pos_emb="rope", mlp="swiglu", rope_theta=500000.0),
+    "qwen2": dict(bias=False, qkv_bias=True, norm="rmsnorm", pos_emb="rope", mlp="swiglu", rope_theta=1000000.0),
+    "qwen3": dict(bias=False, qk_norm=True, norm="rmsnorm", pos_emb="rope", mlp="swiglu", rope_theta=1000000.0),
+    "pythia": dict(pos_emb="rope", rotary_frac=0.25, mlp="gelu", parallel_residual=True, tie_embeddings=False),
+}
+
+
+def family_config(family, **kw):
+    """GPTConfig of a family with the given sizes, e.g. family_config("qwen3", n_layer=2, ...)."""
+    return GPTConfig(**{**FAMILIES[family], "family": family, **kw})
+
+
+def make_norm(config, dim):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_inv_freq(config, device):
+    """RoPE frequencies theta^(-2i/d) of the rotated dims, (d/2,), with Llama 3's scaling
+    (Meta's llama3 code: long wavelengths divided by rope_factor, a smooth blend in between)."""
+    d = int(config.hd * config.rotary_frac)
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float64) / d)  # (d/2,)
+    if config.rope_factor != 1.0:
+        old, lo, hi = config.rope_original_max_pos, config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+        inv_freq = (1 - smooth) * inv_freq / config.rope_factor + smooth * inv_freq
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first cos.size(-1) dims of each head, in two halves (GPT-NeoX / Hugging Face layout).
+
+    x (B, H, T, D); cos, sin (B, 1, T, Dr). The other D - Dr dims pass through (Pythia rotates 1/4)."""
+    r = cos.size(-1)
+    xr = x[..., :r]
+    x1, x2 = xr.chunk(2, dim=-1)
+    out = xr * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)  # (B, H, T, Dr)
+    return out if r == x.size(-1) else torch.cat([out, x[..., r:]], dim=-1)  # (B, H, T, D)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.hd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0, rope=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, Hkv, D)
+        if hasattr(self, "q_norm"):  # Qwen3: normalise each head before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, H, S, D)
+            k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, D)
         p = self.dropout if self.training else 0.0
+        gqa = Hkv != H  # query head h reads key/value head h // (H / Hkv) (Ainslie et al. 2023)
         if attn_mask is None:  # no padding, no cache: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # (B, T, H * D)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        n_inner = config.n_inner or 4 * config.n_embd
+        self.act = config.mlp
+        # swiglu: gate and up projections fused in one matmul, [gate; up]
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.act == "swiglu" else 1) * n_inner, bias=config.bias)
+        self.c_proj = nn.Linear(n_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu_new
+        h = self.c_fc(x)
+        if self.act == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:  # GPT-2's gelu_new is the tanh approximation; Pythia's gelu is exact
+            h = F.gelu(h, approximate="tanh" if self.act == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        self.parallel = config.parallel_residual
 
-    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0, rope=None):
+        a = self.attn(self.ln_1(x), attn_mask, kv_cache, layer, rope)
+        if self.parallel:  # GPT-NeoX: attention and MLP both read the block's input
+            return x + a + self.mlp(self.ln_2(x))
+        x = x + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -130,15 +236,18 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        wpe = [("wpe", nn.Embedding(config.block_size, config.n_embd))] if config.pos_emb == "learned" else []
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **dict(wpe),  # learned positions only (GPT-2); RoPE has no weights
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self._inv_freq = {}  # RoPE frequencies per device: recomputed, never cast to bf16 with the weights
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2L)
             if name.endswith("c_proj.weight"):
@@ -153,7 +262,17 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+        wpe = self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+        return sum(p.numel() for p in self.parameters()) - wpe
+
+    def rope(self, pos):
+        """(cos, sin) of RoPE at positions pos (B, T): (B, 1, T, Dr) each, fp32."""
+        inv_freq = self._inv_freq.get(pos.device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq[pos.device] = rope_inv_freq(self.config, pos.device)
+        angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, Dr/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (B, 1, T, Dr)
+        return angles.cos(), angles.sin()
 
     def hidden(self, idx, attention_mask=None, kv_cache=None):
         """Final hidden states (after ln_f), (B, T, C).
@@ -176,10 +295,15 @@ class GPT(nn.Module):
             assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             attn_mask = attention_bias(attention_mask, T)  # (B, 1, T, S)
-        x = self.transformer.wte(idx.clamp(min=0)) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx.clamp(min=0))  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:  # the same position ids rotate q and k: left padding never shifts them
+            rope = self.rope(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, i)
+            x = block(x, attn_mask, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)  # (B, T, C)
@@ -272,10 +396,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: (L, B, H, S_max, D). pos = tokens cached."""
+    """Keys and values of every layer, preallocated: (L, B, Hkv, S_max, D), Hkv = n_kv_head
+    (grouped-query attention caches only the shared heads). pos = tokens cached."""
 
     def __init__(self, config, batch_size, max_len):
-        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.hd)
         self.k = self.v = None  # allocated at the first update, in the dtype autocast gives
         self.pos = 0
 
@@ -286,7 +411,7 @@ class KVCache:
         T = k.size(2)
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, H, S, D)
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, Hkv, S, D)
 
 
 # --- 3. scalar-head model (reward and value models)
@@ -304,6 +429,8 @@ class ScalarModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = GPT(config)
+        if not config.tie_embeddings:
+            del self.backbone.lm_head  # an untied LM head is unused here (and would idle under DDP)
         self.head = nn.Linear(config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))  # Stiennon et al. 2020
         nn.init.zeros_(self.head.bias)
@@ -712,10 +839,13 @@ def load_checkpoint(path, device="cpu", kind=None, dropout=0.0):
     model = ScalarModel(config) if kind == "scalar" else GPT(config)
     if kind == info["kind"]:
         model.load_state_dict(sd)
-    elif kind == "scalar":
-        model.backbone.load_state_dict(sd)  # head keeps its fresh init
+    elif kind == "scalar":  # head keeps its fresh init; an untied LM head is dropped
+        model.backbone.load_state_dict({k: v for k, v in sd.items() if k in model.backbone.state_dict()})
     else:
-        model.load_state_dict({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})
+        trunk = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        missing, unexpected = model.load_state_dict(trunk, strict=False)
+        if unexpected or missing not in ([], ["lm_head.weight"]):  # an untied LM head stays fresh
+            raise KeyError(f"{d}: trunk does not match the model: missing {missing}, unexpected {unexpected}")
     tokenizer = load_tokenizer(os.path.join(d, "tokenizer.tiktoken"))
     if tokenizer.n_vocab != config.vocab_size:
         raise ValueError(f"{d}: tokenizer has {tokenizer.n_vocab} ids but the model {config.vocab_size}")
