@@ -609,8 +609,243 @@ def save_hf_gpt2(model, out_dir, tokenizer=None):
         tokenizer.save_hf(out_dir)
 
 
-GPT.from_pretrained = staticmethod(load_hf_gpt2)
-GPT.save_pretrained = save_hf_gpt2
+# --- 5b. Hugging Face Llama, Qwen2, Qwen3 and GPT-NeoX (Pythia) import/export
+
+# our tensor name -> theirs, {i} = layer. A tuple: our one tensor is theirs concatenated on dim 0
+# (q, k, v in c_attn; gate, up in a SwiGLU c_fc), which keeps one matmul where they have several
+_L = "model.layers.{i}."
+HF_LLAMA_KEYS = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.h.{i}.ln_1.weight": _L + "input_layernorm.weight",
+    "transformer.h.{i}.attn.c_attn.weight": tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"),
+    "transformer.h.{i}.attn.c_attn.bias": tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"),
+    "transformer.h.{i}.attn.q_norm.weight": _L + "self_attn.q_norm.weight",
+    "transformer.h.{i}.attn.k_norm.weight": _L + "self_attn.k_norm.weight",
+    "transformer.h.{i}.attn.c_proj.weight": _L + "self_attn.o_proj.weight",
+    "transformer.h.{i}.ln_2.weight": _L + "post_attention_layernorm.weight",
+    "transformer.h.{i}.mlp.c_fc.weight": (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+    "transformer.h.{i}.mlp.c_proj.weight": _L + "mlp.down_proj.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_N = "gpt_neox.layers.{i}."
+HF_NEOX_KEYS = {
+    "transformer.wte.weight": "gpt_neox.embed_in.weight",
+    **{f"transformer.h.{{i}}.{ours}.{w}": f"{_N}{theirs}.{w}" for w in ("weight", "bias") for ours, theirs in [
+        ("ln_1", "input_layernorm"), ("attn.c_attn", "attention.query_key_value"), ("attn.c_proj", "attention.dense"),
+        ("ln_2", "post_attention_layernorm"), ("mlp.c_fc", "mlp.dense_h_to_4h"), ("mlp.c_proj", "mlp.dense_4h_to_h")]},
+    "transformer.ln_f.weight": "gpt_neox.final_layer_norm.weight",
+    "transformer.ln_f.bias": "gpt_neox.final_layer_norm.bias",
+    "lm_head.weight": "embed_out.weight",
+}
+HF_FAMILIES = {  # family: (architecture, model_type, key table)
+    "llama": ("LlamaForCausalLM", "llama", HF_LLAMA_KEYS),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", HF_LLAMA_KEYS),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", HF_LLAMA_KEYS),
+    "pythia": ("GPTNeoXForCausalLM", "gpt_neox", HF_NEOX_KEYS),
+}
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HF_BUFFERS = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")  # not weights: skipped
+
+
+def hf_config_to_ours(hf, where, dropout=0.0):
+    """A Hugging Face config.json (dict) -> GPTConfig; anything we would compute differently is an error.
+
+    Reads both the layout of the published checkpoints (rope_theta, rope_scaling, rotary_pct) and
+    transformers 5's (rope_parameters)."""
+    family = {mt: f for f, (_, mt, _) in HF_FAMILIES.items()}.get(hf.get("model_type"))
+    if family is None:
+        raise ValueError(f"{where}: model_type {hf.get('model_type')!r}; supported: gpt2, "
+                         + ", ".join(mt for _, mt, _ in HF_FAMILIES.values()))
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope type {rope_type!r}; supported: default, llama3")
+    kw = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+              n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], n_inner=hf["intermediate_size"],
+              rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))),
+              dropout=dropout)
+    if rope_type == "llama3":
+        kw.update(rope_factor=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
+                  rope_high_freq_factor=float(rope["high_freq_factor"]),
+                  rope_original_max_pos=rope["original_max_position_embeddings"])
+    want_act = "gelu" if family == "pythia" else "silu"
+    if hf.get("hidden_act", want_act) != want_act:
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r}; {family} uses {want_act!r}")
+    if family == "pythia":
+        kw.update(norm_eps=hf.get("layer_norm_eps", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", False),
+                  rotary_frac=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
+                  parallel_residual=hf.get("use_parallel_residual", True))
+        if not hf.get("attention_bias", True):
+            raise ValueError(f"{where}: attention_bias false is not supported for gpt_neox")
+    else:
+        kw.update(n_kv_head=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
+                  norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window true is not supported")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError(f"{where}: attention_bias / mlp_bias true is not supported for {family}")
+    return family_config(family, **kw)
+
+
+def ours_to_hf_config(c, eos_id=None):
+    """GPTConfig -> a Hugging Face config.json (dict), in the layout both transformers 4 and 5 read."""
+    arch, model_type, _ = HF_FAMILIES[c.family]
+    eos = c.vocab_size - 1 if eos_id is None else eos_id
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_factor != 1.0:
+        rope.update(rope_type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                    high_freq_factor=c.rope_high_freq_factor, original_max_position_embeddings=c.rope_original_max_pos)
+    hf = {"architectures": [arch], "model_type": model_type, "vocab_size": c.vocab_size,
+          "max_position_embeddings": c.block_size, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+          "hidden_size": c.n_embd, "intermediate_size": c.n_inner or 4 * c.n_embd, "rope_theta": c.rope_theta,
+          "tie_word_embeddings": c.tie_embeddings, "bos_token_id": eos, "eos_token_id": eos,
+          "initializer_range": 0.02, "torch_dtype": "float32"}
+    if c.family == "pythia":
+        rope["partial_rotary_factor"] = c.rotary_frac
+        hf.update(hidden_act="gelu", layer_norm_eps=c.norm_eps, rotary_pct=c.rotary_frac, rotary_emb_base=c.rope_theta,
+                  use_parallel_residual=c.parallel_residual, attention_bias=True, rope_parameters=rope)
+    else:
+        hf.update(hidden_act="silu", rms_norm_eps=c.norm_eps, num_key_value_heads=c.kv_heads, head_dim=c.hd,
+                  attention_bias=False, mlp_bias=False, use_sliding_window=False, rope_parameters=rope,
+                  rope_scaling=None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"})
+    return hf
+
+
+def neox_qkv(t, n_head, to_ours):
+    """GPT-NeoX stores q, k, v interleaved per head, (H, 3, D, ...); ours is (3, H, D, ...)."""
+    rest = t.shape[1:]
+    if to_ours:
+        return t.reshape(n_head, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+    return t.reshape(3, n_head, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+
+
+def read_hf_weights(d):
+    """Every tensor of a Hugging Face directory: model.safetensors, the shards listed in
+    model.safetensors.index.json, or pytorch_model.bin."""
+    if os.path.exists(os.path.join(d, "model.safetensors")):
+        return read_safetensors(os.path.join(d, "model.safetensors"))
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for s in shards for k, v in read_safetensors(os.path.join(d, s)).items()}
+    if os.path.exists(os.path.join(d, "pytorch_model.bin")):
+        return torch.load(os.path.join(d, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{d} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def layer_template(key):
+    """'transformer.h.3.attn.c_proj.weight' -> ('transformer.h.{i}.attn.c_proj.weight', 3)."""
+    parts = key.split(".")
+    if parts[:2] == ["transformer", "h"]:
+        return ".".join(parts[:2] + ["{i}"] + parts[3:]), int(parts[2])
+    return key, None
+
+
+def load_hf(d, dropout=0.0):
+    """A GPT from a Hugging Face Llama / Qwen2 / Qwen3 / GPT-NeoX directory (weights in any dtype, read as fp32)."""
+    with open(os.path.join(d, "config.json")) as f:
+        config = hf_config_to_ours(json.load(f), f"{d}/config.json", dropout)
+    keys = HF_FAMILIES[config.family][2]
+    sd = read_hf_weights(d)
+    model = GPT(config)
+    used = set()
+    for key, ours in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_embeddings:
+            continue  # the same tensor as wte
+        template, i = layer_template(key)
+        names = keys[template]
+        names = [n.format(i=i) for n in (names if isinstance(names, tuple) else (names,))]
+        missing = [n for n in names if n not in sd]
+        if missing:
+            raise KeyError(f"{d}: missing tensor(s) {missing}")
+        t = torch.cat([sd[n] for n in names])
+        if config.family == "pythia" and ".attn.c_attn." in key:
+            t = neox_qkv(t, config.n_head, to_ours=True)
+        if t.shape != ours.shape:
+            raise ValueError(f"{d}: {names} has shape {tuple(t.shape)}, expected {tuple(ours.shape)}")
+        with torch.no_grad():
+            ours.copy_(t.float())
+        used.update(names)
+    unexpected = [n for n in sd if n not in used and not n.endswith(HF_BUFFERS)
+                  and not (config.tie_embeddings and n == keys["lm_head.weight"])]
+    if unexpected:
+        raise KeyError(f"{d}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    return model
+
+
+def save_hf(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
+    """Write a Hugging Face directory for the model's family: config.json and model.safetensors,
+    or shards + model.safetensors.index.json when the weights exceed max_shard_bytes. dtype
+    (e.g. torch.bfloat16) casts the weights; the tokenizer is written as tokenizer.json."""
+    c = model.config
+    os.makedirs(out_dir, exist_ok=True)
+    keys = HF_FAMILIES[c.family][2]
+    hf = ours_to_hf_config(c, tokenizer.eot_id if tokenizer is not None else None)
+    out = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and c.tie_embeddings:
+            continue
+        template, i = layer_template(key)
+        names = keys[template]
+        t = t.detach().to(dtype or t.dtype)
+        if c.family == "pythia" and ".attn.c_attn." in key:
+            t = neox_qkv(t, c.n_head, to_ours=False)
+        if isinstance(names, tuple):  # split our fused tensor back into theirs
+            sizes = [c.n_head * c.hd, c.kv_heads * c.hd, c.kv_heads * c.hd] if len(names) == 3 else [t.size(0) // 2] * 2
+            out.update({n.format(i=i): part.contiguous() for n, part in zip(names, t.split(sizes))})
+        else:
+            out[names.format(i=i)] = t.contiguous()
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    shards, size = [{}], 0
+    for name, t in out.items():
+        n = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    if len(shards) == 1:
+        write_safetensors(shards[0], os.path.join(out_dir, "model.safetensors"))
+    else:
+        weight_map = {}
+        for j, shard in enumerate(shards, 1):
+            fname = f"model-{j:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(shard, os.path.join(out_dir, fname))
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in out.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_hf(out_dir)
+
+
+def from_pretrained(path_or_name, dropout=0.0):
+    """A GPT from a Hugging Face directory of any supported family (or a GPT-2 name)."""
+    cfg = os.path.join(path_or_name, "config.json")
+    if os.path.isdir(path_or_name) and os.path.exists(cfg):
+        with open(cfg) as f:
+            model_type = json.load(f).get("model_type", "gpt2")
+        if model_type != "gpt2":
+            return load_hf(path_or_name, dropout)
+    return load_hf_gpt2(path_or_name, dropout)
+
+
+def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
+    """Export to the Hugging Face layout of the model's family (GPT2LMHeadModel for GPT-2)."""
+    if model.config.family == "gpt2":
+        if dtype is not None or max_shard_bytes is not None:
+            raise ValueError("GPT-2 export writes one fp32 model.safetensors")
+        return save_hf_gpt2(model, out_dir, tokenizer)
+    return save_hf(model, out_dir, tokenizer, dtype, max_shard_bytes)
+
+
+GPT.from_pretrained = staticmethod(from_pretrained)
+GPT.save_pretrained = save_pretrained
 
 # --- 6. tokenizer and chat template
 
@@ -855,9 +1090,9 @@ def load_checkpoint(path, device="cpu", kind=None, dropout=0.0):
 
 def load_gpt(init, device="cpu", dropout=0.0):
     """(GPT, tokenizer) from one of our checkpoints, a Hugging Face GPT-2 directory or a GPT-2 name."""
-    is_hf = os.path.exists(os.path.join(init, "model.safetensors")) or os.path.exists(os.path.join(init, "pytorch_model.bin"))
+    is_hf = any(os.path.exists(os.path.join(init, f)) for f in HF_WEIGHT_FILES)
     if is_hf or init in HF_NAMES:
-        return load_hf_gpt2(init, dropout).to(device), load_tokenizer(init)
+        return from_pretrained(init, dropout).to(device), load_tokenizer(init)
     model, tokenizer, _ = load_checkpoint(init, device, kind="gpt", dropout=dropout)
     return model, tokenizer
 
