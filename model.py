@@ -33,6 +33,7 @@ import struct
 import sys
 import tomllib
 import typing
+import unicodedata
 import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -881,26 +882,68 @@ def bpe_split(ranks, token, max_rank):
 
 
 class Tokenizer:
-    """tiktoken byte-level BPE with <|endoftext|> as EOS (id = number of ranks); PAD_ID is -1."""
+    """tiktoken byte-level BPE; PAD_ID is -1.
 
-    def __init__(self, ranks, name="bpe"):
-        self.ranks = ranks
-        self.name = name
-        self.eot_id = len(ranks)
-        self.n_vocab = len(ranks) + 1
-        self.enc = tiktoken.Encoding(name, pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    ranks: token bytes -> merge priority (tiktoken's "mergeable ranks"). special: text -> id of
+    the special tokens; eot: the one that ends every response (EOS). By default (GPT-2 and the
+    ranks files we train) EOS is <|endoftext|> with id = number of ranks, and ids are ranks.
+    A Hugging Face vocabulary may number its tokens in another order than its merges: then
+    rank_to_id (a list) maps tiktoken's output to the vocabulary's ids. nfc: Unicode NFC first
+    (Qwen's normalizer).
+    """
+
+    def __init__(self, ranks, name="bpe", pattern=GPT2_PAT, special=None, eot=EOT, nfc=False, rank_to_id=None):
+        self.ranks, self.name, self.pattern, self.nfc = ranks, name, pattern, nfc
+        self.special = {EOT: len(ranks)} if special is None else dict(special)
+        if eot not in self.special:
+            raise ValueError(f"tokenizer {name}: EOS {eot!r} is not one of its special tokens {sorted(self.special)[:8]}")
+        self.eot, self.eot_id = eot, self.special[eot]
+        self.rank_to_id = rank_to_id
+        tk_special = self.special
+        if rank_to_id is not None:  # specials get tiktoken ranks after every mergeable one
+            top = len(rank_to_id)
+            tk_special = {s: top + j for j, s in enumerate(self.special)}
+            self._to_id = torch.tensor(list(rank_to_id) + list(self.special.values()))  # tiktoken rank -> id
+            self._to_rank = {i: r for r, i in enumerate(self._to_id.tolist())}
+        ids = list(rank_to_id if rank_to_id is not None else ranks.values()) + list(self.special.values())
+        self.n_vocab = max(ids) + 1
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=tk_special)
+
+    def _ids(self, ranks):
+        return ranks if self.rank_to_id is None else self._to_id[ranks].tolist()
 
     def encode(self, text):
         # special tokens written in the data are plain text: only the template adds a real EOS
-        return self.enc.encode_ordinary(text)
+        return self._ids(self.enc.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text))
+
+    def encode_batch(self, texts):
+        texts = [unicodedata.normalize("NFC", t) for t in texts] if self.nfc else texts
+        return [self._ids(r) for r in self.enc.encode_ordinary_batch(texts)]
+
+    def encode_special(self, text):
+        """Like encode, but the special tokens written in text become their ids (chat templates only)."""
+        text = unicodedata.normalize("NFC", text) if self.nfc else text
+        return self._ids(self.enc.encode(text, allowed_special="all"))
 
     def decode(self, ids):
-        return self.enc.decode([int(i) for i in ids if i != PAD_ID and i != self.eot_id])
+        ids = [int(i) for i in ids if i != PAD_ID and i != self.eot_id]
+        return self.enc.decode(ids if self.rank_to_id is None else [self._to_rank[i] for i in ids])
+
+    def is_default(self):
+        return (self.pattern, self.special, self.eot, self.nfc, self.rank_to_id) == (GPT2_PAT, {EOT: len(self.ranks)}, EOT, False, None)
 
     def save(self, path):
+        """The ranks file; a tokenizer of another layout adds path + '.json' (pattern, specials, EOS, ids)."""
         write_ranks(self.ranks, path)
+        if not self.is_default():
+            with open(str(path) + ".json", "w") as f:
+                json.dump({"pattern": self.pattern, "special": self.special, "eot": self.eot, "nfc": self.nfc,
+                           "rank_to_id": self.rank_to_id}, f)
 
     def save_hf(self, out_dir):
+        """GPT-2's vocab.json + merges.txt, or a tokenizer.json for any other layout."""
+        if not self.is_default():
+            return save_tokenizer_json(self, out_dir)
         b2u = bytes_to_unicode()
         to_str = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
         vocab = {to_str(tok): rank for tok, rank in self.ranks.items()}
@@ -916,6 +959,94 @@ class Tokenizer:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def tokenizer_from_json(path, eot=None):
+    """A Hugging Face tokenizer.json (byte-level BPE: Qwen2/3, Llama 3, GPT-NeoX, SmolLM2) as a
+    Tokenizer: tiktoken ranks from the merges, the pre-tokenizer's regex and the added tokens.
+
+    Ranks follow the merge order, as BPE applies merges; when the vocabulary's ids follow it too
+    (the usual case) ids are ranks, otherwise rank_to_id maps them. EOS: eot, else the
+    eos_token of tokenizer_config.json beside it, else <|endoftext|>."""
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    bpe = tj.get("model") or {}
+    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise ValueError(f"{path}: only byte-level BPE tokenizers are supported (model.type BPE + a ByteLevel pre-tokenizer)")
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (none or NFC)")
+    pattern, stack = None, [tj["pre_tokenizer"]]
+    while stack:
+        pre = stack.pop(0)
+        stack += pre.get("pretokenizers", [])
+        if pre["type"] == "Split" and "Regex" in pre.get("pattern", {}):
+            pattern = pre["pattern"]["Regex"]
+        elif pre["type"] == "ByteLevel" and pre.get("use_regex", True):
+            pattern = pattern or GPT2_PAT
+        if pre["type"] == "ByteLevel" and pre.get("add_prefix_space"):
+            raise ValueError(f"{path}: ByteLevel add_prefix_space is not supported")
+    u2b = {u: b for b, u in bytes_to_unicode().items()}
+
+    def to_bytes(s):
+        try:
+            return bytes(u2b[ch] for ch in s)
+        except KeyError:
+            raise ValueError(f"{path}: token {s!r} is not in the byte-level alphabet") from None
+
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    vocab = {to_bytes(s): i for s, i in bpe["vocab"].items() if s not in added}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in bpe["merges"]]
+    merged = [to_bytes(a) + to_bytes(b) for a, b in merges]
+    missing = [m for m in merged if m not in vocab]
+    if missing:
+        raise ValueError(f"{path}: merge results missing from the vocabulary, e.g. {missing[0]!r}")
+    rank_to_id = None
+    if any(vocab[a] >= vocab[b] for a, b in zip(merged, merged[1:])):  # ids do not follow merge order
+        order = sorted((t for t in vocab if len(t) == 1), key=vocab.get) + list(dict.fromkeys(merged))
+        order += sorted(set(vocab) - set(order), key=vocab.get)  # tokens no merge makes: last
+        ranks = {t: r for r, t in enumerate(order)}
+        rank_to_id = [vocab[t] for t in order]
+    else:
+        ranks = vocab
+    if eot is None:
+        cfg = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        eos = json.load(open(cfg, encoding="utf-8")).get("eos_token") if os.path.exists(cfg) else None
+        eot = (eos.get("content") if isinstance(eos, dict) else eos) or EOT
+    return Tokenizer(ranks, os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf", pattern, added, eot,
+                     normalizer == "NFC", rank_to_id)
+
+
+def save_tokenizer_json(tokenizer, out_dir):
+    """Write tokenizer.json (+ tokenizer_config.json naming EOS) that tokenizer_from_json and
+    transformers both read; merges are recovered from the ranks (rank order = merge order)."""
+    b2u = bytes_to_unicode()
+    to_str = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    to_id = (lambda r: r) if tokenizer.rank_to_id is None else (lambda r: tokenizer.rank_to_id[r])  # noqa: E731
+    vocab = {to_str(tok): to_id(rank) for tok, rank in tokenizer.ranks.items()}
+    merges = []
+    for tok, rank in sorted(tokenizer.ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) > 1:
+            parts = bpe_split(tokenizer.ranks, tok, rank)
+            if len(parts) == 2:  # a token no merge makes has none to write
+                merges.append([to_str(parts[0]), to_str(parts[1])])
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for s, i in tokenizer.special.items()],
+          "normalizer": {"type": "NFC"} if tokenizer.nfc else None,
+          "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+              {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
+              {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+          "post_processor": None,
+          "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": vocab, "merges": merges}}
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eot,
+                   "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}, f, indent=2)
+
+
 def write_ranks(ranks, path):
     """The tiktoken ranks format: base64(token bytes) rank, one per line, sorted by rank."""
     with open(path, "w", encoding="ascii", newline="\n") as f:
@@ -923,8 +1054,9 @@ def write_ranks(ranks, path):
             f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
 
 
-def read_ranks(path):
-    """A tiktoken ranks file, read directly: tiktoken.load caches by path and would return stale ranks."""
+def read_ranks(path, contiguous=True):
+    """A tiktoken ranks file, read directly: tiktoken.load caches by path and would return stale ranks.
+    contiguous: ranks must be 0..n-1 (our files); a Hugging Face vocabulary may leave gaps for its specials."""
     ranks = {}
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -934,17 +1066,22 @@ def read_ranks(path):
                     ranks[base64.b64decode(tok, validate=True)] = int(rank)
                 except ValueError:
                     raise ValueError(f"{path}:{n}: expected 'base64 rank', got {line[:60]!r}") from None
-    if sorted(ranks.values()) != list(range(len(ranks))):
+    if contiguous and sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1}, each once")
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: a rank appears twice")
     return ranks
 
 
 def load_tokenizer(spec):
-    """spec: a tiktoken ranks file, a directory holding tokenizer.tiktoken or GPT-2's vocab.json
-    (+ merges.txt), or a name: 'gpt2' (tiktoken's own; gpt2-medium etc. share it)."""
+    """spec: a tiktoken ranks file (with its .json layout beside it, if any), a directory holding
+    tokenizer.tiktoken, a Hugging Face tokenizer.json or GPT-2's vocab.json (+ merges.txt), or a
+    name: 'gpt2' (tiktoken's own; gpt2-medium etc. share it)."""
     if os.path.isdir(spec):
         if os.path.exists(os.path.join(spec, "tokenizer.tiktoken")):
             return load_tokenizer(os.path.join(spec, "tokenizer.tiktoken"))
+        if os.path.exists(os.path.join(spec, "tokenizer.json")):
+            return tokenizer_from_json(os.path.join(spec, "tokenizer.json"))
         if os.path.exists(os.path.join(spec, "vocab.json")):
             u2b = {u: b for b, u in bytes_to_unicode().items()}
             with open(os.path.join(spec, "vocab.json"), encoding="utf-8") as f:
@@ -953,7 +1090,11 @@ def load_tokenizer(spec):
             if sorted(ranks.values()) != list(range(len(ranks))) or vocab.get(EOT) != len(ranks):
                 raise ValueError(f"{spec}/vocab.json: ids must be 0..n-1 with {EOT} last")
             return Tokenizer(ranks, "gpt2")
-        raise FileNotFoundError(f"{spec} holds neither tokenizer.tiktoken nor vocab.json")
+        raise FileNotFoundError(f"{spec} holds none of tokenizer.tiktoken, tokenizer.json, vocab.json")
+    if os.path.isfile(spec) and os.path.exists(spec + ".json"):
+        with open(spec + ".json") as f:
+            layout = json.load(f)
+        return Tokenizer(read_ranks(spec, contiguous=False), os.path.basename(spec), **layout)
     if os.path.isfile(spec):
         return Tokenizer(read_ranks(spec), os.path.basename(spec))
     if spec in HF_NAMES:
@@ -964,21 +1105,43 @@ def load_tokenizer(spec):
     raise FileNotFoundError(f"tokenizer {spec!r}: not a ranks file, a directory, or one of {sorted(HF_NAMES)}")
 
 
-def chat_prompt(prompt):
-    """The one chat template, HH-RLHF's: 'Human: {prompt}\\n\\nAssistant: {response}<|endoftext|>'."""
-    return f"Human: {prompt}\n\nAssistant:"
+# name: (prompt format, response prefix). hh is the default of every stage, HH-RLHF's
+# 'Human: {prompt}\n\nAssistant: {response}<|endoftext|>'; the family formats are the instruct
+# models' own, written out (no Jinja), for one user turn and no system message
+CHAT_TEMPLATES = {
+    "hh": ("Human: {prompt}\n\nAssistant:", " "),
+    "none": ("{prompt}", ""),
+    "chatml": ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", ""),  # Qwen2, Qwen3
+    "llama3": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n", ""),  # Llama 3 instruct
+}
 
 
-def encode_chat(tokenizer, prompt, response=None):
-    """Token ids of the templated prompt and, if given, of ' ' + response + EOS.
+def chat_prompt(prompt, template="hh"):
+    """The templated prompt, as text: for hh 'Human: {prompt}\n\nAssistant:'."""
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat template {template!r}; valid: {sorted(CHAT_TEMPLATES)}")
+    return CHAT_TEMPLATES[template][0].format(prompt=prompt)
+
+
+def encode_chat(tokenizer, prompt, response=None, template="hh"):
+    """Token ids of the templated prompt and, if given, of prefix + response + EOS.
 
     Prompt and response are encoded separately and concatenated (RLHF_DETAILS.md item 8), so
     the boundary is the same at training and at generation; EOS ends every target (item 5).
+    A template's special tokens (ChatML's <|im_start|>) become their ids; the same text
+    inside the user's prompt stays plain text.
     """
-    p = tokenizer.encode(chat_prompt(prompt))
+    chat_prompt(prompt, template)  # checks the name
+    fmt, prefix = CHAT_TEMPLATES[template]
+    if any(s in fmt for s in tokenizer.special):
+        before, after = fmt.split("{prompt}")
+        p = tokenizer.encode_special(before) + tokenizer.encode(prompt) + tokenizer.encode_special(after)
+    else:
+        p = tokenizer.encode(chat_prompt(prompt, template))
     if response is None:
         return p
-    return p, tokenizer.encode(" " + response) + [tokenizer.eot_id]
+    return p, tokenizer.encode(prefix + response) + [tokenizer.eot_id]
 
 
 def truncate_example(p, r, max_len, min_prompt):
@@ -1092,9 +1255,20 @@ def load_gpt(init, device="cpu", dropout=0.0):
     """(GPT, tokenizer) from one of our checkpoints, a Hugging Face GPT-2 directory or a GPT-2 name."""
     is_hf = any(os.path.exists(os.path.join(init, f)) for f in HF_WEIGHT_FILES)
     if is_hf or init in HF_NAMES:
-        return from_pretrained(init, dropout).to(device), load_tokenizer(init)
+        model, tokenizer = from_pretrained(init, dropout), load_tokenizer(init)
+        if tokenizer.n_vocab < model.config.vocab_size:  # rows padded for speed (Qwen, Pythia): no token, never sampled
+            model = trim_vocab(model, tokenizer.n_vocab)
+        return model.to(device), tokenizer
     model, tokenizer, _ = load_checkpoint(init, device, kind="gpt", dropout=dropout)
     return model, tokenizer
+
+
+def trim_vocab(model, n_vocab):
+    """The model with its embedding and LM head cut to the first n_vocab rows."""
+    trimmed = GPT(dataclasses.replace(model.config, vocab_size=n_vocab))
+    sd = {k: v[:n_vocab] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in model.state_dict().items()}
+    trimmed.load_state_dict(sd)
+    return trimmed
 
 
 def load_train_state(path):
