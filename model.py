@@ -35,7 +35,7 @@ import tomllib
 import typing
 import unicodedata
 import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,6 +80,9 @@ class GPTConfig:
     n_inner: Optional[int] = None  # MLP hidden width; None = 4 * n_embd
     parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-J, Pythia)
     tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2, small Qwen and Llama 3.2)
+    lora_rank: int = 0  # LoRA adapters of this rank on lora_targets, all else frozen (Hu et al. 2021); 0 = none
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # comma-separated Linears of each block
 
     def __post_init__(self):
         choices = {"family": FAMILIES, "norm": ("layernorm", "rmsnorm"), "pos_emb": ("learned", "rope"),
@@ -87,6 +90,9 @@ class GPTConfig:
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"GPTConfig.{key} = {getattr(self, key)!r}; valid: {sorted(valid)}")
+        bad = set(self.lora_targets.split(",")) - set(LORA_TARGETS)
+        if self.lora_rank and bad:
+            raise ValueError(f"GPTConfig.lora_targets: unknown {sorted(bad)}; valid: {', '.join(LORA_TARGETS)}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"GPTConfig: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
 
@@ -144,14 +150,45 @@ def apply_rope(x, cos, sin):
     return out if r == x.size(-1) else torch.cat([out, x[..., r:]], dim=-1)  # (B, H, T, D)
 
 
+class LoRALinear(nn.Linear):
+    """A Linear with a low-rank adapter: y = W x + b + (alpha / r) B A x (Hu et al. 2021, eq. 3).
+
+    W and b keep the Linear's names (checkpoints and exports read them as usual) and are frozen;
+    A (r, in) starts random and B (out, r) at zero, so training starts from the base model.
+    lora_on = False gives the base model back (the PPO/DPO reference, without a second copy)."""
+
+    def __init__(self, n_in, n_out, bias, rank, alpha):
+        super().__init__(n_in, n_out, bias=bias)
+        self.lora_A = nn.Parameter(torch.empty(rank, n_in))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.lora_on = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_on:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale  # (B, T, out) through rank r
+        return y
+
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def make_linear(config, name, n_in, n_out, bias):
+    if config.lora_rank and name in config.lora_targets.split(","):
+        return LoRALinear(n_in, n_out, bias, config.lora_rank, config.lora_alpha)
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.hd
         self.dropout = config.dropout
         qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
-        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.c_attn = make_linear(config, "attn.c_attn", config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, qkv_bias)
+        self.c_proj = make_linear(config, "attn.c_proj", self.n_head * self.head_dim, config.n_embd, config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
@@ -187,8 +224,8 @@ class MLP(nn.Module):
         n_inner = config.n_inner or 4 * config.n_embd
         self.act = config.mlp
         # swiglu: gate and up projections fused in one matmul, [gate; up]
-        self.c_fc = nn.Linear(config.n_embd, (2 if self.act == "swiglu" else 1) * n_inner, bias=config.bias)
-        self.c_proj = nn.Linear(n_inner, config.n_embd, bias=config.bias)
+        self.c_fc = make_linear(config, "mlp.c_fc", config.n_embd, (2 if self.act == "swiglu" else 1) * n_inner, config.bias)
+        self.c_proj = make_linear(config, "mlp.c_proj", n_inner, config.n_embd, config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -253,6 +290,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2L)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.lora_rank:  # only the adapters train
+            for name, p in self.named_parameters():
+                p.requires_grad_(".lora_" in name)
+        self.activation_checkpointing = False  # recompute each block in backward: memory for time
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -304,7 +345,10 @@ class GPT(nn.Module):
             rope = self.rope(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, i, rope)
+            if self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, None, i, rope, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)  # (B, T, C)
@@ -453,6 +497,42 @@ def last_index(mask):
     """Index of the last 1 in each row of mask (B, T), for left or right padding: (B,)."""
     T = mask.size(1)
     return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)
+
+
+def add_lora(model, rank, alpha=16.0, targets=GPTConfig.lora_targets):
+    """The same model (GPT or ScalarModel) with LoRA adapters on targets: base weights shared,
+    frozen; adapters fresh (B = 0, so the outputs are unchanged). A ScalarModel's head still trains."""
+    config = dataclasses.replace(model.config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+    adapted = type(model)(config).to(next(model.parameters()).device)
+    missing, unexpected = adapted.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".lora_" in k for k in missing), (missing, unexpected)
+    return adapted
+
+
+def merge_lora(model):
+    """A plain model (lora_rank 0) whose weights are W + (alpha / r) B A: for export, or to
+    freeze a trained adapter into the base."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[name + ".weight"] = (m.weight + m.scale * m.lora_B @ m.lora_A).detach()
+    merged = type(model)(dataclasses.replace(model.config, lora_rank=0)).to(next(model.parameters()).device)
+    merged.load_state_dict(sd)
+    return merged
+
+
+@contextmanager
+def adapters_off(model):
+    """Inside, every LoRA adapter of model is switched off: the base model, e.g. the PPO/DPO
+    reference policy, computed from the same weights without a second copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.lora_on = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.lora_on = True
 
 
 # --- 4. log-probs of tokens: the one place where logits and tokens are shifted
@@ -837,7 +917,10 @@ def from_pretrained(path_or_name, dropout=0.0):
 
 
 def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
-    """Export to the Hugging Face layout of the model's family (GPT2LMHeadModel for GPT-2)."""
+    """Export to the Hugging Face layout of the model's family (GPT2LMHeadModel for GPT-2);
+    LoRA adapters are merged into the weights first."""
+    if model.config.lora_rank:
+        model = merge_lora(model)
     if model.config.family == "gpt2":
         if dtype is not None or max_shard_bytes is not None:
             raise ValueError("GPT-2 export writes one fp32 model.safetensors")

@@ -246,7 +246,7 @@ def load_ptx(path, tokenizer):
     with open(path, encoding="utf-8") as f:
         docs = [d for d in f.read().split("\n\n") if d.strip()]
     ids = []
-    for toks in tokenizer.enc.encode_ordinary_batch(docs):
+    for toks in tokenizer.encode_batch(docs):
         ids.extend(toks + [tokenizer.eot_id])
     return torch.tensor(ids, dtype=torch.long)
 
