@@ -493,6 +493,14 @@ class ScalarModel(nn.Module):
         return self.reward_gain * values.gather(1, last_index(attention_mask)[:, None]).squeeze(1) + self.reward_bias
 
 
+def scalar_from_gpt(gpt):
+    """A ScalarModel whose trunk is gpt's weights, with a fresh head (the LM head is not part of it)."""
+    model = ScalarModel(gpt.config).to(next(gpt.parameters()).device)
+    trunk = model.backbone.state_dict()
+    model.backbone.load_state_dict({k: v for k, v in gpt.state_dict().items() if k in trunk})
+    return model
+
+
 def last_index(mask):
     """Index of the last 1 in each row of mask (B, T), for left or right padding: (B,)."""
     T = mask.size(1)
@@ -519,6 +527,19 @@ def merge_lora(model):
     merged = type(model)(dataclasses.replace(model.config, lora_rank=0)).to(next(model.parameters()).device)
     merged.load_state_dict(sd)
     return merged
+
+
+def adapt(model, cfg, resumed=False):
+    """A stage's model as its cfg asks (cfg.lora_rank, lora_alpha, lora_targets,
+    activation_checkpointing). A model from an earlier stage gets that stage's adapters merged
+    first (they are part of its result) and fresh ones of its own; a resumed one keeps its own."""
+    if not resumed:
+        if model.config.lora_rank:
+            model = merge_lora(model)
+        if cfg.lora_rank:
+            model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    getattr(model, "backbone", model).activation_checkpointing = cfg.activation_checkpointing
+    return model
 
 
 @contextmanager

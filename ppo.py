@@ -60,6 +60,7 @@ import hashlib
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,10 @@ class Config:
     device: str = "auto"
     dtype: str = "bfloat16"  # autocast on CUDA; frozen models also stored in it there (item 17)
     compile: bool = False
+    lora_rank: int = 0  # LoRA adapters of this rank on the blocks' Linears, all else frozen (model.add_lora); 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
 # --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
@@ -294,7 +299,8 @@ def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro,
         s, m = seq[i:i + micro], full_mask[i:i + micro]
         with ctx:
             outs["logprobs"].append(M.response_logprobs(policy, s, m, P, cfg.temperature))
-            outs["ref_logprobs"].append(M.response_logprobs(ref, s, m, P, cfg.temperature))
+            with M.adapters_off(policy) if ref is None else nullcontext():
+                outs["ref_logprobs"].append(M.response_logprobs(policy if ref is None else ref, s, m, P, cfg.temperature))
             outs["values"].append(value_model(s, m)[:, P - 1:-1].float())  # V(s_t) read at the token before y_t
             outs["scores"].append(rm.score(s, m).float())
     return {k: torch.cat(v) for k, v in outs.items()}
@@ -328,17 +334,18 @@ def train(cfg):
     M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
     # --- models: policy, reference, reward model, value model (dropout off in all, item 2)
     policy, tokenizer = M.load_gpt(cfg.policy, device)
-    ref, _ = M.load_gpt(cfg.policy, device)
+    policy = M.adapt(policy, cfg)
+    ref = None if cfg.lora_rank else M.load_gpt(cfg.policy, device)[0]  # LoRA: the policy, adapters off
     rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
     if rm_tok.ranks != tokenizer.ranks:
         raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
     if cfg.value_init == "reward":
         value_model, _, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
     else:
-        value_model = M.ScalarModel(policy.config).to(device)
-        value_model.backbone.load_state_dict(policy.state_dict())
+        value_model = M.scalar_from_gpt(policy)
         torch.nn.init.zeros_(value_model.head.weight)
-    for frozen in (ref, rm):
+    value_model = M.adapt(value_model, cfg)
+    for frozen in [m for m in (ref, rm) if m is not None]:
         frozen.eval().requires_grad_(False)
         if device.startswith("cuda") and cfg.dtype == "bfloat16":
             frozen.to(torch.bfloat16)  # half the memory; their outputs are cast to fp32
