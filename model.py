@@ -2,20 +2,27 @@
 model.py: everything the stages must agree on, in one file.
 
 Contents
-  1. GPTConfig, GPT         the GPT-2 architecture; left-padded batches; hidden states and logits
+  1. GPTConfig, GPT         one config-driven class: GPT-2, and Llama / Qwen2 / Qwen3 / Pythia as
+                            FAMILIES of GPTConfig values (RMSNorm, RoPE, SwiGLU, grouped-query
+                            attention, QK-norm, parallel residual, untied head); LoRALinear;
+                            left-padded batches; hidden states and logits
   2. KVCache, GPT.generate  batched sampling with a key/value cache, stopping each row at EOS;
                             sample_answers: one answer per chat prompt, in batches
-  3. ScalarModel            GPT trunk + linear head: per-token values, reward at the last real token
+  3. ScalarModel            GPT trunk + linear head: per-token values, reward at the last real token;
+                            LoRA: add_lora, merge_lora, adapters_off, adapt (a stage's cfg)
   4. log-probs              response_logits, logprobs_from_logits, response_logprobs: the one
                             place where logits and tokens are shifted against each other
-  5. Hugging Face GPT-2     GPT.from_pretrained / save_pretrained, safetensors read and written by hand
-  6. Tokenizer              tiktoken BPE (gpt2, or a ranks file we trained) and the chat template
+  5. Hugging Face           GPT.from_pretrained / save_pretrained for GPT2LMHeadModel, and (5b)
+                            LlamaForCausalLM, Qwen2/Qwen3ForCausalLM, GPTNeoXForCausalLM; safetensors
+                            (single or sharded) read and written by hand
+  6. Tokenizer              tiktoken BPE (gpt2, a ranks file we trained, or a Hugging Face
+                            tokenizer.json) and the chat templates (hh, chatml, llama3)
   7. Checkpoints            directories written atomically (temp dir + rename)
   8. Utilities              config parsing (dataclass < toml/json < --key value), device, DDP,
                             autocast, optimizer, metrics log, jsonl and preference reading
 
 Shapes: B batch, T tokens (prompt + response), P prompt, R response, V vocab, C n_embd,
-H heads, D head dim, S keys in the KV cache.
+H heads (Hkv key/value heads), D head dim, S keys in the KV cache.
 
 Padding: PAD_ID = -1 lies outside every vocabulary, so it is never EOS and never a token the
 model can sample (RLHF_DETAILS.md, item 4). Prompts are left-padded for generation, training
@@ -505,6 +512,9 @@ def last_index(mask):
     """Index of the last 1 in each row of mask (B, T), for left or right padding: (B,)."""
     T = mask.size(1)
     return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)
+
+
+# --- 3b. LoRA: low-rank adapters on a frozen model (Hu et al. 2021)
 
 
 def add_lora(model, rank, alpha=16.0, targets=GPTConfig.lora_targets):

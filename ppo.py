@@ -7,7 +7,8 @@ as a token-level RL problem: the state is prompt + response so far, the action t
   1. rollout     sample y ~ pi(.|x) with the KV cache from left-padded prompts (temperature T,
                  no top-k/top-p), at most max_new_tokens, each row stopping at EOS
   2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of
-                 logits / T), values V(s_t), and the reward-model score s at the EOS
+                 logits / T), values V(s_t), and the reward-model score s at the EOS; with LoRA
+                 (lora_rank > 0) pi_ref is the policy with its adapters switched off
   3. score       s = r(x, y), normalised by the RM's gain/bias; an answer without EOS gets the
                  fixed score missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick");
                  eos_trick false scores cut answers as they are (fixed-length continuations: IMDb)

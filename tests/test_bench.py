@@ -30,6 +30,16 @@ def test_bench_numbers(results):
     assert results["n_params"] == 101 * 32 + 2 * 12 * 32 * 32 + 2 * 13 * 32 + 2 * 32  # no wpe, wte counted once
 
 
+def test_bench_llama_matches_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    import bench  # in process: the CLI itself is run above
+    import model as M
+    results = bench.main(M.parse_config(bench.Config, [*TINY, "--family", "llama", "--n_kv_head", "1", "--n_inner", "48",
+                                                        "--threads", "1", "--out", str(tmp_path / "bench.json")]))
+    assert results["greedy_match"] is True and results["gen_ratio"] > 0 and results["train_ratio"] > 0
+    assert results["train_loss_ours"] == pytest.approx(results["train_loss_hf"], rel=1e-5)
+
+
 def test_bench_matches_transformers(results):
     pytest.importorskip("transformers")
     assert results["greedy_match"] is True
