@@ -195,7 +195,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.hd
         self.dropout = config.dropout
         qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
-        self.c_attn = make_linear(config, "attn.c_attn", config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, qkv_bias)
+        n_qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # q, k, v fused: one matmul
+        self.c_attn = make_linear(config, "attn.c_attn", config.n_embd, n_qkv, qkv_bias)
         self.c_proj = make_linear(config, "attn.c_proj", self.n_head * self.head_dim, config.n_embd, config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:
@@ -1045,7 +1046,8 @@ class Tokenizer:
         return self.enc.decode(ids if self.rank_to_id is None else [self._to_rank[i] for i in ids])
 
     def is_default(self):
-        return (self.pattern, self.special, self.eot, self.nfc, self.rank_to_id) == (GPT2_PAT, {EOT: len(self.ranks)}, EOT, False, None)
+        layout = (self.pattern, self.special, self.eot, self.nfc, self.rank_to_id)
+        return layout == (GPT2_PAT, {EOT: len(self.ranks)}, EOT, False, None)
 
     def save(self, path):
         """The ranks file; a tokenizer of another layout adds path + '.json' (pattern, specials, EOS, ids)."""

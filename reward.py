@@ -81,7 +81,7 @@ class Config:
     device: str = "auto"
     dtype: str = "bfloat16"
     compile: bool = False
-    lora_rank: int = 0  # LoRA adapters of this rank on the blocks' Linears, all else frozen (model.add_lora); 0 = full fine-tuning
+    lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
