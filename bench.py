@@ -1,8 +1,9 @@
 """
-bench.py: how fast our GPT samples and trains, against transformers' GPT-2 and the machine's peak.
+bench.py: how fast our GPT samples and trains, against transformers and the machine's peak.
 
 In one run, on the same random weights (seeded init, exported with GPT.save_pretrained and read
-back by transformers' GPT2LMHeadModel.from_pretrained), it measures:
+back by transformers' AutoModelForCausalLM.from_pretrained: GPT2LMHeadModel, or LlamaForCausalLM
+with --family llama), it measures:
   1. generation   greedy sampling with the KV cache: our GPT.generate vs GPT2LMHeadModel.generate,
                   batch_size prompts of prompt_len random tokens, exactly new_tokens steps each (no
                   EOS), tokens/s = batch_size * new_tokens / wall time (prefill included). Checks that
@@ -34,6 +35,8 @@ Rollouts only, with the world's SFT model (see docs/rollout_speed.md for the num
     python bench.py --sections rollout --threads 1 --world_sft out/sft --world_prompts data/world/prompts_val.jsonl
 One GPU:
     python bench.py --dtype bfloat16 --compile true --batch_size 64 --train_batch 16 --train_seq 1024
+A Llama-shaped model (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head), GPT-2 small's size:
+    python bench.py --family llama --n_kv_head 4 --n_inner 2048 --threads 1
 """
 
 import copy
@@ -50,11 +53,11 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from model import GPT, GPTConfig, autocast, configure_optimizer, get_device, parse_config, print_config
+from model import GPT, autocast, configure_optimizer, family_config, get_device, parse_config, print_config
 
 try:
     import transformers
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 except ImportError:  # the benchmark still measures ours alone
     transformers = None
 
@@ -62,6 +65,9 @@ except ImportError:  # the benchmark still measures ours alone
 @dataclass
 class Config:
     # model (random weights; GPT-2 small by default)
+    family: str = "gpt2"  # gpt2 or llama (model.FAMILIES): the architecture, compared with transformers' own
+    n_kv_head: int = 0  # key/value heads; 0 = n_head
+    n_inner: int = 0  # MLP width; 0 = the family's default, 4 * n_embd
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -205,7 +211,7 @@ def load_hf(model, device):
     """transformers' GPT2LMHeadModel with our model's weights, through our export path."""
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        return GPT2LMHeadModel.from_pretrained(d).to(device).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(d).to(device).eval()
 
 
 def report(res, cfg):
@@ -238,8 +244,9 @@ def main(cfg):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    mconf = GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=True)
+    mconf = family_config(cfg.family, vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head or None,
+                          n_inner=cfg.n_inner or None)
     model = GPT(mconf).to(device)
     hf = None
     if transformers is None:
@@ -249,7 +256,7 @@ def main(cfg):
         transformers.logging.disable_progress_bar()
         with tempfile.TemporaryDirectory() as d:  # the same weights, through the export path
             model.save_pretrained(d)
-            hf = GPT2LMHeadModel.from_pretrained(d).to(device)
+            hf = AutoModelForCausalLM.from_pretrained(d).to(device)
         hf.generation_config.eos_token_id = None  # both models take exactly new_tokens steps
         hf.generation_config.pad_token_id = 0
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
@@ -400,8 +407,9 @@ def main(cfg):
     # nanoGPT's estimate_mfu (PaLM, Chowdhery et al. 2022, appendix B): per token, 6 N FLOPs for
     # the weight matmuls forward + backward, N = parameters without the position embedding (wte
     # counted once: it is tied to lm_head, whose matmul it stands for), plus 12 L T C for the
-    # attention scores and weighted sum (causal masking not discounted). T = train_seq.
-    N = model.num_params()
+    # attention scores and weighted sum (causal masking not discounted). T = train_seq. An untied
+    # input embedding is a lookup, not a matmul: it is not counted.
+    N = model.num_params() - (0 if mconf.tie_embeddings else model.transformer.wte.weight.numel())
     flops_per_token = 6 * N + 12 * cfg.n_layer * cfg.train_seq * cfg.n_embd
     res["n_params"] = N
     res["flops_per_token"] = flops_per_token

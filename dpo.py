@@ -104,6 +104,10 @@ class Config:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32; loss math is fp32 anyway
     compile: bool = False  # torch.compile the policy's forward
+    lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
 # --- data
@@ -302,6 +306,7 @@ def train(cfg):
     ref_val = reference_logprobs(ref, val_ex, val_batches, device, ctx, cfg.ipo_average)  # (N_val, 2)
     print(f"reference log-probs of {sum(map(len, batches))} + {len(val_ex)} pairs in {time.time() - t0:.1f}s")
     model = ref if state is None else M.load_checkpoint(ckpt, device)[0]
+    model = M.adapt(model, cfg, resumed=state is not None)  # with LoRA, pi_ref is the base under the adapters
     del ref
     val_prompts = list(dict.fromkeys(p for p, _ in val_groups))[:cfg.n_samples]
 

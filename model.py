@@ -2,24 +2,31 @@
 model.py: everything the stages must agree on, in one file.
 
 Contents
-  1. GPTConfig, GPT         the GPT-2 architecture; left-padded batches; hidden states and logits
+  1. GPTConfig, GPT         one config-driven class: GPT-2, and Llama / Qwen2 / Qwen3 / Pythia as
+                            FAMILIES of GPTConfig values (RMSNorm, RoPE, SwiGLU, grouped-query
+                            attention, QK-norm, parallel residual, untied head); LoRALinear;
+                            left-padded batches; hidden states and logits
   2. KVCache, GPT.generate  batched sampling with a key/value cache, stopping each row at EOS;
                             finished rows leave the batch, a group of answers shares its prompt's
                             prefill, an optional compiled static-shape decode step;
                             sample_next (inverse-CDF draws); sample_answers: one answer per chat
                             prompt, in batches
-  3. ScalarModel            GPT trunk + linear head: per-token values, reward at the last real token
+  3. ScalarModel            GPT trunk + linear head: per-token values, reward at the last real token;
+                            LoRA: add_lora, merge_lora, adapters_off, adapt (a stage's cfg)
   4. log-probs              response_logits, logprobs_from_logits, response_logprobs: the one
                             place where logits and tokens are shifted against each other;
                             kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref)
-  5. Hugging Face GPT-2     GPT.from_pretrained / save_pretrained, safetensors read and written by hand
-  6. Tokenizer              tiktoken BPE (gpt2, or a ranks file we trained) and the chat template
+  5. Hugging Face           GPT.from_pretrained / save_pretrained for GPT2LMHeadModel, and (5b)
+                            LlamaForCausalLM, Qwen2/Qwen3ForCausalLM, GPTNeoXForCausalLM; safetensors
+                            (single or sharded) read and written by hand
+  6. Tokenizer              tiktoken BPE (gpt2, a ranks file we trained, or a Hugging Face
+                            tokenizer.json) and the chat templates (hh, chatml, llama3)
   7. Checkpoints            directories written atomically (temp dir + rename)
   8. Utilities              config parsing (dataclass < toml/json < --key value), device, DDP,
                             autocast, optimizer, metrics log, jsonl and preference reading
 
 Shapes: B batch, T tokens (prompt + response), P prompt, R response, V vocab, C n_embd,
-H heads, D head dim, S keys in the KV cache.
+H heads (Hkv key/value heads), D head dim, S keys in the KV cache.
 
 Padding: PAD_ID = -1 lies outside every vocabulary, so it is never EOS and never a token the
 model can sample (RLHF_DETAILS.md, item 4). Prompts are left-padded for generation, training
@@ -33,15 +40,18 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
 import sys
 import time
 import tomllib
 import typing
+import unicodedata
 import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import tiktoken
 import torch
@@ -63,57 +73,200 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
+    bias: bool = True  # biases in every Linear but lm_head, and in LayerNorm (GPT-2, Pythia)
+    # every field below defaults to GPT-2's choice, so GPT-2 checkpoints saved before they existed
+    # load unchanged; FAMILIES (below) lists the values of Llama, Qwen2, Qwen3 and Pythia
+    family: str = "gpt2"  # gpt2, llama, qwen2, qwen3 or pythia: picks the Hugging Face names on export
+    n_kv_head: Optional[int] = None  # key/value heads; None = n_head; fewer = grouped-query attention
+    head_dim: Optional[int] = None  # None = n_embd // n_head (Qwen3 uses wider heads)
+    qkv_bias: Optional[bool] = None  # biases on q, k, v; None = same as bias (Qwen2: True, bias False)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3)
+    norm: str = "layernorm"  # layernorm or rmsnorm (Zhang & Sennrich 2019)
+    norm_eps: float = 1e-5
+    pos_emb: str = "learned"  # learned (GPT-2) or rope (rotary embeddings, Su et al. 2021)
+    rope_theta: float = 10000.0  # RoPE base
+    rotary_frac: float = 1.0  # fraction of each head's dims that RoPE rotates (Pythia: 0.25)
+    rope_factor: float = 1.0  # Llama 3 RoPE scaling of long wavelengths; 1 = off
+    rope_low_freq_factor: float = 1.0  # Llama 3 scaling: wavelengths above original/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # Llama 3 scaling: wavelengths below original/high are kept
+    rope_original_max_pos: int = 8192  # Llama 3 scaling: the context length trained before scaling
+    mlp: str = "gelu_tanh"  # gelu_tanh (GPT-2's gelu_new), gelu (exact; Pythia) or swiglu (Shazeer 2020)
+    n_inner: Optional[int] = None  # MLP hidden width; None = 4 * n_embd
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-J, Pythia)
+    tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2, small Qwen and Llama 3.2)
+    lora_rank: int = 0  # LoRA adapters of this rank on lora_targets, all else frozen (Hu et al. 2021); 0 = none
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # comma-separated Linears of each block
+
+    def __post_init__(self):
+        choices = {"family": FAMILIES, "norm": ("layernorm", "rmsnorm"), "pos_emb": ("learned", "rope"),
+                   "mlp": ("gelu_tanh", "gelu", "swiglu")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"GPTConfig.{key} = {getattr(self, key)!r}; valid: {sorted(valid)}")
+        bad = set(self.lora_targets.split(",")) - set(LORA_TARGETS)
+        if self.lora_rank and bad:
+            raise ValueError(f"GPTConfig.lora_targets: unknown {sorted(bad)}; valid: {', '.join(LORA_TARGETS)}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hd(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+
+# each family's GPTConfig values (the architecture; sizes come from the checkpoint's config.json)
+FAMILIES = {
+    "gpt2": dict(),
+    "llama": dict(bias=False, norm="rmsnorm", pos_emb="rope", mlp="swiglu", rope_theta=500000.0),
+    "qwen2": dict(bias=False, qkv_bias=True, norm="rmsnorm", pos_emb="rope", mlp="swiglu", rope_theta=1000000.0),
+    "qwen3": dict(bias=False, qk_norm=True, norm="rmsnorm", pos_emb="rope", mlp="swiglu", rope_theta=1000000.0),
+    "pythia": dict(pos_emb="rope", rotary_frac=0.25, mlp="gelu", parallel_residual=True, tie_embeddings=False),
+}
+
+
+def family_config(family, **kw):
+    """GPTConfig of a family with the given sizes, e.g. family_config("qwen3", n_layer=2, ...)."""
+    return GPTConfig(**{**FAMILIES[family], "family": family, **kw})
+
+
+def make_norm(config, dim):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_inv_freq(config, device):
+    """RoPE frequencies theta^(-2i/d) of the rotated dims, (d/2,), with Llama 3's scaling
+    (Meta's llama3 code: long wavelengths divided by rope_factor, a smooth blend in between)."""
+    d = int(config.hd * config.rotary_frac)
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float64) / d)  # (d/2,)
+    if config.rope_factor != 1.0:
+        old, lo, hi = config.rope_original_max_pos, config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+        inv_freq = (1 - smooth) * inv_freq / config.rope_factor + smooth * inv_freq
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first cos.size(-1) dims of each head, in two halves (GPT-NeoX / Hugging Face layout).
+
+    x (B, H, T, D); cos, sin (B, 1, T, Dr). The other D - Dr dims pass through (Pythia rotates 1/4)."""
+    r = cos.size(-1)
+    xr = x[..., :r]
+    x1, x2 = xr.chunk(2, dim=-1)
+    out = xr * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)  # (B, H, T, Dr)
+    return out if r == x.size(-1) else torch.cat([out, x[..., r:]], dim=-1)  # (B, H, T, D)
+
+
+class LoRALinear(nn.Linear):
+    """A Linear with a low-rank adapter: y = W x + b + (alpha / r) B A x (Hu et al. 2021, eq. 3).
+
+    W and b keep the Linear's names (checkpoints and exports read them as usual) and are frozen;
+    A (r, in) starts random and B (out, r) at zero, so training starts from the base model.
+    lora_on = False gives the base model back (the PPO/DPO reference, without a second copy)."""
+
+    def __init__(self, n_in, n_out, bias, rank, alpha):
+        super().__init__(n_in, n_out, bias=bias)
+        self.lora_A = nn.Parameter(torch.empty(rank, n_in))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.lora_on = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_on:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale  # (B, T, out) through rank r
+        return y
+
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def make_linear(config, name, n_in, n_out, bias):
+    if config.lora_rank and name in config.lora_targets.split(","):
+        return LoRALinear(n_in, n_out, bias, config.lora_rank, config.lora_alpha)
+    return nn.Linear(n_in, n_out, bias=bias)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.hd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        n_qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # q, k, v fused: one matmul
+        self.c_attn = make_linear(config, "attn.c_attn", config.n_embd, n_qkv, qkv_bias)
+        self.c_proj = make_linear(config, "attn.c_proj", self.n_head * self.head_dim, config.n_embd, config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0, rope=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, Hkv, D)
+        if hasattr(self, "q_norm"):  # Qwen3: normalise each head before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, H, S, D)
+            k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, D)
         p = self.dropout if self.training else 0.0
+        gqa = Hkv != H  # query head h reads key/value head h // (H / Hkv) (Ainslie et al. 2023)
         if attn_mask is None:  # no padding, no cache: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # (B, T, H * D)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        n_inner = config.n_inner or 4 * config.n_embd
+        self.act = config.mlp
+        # swiglu: gate and up projections fused in one matmul, [gate; up]
+        self.c_fc = make_linear(config, "mlp.c_fc", config.n_embd, (2 if self.act == "swiglu" else 1) * n_inner, config.bias)
+        self.c_proj = make_linear(config, "mlp.c_proj", n_inner, config.n_embd, config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu_new
+        h = self.c_fc(x)
+        if self.act == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:  # GPT-2's gelu_new is the tanh approximation; Pythia's gelu is exact
+            h = F.gelu(h, approximate="tanh" if self.act == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        self.parallel = config.parallel_residual
 
-    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0, rope=None):
+        a = self.attn(self.ln_1(x), attn_mask, kv_cache, layer, rope)
+        if self.parallel:  # GPT-NeoX: attention and MLP both read the block's input
+            return x + a + self.mlp(self.ln_2(x))
+        x = x + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -136,19 +289,26 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        wpe = [("wpe", nn.Embedding(config.block_size, config.n_embd))] if config.pos_emb == "learned" else []
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **dict(wpe),  # learned positions only (GPT-2); RoPE has no weights
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self._inv_freq = {}  # RoPE frequencies per device: recomputed, never cast to bf16 with the weights
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2L)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.lora_rank:  # only the adapters train
+            for name, p in self.named_parameters():
+                p.requires_grad_(".lora_" in name)
+        self.activation_checkpointing = False  # recompute each block in backward: memory for time
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -159,7 +319,17 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+        wpe = self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+        return sum(p.numel() for p in self.parameters()) - wpe
+
+    def rope(self, pos):
+        """(cos, sin) of RoPE at positions pos (B, T): (B, 1, T, Dr) each, fp32."""
+        inv_freq = self._inv_freq.get(pos.device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq[pos.device] = rope_inv_freq(self.config, pos.device)
+        angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, Dr/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (B, 1, T, Dr)
+        return angles.cos(), angles.sin()
 
     def hidden(self, idx, attention_mask=None, kv_cache=None, pos=None, attn_mask=None):
         """Final hidden states (after ln_f), (B, T, C).
@@ -184,10 +354,18 @@ class GPT(nn.Module):
             assert attention_mask.shape == (B, past + T), f"attention_mask {tuple(attention_mask.shape)} != {(B, past + T)}"
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             attn_mask = attention_bias(attention_mask, T)  # (B, 1, T, S)
-        x = self.transformer.wte(idx.clamp(min=0)) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx.clamp(min=0))  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:  # the same position ids rotate q and k: left padding never shifts them
+            rope = self.rope(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, i)
+            if self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, None, i, rope, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)  # (B, T, C)
@@ -358,13 +536,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: (L, B, H, S_max, D). pos = tokens cached.
-
-    H is the number of key/value heads (n_kv_head where the config has one, else n_head)."""
+    """Keys and values of every layer, preallocated: (L, B, Hkv, S_max, D), Hkv = n_kv_head
+    (grouped-query attention caches only the shared heads). pos = tokens cached."""
 
     def __init__(self, config, batch_size, max_len):
-        n_kv_head = getattr(config, "n_kv_head", None) or config.n_head
-        self.shape = (config.n_layer, batch_size, n_kv_head, max_len, config.n_embd // config.n_head)
+        self.shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.hd)
         self.k = self.v = None  # allocated at the first update, in the dtype autocast gives
         self.pos = 0
         self.slot = None  # static shapes (GPT.static_cache): a (1,) tensor, the slot the next key goes to
@@ -380,7 +556,7 @@ class KVCache:
         T = k.size(2)
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, H, S, D)
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, Hkv, S, D)
 
     def advance(self, T):
         if self.slot is None:
@@ -416,6 +592,8 @@ class ScalarModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = GPT(config)
+        if not config.tie_embeddings:
+            del self.backbone.lm_head  # an untied LM head is unused here (and would idle under DDP)
         self.head = nn.Linear(config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))  # Stiennon et al. 2020
         nn.init.zeros_(self.head.bias)
@@ -433,10 +611,70 @@ class ScalarModel(nn.Module):
         return self.reward_gain * values.gather(1, last_index(attention_mask)[:, None]).squeeze(1) + self.reward_bias
 
 
+def scalar_from_gpt(gpt):
+    """A ScalarModel whose trunk is gpt's weights, with a fresh head (the LM head is not part of it)."""
+    model = ScalarModel(gpt.config).to(next(gpt.parameters()).device)
+    trunk = model.backbone.state_dict()
+    model.backbone.load_state_dict({k: v for k, v in gpt.state_dict().items() if k in trunk})
+    return model
+
+
 def last_index(mask):
     """Index of the last 1 in each row of mask (B, T), for left or right padding: (B,)."""
     T = mask.size(1)
     return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)
+
+
+# --- 3b. LoRA: low-rank adapters on a frozen model (Hu et al. 2021)
+
+
+def add_lora(model, rank, alpha=16.0, targets=GPTConfig.lora_targets):
+    """The same model (GPT or ScalarModel) with LoRA adapters on targets: base weights shared,
+    frozen; adapters fresh (B = 0, so the outputs are unchanged). A ScalarModel's head still trains."""
+    config = dataclasses.replace(model.config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+    adapted = type(model)(config).to(next(model.parameters()).device)
+    missing, unexpected = adapted.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".lora_" in k for k in missing), (missing, unexpected)
+    return adapted
+
+
+def merge_lora(model):
+    """A plain model (lora_rank 0) whose weights are W + (alpha / r) B A: for export, or to
+    freeze a trained adapter into the base."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[name + ".weight"] = (m.weight + m.scale * m.lora_B @ m.lora_A).detach()
+    merged = type(model)(dataclasses.replace(model.config, lora_rank=0)).to(next(model.parameters()).device)
+    merged.load_state_dict(sd)
+    return merged
+
+
+def adapt(model, cfg, resumed=False):
+    """A stage's model as its cfg asks (cfg.lora_rank, lora_alpha, lora_targets,
+    activation_checkpointing). A model from an earlier stage gets that stage's adapters merged
+    first (they are part of its result) and fresh ones of its own; a resumed one keeps its own."""
+    if not resumed:
+        if model.config.lora_rank:
+            model = merge_lora(model)
+        if cfg.lora_rank:
+            model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    getattr(model, "backbone", model).activation_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+@contextmanager
+def adapters_off(model):
+    """Inside, every LoRA adapter of model is switched off: the base model, e.g. the PPO/DPO
+    reference policy, computed from the same weights without a second copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.lora_on = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.lora_on = True
 
 
 # --- 4. log-probs of tokens: the one place where logits and tokens are shifted
@@ -613,8 +851,246 @@ def save_hf_gpt2(model, out_dir, tokenizer=None):
         tokenizer.save_hf(out_dir)
 
 
-GPT.from_pretrained = staticmethod(load_hf_gpt2)
-GPT.save_pretrained = save_hf_gpt2
+# --- 5b. Hugging Face Llama, Qwen2, Qwen3 and GPT-NeoX (Pythia) import/export
+
+# our tensor name -> theirs, {i} = layer. A tuple: our one tensor is theirs concatenated on dim 0
+# (q, k, v in c_attn; gate, up in a SwiGLU c_fc), which keeps one matmul where they have several
+_L = "model.layers.{i}."
+HF_LLAMA_KEYS = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.h.{i}.ln_1.weight": _L + "input_layernorm.weight",
+    "transformer.h.{i}.attn.c_attn.weight": tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"),
+    "transformer.h.{i}.attn.c_attn.bias": tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"),
+    "transformer.h.{i}.attn.q_norm.weight": _L + "self_attn.q_norm.weight",
+    "transformer.h.{i}.attn.k_norm.weight": _L + "self_attn.k_norm.weight",
+    "transformer.h.{i}.attn.c_proj.weight": _L + "self_attn.o_proj.weight",
+    "transformer.h.{i}.ln_2.weight": _L + "post_attention_layernorm.weight",
+    "transformer.h.{i}.mlp.c_fc.weight": (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+    "transformer.h.{i}.mlp.c_proj.weight": _L + "mlp.down_proj.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_N = "gpt_neox.layers.{i}."
+HF_NEOX_KEYS = {
+    "transformer.wte.weight": "gpt_neox.embed_in.weight",
+    **{f"transformer.h.{{i}}.{ours}.{w}": f"{_N}{theirs}.{w}" for w in ("weight", "bias") for ours, theirs in [
+        ("ln_1", "input_layernorm"), ("attn.c_attn", "attention.query_key_value"), ("attn.c_proj", "attention.dense"),
+        ("ln_2", "post_attention_layernorm"), ("mlp.c_fc", "mlp.dense_h_to_4h"), ("mlp.c_proj", "mlp.dense_4h_to_h")]},
+    "transformer.ln_f.weight": "gpt_neox.final_layer_norm.weight",
+    "transformer.ln_f.bias": "gpt_neox.final_layer_norm.bias",
+    "lm_head.weight": "embed_out.weight",
+}
+HF_FAMILIES = {  # family: (architecture, model_type, key table)
+    "llama": ("LlamaForCausalLM", "llama", HF_LLAMA_KEYS),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", HF_LLAMA_KEYS),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", HF_LLAMA_KEYS),
+    "pythia": ("GPTNeoXForCausalLM", "gpt_neox", HF_NEOX_KEYS),
+}
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HF_BUFFERS = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")  # not weights: skipped
+
+
+def hf_config_to_ours(hf, where, dropout=0.0):
+    """A Hugging Face config.json (dict) -> GPTConfig; anything we would compute differently is an error.
+
+    Reads both the layout of the published checkpoints (rope_theta, rope_scaling, rotary_pct) and
+    transformers 5's (rope_parameters)."""
+    family = {mt: f for f, (_, mt, _) in HF_FAMILIES.items()}.get(hf.get("model_type"))
+    if family is None:
+        raise ValueError(f"{where}: model_type {hf.get('model_type')!r}; supported: gpt2, "
+                         + ", ".join(mt for _, mt, _ in HF_FAMILIES.values()))
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope type {rope_type!r}; supported: default, llama3")
+    kw = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+              n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], n_inner=hf["intermediate_size"],
+              rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))),
+              dropout=dropout)
+    if rope_type == "llama3":
+        kw.update(rope_factor=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
+                  rope_high_freq_factor=float(rope["high_freq_factor"]),
+                  rope_original_max_pos=rope["original_max_position_embeddings"])
+    want_act = "gelu" if family == "pythia" else "silu"
+    if hf.get("hidden_act", want_act) != want_act:
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r}; {family} uses {want_act!r}")
+    if family == "pythia":
+        kw.update(norm_eps=hf.get("layer_norm_eps", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", False),
+                  rotary_frac=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
+                  parallel_residual=hf.get("use_parallel_residual", True))
+        if not hf.get("attention_bias", True):
+            raise ValueError(f"{where}: attention_bias false is not supported for gpt_neox")
+    else:
+        kw.update(n_kv_head=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
+                  norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window true is not supported")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError(f"{where}: attention_bias / mlp_bias true is not supported for {family}")
+    return family_config(family, **kw)
+
+
+def ours_to_hf_config(c, eos_id=None):
+    """GPTConfig -> a Hugging Face config.json (dict), in the layout both transformers 4 and 5 read."""
+    arch, model_type, _ = HF_FAMILIES[c.family]
+    eos = c.vocab_size - 1 if eos_id is None else eos_id
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_factor != 1.0:
+        rope.update(rope_type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                    high_freq_factor=c.rope_high_freq_factor, original_max_position_embeddings=c.rope_original_max_pos)
+    hf = {"architectures": [arch], "model_type": model_type, "vocab_size": c.vocab_size,
+          "max_position_embeddings": c.block_size, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+          "hidden_size": c.n_embd, "intermediate_size": c.n_inner or 4 * c.n_embd, "rope_theta": c.rope_theta,
+          "tie_word_embeddings": c.tie_embeddings, "bos_token_id": eos, "eos_token_id": eos,
+          "initializer_range": 0.02, "torch_dtype": "float32"}
+    if c.family == "pythia":
+        rope["partial_rotary_factor"] = c.rotary_frac
+        hf.update(hidden_act="gelu", layer_norm_eps=c.norm_eps, rotary_pct=c.rotary_frac, rotary_emb_base=c.rope_theta,
+                  use_parallel_residual=c.parallel_residual, attention_bias=True, rope_parameters=rope)
+    else:
+        hf.update(hidden_act="silu", rms_norm_eps=c.norm_eps, num_key_value_heads=c.kv_heads, head_dim=c.hd,
+                  attention_bias=False, mlp_bias=False, use_sliding_window=False, rope_parameters=rope,
+                  rope_scaling=None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"})
+    return hf
+
+
+def neox_qkv(t, n_head, to_ours):
+    """GPT-NeoX stores q, k, v interleaved per head, (H, 3, D, ...); ours is (3, H, D, ...)."""
+    rest = t.shape[1:]
+    if to_ours:
+        return t.reshape(n_head, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+    return t.reshape(3, n_head, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+
+
+def read_hf_weights(d):
+    """Every tensor of a Hugging Face directory: model.safetensors, the shards listed in
+    model.safetensors.index.json, or pytorch_model.bin."""
+    if os.path.exists(os.path.join(d, "model.safetensors")):
+        return read_safetensors(os.path.join(d, "model.safetensors"))
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for s in shards for k, v in read_safetensors(os.path.join(d, s)).items()}
+    if os.path.exists(os.path.join(d, "pytorch_model.bin")):
+        return torch.load(os.path.join(d, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{d} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def layer_template(key):
+    """'transformer.h.3.attn.c_proj.weight' -> ('transformer.h.{i}.attn.c_proj.weight', 3)."""
+    parts = key.split(".")
+    if parts[:2] == ["transformer", "h"]:
+        return ".".join(parts[:2] + ["{i}"] + parts[3:]), int(parts[2])
+    return key, None
+
+
+def load_hf(d, dropout=0.0):
+    """A GPT from a Hugging Face Llama / Qwen2 / Qwen3 / GPT-NeoX directory (weights in any dtype, read as fp32)."""
+    with open(os.path.join(d, "config.json")) as f:
+        config = hf_config_to_ours(json.load(f), f"{d}/config.json", dropout)
+    keys = HF_FAMILIES[config.family][2]
+    sd = read_hf_weights(d)
+    model = GPT(config)
+    used = set()
+    for key, ours in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_embeddings:
+            continue  # the same tensor as wte
+        template, i = layer_template(key)
+        names = keys[template]
+        names = [n.format(i=i) for n in (names if isinstance(names, tuple) else (names,))]
+        missing = [n for n in names if n not in sd]
+        if missing:
+            raise KeyError(f"{d}: missing tensor(s) {missing}")
+        t = torch.cat([sd[n] for n in names])
+        if config.family == "pythia" and ".attn.c_attn." in key:
+            t = neox_qkv(t, config.n_head, to_ours=True)
+        if t.shape != ours.shape:
+            raise ValueError(f"{d}: {names} has shape {tuple(t.shape)}, expected {tuple(ours.shape)}")
+        with torch.no_grad():
+            ours.copy_(t.float())
+        used.update(names)
+    unexpected = [n for n in sd if n not in used and not n.endswith(HF_BUFFERS)
+                  and not (config.tie_embeddings and n == keys["lm_head.weight"])]
+    if unexpected:
+        raise KeyError(f"{d}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    return model
+
+
+def save_hf(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
+    """Write a Hugging Face directory for the model's family: config.json and model.safetensors,
+    or shards + model.safetensors.index.json when the weights exceed max_shard_bytes. dtype
+    (e.g. torch.bfloat16) casts the weights; the tokenizer is written as tokenizer.json."""
+    c = model.config
+    os.makedirs(out_dir, exist_ok=True)
+    keys = HF_FAMILIES[c.family][2]
+    hf = ours_to_hf_config(c, tokenizer.eot_id if tokenizer is not None else None)
+    out = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and c.tie_embeddings:
+            continue
+        template, i = layer_template(key)
+        names = keys[template]
+        t = t.detach().to(dtype or t.dtype)
+        if c.family == "pythia" and ".attn.c_attn." in key:
+            t = neox_qkv(t, c.n_head, to_ours=False)
+        if isinstance(names, tuple):  # split our fused tensor back into theirs
+            sizes = [c.n_head * c.hd, c.kv_heads * c.hd, c.kv_heads * c.hd] if len(names) == 3 else [t.size(0) // 2] * 2
+            out.update({n.format(i=i): part.contiguous() for n, part in zip(names, t.split(sizes))})
+        else:
+            out[names.format(i=i)] = t.contiguous()
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    shards, size = [{}], 0
+    for name, t in out.items():
+        n = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    if len(shards) == 1:
+        write_safetensors(shards[0], os.path.join(out_dir, "model.safetensors"))
+    else:
+        weight_map = {}
+        for j, shard in enumerate(shards, 1):
+            fname = f"model-{j:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(shard, os.path.join(out_dir, fname))
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in out.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_hf(out_dir)
+
+
+def from_pretrained(path_or_name, dropout=0.0):
+    """A GPT from a Hugging Face directory of any supported family (or a GPT-2 name)."""
+    cfg = os.path.join(path_or_name, "config.json")
+    if os.path.isdir(path_or_name) and os.path.exists(cfg):
+        with open(cfg) as f:
+            model_type = json.load(f).get("model_type", "gpt2")
+        if model_type != "gpt2":
+            return load_hf(path_or_name, dropout)
+    return load_hf_gpt2(path_or_name, dropout)
+
+
+def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
+    """Export to the Hugging Face layout of the model's family (GPT2LMHeadModel for GPT-2);
+    LoRA adapters are merged into the weights first."""
+    if model.config.lora_rank:
+        model = merge_lora(model)
+    if model.config.family == "gpt2":
+        if dtype is not None or max_shard_bytes is not None:
+            raise ValueError("GPT-2 export writes one fp32 model.safetensors")
+        return save_hf_gpt2(model, out_dir, tokenizer)
+    return save_hf(model, out_dir, tokenizer, dtype, max_shard_bytes)
+
+
+GPT.from_pretrained = staticmethod(from_pretrained)
+GPT.save_pretrained = save_pretrained
 
 # --- 6. tokenizer and chat template
 
@@ -650,26 +1126,69 @@ def bpe_split(ranks, token, max_rank):
 
 
 class Tokenizer:
-    """tiktoken byte-level BPE with <|endoftext|> as EOS (id = number of ranks); PAD_ID is -1."""
+    """tiktoken byte-level BPE; PAD_ID is -1.
 
-    def __init__(self, ranks, name="bpe"):
-        self.ranks = ranks
-        self.name = name
-        self.eot_id = len(ranks)
-        self.n_vocab = len(ranks) + 1
-        self.enc = tiktoken.Encoding(name, pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    ranks: token bytes -> merge priority (tiktoken's "mergeable ranks"). special: text -> id of
+    the special tokens; eot: the one that ends every response (EOS). By default (GPT-2 and the
+    ranks files we train) EOS is <|endoftext|> with id = number of ranks, and ids are ranks.
+    A Hugging Face vocabulary may number its tokens in another order than its merges: then
+    rank_to_id (a list) maps tiktoken's output to the vocabulary's ids. nfc: Unicode NFC first
+    (Qwen's normalizer).
+    """
+
+    def __init__(self, ranks, name="bpe", pattern=GPT2_PAT, special=None, eot=EOT, nfc=False, rank_to_id=None):
+        self.ranks, self.name, self.pattern, self.nfc = ranks, name, pattern, nfc
+        self.special = {EOT: len(ranks)} if special is None else dict(special)
+        if eot not in self.special:
+            raise ValueError(f"tokenizer {name}: EOS {eot!r} is not one of its special tokens {sorted(self.special)[:8]}")
+        self.eot, self.eot_id = eot, self.special[eot]
+        self.rank_to_id = rank_to_id
+        tk_special = self.special
+        if rank_to_id is not None:  # specials get tiktoken ranks after every mergeable one
+            top = len(rank_to_id)
+            tk_special = {s: top + j for j, s in enumerate(self.special)}
+            self._to_id = torch.tensor(list(rank_to_id) + list(self.special.values()))  # tiktoken rank -> id
+            self._to_rank = {i: r for r, i in enumerate(self._to_id.tolist())}
+        ids = list(rank_to_id if rank_to_id is not None else ranks.values()) + list(self.special.values())
+        self.n_vocab = max(ids) + 1
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=tk_special)
+
+    def _ids(self, ranks):
+        return ranks if self.rank_to_id is None else self._to_id[ranks].tolist()
 
     def encode(self, text):
         # special tokens written in the data are plain text: only the template adds a real EOS
-        return self.enc.encode_ordinary(text)
+        return self._ids(self.enc.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text))
+
+    def encode_batch(self, texts):
+        texts = [unicodedata.normalize("NFC", t) for t in texts] if self.nfc else texts
+        return [self._ids(r) for r in self.enc.encode_ordinary_batch(texts)]
+
+    def encode_special(self, text):
+        """Like encode, but the special tokens written in text become their ids (chat templates only)."""
+        text = unicodedata.normalize("NFC", text) if self.nfc else text
+        return self._ids(self.enc.encode(text, allowed_special="all"))
 
     def decode(self, ids):
-        return self.enc.decode([int(i) for i in ids if i != PAD_ID and i != self.eot_id])
+        ids = [int(i) for i in ids if i != PAD_ID and i != self.eot_id]
+        return self.enc.decode(ids if self.rank_to_id is None else [self._to_rank[i] for i in ids])
+
+    def is_default(self):
+        layout = (self.pattern, self.special, self.eot, self.nfc, self.rank_to_id)
+        return layout == (GPT2_PAT, {EOT: len(self.ranks)}, EOT, False, None)
 
     def save(self, path):
+        """The ranks file; a tokenizer of another layout adds path + '.json' (pattern, specials, EOS, ids)."""
         write_ranks(self.ranks, path)
+        if not self.is_default():
+            with open(str(path) + ".json", "w") as f:
+                json.dump({"pattern": self.pattern, "special": self.special, "eot": self.eot, "nfc": self.nfc,
+                           "rank_to_id": self.rank_to_id}, f)
 
     def save_hf(self, out_dir):
+        """GPT-2's vocab.json + merges.txt, or a tokenizer.json for any other layout."""
+        if not self.is_default():
+            return save_tokenizer_json(self, out_dir)
         b2u = bytes_to_unicode()
         to_str = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
         vocab = {to_str(tok): rank for tok, rank in self.ranks.items()}
@@ -685,6 +1204,98 @@ class Tokenizer:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def tokenizer_from_json(path, eot=None):
+    """A Hugging Face tokenizer.json (byte-level BPE: Qwen2/3, Llama 3, GPT-NeoX, SmolLM2) as a
+    Tokenizer: tiktoken ranks from the merges, the pre-tokenizer's regex and the added tokens.
+
+    Ranks follow the merge order, as BPE applies merges; when the vocabulary's ids follow it too
+    (the usual case) ids are ranks, otherwise rank_to_id maps them. EOS: eot, else the
+    eos_token of tokenizer_config.json beside it, else <|endoftext|>."""
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    bpe = tj.get("model") or {}
+    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise ValueError(f"{path}: only byte-level BPE tokenizers are supported (model.type BPE + a ByteLevel pre-tokenizer)")
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (none or NFC)")
+    pattern, stack = None, [tj["pre_tokenizer"]]
+    while stack:
+        pre = stack.pop(0)
+        stack += pre.get("pretokenizers", [])
+        if pre["type"] == "Split" and "Regex" in pre.get("pattern", {}):
+            pattern = pre["pattern"]["Regex"]
+        elif pre["type"] == "ByteLevel" and pre.get("use_regex", True):
+            pattern = pattern or GPT2_PAT
+        if pre["type"] == "ByteLevel" and pre.get("add_prefix_space"):
+            raise ValueError(f"{path}: ByteLevel add_prefix_space is not supported")
+    u2b = {u: b for b, u in bytes_to_unicode().items()}
+
+    def to_bytes(s):
+        try:
+            return bytes(u2b[ch] for ch in s)
+        except KeyError:
+            raise ValueError(f"{path}: token {s!r} is not in the byte-level alphabet") from None
+
+    # added tokens become tiktoken specials (never produced from text: data stays text), except
+    # non-special ones that BPE can make itself (GPT-NeoX's runs of spaces), which stay ordinary
+    # tokens; transformers would match those in the text before BPE, we let the merges decide
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])
+             if t.get("special", True) or t["content"] not in bpe["vocab"]}
+    vocab = {to_bytes(s): i for s, i in bpe["vocab"].items() if s not in added}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in bpe["merges"]]
+    merged = [to_bytes(a) + to_bytes(b) for a, b in merges]
+    missing = [m for m in merged if m not in vocab]
+    if missing:
+        raise ValueError(f"{path}: merge results missing from the vocabulary, e.g. {missing[0]!r}")
+    rank_to_id = None
+    if any(vocab[a] >= vocab[b] for a, b in zip(merged, merged[1:])):  # ids do not follow merge order
+        order = sorted((t for t in vocab if len(t) == 1), key=vocab.get) + list(dict.fromkeys(merged))
+        order += sorted(set(vocab) - set(order), key=vocab.get)  # tokens no merge makes: last
+        ranks = {t: r for r, t in enumerate(order)}
+        rank_to_id = [vocab[t] for t in order]
+    else:
+        ranks = vocab
+    if eot is None:
+        cfg = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        eos = json.load(open(cfg, encoding="utf-8")).get("eos_token") if os.path.exists(cfg) else None
+        eot = (eos.get("content") if isinstance(eos, dict) else eos) or EOT
+    return Tokenizer(ranks, os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf", pattern, added, eot,
+                     normalizer == "NFC", rank_to_id)
+
+
+def save_tokenizer_json(tokenizer, out_dir):
+    """Write tokenizer.json (+ tokenizer_config.json naming EOS) that tokenizer_from_json and
+    transformers both read; merges are recovered from the ranks (rank order = merge order)."""
+    b2u = bytes_to_unicode()
+    to_str = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    to_id = (lambda r: r) if tokenizer.rank_to_id is None else (lambda r: tokenizer.rank_to_id[r])  # noqa: E731
+    vocab = {to_str(tok): to_id(rank) for tok, rank in tokenizer.ranks.items()}
+    merges = []
+    for tok, rank in sorted(tokenizer.ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) > 1:
+            parts = bpe_split(tokenizer.ranks, tok, rank)
+            if len(parts) == 2:  # a token no merge makes has none to write
+                merges.append([to_str(parts[0]), to_str(parts[1])])
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for s, i in tokenizer.special.items()],
+          "normalizer": {"type": "NFC"} if tokenizer.nfc else None,
+          "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+              {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
+              {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+          "post_processor": None,
+          "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": vocab, "merges": merges}}
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eot,
+                   "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}, f, indent=2)
+
+
 def write_ranks(ranks, path):
     """The tiktoken ranks format: base64(token bytes) rank, one per line, sorted by rank."""
     with open(path, "w", encoding="ascii", newline="\n") as f:
@@ -692,8 +1303,9 @@ def write_ranks(ranks, path):
             f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
 
 
-def read_ranks(path):
-    """A tiktoken ranks file, read directly: tiktoken.load caches by path and would return stale ranks."""
+def read_ranks(path, contiguous=True):
+    """A tiktoken ranks file, read directly: tiktoken.load caches by path and would return stale ranks.
+    contiguous: ranks must be 0..n-1 (our files); a Hugging Face vocabulary may leave gaps for its specials."""
     ranks = {}
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -703,17 +1315,22 @@ def read_ranks(path):
                     ranks[base64.b64decode(tok, validate=True)] = int(rank)
                 except ValueError:
                     raise ValueError(f"{path}:{n}: expected 'base64 rank', got {line[:60]!r}") from None
-    if sorted(ranks.values()) != list(range(len(ranks))):
+    if contiguous and sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1}, each once")
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: a rank appears twice")
     return ranks
 
 
 def load_tokenizer(spec):
-    """spec: a tiktoken ranks file, a directory holding tokenizer.tiktoken or GPT-2's vocab.json
-    (+ merges.txt), or a name: 'gpt2' (tiktoken's own; gpt2-medium etc. share it)."""
+    """spec: a tiktoken ranks file (with its .json layout beside it, if any), a directory holding
+    tokenizer.tiktoken, a Hugging Face tokenizer.json or GPT-2's vocab.json (+ merges.txt), or a
+    name: 'gpt2' (tiktoken's own; gpt2-medium etc. share it)."""
     if os.path.isdir(spec):
         if os.path.exists(os.path.join(spec, "tokenizer.tiktoken")):
             return load_tokenizer(os.path.join(spec, "tokenizer.tiktoken"))
+        if os.path.exists(os.path.join(spec, "tokenizer.json")):
+            return tokenizer_from_json(os.path.join(spec, "tokenizer.json"))
         if os.path.exists(os.path.join(spec, "vocab.json")):
             u2b = {u: b for b, u in bytes_to_unicode().items()}
             with open(os.path.join(spec, "vocab.json"), encoding="utf-8") as f:
@@ -722,7 +1339,11 @@ def load_tokenizer(spec):
             if sorted(ranks.values()) != list(range(len(ranks))) or vocab.get(EOT) != len(ranks):
                 raise ValueError(f"{spec}/vocab.json: ids must be 0..n-1 with {EOT} last")
             return Tokenizer(ranks, "gpt2")
-        raise FileNotFoundError(f"{spec} holds neither tokenizer.tiktoken nor vocab.json")
+        raise FileNotFoundError(f"{spec} holds none of tokenizer.tiktoken, tokenizer.json, vocab.json")
+    if os.path.isfile(spec) and os.path.exists(spec + ".json"):
+        with open(spec + ".json") as f:
+            layout = json.load(f)
+        return Tokenizer(read_ranks(spec, contiguous=False), os.path.basename(spec), **layout)
     if os.path.isfile(spec):
         return Tokenizer(read_ranks(spec), os.path.basename(spec))
     if spec in HF_NAMES:
@@ -733,21 +1354,46 @@ def load_tokenizer(spec):
     raise FileNotFoundError(f"tokenizer {spec!r}: not a ranks file, a directory, or one of {sorted(HF_NAMES)}")
 
 
-def chat_prompt(prompt):
-    """The one chat template, HH-RLHF's: 'Human: {prompt}\\n\\nAssistant: {response}<|endoftext|>'."""
-    return f"Human: {prompt}\n\nAssistant:"
+# name: (prompt format, response prefix). hh is the default of every stage, HH-RLHF's
+# 'Human: {prompt}\n\nAssistant: {response}<|endoftext|>'; the family formats are the instruct
+# models' own, written out (no Jinja), for one user turn and no system message
+CHAT_TEMPLATES = {
+    "hh": ("Human: {prompt}\n\nAssistant:", " "),
+    "none": ("{prompt}", ""),
+    "chatml": ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", ""),  # Qwen2, Qwen3
+    "llama3": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n", ""),  # Llama 3 instruct
+}
 
 
-def encode_chat(tokenizer, prompt, response=None):
-    """Token ids of the templated prompt and, if given, of ' ' + response + EOS.
+def chat_prompt(prompt, template="hh"):
+    """The templated prompt, as text: for hh 'Human: {prompt}\n\nAssistant:'."""
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat template {template!r}; valid: {sorted(CHAT_TEMPLATES)}")
+    return CHAT_TEMPLATES[template][0].format(prompt=prompt)
+
+
+def encode_chat(tokenizer, prompt, response=None, template="hh"):
+    """Token ids of the templated prompt and, if given, of prefix + response + EOS.
 
     Prompt and response are encoded separately and concatenated (RLHF_DETAILS.md item 8), so
     the boundary is the same at training and at generation; EOS ends every target (item 5).
+    A template's special tokens (ChatML's <|im_start|>) become their ids; the same text
+    inside the user's prompt stays plain text.
     """
-    p = tokenizer.encode(chat_prompt(prompt))
+    chat_prompt(prompt, template)  # checks the name
+    fmt, prefix = CHAT_TEMPLATES[template]
+    missing = [t for t in re.findall(r"<\|[a-z_]+\|>", fmt) if t not in tokenizer.special]
+    if missing:
+        raise ValueError(f"chat template {template!r} needs special tokens {missing} that tokenizer {tokenizer.name} lacks")
+    if any(s in fmt for s in tokenizer.special):
+        before, after = fmt.split("{prompt}")
+        p = tokenizer.encode_special(before) + tokenizer.encode(prompt) + tokenizer.encode_special(after)
+    else:
+        p = tokenizer.encode(chat_prompt(prompt, template))
     if response is None:
         return p
-    return p, tokenizer.encode(" " + response) + [tokenizer.eot_id]
+    return p, tokenizer.encode(prefix + response) + [tokenizer.eot_id]
 
 
 def reencode(tokenizer, ids):
@@ -862,10 +1508,13 @@ def load_checkpoint(path, device="cpu", kind=None, dropout=0.0):
     model = ScalarModel(config) if kind == "scalar" else GPT(config)
     if kind == info["kind"]:
         model.load_state_dict(sd)
-    elif kind == "scalar":
-        model.backbone.load_state_dict(sd)  # head keeps its fresh init
+    elif kind == "scalar":  # head keeps its fresh init; an untied LM head is dropped
+        model.backbone.load_state_dict({k: v for k, v in sd.items() if k in model.backbone.state_dict()})
     else:
-        model.load_state_dict({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})
+        trunk = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        missing, unexpected = model.load_state_dict(trunk, strict=False)
+        if unexpected or missing not in ([], ["lm_head.weight"]):  # an untied LM head stays fresh
+            raise KeyError(f"{d}: trunk does not match the model: missing {missing}, unexpected {unexpected}")
     tokenizer = load_tokenizer(os.path.join(d, "tokenizer.tiktoken"))
     if tokenizer.n_vocab != config.vocab_size:
         raise ValueError(f"{d}: tokenizer has {tokenizer.n_vocab} ids but the model {config.vocab_size}")
@@ -875,11 +1524,22 @@ def load_checkpoint(path, device="cpu", kind=None, dropout=0.0):
 
 def load_gpt(init, device="cpu", dropout=0.0):
     """(GPT, tokenizer) from one of our checkpoints, a Hugging Face GPT-2 directory or a GPT-2 name."""
-    is_hf = os.path.exists(os.path.join(init, "model.safetensors")) or os.path.exists(os.path.join(init, "pytorch_model.bin"))
+    is_hf = any(os.path.exists(os.path.join(init, f)) for f in HF_WEIGHT_FILES)
     if is_hf or init in HF_NAMES:
-        return load_hf_gpt2(init, dropout).to(device), load_tokenizer(init)
+        model, tokenizer = from_pretrained(init, dropout), load_tokenizer(init)
+        if tokenizer.n_vocab < model.config.vocab_size:  # rows padded for speed (Qwen, Pythia): no token, never sampled
+            model = trim_vocab(model, tokenizer.n_vocab)
+        return model.to(device), tokenizer
     model, tokenizer, _ = load_checkpoint(init, device, kind="gpt", dropout=dropout)
     return model, tokenizer
+
+
+def trim_vocab(model, n_vocab):
+    """The model with its embedding and LM head cut to the first n_vocab rows."""
+    trimmed = GPT(dataclasses.replace(model.config, vocab_size=n_vocab))
+    sd = {k: v[:n_vocab] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in model.state_dict().items()}
+    trimmed.load_state_dict(sd)
+    return trimmed
 
 
 def load_train_state(path):

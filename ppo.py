@@ -7,7 +7,8 @@ as a token-level RL problem: the state is prompt + response so far, the action t
   1. rollout     sample y ~ pi(.|x) with the KV cache from left-padded prompts (temperature T,
                  no top-k/top-p), at most max_new_tokens, each row stopping at EOS
   2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of
-                 logits / T), values V(s_t), and the reward-model score s at the EOS
+                 logits / T), values V(s_t), and the reward-model score s at the EOS; with LoRA
+                 (lora_rank > 0) pi_ref is the policy with its adapters switched off
   3. score       s = r(x, y), normalised by the RM's gain/bias; an answer without EOS gets the
                  fixed score missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick");
                  eos_trick false scores cut answers as they are (fixed-length continuations: IMDb)
@@ -87,6 +88,7 @@ import hashlib
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +152,10 @@ class Config:
     device: str = "auto"
     dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
     compile: bool = False
+    lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
 # --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
@@ -299,8 +305,7 @@ def init_value_model(value_init, policy, reward_model, device):
     N+); "policy": the SFT trunk with a zero head, every first value 0 (lm-human-preferences)."""
     if value_init == "reward":
         return fold_reward_normalisation(M.load_checkpoint(reward_model, device, kind="scalar")[0])
-    value_model = M.ScalarModel(policy.config).to(device)
-    value_model.backbone.load_state_dict(policy.state_dict())
+    value_model = M.scalar_from_gpt(policy)
     torch.nn.init.zeros_(value_model.head.weight)  # the bias is 0 already
     return value_model
 
@@ -321,7 +326,7 @@ def load_ptx(path, tokenizer):
     with open(path, encoding="utf-8") as f:
         docs = [d for d in f.read().split("\n\n") if d.strip()]
     ids = []
-    for toks in tokenizer.enc.encode_ordinary_batch(docs):
+    for toks in tokenizer.encode_batch(docs):
         ids.extend(toks + [tokenizer.eot_id])
     return torch.tensor(ids, dtype=torch.long)
 
@@ -371,7 +376,8 @@ def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro,
         s, m, r = seq[i:i + micro], full_mask[i:i + micro], rm_ids[i:i + micro]
         with ctx:
             outs["logprobs"].append(M.response_logprobs(policy, s, m, P, cfg.temperature))
-            outs["ref_logprobs"].append(M.response_logprobs(ref, s, m, P, cfg.temperature))
+            with M.adapters_off(policy) if ref is None else nullcontext():
+                outs["ref_logprobs"].append(M.response_logprobs(policy if ref is None else ref, s, m, P, cfg.temperature))
             outs["values"].append(value_model(s, m)[:, P - 1:-1].float())  # V(s_t) read at the token before y_t
             outs["scores"].append(rm.score(r, r != M.PAD_ID).float())
     return {k: torch.cat(v) for k, v in outs.items()}
@@ -405,12 +411,13 @@ def train(cfg):
     M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
     # --- models: policy, reference, reward model, value model (dropout off in all, item 2)
     policy, tokenizer = M.load_gpt(cfg.policy, device)
-    ref, _ = M.load_gpt(cfg.policy, device)
+    policy = M.adapt(policy, cfg)
+    ref = None if cfg.lora_rank else M.load_gpt(cfg.policy, device)[0]  # LoRA: the policy, adapters off
     rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
     if rm_tok.ranks != tokenizer.ranks:
         raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
-    value_model = init_value_model(cfg.value_init, policy, cfg.reward_model, device)
-    for frozen in (ref, rm):
+    value_model = M.adapt(init_value_model(cfg.value_init, policy, cfg.reward_model, device), cfg)
+    for frozen in [m for m in (ref, rm) if m is not None]:
         frozen.eval().requires_grad_(False)
     ctx = M.autocast(device, cfg.dtype)
     if isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
@@ -449,7 +456,7 @@ def train(cfg):
               f"{cfg.update_epochs} epochs = {cfg.update_epochs * cfg.num_minibatches} optimizer steps per rollout; "
               f"{iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens)")
     fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
-    fwd_ref = torch.compile(ref) if cfg.compile else ref  # the same path as the policy's: step-0 KL is 0
+    fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0
     gen, ptx_gen = torch.Generator(device=device), torch.Generator(device=device)
     stat_keys = ["approx_kl", "clipfrac", "vf_clipfrac", "ratio", "pg_loss", "vf_loss", "entropy"] + ["ptx_loss"] * (ptx is not None)
     t0, start = time.time(), it

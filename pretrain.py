@@ -108,7 +108,7 @@ def build_token_files(cfg, tokenizer):
     meta = {"key": key, "dtype": np.dtype(dtype).name, "docs": len(docs)}
     for split, part in (("train", docs[:len(docs) - n_val]), ("val", docs[len(docs) - n_val:] or docs[-1:])):
         ids = []
-        for toks in tokenizer.enc.encode_ordinary_batch(part):
+        for toks in tokenizer.encode_batch(part):
             ids.extend(toks)
             ids.append(tokenizer.eot_id)
         if len(ids) <= cfg.block_size:

@@ -81,6 +81,10 @@ class Config:
     device: str = "auto"
     dtype: str = "bfloat16"
     compile: bool = False
+    lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
 # --- data
@@ -229,9 +233,9 @@ def train(cfg):
         print(f"resuming from {ckpt} at step {state['step']}")
     else:
         policy, tokenizer = M.load_gpt(cfg.init, device)
-        model = M.ScalarModel(policy.config).to(device)  # fresh head: N(0, 1/sqrt(n_embd + 1)), bias 0
-        model.backbone.load_state_dict(policy.state_dict())
+        model = M.scalar_from_gpt(policy)  # fresh head: N(0, 1/sqrt(n_embd + 1)), bias 0
         del policy
+    model = M.adapt(model, cfg, resumed=state is not None)
     read = read_labels if cfg.objective == "classify" else M.read_preferences
     raw_train, train_read = read(cfg.data)
     raw_val, val_read = read(cfg.val_data)

@@ -70,6 +70,10 @@ class Config:
     device: str = "auto"
     dtype: str = "bfloat16"
     compile: bool = False
+    lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
 # --- data
@@ -169,6 +173,7 @@ def train(cfg):
         print(f"resuming from {ckpt} at step {state['step']}")
     else:
         model, tokenizer = M.load_gpt(cfg.init, device, cfg.dropout)
+    model = M.adapt(model, cfg, resumed=state is not None)
     if cfg.max_len > model.config.block_size:
         raise M.ConfigError(f"max_len {cfg.max_len} > the model's block_size {model.config.block_size}")
     train_ex, stats = tokenize_pairs(read_pairs(cfg.data), tokenizer, cfg.max_len, cfg.min_prompt)

@@ -41,6 +41,16 @@ def test_bench_numbers(results):
         assert len(r["ours_tokens"]) == 1 and r["ours_tokens"][0] == round(r["ours_len"] * 4)  # 2 prompts x 2 answers
 
 
+def test_bench_llama_matches_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    import bench  # in process: the CLI itself is run above
+    import model as M
+    results = bench.main(M.parse_config(bench.Config, [*TINY, "--family", "llama", "--n_kv_head", "1", "--n_inner", "48",
+                                                        "--threads", "1", "--out", str(tmp_path / "bench.json")]))
+    assert results["greedy_match"] is True and results["gen_ratio"] > 0 and results["train_ratio"] > 0
+    assert results["train_loss_ours"] == pytest.approx(results["train_loss_hf"], rel=1e-5)
+
+
 def test_bench_matches_transformers(results):
     pytest.importorskip("transformers")
     assert results["greedy_match"] is True

@@ -208,13 +208,8 @@ def test_kv_cache_compaction_keeps_rows():
     kk, vv = cache.update(0, torch.ones(2, 4, 1, 8), torch.ones(2, 4, 1, 8))  # the next step's keys go after
     assert kk.shape == (2, 4, 4, 8) and torch.equal(kk[:, :, :3], k[[1, 3]]) and (kk[:, :, 3] == 1).all()
 
-    @dataclass
-    class GQAConfig:  # a config with fewer key/value heads than query heads (grouped-query attention)
-        n_layer: int = 2
-        n_head: int = 4
-        n_kv_head: Optional[int] = 2
-        n_embd: int = 32
-    assert M.KVCache(GQAConfig(), 3, 5).shape == (2, 3, 2, 5, 8)
+    gqa = M.GPTConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32)  # fewer key/value heads than query heads
+    assert M.KVCache(gqa, 3, 5).shape == (2, 3, 2, 5, 8)
 
 
 def test_top_k_and_top_p():
