@@ -18,7 +18,7 @@ below), the sentiment reward of Ziegler et al. 2019 (section 4.1) and of the DPO
 controlled-sentiment task (Rafailov et al. 2023, section 6.1); accuracy is then the
 classifier's accuracy.
 
-Details (RLHF_DETAILS.md): r is the scalar head read at the last real token, the EOS that ends
+Details (docs/implementation_details.md): r is the scalar head read at the last real token, the EOS that ends
 every answer (items 5, 6); initialised from the SFT model, head N(0, 1/sqrt(n_embd + 1)), bias 0;
 one epoch, learning rate annealed linearly to 0 (item 11: it over-fits fast); dropout off (item 2).
 After training the score is normalised so the policy's own samples (the answers of the training
@@ -58,10 +58,13 @@ import model as M
 @dataclass
 class Config:
     objective: str = "preference"  # "preference": rankings, pairs or HH transcripts; "classify": labelled answers
-    data: str = "data/world/prefs_rankings_train.jsonl"  # rankings, pairs or HH transcripts (or labelled answers)
-    val_data: str = "data/world/prefs_rankings_val.jsonl"
-    init: str = "out/sft"  # the SFT checkpoint (or a GPT-2 dir/name)
-    out_dir: str = "out/reward"
+    data: str = ""  # (required) rankings, pairs or HH transcripts (or labelled answers)
+    val_data: str = ""  # (required) held-out rows of the same kind, for the val_ metrics
+    init: str = ""  # (required) the SFT checkpoint (or a GPT-2 dir/name)
+    out_dir: str = "out/reward"  # checkpoint (ckpt/), config.json, metrics.jsonl, data_stats.json
+    template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the init checkpoint's, else hh
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     max_len: int = 128
     min_prompt: int = 16
     batch_size: int = 8  # rankings (or pairs) per micro-batch
@@ -81,6 +84,10 @@ class Config:
     device: str = "auto"
     dtype: str = "bfloat16"
     compile: bool = False
+
+
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "eval_interval", "ckpt_interval", "device"}
 
 
 # --- data
@@ -104,18 +111,17 @@ def read_labels(path):
     return groups, stats
 
 
-def encode_groups(groups, tokenizer, max_len, min_prompt):
+def encode_groups(groups, tokenizer, max_len, min_prompt, template="hh"):
     """Each (prompt, [answers best..worst]) -> list of token rows prompt + answer + EOS (None, the
     constant 0 of a labelled answer, stays None)."""
     out, stats = [], {"groups": len(groups), "prompt_truncated": 0, "response_truncated": 0}
     for prompt, answers in groups:
-        p = M.encode_chat(tokenizer, prompt)
         rows = []
         for a in answers:
             if a is None:
                 rows.append(None)
                 continue
-            pp, r, cut_p, cut_r = M.truncate_example(p, tokenizer.encode(" " + a) + [tokenizer.eot_id], max_len, min_prompt)
+            pp, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, a, template), max_len, min_prompt)
             stats["prompt_truncated"] += cut_p
             stats["response_truncated"] += cut_r
             rows.append(pp + r)
@@ -217,18 +223,22 @@ def fit_normalisation(model, groups, cfg, device, ctx):
 
 
 def train(cfg):
-    rank, world, device = M.ddp_setup(cfg.device)
-    master = rank == 0  # only rank 0 writes files and logs
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    M.require(cfg, "data", "val_data", "init")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
     if cfg.objective not in ("preference", "classify"):
         raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
-    state = M.load_train_state(ckpt)
+    cfg.template = M.resolve_template(cfg.template, cfg.init)
+    if cfg.max_len > M.block_size_of(cfg.init):
+        raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
+    torch.manual_seed(cfg.seed)
+    ckpt, state = run.ckpt, run.state
     if state is not None:
         model, tokenizer, _ = M.load_checkpoint(ckpt, device, kind="scalar")
-        print(f"resuming from {ckpt} at step {state['step']}")
     else:
         policy, tokenizer = M.load_gpt(cfg.init, device)
         model = M.ScalarModel(policy.config).to(device)  # fresh head: N(0, 1/sqrt(n_embd + 1)), bias 0
@@ -237,10 +247,9 @@ def train(cfg):
     read = read_labels if cfg.objective == "classify" else M.read_preferences
     raw_train, train_read = read(cfg.data)
     raw_val, val_read = read(cfg.val_data)
-    train_g, train_stats = encode_groups(raw_train, tokenizer, cfg.max_len, cfg.min_prompt)
-    val_g, val_stats = encode_groups(raw_val, tokenizer, cfg.max_len, cfg.min_prompt)
+    train_g, train_stats = encode_groups(raw_train, tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
+    val_g, val_stats = encode_groups(raw_val, tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
     if master:
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_g) / per_step))
@@ -256,8 +265,6 @@ def train(cfg):
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         step = state["step"]
-        if master:
-            M.truncate_metrics(cfg.out_dir, step)
     ctx = M.autocast(device, cfg.dtype)
     ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -313,7 +320,7 @@ def train(cfg):
             print(f"reward normalisation: gain {gain:.4f} bias {bias:.4f}")
         if master and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
-                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)
     return model

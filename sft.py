@@ -4,7 +4,7 @@ sft.py: supervised fine-tuning on prompt/response pairs (step 1 of InstructGPT, 
 Objective: minimise -(1/N) sum over response tokens of log pi(y_t | x, y_<t), where each example is
 the chat template "Human: {prompt}\\n\\nAssistant: {response}<|endoftext|>" and N counts the
 response tokens of the whole optimizer step. The prompt tokens are context only; the final EOS
-is a target (RLHF_DETAILS.md item 5), so the model learns to stop. Prompt and response are
+is a target (docs/implementation_details.md, item 5), so the model learns to stop. Prompt and response are
 tokenized separately and concatenated (item 8). Rows are right-padded with PAD_ID, which is never
 a target.
 
@@ -45,10 +45,13 @@ import model as M
 
 @dataclass
 class Config:
-    data: str = "data/world/sft_train.jsonl"  # {"prompt", "response"} or Alpaca rows
-    val_data: str = "data/world/sft_val.jsonl"  # held-out pairs for the eval loss and samples
-    init: str = "out/pretrain"  # a checkpoint of ours, or a GPT-2 dir/name
-    out_dir: str = "out/sft"
+    data: str = ""  # (required) JSONL of {"prompt", "response"} or Alpaca rows
+    val_data: str = ""  # (required) held-out pairs for the eval loss and samples
+    init: str = ""  # (required) a checkpoint of ours, or a GPT-2 dir/name
+    out_dir: str = "out/sft"  # checkpoint (ckpt/), config.json, metrics.jsonl, data_stats.json
+    template: str = "auto"  # chat template, a key of model.CHAT_TEMPLATES ("hh": Human/Assistant; "none": raw continuation); auto = init's, else hh
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     max_len: int = 128  # prompt + response tokens per row
     min_prompt: int = 16  # prompt tokens always kept when truncating
     batch_size: int = 32
@@ -72,6 +75,10 @@ class Config:
     compile: bool = False
 
 
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "eval_interval", "ckpt_interval", "n_samples", "device"}
+
+
 # --- data
 
 
@@ -93,11 +100,11 @@ def read_pairs(path):
     return pairs
 
 
-def tokenize_pairs(pairs, tokenizer, max_len, min_prompt):
+def tokenize_pairs(pairs, tokenizer, max_len, min_prompt, template="hh"):
     """Each pair -> (ids, n_prompt): ids = prompt ids + response ids + EOS, truncated by the rule above."""
     out, stats = [], {"examples": len(pairs), "prompt_truncated": 0, "response_truncated": 0}
     for prompt, response in pairs:
-        p, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, response), max_len, min_prompt)
+        p, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, response, template), max_len, min_prompt)
         stats["prompt_truncated"] += cut_p
         stats["response_truncated"] += cut_r
         out.append((p + r, len(p)))
@@ -142,12 +149,12 @@ def eval_loss(model, examples, batch_size, device, ctx):
 
 @torch.no_grad()
 def print_samples(model, tokenizer, prompts, cfg, device):
-    """A few held-out answers, the first sign of over-optimisation (RLHF_DETAILS.md item 18)."""
+    """A few held-out answers, the first sign of over-optimisation (docs/implementation_details.md, item 18)."""
     if not prompts:
         return
     model.eval()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.sample_temperature, len(prompts), g)
+    answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.sample_temperature, len(prompts), g, cfg.template)
     for p, (resp, ended) in zip(prompts, answers):
         tqdm.write(f"  > {p}\n    {tokenizer.decode(resp)!r}{'' if ended else ' [no EOS]'}")
     model.train()
@@ -157,27 +164,28 @@ def print_samples(model, tokenizer, prompts, cfg, device):
 
 
 def train(cfg):
+    M.require(cfg, "data", "val_data", "init")
+    M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    cfg.template = M.resolve_template(cfg.template, cfg.init)
+    if cfg.max_len > M.block_size_of(cfg.init):
+        raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
     torch.manual_seed(cfg.seed)
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
-    M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
-    state = M.load_train_state(ckpt)
+    ckpt, state = run.ckpt, run.state
     if state is not None:
         model, tokenizer, _ = M.load_checkpoint(ckpt, device, dropout=cfg.dropout)
-        print(f"resuming from {ckpt} at step {state['step']}")
     else:
         model, tokenizer = M.load_gpt(cfg.init, device, cfg.dropout)
-    if cfg.max_len > model.config.block_size:
-        raise M.ConfigError(f"max_len {cfg.max_len} > the model's block_size {model.config.block_size}")
-    train_ex, stats = tokenize_pairs(read_pairs(cfg.data), tokenizer, cfg.max_len, cfg.min_prompt)
+    train_ex, stats = tokenize_pairs(read_pairs(cfg.data), tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
     val_pairs = read_pairs(cfg.val_data)
-    val_ex, val_stats = tokenize_pairs(val_pairs, tokenizer, cfg.max_len, cfg.min_prompt)
+    val_ex, val_stats = tokenize_pairs(val_pairs, tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
     if master:
         with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
             json.dump({"train": stats, "val": val_stats}, f)
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
@@ -189,8 +197,6 @@ def train(cfg):
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         step = state["step"]
-        if master:
-            M.truncate_metrics(cfg.out_dir, step)
     ctx = M.autocast(device, cfg.dtype)
     ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -236,7 +242,7 @@ def train(cfg):
             M.log_metrics(cfg.out_dir, metrics)
         if master and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
-                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)
     return model

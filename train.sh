@@ -30,7 +30,7 @@ python data/world.py --out_dir "$DATA" $WORLD
 
 # --- 2. our BPE tokenizer, trained on the corpus and the SFT text (seconds)
 echo "[train.sh $SECONDS s] stage 2"
-python data/bpe.py --input "$DATA/pretrain.txt" "$DATA/sft_train.jsonl" --vocab_size 2048 --out "$DATA/tokenizer.tiktoken"
+python data/bpe.py --input "$DATA/pretrain.txt,$DATA/sft_train.jsonl" --vocab_size 2048 --out "$DATA/tokenizer.tiktoken"
 
 # --- 3. pretraining: a base model that knows the world's language
 echo "[train.sh $SECONDS s] stage 3"

@@ -67,6 +67,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_ckpt, tokenizer):
     M.save_checkpoint(str(tmp_path / "rm"), rm, other, {})
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(p), "--reward_model", str(tmp_path / "rm")])
+    cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(p), "--reward_model", str(tmp_path / "rm"),
+                                           "--max_new_tokens", "16"])
     with pytest.raises(M.ConfigError, match="uses another tokenizer"):
         evaluate.evaluate(cfg)
