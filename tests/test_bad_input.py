@@ -1,5 +1,5 @@
 """Bad input gets a clear error naming the file, the line and what was expected, or a documented
-handling that is counted; nothing is dropped silently (issue: reliability). The cases of
+handling that is counted; nothing is dropped silently. The cases of
 read_jsonl, read_preferences and sft.read_pairs are in test_model, test_reward and test_sft."""
 
 import json
