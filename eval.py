@@ -56,15 +56,15 @@ class Config:
     best_of_n: int = 1  # answers per prompt; the reward model keeps one (needs reward_model if > 1)
     dump: str = ""  # write the kept answers as {"prompt", "response"} JSONL
     dump_rankings: str = ""  # write all best_of_n answers per prompt as {"prompt", "responses": best..worst by RM}
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature (also of the KL's log-probs)
     max_new_tokens: int = 96  # above the longest SFT answer of the built-in task (75 tokens): the cap cuts no normal answer
     batch_size: int = 64  # sequences per generation batch
     n_show: int = 8  # sample answers printed
     out: str = ""  # summary JSON path ("" = <ckpt run dir>/eval.json)
     frontier: str = ""  # comma-separated eval JSONs (globs allowed): print gold vs KL, plot it if matplotlib is there
-    plot: str = "frontier.png"
-    seed: int = 0
-    device: str = "auto"
+    plot: str = "frontier.png"  # where --frontier writes its plot
+    seed: int = 0  # seeds sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
 
 
 # --- sampling and scoring

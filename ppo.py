@@ -92,40 +92,40 @@ class Config:
     missing_eos_penalty: float = -1.0  # score of an answer that never emits EOS (item 9)
     # reward and KL
     kl_coef: float = 0.05  # beta; the start value when adaptive_kl
-    adaptive_kl: bool = False
+    adaptive_kl: bool = False  # adapt beta to target_kl (Ziegler et al. 2019) instead of keeping it fixed
     target_kl: float = 6.0  # nats per sequence (Ziegler et al. 2019 sentiment)
     kl_horizon: int = 10000  # episodes
     whiten_rewards: bool = False  # whiten r_t over the rollout before GAE
     # PPO
-    update_epochs: int = 4
-    num_minibatches: int = 4
+    update_epochs: int = 4  # PPO passes over each rollout
+    num_minibatches: int = 4  # minibatches per pass (optimizer steps per epoch)
     grad_accum: int = 1  # micro-batches per minibatch
     lr: float = 3e-5  # policy
-    value_lr: float = 3e-5
+    value_lr: float = 3e-5  # value model learning rate
     anneal_lr: bool = True  # linear decay to 0 over the run (N+)
-    clip_coef: float = 0.2
+    clip_coef: float = 0.2  # eps of the clipped surrogate
     vf_clip: float = 0.2  # eps_v of the clipped value loss
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    norm_adv: bool = True
-    max_grad_norm: float = 1.0
+    vf_coef: float = 0.1  # weight of the value loss
+    ent_coef: float = 0.0  # weight of the entropy bonus
+    gamma: float = 1.0  # discount
+    gae_lambda: float = 0.95  # GAE lambda
+    norm_adv: bool = True  # whiten advantages over the rollout's real tokens
+    max_grad_norm: float = 1.0  # max global gradient norm (policy and value model each)
     # PPO-ptx (InstructGPT Eq. 2); 0 = off
-    ptx_coef: float = 0.0
+    ptx_coef: float = 0.0  # weight of the pretraining log-likelihood
     ptx_data: str = ""  # plain text, documents separated by a blank line (required when ptx_coef > 0)
-    ptx_batch_size: int = 8
-    ptx_len: int = 64
+    ptx_batch_size: int = 8  # pretraining windows per micro-batch
+    ptx_len: int = 64  # tokens per pretraining window
     # bookkeeping
     gold: str = "auto"  # log the built-in world's gold reward (never trained on): auto = when the prompts are the world's; true; false
     log_interval: int = 1  # iterations
     sample_interval: int = 10  # print a few answers every this many iterations (item 18)
     n_show: int = 3  # answers printed every sample_interval
-    ckpt_interval: int = 20
-    seed: int = 0
-    device: str = "auto"
+    ckpt_interval: int = 20  # steps between checkpoints (always one at the end)
+    seed: int = 0  # seeds init, batch order and sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast on CUDA; frozen models also stored in it there (item 17)
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume

@@ -48,33 +48,33 @@ class Config:
     overwrite: bool = False  # delete an existing run in out_dir and start afresh
     resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     # model (used when init = scratch)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
-    bias: bool = True
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # width of the residual stream
+    block_size: int = 128  # max positions (the context length)
+    dropout: float = 0.0  # dropout probability (0 for every RLHF model, item 2)
+    bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
     # optimisation
     batch_size: int = 32  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 2000
-    lr: float = 3e-3
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 3e-3  # peak learning rate
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay of the weight matrices
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # max global gradient norm
     # bookkeeping
     val_frac: float = 0.02  # last fraction of documents held out
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 50
-    ckpt_interval: int = 500
-    seed: int = 0
-    device: str = "auto"
+    eval_interval: int = 250  # steps between val metrics
+    eval_iters: int = 20  # val batches per eval
+    log_interval: int = 50  # steps between console/metrics.jsonl lines
+    ckpt_interval: int = 500  # steps between checkpoints (always one at the end)
+    seed: int = 0  # seeds init and the batch windows
+    device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume

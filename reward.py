@@ -65,25 +65,25 @@ class Config:
     template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the init checkpoint's, else hh
     overwrite: bool = False  # delete an existing run in out_dir and start afresh
     resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
-    max_len: int = 128
-    min_prompt: int = 16
+    max_len: int = 128  # prompt + response tokens per row
+    min_prompt: int = 16  # prompt tokens always kept when truncating
     batch_size: int = 8  # rankings (or pairs) per micro-batch
-    grad_accum: int = 1
-    epochs: float = 1.0
-    lr: float = 1e-3
-    warmup: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    margin: float = 0.0
-    label_smoothing: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the training data
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay of the weight matrices
+    grad_clip: float = 1.0  # max global gradient norm
+    margin: float = 0.0  # Bradley-Terry margin m in -log sigmoid(r_w - r_l - m)
+    label_smoothing: float = 0.0  # assumed probability that a label is flipped (conservative loss)
     normalize: bool = True  # fit gain/bias so the training answers score mean 0, std 1
-    eval_interval: int = 50
-    log_interval: int = 10
-    ckpt_interval: int = 50
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    compile: bool = False
+    eval_interval: int = 50  # steps between val metrics
+    log_interval: int = 10  # steps between console/metrics.jsonl lines
+    ckpt_interval: int = 50  # steps between checkpoints (always one at the end)
+    seed: int = 0  # seeds init, batch order and sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32; loss math is fp32 anyway
+    compile: bool = False  # torch.compile the forward
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume

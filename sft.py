@@ -54,25 +54,25 @@ class Config:
     resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     max_len: int = 128  # prompt + response tokens per row
     min_prompt: int = 16  # prompt tokens always kept when truncating
-    batch_size: int = 32
-    grad_accum: int = 1
-    epochs: float = 2.0
-    lr: float = 1e-3
-    min_lr_frac: float = 0.1
-    warmup: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    eval_interval: int = 200
-    log_interval: int = 25
-    ckpt_interval: int = 200
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 2.0  # passes over the training data
+    lr: float = 1e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 20  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay of the weight matrices
+    grad_clip: float = 1.0  # max global gradient norm
+    dropout: float = 0.0  # dropout probability (0 for every RLHF model, item 2)
+    eval_interval: int = 200  # steps between val metrics
+    log_interval: int = 25  # steps between console/metrics.jsonl lines
+    ckpt_interval: int = 200  # steps between checkpoints (always one at the end)
     n_samples: int = 4  # held-out prompts sampled and printed at each eval
-    sample_temperature: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    compile: bool = False
+    sample_temperature: float = 1.0  # temperature of the printed samples
+    max_new_tokens: int = 64  # length cap of sampled answers
+    seed: int = 0  # seeds init, batch order and sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32; loss math is fp32 anyway
+    compile: bool = False  # torch.compile the forward
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
