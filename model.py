@@ -1114,8 +1114,17 @@ def start_run(cfg, safe_keys=(), master=True):
       anyway; the change is recorded in metrics.jsonl) or --overwrite true (delete the run's files
       and start afresh);
     - anything else in out_dir is an error: it is not ours to write into.
-    A key missing from an older stored config counts as its default. Rank 0 (master) writes; every
-    process reads the same state. Returns a Run."""
+    A key missing from an older stored config counts as its default. Under torchrun rank 0 (master)
+    decides and writes first; the other processes then read the same decision. Returns a Run."""
+    sync = torch.distributed.is_available() and torch.distributed.is_initialized()
+    run = _decide_run(cfg, safe_keys, write=True) if master else None
+    if sync:
+        torch.distributed.barrier()  # rank 0 has refused, cleared or resumed out_dir
+    return run or _decide_run(cfg, safe_keys, write=False)
+
+
+def _decide_run(cfg, safe_keys, write):
+    """start_run's decision; write=False (ranks other than 0) reads only and prints nothing."""
     out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, "ckpt")
     new = dataclasses.asdict(cfg)
     defaults = dataclasses.asdict(type(cfg)())
@@ -1127,7 +1136,7 @@ def start_run(cfg, safe_keys=(), master=True):
     elif os.path.exists(os.path.join(out, "config.json")):
         with open(os.path.join(out, "config.json")) as f:
             stored = json.load(f)
-    elif os.path.isdir(out) and os.listdir(out):
+    elif os.path.isdir(out) and [f for f in os.listdir(out) if not f.endswith(".tmp")]:
         raise ConfigError(f"--out_dir {out} is not empty and holds no run of ours (no config.json, no ckpt/); "
                           f"choose another out_dir")
     skip = RUN_KEYS | set(safe_keys)
@@ -1140,11 +1149,14 @@ def start_run(cfg, safe_keys=(), master=True):
                           f"metrics.jsonl), --overwrite true to start afresh, or another --out_dir")
     metrics = os.path.join(out, "metrics.jsonl")
     if cfg.overwrite or state is None:  # a fresh start: no old rows, no old checkpoint
-        if master:
+        if write:
             if cfg.overwrite and stored is not None:
                 for name in RUN_FILES:
                     p = os.path.join(out, name)
-                    shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+                    if os.path.isdir(p):
+                        shutil.rmtree(p)
+                    elif os.path.exists(p):
+                        os.remove(p)
                 print(f"--overwrite: removed the run in {out}")
             elif os.path.exists(metrics):
                 os.remove(metrics)  # rows of a run killed before its first checkpoint
@@ -1154,17 +1166,18 @@ def start_run(cfg, safe_keys=(), master=True):
         return Run(out, ckpt)
     step = state.get("step", state.get("iteration"))
     if state.get("finished") and not changed:
-        print(f"{out} is finished (step {step}, checkpoint {checkpoint_dir(ckpt)}): nothing to do; "
-              f"--overwrite true starts it afresh")
+        if write:
+            print(f"{out} is finished (step {step}, checkpoint {checkpoint_dir(ckpt)}): nothing to do; "
+                  f"--overwrite true starts it afresh")
         return Run(out, ckpt, state, finished=True)
-    if master:
+    if write:
         truncate_metrics(out, step)
         if changed:
             with open(metrics, "a") as f:
                 f.write(json.dumps({"step": step, "config_changed": {k: list(ab) for k, ab in changed.items()}}) + "\n")
             print(f"--resume_changed: resuming at step {step} with " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         save_config(cfg, out)
-    print(f"resuming {out} from {checkpoint_dir(ckpt)} at step {step}")
+        print(f"resuming {out} from {checkpoint_dir(ckpt)} at step {step}")
     return Run(out, ckpt, state)
 
 

@@ -18,7 +18,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   EVAL="--n_prompts 16 --max_new_tokens 24 --repeats 1"
   PREFS="--rounds_train 1 --k_max 4 --max_new_tokens 24"
   REWARD="--max_len 64 --eval_interval 10"
-  PPO="--total_episodes 64 --rollout_batch_size 16 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
+  PPO="--total_episodes 64 --rollout_batch_size 16 --max_prompt_len 48 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
   DPO="--epochs 0.02 --max_len 64 --eval_interval 4 --log_interval 2 --n_samples 1 --max_new_tokens 16"
 else
   WORLD="" PRETRAIN="" SFT="" EVAL="" PREFS="" REWARD="" PPO="" DPO=""
