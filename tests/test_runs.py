@@ -346,3 +346,15 @@ def test_sigkill_before_first_checkpoint_then_rerun_logs_each_step_once(stage, w
     mod.train(M.parse_config(mod.Config, cmd[2:]))
     steps = [row["step"] for row in M.read_metrics(str(metrics))]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 2  # every step once: the killed run's rows are gone
+
+
+# --- 7. self-contained: the code and README cite the project's own docs
+
+
+def test_no_citations_of_documents_readers_cannot_see():
+    files = [os.path.join(d, f) for d in (ROOT, os.path.join(ROOT, "data"), os.path.join(ROOT, "tests"))
+             for f in os.listdir(d) if f.endswith((".py", ".md", ".sh", ".toml"))]
+    files += [os.path.join(ROOT, "configs", f) for f in os.listdir(os.path.join(ROOT, "configs"))]
+    bad = ["RLHF_" + "DETAILS", "the issue" + "'s target"]  # split so this file does not match itself
+    assert [(f, b) for f in files for b in bad if b in open(f, encoding="utf-8").read()] == []
+    assert os.path.exists(os.path.join(ROOT, "docs", "implementation_details.md"))
