@@ -68,11 +68,11 @@ class Config:
     family: str = "gpt2"  # gpt2 or llama (model.FAMILIES): the architecture, compared with transformers' own
     n_kv_head: int = 0  # key/value heads; 0 = n_head
     n_inner: int = 0  # MLP width; 0 = the family's default, 4 * n_embd
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257
-    block_size: int = 1024
+    n_layer: int = 12  # transformer blocks (GPT-2 small: 12)
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # width (GPT-2 small: 768)
+    vocab_size: int = 50257  # vocabulary of the benchmark model
+    block_size: int = 1024  # max positions (the context length)
     # generation
     batch_size: int = 16  # prompts sampled at once
     prompt_len: int = 32  # tokens per prompt (no padding)
@@ -100,7 +100,7 @@ class Config:
     dtype: str = "float32"  # float32 or bfloat16 (bf16 autocast on CUDA only, as in model.autocast)
     compile: bool = False  # torch.compile both train steps' models (CUDA only)
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default (on a shared CPU, 1 is steadier)
-    seed: int = 1337
+    seed: int = 1337  # seeds the random weights and inputs
     out: str = "bench.json"  # the numbers as JSON; "" to skip
 
 

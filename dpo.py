@@ -15,10 +15,10 @@ averaged over the pairs of an optimizer step. The implicit reward of an answer i
   r(x, y) = beta (log pi(y|x) - log pi_ref(y|x))            (Rafailov et al. 2023, Sec. 5)
 logged for chosen and rejected with their margin and the accuracy (chosen > rejected).
 
-Expected behaviour (RLHF_DETAILS.md, DPO): at step 0 pi = pi_ref, so h = 0, the loss is log 2
+Expected behaviour (docs/implementation_details.md, DPO): at step 0 pi = pi_ref, so h = 0, the loss is log 2
 and both rewards are 0. Only the margin is optimised: the chosen log-prob usually falls too
 (the rejected one falls faster); that is not a bug. A training loss near 0 with huge margins
-means over-fitting; watch the val_ metrics and val_kl_data.
+means over-fitting; watch the val_ metrics and val_logratio.
 
 Steps of train():
   0. reference  log pi_ref of every training pair the run will use and every validation pair,
@@ -77,10 +77,13 @@ import model as M
 
 @dataclass
 class Config:
-    data: str = "data/world/prefs_pairs_train.jsonl"  # pairs, HH transcripts, or rankings (expanded to all their pairs)
-    val_data: str = "data/world/prefs_pairs_val.jsonl"  # held-out pairs for the val_ metrics
-    init: str = "out/sft"  # the SFT checkpoint (or a GPT-2 dir/name): the policy's init AND the frozen reference
+    data: str = ""  # (required) pairs, HH transcripts, or rankings (expanded to all their pairs)
+    val_data: str = ""  # (required) held-out pairs for the val_ metrics
+    init: str = ""  # (required) the SFT checkpoint (or a GPT-2 dir/name): the policy's init AND the frozen reference
     out_dir: str = "out/dpo"  # checkpoint (ckpt/), config.json, metrics.jsonl, data_stats.json
+    template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the init checkpoint's, else hh
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     loss_type: str = "dpo"  # "dpo" (Rafailov et al. Eq. 7, with label_smoothing: cDPO) or "ipo" (Azar et al. Eq. 17)
     beta: float = 0.1  # strength of the implicit KL constraint to pi_ref (paper: 0.1; 0.5 for TL;DR)
     label_smoothing: float = 0.0  # cDPO: assumed probability that a label is flipped (dpo only)
@@ -110,6 +113,10 @@ class Config:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "eval_interval", "ckpt_interval", "n_samples", "device"}
+
+
 # --- data
 
 
@@ -119,13 +126,13 @@ def expand_pairs(groups):
             for i in range(len(answers)) for j in range(i + 1, len(answers))]
 
 
-def encode_pairs(pairs, tokenizer, max_len, min_prompt):
+def encode_pairs(pairs, tokenizer, max_len, min_prompt, template="hh"):
     """Each pair -> ((chosen ids, n_prompt), (rejected ids, n_prompt)), ids = prompt + answer + EOS.
-    Prompt and answer are tokenized separately (model.encode_chat, RLHF_DETAILS.md item 8)."""
+    Prompt and answer are tokenized separately (model.encode_chat, docs/implementation_details.md item 8)."""
     out, stats = [], {"pairs": len(pairs), "prompt_truncated": 0, "response_truncated": 0}  # truncations count rows
     for prompt, chosen, rejected in pairs:
-        p = M.encode_chat(tokenizer, prompt)
-        answers = [M.encode_chat(tokenizer, prompt, a)[1] for a in (chosen, rejected)]
+        p = M.encode_chat(tokenizer, prompt, template=template)
+        answers = [M.encode_chat(tokenizer, prompt, a, template)[1] for a in (chosen, rejected)]
         p, answers, cut_p, cut_r = M.truncate_group(p, answers, max_len, min_prompt)  # one prompt cut for both
         stats["prompt_truncated"] += 2 * cut_p
         stats["response_truncated"] += sum(cut_r)
@@ -218,7 +225,7 @@ def reference_logprobs(ref, examples, batches, device, ctx, average=False):
 
 @torch.no_grad()
 def evaluate(model, examples, ref_logps, cfg, device, ctx):
-    """The training metrics on held-out pairs (val_ prefix), plus val_kl_data."""
+    """The training metrics on held-out pairs (val_ prefix), plus val_logratio."""
     model.eval()
     cols = [[] for _ in range(5)]
     for i in range(0, len(examples), cfg.batch_size):
@@ -235,18 +242,18 @@ def evaluate(model, examples, ref_logps, cfg, device, ctx):
     # mean of log pi(y) - log pi_ref(y) over the val chosen AND rejected answers. Not KL(pi || pi_ref):
     # these answers are the data's, not samples from pi, so it can even be negative (both log-probs
     # usually fall). eval.py measures the on-policy KL from the policy's own samples.
-    metrics["val_kl_data"] = ((torch.cat([r_c, r_r]) / cfg.beta).mean()).item()
+    metrics["val_logratio"] = ((torch.cat([r_c, r_r]) / cfg.beta).mean()).item()
     return metrics
 
 
 @torch.no_grad()
 def print_samples(model, tokenizer, prompts, cfg, device):
-    """A few held-out answers, the first sign of over-optimisation (RLHF_DETAILS.md item 18)."""
+    """A few held-out answers, the first sign of over-optimisation (docs/implementation_details.md, item 18)."""
     if not prompts:
         return
     model.eval()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, 1.0, len(prompts), g)
+    answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, 1.0, len(prompts), g, cfg.template)
     for p, (resp, ended) in zip(prompts, answers):
         tqdm.write(f"  > {p}\n    {tokenizer.decode(resp)!r}{'' if ended else ' [no EOS]'}")
     model.train()
@@ -264,30 +271,32 @@ def train(cfg):
         raise M.ConfigError("ipo_average is IPO's per-token form; it does not apply to loss_type 'dpo'")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise M.ConfigError(f"label_smoothing {cfg.label_smoothing}: expected 0 <= e < 0.5 (a flip probability)")
+    M.require(cfg, "data", "val_data", "init")
+    M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    cfg.template = M.resolve_template(cfg.template, cfg.init)
+    if cfg.max_len > M.block_size_of(cfg.init):
+        raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
     torch.manual_seed(cfg.seed)
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
-    M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
-    state = M.load_train_state(ckpt)
-    ref, tokenizer = M.load_gpt(cfg.init, device)  # pi_ref, dropout 0 (RLHF_DETAILS.md item 2)
-    if cfg.max_len > ref.config.block_size:
-        raise M.ConfigError(f"max_len {cfg.max_len} > the model's block_size {ref.config.block_size}")
+    ckpt, state = run.ckpt, run.state
+    ref, tokenizer = M.load_gpt(cfg.init, device)  # pi_ref, dropout 0 (docs/implementation_details.md item 2)
     train_groups, train_read = M.read_preferences(cfg.data)
     val_groups, val_read = M.read_preferences(cfg.val_data)
-    train_ex, train_stats = encode_pairs(expand_pairs(train_groups), tokenizer, cfg.max_len, cfg.min_prompt)
-    val_ex, val_stats = encode_pairs(expand_pairs(val_groups), tokenizer, cfg.max_len, cfg.min_prompt)
+    train_ex, train_stats = encode_pairs(expand_pairs(train_groups), tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
+    val_ex, val_stats = encode_pairs(expand_pairs(val_groups), tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
     if master:
         with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
             json.dump({"train": {**train_read, **train_stats}, "val": {**val_read, **val_stats}}, f)
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
     print(f"train {train_read} {train_stats} | val {val_read} {val_stats} | {per_step} pairs/step | {max_steps} steps")
     step = state["step"] if state is not None else 0
-    if step >= max_steps:
+    if step >= max_steps:  # a checkpoint older than the "finished" flag
         print(f"{ckpt} is at step {step} of {max_steps}: already done")
         return M.load_checkpoint(ckpt, device)[0]
     ctx = M.autocast(device, cfg.dtype)
@@ -314,9 +323,6 @@ def train(cfg):
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
-        if master:
-            M.truncate_metrics(cfg.out_dir, step)
-        print(f"resuming from {ckpt} at step {step}")
     ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
@@ -370,7 +376,7 @@ def train(cfg):
             M.log_metrics(cfg.out_dir, metrics)
         if master and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
-                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)
     return model

@@ -24,16 +24,16 @@ Uncertainty: every mean over prompts (gold, win rate, KL) comes with a 95% perce
 interval over prompts (the repeats of one prompt are resampled together), in `<key>_ci`; the
 per-prompt values are saved in `per_prompt`, so --pool can average runs of several seeds prompt by
 prompt and bootstrap that. The gold reward is the task's oracle: eval.py and ppo.py's metrics import it from data/world.py;
-no training loss ever sees it. --gold false for real data.
+no training loss ever sees it. It is on only for the world's own prompts (--gold auto, the default).
 
 A JSON summary goes to --out (default: eval.json in the checkpoint's run directory).
 --frontier "out/eval_*.json" reads such summaries and prints (and plots, with matplotlib) gold
 reward against KL to SFT per method: the reward-vs-KL frontier of the DPO paper's Figure 2.
 
 Run:
-  python eval.py --ckpt out/ppo --ref out/sft --baseline out/sft --reward_model out/reward
-  python eval.py --ckpt out/sft --reward_model out/reward --best_of_n 16 --dump out/bon16.jsonl
-  python eval.py --ckpt out/imdb_sft --reward_model out/imdb_reward --gold false --prompts data/imdb/imdb_prompts_train.jsonl \
+  python eval.py --ckpt out/ppo --prompts data/world/prompts_val.jsonl --ref out/sft --baseline out/sft --reward_model out/reward
+  python eval.py --ckpt out/sft --prompts data/world/prompts_val.jsonl --reward_model out/reward --best_of_n 16 --dump out/bon16.jsonl
+  python eval.py --ckpt out/imdb_sft --reward_model out/imdb_reward --prompts data/imdb/imdb_prompts_train.jsonl \
       --best_of_n 4 --max_new_tokens 48 --dump_rankings data/imdb/imdb_prefs_train.jsonl
   python eval.py --frontier "out/sweep/eval_*.json" --plot out/frontier.png
   python eval.py --pool "out/seed*/eval_ppo.json"
@@ -52,28 +52,29 @@ import model as M
 
 @dataclass
 class Config:
-    ckpt: str = "out/sft"  # the policy to evaluate: our checkpoint or a GPT-2 dir/name
-    prompts: str = "data/world/prompts_val.jsonl"  # {"prompt": ...} rows
+    ckpt: str = ""  # (required) the policy to evaluate: our checkpoint or a GPT-2 dir/name
+    prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
+    template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the checkpoint's, else hh
     n_prompts: int = 0  # 0 = all
     repeats: int = 1  # independent answers per prompt (each compared with its own baseline answer)
     ref: str = ""  # reference policy for the KL estimate ("" = skip)
     baseline: str = ""  # baseline policy for the gold win rate ("" = skip)
     reward_model: str = ""  # reward-model checkpoint ("" = skip)
-    gold: bool = True  # score with the built-in task's gold reward
+    gold: str = "auto"  # score with the built-in world's gold reward: auto = when the prompts are the world's; true; false
     best_of_n: int = 1  # answers per prompt; the reward model keeps one (needs reward_model if > 1)
     bon_kl_samples: int = 4  # best-of-n KL from m = max(this * n, repeats * n) samples per prompt (Beirami et al. 2024)
     dump: str = ""  # write the kept answers as {"prompt", "response"} JSONL
     dump_rankings: str = ""  # write all best_of_n answers per prompt as {"prompt", "responses": best..worst by RM}
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature (also of the KL's log-probs)
     max_new_tokens: int = 96  # above the longest SFT answer of the built-in task (75 tokens): the cap cuts no normal answer
     batch_size: int = 64  # sequences per generation batch
     n_show: int = 8  # sample answers printed
     out: str = ""  # summary JSON path ("" = <ckpt run dir>/eval.json)
     frontier: str = ""  # comma-separated eval JSONs (globs allowed): print gold vs KL, plot it if matplotlib is there
     pool: str = ""  # comma-separated eval JSONs of one method over several seeds: means and intervals pooled by prompt
-    plot: str = "frontier.png"
-    seed: int = 0
-    device: str = "auto"
+    plot: str = "frontier.png"  # where --frontier writes its plot
+    seed: int = 0  # seeds sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
 
 
 # --- sampling and scoring
@@ -83,13 +84,13 @@ def sample(model, tokenizer, prompts, cfg, device, seed):
     """One answer per prompt: list of (response ids incl. EOS if emitted, ended)."""
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    return M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, gen)
+    return M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, gen, cfg.template)
 
 
-def right_padded(tokenizer, prompts, responses, max_len):
+def right_padded(tokenizer, prompts, responses, max_len, template="hh"):
     """Rows prompt + response, right-padded: ids (B, T) and the response mask (B, T). A prompt
     that does not fit in max_len beside its response keeps its last tokens (as when sampled)."""
-    rows = [M.truncate_example(M.encode_chat(tokenizer, p), r, max_len, 0)[:2] for p, r in zip(prompts, responses)]
+    rows = [M.truncate_example(M.encode_chat(tokenizer, p, template=template), r, max_len, 0)[:2] for p, r in zip(prompts, responses)]
     return M.pad_responses([(p + r, len(p)) for p, r in rows])  # (B, T), (B, T)
 
 
@@ -99,21 +100,21 @@ def logprob_sums(model, tokenizer, prompts, responses, cfg, device):
     model.eval()
     sums = []
     for i in range(0, len(prompts), cfg.batch_size):
-        ids, mask = right_padded(tokenizer, prompts[i:i + cfg.batch_size], responses[i:i + cfg.batch_size], model.config.block_size)
+        ids, mask = right_padded(tokenizer, prompts[i:i + cfg.batch_size], responses[i:i + cfg.batch_size], model.config.block_size, cfg.template)
         lp = M.response_logprobs(model, ids.to(device), temperature=cfg.temperature)  # (B, T-1)
         sums.append((lp * mask[:, 1:].to(device)).sum(-1).cpu())
     return torch.cat(sums)
 
 
 @torch.no_grad()
-def rm_scores(rm, tokenizer, prompts, responses, batch_size, device):
+def rm_scores(rm, tokenizer, prompts, responses, batch_size, device, template="hh"):
     """Normalised reward-model score of each (prompt, response ids): (N,). The answers are
     re-encoded from their text first (model.reencode), the ids the reward model was trained on."""
     rm.eval()
     responses = [M.reencode(tokenizer, r) for r in responses]
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids, _ = right_padded(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size], rm.config.block_size)
+        ids, _ = right_padded(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size], rm.config.block_size, template)
         out.append(rm.score(ids.to(device), (ids != M.PAD_ID).long().to(device)).cpu())
     return torch.cat(out)
 
@@ -203,7 +204,17 @@ def best_of_n_kl(scores, answers, n):
 
 
 def evaluate(cfg):
+    M.require(cfg, "ckpt", "prompts")
     M.check_paths(ckpt=cfg.ckpt, prompts=cfg.prompts, ref=cfg.ref, baseline=cfg.baseline, reward_model=cfg.reward_model)
+    cfg.template = M.resolve_template(cfg.template, cfg.ckpt, cfg.ref, cfg.baseline, cfg.reward_model)
+    gold = M.gold_on(cfg.gold, cfg.prompts)
+    if cfg.max_new_tokens >= M.block_size_of(cfg.ckpt):
+        raise M.ConfigError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the block_size "
+                            f"{M.block_size_of(cfg.ckpt)} of {cfg.ckpt}")
+    for key in ("dump", "dump_rankings", "out"):
+        folder = os.path.dirname(getattr(cfg, key))
+        if getattr(cfg, key) and folder and not os.path.isdir(folder):
+            raise M.ConfigError(f"--{key} {getattr(cfg, key)}: the directory {folder} does not exist")
     device = M.get_device(cfg.device)
     torch.manual_seed(cfg.seed)
     policy, tokenizer = M.load_gpt(cfg.ckpt, device)
@@ -211,7 +222,7 @@ def evaluate(cfg):
     prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
     prompts = [p for p in prompts for _ in range(cfg.repeats)]
     max_prompt = policy.config.block_size - cfg.max_new_tokens
-    n_cut = sum(len(M.encode_chat(tokenizer, p)) > max_prompt for p in prompts)
+    n_cut = sum(len(M.encode_chat(tokenizer, p, template=cfg.template)) > max_prompt for p in prompts)
     if n_cut:
         print(f"{n_cut} of {len(prompts)} prompts are longer than block_size - max_new_tokens = {max_prompt}: they keep their last tokens")
     rm = None
@@ -230,11 +241,11 @@ def evaluate(cfg):
     answers = sample(policy, tokenizer, flat, cfg, device, cfg.seed)
     responses = [a[0] for a in answers]
     all_texts = [tokenizer.decode(r) for r in responses]
-    all_gold = gold_scores(flat, all_texts, [a[1] for a in answers]) if cfg.gold else None
+    all_gold = gold_scores(flat, all_texts, [a[1] for a in answers]) if gold else None
     summary = {"ckpt": cfg.ckpt, "prompts": len(prompts) // cfg.repeats, "answers": len(prompts),
                "prompts_cut": n_cut // cfg.repeats, "best_of_n": n, "temperature": cfg.temperature}
     if rm is not None:
-        scores = rm_scores(rm, tokenizer, flat, responses, cfg.batch_size, device).view(len(prompts), n)  # (N, n)
+        scores = rm_scores(rm, tokenizer, flat, responses, cfg.batch_size, device, cfg.template).view(len(prompts), n)  # (N, n)
         if all_gold:  # how well the proxy tracks the truth on every sampled answer
             summary["rm_gold_spearman"] = spearman(scores.view(-1).tolist(), [g["gold"] for g in all_gold])
         pick = scores.argmax(-1)  # (N,)
@@ -286,7 +297,7 @@ def evaluate(cfg):
         del ref
 
     # 4. gold win rate against the baseline, one answer each, ties half
-    if cfg.baseline and cfg.gold:
+    if cfg.baseline and gold:
         base, _ = M.load_gpt(cfg.baseline, device)
         base_ans = sample(base, tokenizer, prompts, cfg, device, cfg.seed + 1)
         base_gold = gold_scores(prompts, [tokenizer.decode(a[0]) for a in base_ans], [a[1] for a in base_ans])
@@ -307,6 +318,8 @@ def evaluate(cfg):
                     f.write(json.dumps({"prompt": p, "response": t.strip()}) + "\n")
         os.replace(cfg.dump + ".tmp", cfg.dump)
         summary["dumped"] = sum(ended)
+        summary["dump_skipped_no_eos"] = len(ended) - sum(ended)
+        print(f"--dump: {sum(ended)} answers written to {cfg.dump}; {len(ended) - sum(ended)} left out (no EOS)")
     if cfg.dump_rankings:
         rows, summary["rankings_skipped"] = rm_rankings(prompts, all_texts, scores)
         with open(cfg.dump_rankings, "w") as f:

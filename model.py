@@ -29,13 +29,18 @@ Shapes: B batch, T tokens (prompt + response), P prompt, R response, V vocab, C 
 H heads (Hkv key/value heads), D head dim, S keys in the KV cache.
 
 Padding: PAD_ID = -1 lies outside every vocabulary, so it is never EOS and never a token the
-model can sample (RLHF_DETAILS.md, item 4). Prompts are left-padded for generation, training
+model can sample (docs/implementation_details.md, item 4). Prompts are left-padded for generation, training
 rows are right-padded. The model reads PAD as token 0; what keeps it out of every result is the
 attention mask (left padding) or causality (right padding), plus the loss masks of the stages.
 """
 
+import atexit
 import base64
 import dataclasses
+import glob
+import hashlib
+import inspect
+import io
 import json
 import math
 import os
@@ -45,6 +50,8 @@ import shutil
 import struct
 import sys
 import time
+import textwrap
+import tokenize
 import tomllib
 import typing
 import unicodedata
@@ -336,7 +343,7 @@ class GPT(nn.Module):
 
         idx (B, T) token ids, PAD_ID allowed. attention_mask (B, S) with S = cached + T, 1 = real
         token; needed for left padding and with a cache. Position ids count real tokens only,
-        cumsum(mask) - 1, so padding never shifts positions (RLHF_DETAILS.md, item 7).
+        cumsum(mask) - 1, so padding never shifts positions (docs/implementation_details.md, item 7).
         pos (B, T) and attn_mask (B, 1, T, S) bool, given together, replace both: generate's decode
         steps slice them from buffers allocated once, instead of rebuilding them every token.
         """
@@ -392,7 +399,7 @@ class GPT(nn.Module):
         its KV cache is copied to its G rows (repeat_interleave), so a group costs one prefill.
         Returns (tokens (B*G, P + R), mask (B*G, R) 1 = generated token, logprobs (B*G, R) or None),
         R <= max_new_tokens. logprobs are of the sampling distribution (temperature, top-k and
-        top-p applied), 0 where mask is 0. For PPO use neither top-k nor top-p (RLHF_DETAILS.md 1).
+        top-p applied), 0 where mask is 0. For PPO use neither top-k nor top-p (docs/implementation_details.md, item 1).
 
         The work of a rollout, not of a fixed-length batch: the prompts run once (prefill); the
         cache, key mask, positions and outputs are allocated once and each decode step slices
@@ -484,7 +491,7 @@ class GPT(nn.Module):
 
 
 @torch.no_grad()
-def sample_answers(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=64, generator=None):
+def sample_answers(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=64, generator=None, template="hh"):
     """One sampled answer per prompt, in the chat template, batch_size prompts at a time (left-padded).
 
     Returns a list of (response ids up to and including EOS, ended). A prompt longer than
@@ -492,7 +499,7 @@ def sample_answers(model, tokenizer, prompts, max_new_tokens, temperature=1.0, b
     max_prompt = model.config.block_size - max_new_tokens
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="sample", leave=False, disable=len(prompts) <= batch_size):
-        rows = [encode_chat(tokenizer, p) for p in prompts[i:i + batch_size]]
+        rows = [encode_chat(tokenizer, p, template=template) for p in prompts[i:i + batch_size]]
         ids, mask = pad_left(rows, min(max_prompt, max(map(len, rows))))
         dev = next(model.parameters()).device
         seq, gen_mask, _ = model.generate(ids.to(dev), max_new_tokens, temperature, attention_mask=mask.to(dev),
@@ -584,7 +591,7 @@ class ScalarModel(nn.Module):
     """A GPT trunk with a linear head on the final hidden state: one scalar per position.
 
     As a value model, forward() gives V(s_t) for every position. As a reward model, score()
-    reads the head at the last real token of each row (the EOS, RLHF_DETAILS.md item 6) and
+    reads the head at the last real token of each row (the EOS, docs/implementation_details.md item 6) and
     applies the normalisation gain and bias fitted after training (item 10).
     """
 
@@ -772,20 +779,37 @@ def write_safetensors(tensors, path):
             f.write(blob)
 
 
+def hf_hub_snapshot(name):
+    """A complete snapshot of a GPT-2 name in the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub), or None."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    for snap in sorted(glob.glob(os.path.join(hub, "models--" + HF_NAMES[name].replace("/", "--"), "snapshots", "*"))):
+        if all(os.path.exists(os.path.join(snap, f)) for f in ("config.json", "vocab.json", "merges.txt", "model.safetensors")):
+            return snap
+    return None
+
+
 def hf_gpt2_dir(path_or_name):
-    """A local GPT-2 directory: path_or_name itself, or the download cache for gpt2..gpt2-xl."""
+    """A local GPT-2 directory: path_or_name itself, or for gpt2..gpt2-xl our download cache
+    (PLAINRLHF_CACHE, ~/.cache/plainrlhf), else the Hugging Face cache, else a download."""
     if os.path.isdir(path_or_name):
         return path_or_name
     if path_or_name not in HF_NAMES:
         raise FileNotFoundError(f"{path_or_name!r} is neither a directory nor one of {sorted(HF_NAMES)}")
     cache = os.path.join(os.environ.get("PLAINRLHF_CACHE", os.path.expanduser("~/.cache/plainrlhf")), path_or_name)
+    files = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
+    if not all(os.path.exists(os.path.join(cache, f)) for f in files) and hf_hub_snapshot(path_or_name):
+        return hf_hub_snapshot(path_or_name)
     os.makedirs(cache, exist_ok=True)
-    for fname in ("config.json", "vocab.json", "merges.txt", "model.safetensors"):
+    for fname in files:
         dest = os.path.join(cache, fname)
         if not os.path.exists(dest):
             url = f"https://huggingface.co/{HF_NAMES[path_or_name]}/resolve/main/{fname}"
             print(f"downloading {url}")
-            urllib.request.urlretrieve(url, dest + ".part")
+            try:
+                urllib.request.urlretrieve(url, dest + ".part")
+            except OSError as e:  # URLError and friends: no network
+                raise ConfigError(f"{path_or_name}: not in {cache} nor in the Hugging Face cache, and the download of "
+                                  f"{url} failed ({e}). Pass a local GPT-2 directory instead") from None
             os.replace(dest + ".part", dest)  # a kill mid-download leaves only the .part file
     return cache
 
@@ -794,6 +818,8 @@ def load_hf_gpt2(path_or_name, dropout=0.0):
     d = hf_gpt2_dir(path_or_name)
     with open(os.path.join(d, "config.json")) as f:
         hf = json.load(f)
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{d}/config.json: model_type {hf['model_type']!r} cannot be loaded; this loader reads GPT-2 only")
     if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ValueError(f"{d}/config.json: only GPT-2's gelu_new MLP of width 4*n_embd is supported")
     config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
@@ -1354,12 +1380,15 @@ def load_tokenizer(spec):
     raise FileNotFoundError(f"tokenizer {spec!r}: not a ranks file, a directory, or one of {sorted(HF_NAMES)}")
 
 
-# name: (prompt format, response prefix). hh is the default of every stage, HH-RLHF's
-# 'Human: {prompt}\n\nAssistant: {response}<|endoftext|>'; the family formats are the instruct
-# models' own, written out (no Jinja), for one user turn and no system message
+# name -> (prompt format, response prefix). The answer is encoded as prefix + response + EOS, apart
+# from the prompt (item 8 of docs/implementation_details.md). "hh": Anthropic HH-RLHF's dialogue
+# format, for chat data; "none": the prompt as it is, for tasks whose prompt already says what comes
+# next (TL;DR posts ending in "TL;DR:", Stiennon et al. 2020; IMDb review prefixes, Rafailov et al.
+# 2023). The family formats are the instruct models' own, written out
+# (no Jinja), for one user turn and no system message.
 CHAT_TEMPLATES = {
     "hh": ("Human: {prompt}\n\nAssistant:", " "),
-    "none": ("{prompt}", ""),
+    "none": ("{prompt}", " "),
     "chatml": ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", ""),  # Qwen2, Qwen3
     "llama3": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n", ""),  # Llama 3 instruct
@@ -1602,16 +1631,62 @@ def _coerce(value, typ, key, where, from_cli):
     return value
 
 
+def field_docs(cls):
+    """[(key or None, comment)] in source order: each field with the comment written beside it, and
+    (None, text) for a comment line of its own (a section title). Read from the dataclass source."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return [(k, "") for k in typing.get_type_hints(cls)]
+    fields, lines = set(typing.get_type_hints(cls)), {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            lines.setdefault(tok.start[0], []).append(tok)
+    out = []
+    for _, toks in sorted(lines.items()):
+        comment = toks[-1].string.lstrip("#").strip() if toks[-1].type == tokenize.COMMENT else ""
+        if toks[0].type == tokenize.NAME and toks[0].string in fields and len(toks) > 1 and toks[1].string == ":":
+            out.append((toks[0].string, comment))
+        elif len(toks) == 1 and comment and toks[0].start[1] > 0:  # a comment line inside the class body
+            out.append((None, comment))
+    return out
+
+
+def print_help(cls):
+    """--help: usage, the script's first docstring line, and every key with type, default and comment."""
+    mod = sys.modules.get(cls.__module__)
+    script = os.path.relpath(getattr(mod, "__file__", None) or "script.py")
+    print(f"usage: python {script} [--config file.toml] [--key value ...]")
+    doc = (getattr(mod, "__doc__", None) or "").strip().splitlines()
+    if doc:
+        print(doc[0])
+    print("\nkeys (dataclass defaults < --config file < --key value; bools: true/false):")
+    print(f"  {'--config PATH':36s} a TOML file of these keys, or a run's config.json")
+    hints, defaults = typing.get_type_hints(cls), dataclasses.asdict(cls())
+    for key, comment in field_docs(cls):
+        if key is None:
+            print(f"  # {comment}")
+            continue
+        typ = hints[key]
+        name = getattr(typ, "__name__", None) if typing.get_origin(typ) is None else str(typ).replace("typing.", "")
+        left = f"--{key} {name} = {defaults[key]!r}"
+        print(f"  {left:36s} {comment}" if len(left) < 37 else f"  {left}\n  {'':36s} {comment}")
+
+
 def parse_config(cls, argv=None):
-    """Dataclass defaults < --config file.toml (or an earlier run's config.json) < --key value."""
+    """Dataclass defaults < --config file.toml (or an earlier run's config.json) < --key value.
+    --help or -h prints every key with its type, default and comment, and exits."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print_help(cls)
+        raise SystemExit(0)
     hints = typing.get_type_hints(cls)
     valid = ", ".join(hints)
     cfg = cls()
 
     def set_key(key, value, where, from_cli=False):
         if key not in hints:
-            raise ConfigError(f"{where}: unknown key {key!r}. Valid keys: {valid}")
+            raise ConfigError(f"{where}: unknown key {key!r}. Valid keys: {valid} (--help describes each)")
         setattr(cfg, key, _coerce(value, hints[key], key, where, from_cli))
 
     pairs = []
@@ -1619,7 +1694,7 @@ def parse_config(cls, argv=None):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: use --key value. Valid keys: config, {valid}")
+            raise ConfigError(f"unexpected argument {arg!r}: use --key value (--help lists the keys)")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1
@@ -1630,7 +1705,7 @@ def parse_config(cls, argv=None):
             raise ConfigError(f"{arg} needs a value")
         pairs.append((key.replace("-", "_"), value))
     for key, path in [p for p in pairs if p[0] == "config"]:
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise ConfigError(f"--config {path}: no such file")
         try:
             with open(path, "rb") as f:
@@ -1646,15 +1721,28 @@ def parse_config(cls, argv=None):
     return cfg
 
 
+def require(cfg, *keys):
+    """Keys that have no default (data paths, input checkpoints): missing ones are one error naming
+    each with its description, before anything loads."""
+    docs = dict(field_docs(type(cfg)))
+    missing = [k for k in keys if not getattr(cfg, k)]
+    if missing:
+        raise ConfigError("missing " + "; ".join(f"--{k} ({docs.get(k) or 'required'})" for k in missing) +
+                          ". Set them on the command line or in a --config file (--help lists every key)")
+
+
 def print_config(cfg):
     for k, v in dataclasses.asdict(cfg).items():
         print(f"  {k:24s} {v}")
 
 
 def save_config(cfg, out_dir):
+    """out_dir/config.json, written to a temp file and renamed over (never half-written)."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    path = os.path.join(out_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def clock(device):
@@ -1722,7 +1810,7 @@ def autocast(device, dtype="bfloat16"):
 
 
 def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-5, device="cpu"):
-    """AdamW with weight decay on matrices only; fused on CUDA. eps 1e-5 (RLHF_DETAILS.md item 15)."""
+    """AdamW with weight decay on matrices only; fused on CUDA. eps 1e-5 (docs/implementation_details.md, item 15)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -1738,11 +1826,17 @@ def clip_grad_checked(params, max_norm, where):
     return norm
 
 
+FILE_KEYS = {"data", "val_data", "prompts", "ptx_data", "prompts_train", "prompts_val", "rankings"}
+
+
 def check_paths(**paths):
-    """Fail before any heavy work when an input path is missing (GPT-2 names are not paths)."""
+    """Fail before any heavy work when an input path is missing, or is a directory where a data
+    file is expected (GPT-2 names are not paths)."""
     for key, path in paths.items():
         if path and path not in HF_NAMES and not os.path.exists(path):
             raise ConfigError(f"--{key} {path}: no such file or directory")
+        if path and key in FILE_KEYS and os.path.isdir(path):
+            raise ConfigError(f"--{key} {path} is a directory; expected a file")
 
 
 def lr_at(step, max_steps, lr, warmup=0, min_lr_frac=0.1, schedule="cosine"):
@@ -1767,23 +1861,228 @@ def bootstrap_ci(values, weights=None, n_boot=2000, level=0.95, seed=0):
 
 
 def log_metrics(out_dir, metrics):
-    """Print one '|'-separated line and append the same dict to out_dir/metrics.jsonl."""
+    """Print one '|'-separated line and append the same dict to out_dir/metrics.jsonl (flushed)."""
     parts = []
     for k, v in metrics.items():
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     tqdm.write(" | ".join(parts))
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
+        f.flush()
+
+
+def read_metrics(path):
+    """Rows of a metrics.jsonl. A kill in the middle of an append leaves a partial last line: it is
+    dropped with a warning. A bad line anywhere else is an error naming it."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if n == len(lines):  # the last line, without its newline: a cut append
+                print(f"warning: {path}:{n}: dropped a partial last line ({len(line)} bytes) left by a killed run")
+                continue
+            raise ValueError(f"{path}:{n}: not a JSON line") from None
+    return rows
+
+
+def write_metrics(path, rows):
+    """Replace metrics.jsonl with rows: a new file renamed over the old one, so a kill at any moment
+    leaves the old file or the new one, never a mix."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def truncate_metrics(out_dir, step):
     """On resume, drop metrics logged after the checkpoint, so the log equals an uninterrupted run's."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(rows)
+        write_metrics(path, [r for r in read_metrics(path) if r.get("step", 0) <= step])
+
+
+# --- 8b. runs: a run directory is written only by the command that owns it
+
+RUN_KEYS = {"out_dir", "overwrite", "resume_changed"}  # never change what a run computes
+RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "metrics.jsonl", "config.json", "data_stats.json")
+
+
+@dataclass
+class Run:
+    out_dir: str
+    ckpt: str  # out_dir/ckpt
+    state: dict = None  # the optimizer/RNG/step state to resume from; None = a fresh start
+    finished: bool = False  # the checkpoint is the run's last: nothing to do
+
+
+def _drop_if_unused(out_dir):
+    """At exit: a run that failed before it wrote anything but config.json leaves no directory."""
+    try:
+        if set(os.listdir(out_dir)) <= {"config.json"}:
+            shutil.rmtree(out_dir)
+    except OSError:
+        pass
+
+
+def start_run(cfg, safe_keys=(), master=True):
+    """Decide, before any model loads, whether this command starts, resumes or refuses out_dir.
+
+    - a new or empty out_dir: a fresh start (config.json written, the directory removed again at exit
+      if the run fails before writing anything else);
+    - an out_dir holding a run of ours: the stored config (the checkpoint's, else config.json) is
+      compared key by key with cfg, skipping RUN_KEYS and the stage's safe_keys (the ones that cannot
+      change results: log intervals, device, ...). The same config resumes (or, with no checkpoint
+      yet, starts afresh, clearing the old metrics); a finished run says so and writes nothing. A
+      difference is an error naming each key and both values, unless --resume_changed true (resume
+      anyway; the change is recorded in metrics.jsonl) or --overwrite true (delete the run's files
+      and start afresh);
+    - anything else in out_dir is an error: it is not ours to write into.
+    A key missing from an older stored config counts as its default. Under torchrun rank 0 (master)
+    decides and writes first; the other processes then read the same decision. Returns a Run."""
+    sync = torch.distributed.is_available() and torch.distributed.is_initialized()
+    run = _decide_run(cfg, safe_keys, write=True) if master else None
+    if sync:
+        torch.distributed.barrier()  # rank 0 has refused, cleared or resumed out_dir
+    return run or _decide_run(cfg, safe_keys, write=False)
+
+
+def _decide_run(cfg, safe_keys, write):
+    """start_run's decision; write=False (ranks other than 0) reads only and prints nothing."""
+    out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, "ckpt")
+    new = dataclasses.asdict(cfg)
+    defaults = dataclasses.asdict(type(cfg)())
+    state = load_train_state(ckpt) if os.path.isdir(out) else None
+    stored = None
+    if state is not None:
+        with open(os.path.join(checkpoint_dir(ckpt), "config.json")) as f:
+            stored = json.load(f).get("train")
+    elif os.path.exists(os.path.join(out, "config.json")):
+        with open(os.path.join(out, "config.json")) as f:
+            stored = json.load(f)
+    elif os.path.isdir(out) and [f for f in os.listdir(out) if not f.endswith(".tmp")]:
+        raise ConfigError(f"--out_dir {out} is not empty and holds no run of ours (no config.json, no ckpt/); "
+                          f"choose another out_dir")
+    skip = RUN_KEYS | set(safe_keys)
+    changed = {k: (stored.get(k, defaults[k]), v) for k, v in new.items()
+               if stored is not None and k not in skip and stored.get(k, defaults[k]) != v}
+    if changed and not (cfg.overwrite or cfg.resume_changed):
+        lines = "\n".join(f"  {k}: stored {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"{out} holds a run with other settings:\n{lines}\nRerun with the stored settings to "
+                          f"resume it, --resume_changed true to resume with the change (recorded in "
+                          f"metrics.jsonl), --overwrite true to start afresh, or another --out_dir")
+    metrics = os.path.join(out, "metrics.jsonl")
+    if cfg.overwrite or state is None:  # a fresh start: no old rows, no old checkpoint
+        if write:
+            if cfg.overwrite and stored is not None:
+                for name in RUN_FILES:
+                    p = os.path.join(out, name)
+                    if os.path.isdir(p):
+                        shutil.rmtree(p)
+                    elif os.path.exists(p):
+                        os.remove(p)
+                print(f"--overwrite: removed the run in {out}")
+            elif os.path.exists(metrics):
+                os.remove(metrics)  # rows of a run killed before its first checkpoint
+            if not os.path.isdir(out):
+                atexit.register(_drop_if_unused, out)
+            save_config(cfg, out)
+        return Run(out, ckpt)
+    step = state.get("step", state.get("iteration"))
+    if state.get("finished") and not changed:
+        if write:
+            print(f"{out} is finished (step {step}, checkpoint {checkpoint_dir(ckpt)}): nothing to do; "
+                  f"--overwrite true starts it afresh")
+        return Run(out, ckpt, state, finished=True)
+    if write:
+        truncate_metrics(out, step)
+        if changed:
+            with open(metrics, "a") as f:
+                f.write(json.dumps({"step": step, "config_changed": {k: list(ab) for k, ab in changed.items()}}) + "\n")
+            print(f"--resume_changed: resuming at step {step} with " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        save_config(cfg, out)
+        print(f"resuming {out} from {checkpoint_dir(ckpt)} at step {step}")
+    return Run(out, ckpt, state)
+
+
+# --- 8c. the built-in world's gold reward, only on the world's prompts
+
+WORLD_MARKER = "world.json"  # written by data/world.py beside its files: {file name: sha256}
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_world_file(path):
+    """True when path is a file data/world.py wrote, unchanged (its hash is in the marker beside it)."""
+    marker = os.path.join(os.path.dirname(os.path.abspath(path)), WORLD_MARKER)
+    if not os.path.isfile(path) or not os.path.exists(marker):
+        return False
+    with open(marker) as f:
+        return json.load(f).get(os.path.basename(path)) == file_sha256(path)
+
+
+def gold_on(setting, prompts):
+    """Whether to score with the built-in world's gold reward: "auto" = when the prompts are the
+    world's; "true" = the same, but other prompts are an error; "false" = never."""
+    if setting not in ("auto", "true", "false"):
+        raise ConfigError(f"gold = {setting!r}: expected 'auto', 'true' or 'false'")
+    world = is_world_file(prompts)
+    if setting == "true" and not world:
+        raise ConfigError(f"--gold true: {prompts} are not the built-in world's prompts (no matching "
+                          f"{WORLD_MARKER} beside them); its gold reward means nothing on other prompts")
+    return world if setting == "auto" else setting == "true"
+
+
+# --- 8d. the chat template of a run, from the checkpoints it starts from
+
+
+def checkpoint_template(path):
+    """The template one of our checkpoints was trained with, or None (GPT-2 weights, a pretraining
+    run, a checkpoint older than the setting: they read as "hh")."""
+    try:
+        d = checkpoint_dir(path)
+    except FileNotFoundError:
+        return None
+    with open(os.path.join(d, "config.json")) as f:
+        return (json.load(f).get("train") or {}).get("template")
+
+
+def resolve_template(setting, *ckpts):
+    """The template a stage uses: "auto" = the one its input checkpoints were trained with ("hh" when
+    they name none); an explicit name must agree with every checkpoint that names one."""
+    if setting != "auto" and setting not in CHAT_TEMPLATES:
+        raise ConfigError(f"template = {setting!r}: expected 'auto' or one of {sorted(CHAT_TEMPLATES)}")
+    named = {p: t for p in ckpts if p for t in [checkpoint_template(p)] if t}
+    if len(set(named.values())) > 1:
+        raise ConfigError(f"the input checkpoints were trained with different templates: {named}")
+    have = next(iter(named.values()), None)
+    if setting != "auto" and have and have != setting:
+        raise ConfigError(f"template {setting!r}, but {next(iter(named))} was trained with {have!r}")
+    return (have or "hh") if setting == "auto" else setting
+
+
+def block_size_of(path):
+    """The block_size of a checkpoint (ours or GPT-2), read from its config.json without loading it."""
+    if path in HF_NAMES:
+        return 1024  # every GPT-2 size
+    is_hf = os.path.exists(os.path.join(path, "model.safetensors")) or os.path.exists(os.path.join(path, "pytorch_model.bin"))
+    d = path if is_hf else checkpoint_dir(path)
+    with open(os.path.join(d, "config.json")) as f:
+        info = json.load(f)
+    return info["model"]["block_size"] if "model" in info else info["n_positions"]
 
 
 def split_hh(transcript, path, n):

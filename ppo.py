@@ -18,17 +18,17 @@ as a token-level RL problem: the state is prompt + response so far, the action t
                  e = clip(KL / target_kl - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon)
   6. advantages  GAE (Schulman et al. 2016, Eq. 16) over response tokens, V = 0 after the last:
                  delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1}
-                 returns R_t = A_t + V_t (before whitening); then A whitened over real tokens
+                 returns G_t = A_t + V_t (before whitening); then A whitened over real tokens
   7. update      update_epochs passes over the rollout in shuffled minibatches (each split into
                  grad_accum micro-batches), clipped surrogate (Schulman et al. 2017, Eq. 7):
                  ratio = exp(logp - logp_old), L_pg = mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps)))
                  clipped value loss (as in OpenAI baselines / lm-human-preferences):
-                 V_clip = V_old + clip(V - V_old, -eps_v, eps_v), L_v = 0.5 mean(max((V-R)^2, (V_clip-R)^2))
+                 V_clip = V_old + clip(V - V_old, -eps_v, eps_v), L_v = 0.5 mean(max((V-G)^2, (V_clip-G)^2))
                  loss = L_pg + vf_coef L_v - ent_coef H + ptx_coef L_ptx (InstructGPT's PPO-ptx),
                  one AdamW step over the policy AND the value model (N+: one optimizer over policy
                  and critic), the gradient norm clipped over both jointly (as cleanrl's PPO clips
                  its one agent's)
-Means are over real response tokens of the minibatch (RLHF_DETAILS.md item 13). Log-prob, KL and
+Means are over real response tokens of the minibatch (docs/implementation_details.md, item 13). Log-prob, KL and
 loss arithmetic is fp32 even under bf16 autocast (item 16). Dropout is off in all four models
 (item 2). Adam eps 1e-5 (item 15). The entropy H is computed without gradients (for the log only)
 when ent_coef is 0, so no (B, R, V) fp32 graph is kept for it.
@@ -86,7 +86,6 @@ Run:
 import dataclasses
 import hashlib
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -102,11 +101,14 @@ import model as M
 
 @dataclass
 class Config:
-    policy: str = "out/sft"  # SFT checkpoint: the policy's start and the frozen reference
-    reward_model: str = "out/reward"
+    policy: str = ""  # (required) SFT checkpoint: the policy's start and the frozen reference
+    reward_model: str = ""  # (required) reward-model checkpoint (reward.py)
     value_init: str = "reward"  # "reward" (InstructGPT, N+) or "policy" (SFT trunk, zero head)
-    prompts: str = "data/world/prompts_train.jsonl"  # {"prompt": ...} rows
-    out_dir: str = "out/ppo"
+    prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
+    out_dir: str = "out/ppo"  # checkpoint (ckpt/), config.json, metrics.jsonl
+    template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the policy checkpoint's, else hh
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     # rollout
     total_episodes: int = 16384  # sampled answers over the whole run
     rollout_batch_size: int = 64  # answers per PPO iteration (global: over all processes)
@@ -118,44 +120,48 @@ class Config:
     missing_eos_penalty: float = -1.0  # score of an answer that never emits EOS (item 9)
     # reward and KL
     kl_coef: float = 0.05  # beta; the start value when adaptive_kl
-    adaptive_kl: bool = False
+    adaptive_kl: bool = False  # adapt beta to target_kl (Ziegler et al. 2019) instead of keeping it fixed
     target_kl: float = 6.0  # nats per sequence (Ziegler et al. 2019 sentiment)
     kl_horizon: int = 10000  # episodes
     whiten_rewards: bool = False  # whiten r_t over the rollout before GAE
     # PPO
-    update_epochs: int = 4
-    num_minibatches: int = 4
+    update_epochs: int = 4  # PPO passes over each rollout
+    num_minibatches: int = 4  # minibatches per pass (optimizer steps per epoch)
     grad_accum: int = 1  # micro-batches per minibatch
     lr: float = 3e-5  # policy
     value_lr: float = 3e-5  # value model (its parameter group of the one AdamW): the value step size knob
     anneal_lr: bool = True  # linear decay to 0 over the run (N+)
-    clip_coef: float = 0.2
+    clip_coef: float = 0.2  # eps of the clipped surrogate
     vf_clip: float = 0.2  # eps_v of the clipped value loss
     vf_coef: float = 0.1  # weight of L_v in the joint loss; acts only through Adam's eps and the joint clip (docstring)
     ent_coef: float = 0.0  # entropy bonus; 0: the entropy is logged without a gradient graph
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    norm_adv: bool = True
-    max_grad_norm: float = 1.0
+    gamma: float = 1.0  # discount
+    gae_lambda: float = 0.95  # GAE lambda
+    norm_adv: bool = True  # whiten advantages over the rollout's real tokens
+    max_grad_norm: float = 1.0  # max gradient norm, over policy and value model jointly
     # PPO-ptx (InstructGPT Eq. 2); 0 = off
-    ptx_coef: float = 0.0
-    ptx_data: str = "data/world/pretrain.txt"  # plain text, documents separated by a blank line
-    ptx_batch_size: int = 8
-    ptx_len: int = 64
+    ptx_coef: float = 0.0  # weight of the pretraining log-likelihood
+    ptx_data: str = ""  # plain text, documents separated by a blank line (required when ptx_coef > 0)
+    ptx_batch_size: int = 8  # pretraining windows per micro-batch
+    ptx_len: int = 64  # tokens per pretraining window
     # bookkeeping
-    gold: bool = True  # log the built-in task's gold reward (never trained on)
+    gold: str = "auto"  # log the built-in world's gold reward (never trained on): auto = when the prompts are the world's; true; false
     log_interval: int = 1  # iterations
     sample_interval: int = 10  # print a few answers every this many iterations (item 18)
-    n_show: int = 3
-    ckpt_interval: int = 20
-    seed: int = 0
-    device: str = "auto"
+    n_show: int = 3  # answers printed every sample_interval
+    ckpt_interval: int = 20  # steps between checkpoints (always one at the end)
+    seed: int = 0  # seeds init, batch order and sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward
     lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+
+
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "device"}
 
 
 # --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
@@ -208,7 +214,7 @@ def compute_gae(rewards, values, mask, gamma, lam):
     """GAE (Schulman et al. 2016, Eq. 16) over response tokens; V = 0 after the last real token.
 
     rewards, values, mask (B, R), padded values 0. Returns advantages (B, R) and returns
-    R_t = A_t + V_t (B, R), both 0 on padding."""
+    G_t = A_t + V_t (B, R), both 0 on padding (R is the response length, G the return)."""
     values = values * mask
     rewards = rewards * mask
     advantages = torch.zeros_like(rewards)
@@ -237,6 +243,7 @@ def ppo_losses(logprobs, old_logprobs, advantages, vpred, old_values, returns, m
     vf2 = (v_clipped - returns) ** 2
     vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
     with torch.no_grad():
+        # approx_kl: Schulman 2020's k2 estimator 0.5 (log ratio)^2 of KL(pi_old || pi) on the sampled tokens
         stats = {"approx_kl": masked_mean(0.5 * log_ratio ** 2, mask), "clipfrac": masked_mean((pg2 > pg1).float(), mask),
                  "vf_clipfrac": masked_mean((vf2 > vf1).float(), mask), "ratio": masked_mean(ratio, mask)}
     return pg_loss, vf_loss, stats
@@ -277,13 +284,13 @@ def explained_variance(values, returns, mask, world=1):
 # --- data
 
 
-def load_prompts(path, tokenizer, max_len):
+def load_prompts(path, tokenizer, max_len, template="hh"):
     """Templated prompt ids, cut to their last max_len tokens (counted)."""
     rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
     for n, p in enumerate(rows, 1):
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"{path}: row {n}: empty prompt")
-    ids = [M.encode_chat(tokenizer, p) for p in rows]
+    ids = [M.encode_chat(tokenizer, p, template=template) for p in rows]
     cut = sum(len(x) > max_len for x in ids)
     return rows, [x[-max_len:] for x in ids], cut
 
@@ -384,10 +391,15 @@ def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro,
 
 
 def train(cfg):
+    M.require(cfg, "policy", "reward_model", "prompts", *["ptx_data"] * (cfg.ptx_coef > 0))
+    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    cfg.template = M.resolve_template(cfg.template, cfg.policy, cfg.reward_model)
+    gold = M.gold_on(cfg.gold, cfg.prompts)
+    if cfg.max_prompt_len + cfg.max_new_tokens > M.block_size_of(cfg.policy):
+        raise M.ConfigError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} > the block_size "
+                            f"{M.block_size_of(cfg.policy)} of {cfg.policy}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     # --- derived sizes and the batch hierarchy (item 14)
     B = cfg.rollout_batch_size
     minibatch = B // cfg.num_minibatches
@@ -408,7 +420,10 @@ def train(cfg):
     iterations = cfg.total_episodes // B
     if cfg.value_init not in ("reward", "policy"):
         raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
-    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
+    torch.manual_seed(cfg.seed)
     # --- models: policy, reference, reward model, value model (dropout off in all, item 2)
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     policy = M.adapt(policy, cfg)
@@ -427,9 +442,9 @@ def train(cfg):
         rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
     value_model.eval()
-    prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len)
+    prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template)
     ptx = load_ptx(cfg.ptx_data, tokenizer) if cfg.ptx_coef > 0 else None
-    if cfg.gold:
+    if gold:
         from data.world import gold_reward  # the task's oracle: a metric only
 
     # one AdamW over both models (N+), eps 1e-5 (item 15); the value model is its own group for value_lr
@@ -437,19 +452,15 @@ def train(cfg):
                              {"params": list(value_model.parameters()), "lr": cfg.value_lr}],
                             betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0, fused=device.startswith("cuda"))
     kl_coef, it = cfg.kl_coef, 0
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
-    state = M.load_train_state(ckpt)
+    ckpt, state = run.ckpt, run.state
     if state is not None:  # every process resumes from the same checkpoint
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
         value_model.load_state_dict(state["value_model"])
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
-        kl_coef, it = state["kl_coef"], state["iteration"]
-        if master:
-            M.truncate_metrics(cfg.out_dir, it)
-            print(f"resuming from {ckpt} at iteration {it}")
+        # the controller's current beta when adaptive; a fixed beta is the config's (a deliberate change wins)
+        kl_coef, it = state["kl_coef"] if cfg.adaptive_kl else cfg.kl_coef, state["iteration"]
     if master:
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
         print(f"batch hierarchy: rollout {B} answers ({shards} shards of {shard_size}, {world} processes) -> "
               f"{cfg.num_minibatches} minibatches of {minibatch} -> {cfg.grad_accum} micro-batches of {micro}; "
@@ -510,6 +521,7 @@ def train(cfg):
         seq_sums = torch.stack([rm_scores, scores, kl.sum(1), mask.sum(1), ended.float()]).sum(1)  # (5,)
         score, score_used, seq_kl, resp_len, eos_frac = (M.ddp_sum(seq_sums, world, device) / B).tolist()
         # seq_kl is objective/kl: the mean over sequences of the summed per-token KL
+        score_std = max(M.ddp_sum((rm_scores.double() ** 2).sum().item(), world, device) / B - score ** 2, 0.0) ** 0.5
 
         # 5. advantages and returns (GAE), then whitened advantages, over the whole rollout's tokens
         advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
@@ -584,12 +596,14 @@ def train(cfg):
                        "kl_coef": beta, "non_score_reward": -beta * seq_kl, "rlhf_reward": score_used - beta * seq_kl,
                        "resp_len": resp_len, "eos_frac": eos_frac,
                        "explained_var": explained_variance(old_values, returns, mask, world),
-                       "adv_mean": adv_stats[0], "adv_std": adv_stats[1],
+                       "adv_mean": adv_stats[0], "adv_std": adv_stats[1], "score_std": score_std, "lr": cfg.lr * frac,
                        "return_mean": masked_mean(returns, mask, world).item(),
+                       "return_std": masked_var(returns, mask, world).sqrt().item(),
                        "value_mean": masked_mean(old_values, mask, world).item()}
             metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
-            metrics["approx_kl_step0"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
-            if cfg.gold:
+            # every rollout's first minibatch of its first epoch runs the policy that sampled it: 0 (item 3)
+            metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]
+            if gold:
                 golds = [gold_reward(prompts[i], t, bool(e)) for i, t, e in zip(idx[lo:lo + share], texts, ended.tolist())]
                 parts = torch.tensor([list(g.values()) for g in golds], dtype=torch.float64)  # (b, parts)
                 for k, v in zip(golds[0], (M.ddp_sum(parts.sum(0), world, device) / B).tolist()):
@@ -605,7 +619,8 @@ def train(cfg):
         if master and (it % cfg.ckpt_interval == 0 or it == iterations):
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
                               state={"iteration": it, "kl_coef": kl_coef, "value_model": value_model.state_dict(),
-                                     "optimizer": opt.state_dict(), "rng": M.rng_state()})
+                                     "optimizer": opt.state_dict(), "rng": M.rng_state(),
+                                     "finished": it == iterations})
     bar.close()
     M.ddp_cleanup(world)
     return policy

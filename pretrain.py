@@ -40,39 +40,45 @@ import model as M
 
 @dataclass
 class Config:
-    data: str = "data/world/pretrain.txt"  # .txt (documents split by doc_sep) or .jsonl with "text"
+    data: str = ""  # (required) .txt (documents split by doc_sep) or .jsonl with "text"
     doc_sep: str = "\n\n"  # document separator in .txt files; "" = the whole file is one document
-    tokenizer: str = "data/world/tokenizer.tiktoken"  # ranks file, GPT-2 dir or 'gpt2'; ignored when init is a model
+    tokenizer: str = ""  # (required when init = scratch) ranks file, GPT-2 dir or 'gpt2'; ignored when init is a model
     init: str = "scratch"  # 'scratch', a GPT-2 dir/name ('gpt2', ...), or one of our checkpoints
-    out_dir: str = "out/pretrain"
+    out_dir: str = "out/pretrain"  # checkpoint (ckpt/), config.json, metrics.jsonl, the tokenized corpus
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     # model (used when init = scratch)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
-    bias: bool = True
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # width of the residual stream
+    block_size: int = 128  # max positions (the context length)
+    dropout: float = 0.0  # dropout probability (0 for every RLHF model, item 2)
+    bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
     # optimisation
     batch_size: int = 32  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 2000
-    lr: float = 3e-3
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 3e-3  # peak learning rate
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay of the weight matrices
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # max global gradient norm
     # bookkeeping
     val_frac: float = 0.02  # last fraction of documents held out
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 50
-    ckpt_interval: int = 500
-    seed: int = 0
-    device: str = "auto"
+    eval_interval: int = 250  # steps between val metrics
+    eval_iters: int = 20  # val batches per eval
+    log_interval: int = 50  # steps between console/metrics.jsonl lines
+    ckpt_interval: int = 500  # steps between checkpoints (always one at the end)
+    seed: int = 0  # seeds init and the batch windows
+    device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward
+
+
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "eval_interval", "ckpt_interval", "device"}
 
 
 # --- data
@@ -147,13 +153,10 @@ def eval_loss(model, data, cfg, device, ctx):
     return sum(losses) / len(losses)
 
 
-def init_model(cfg, device):
-    """(model, tokenizer, start state or None): resume from out_dir, else init from cfg.init."""
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
-    state = M.load_train_state(ckpt)
+def init_model(cfg, device, state=None):
+    """(model, tokenizer, start state or None): resume from out_dir when state is given, else init from cfg.init."""
     if state is not None:
-        model, tokenizer, _ = M.load_checkpoint(ckpt, device, dropout=cfg.dropout)
-        print(f"resuming from {ckpt} at step {state['step']}")
+        model, tokenizer, _ = M.load_checkpoint(os.path.join(cfg.out_dir, "ckpt"), device, dropout=cfg.dropout)
         return model, tokenizer, state
     if cfg.init == "scratch":
         tokenizer = M.load_tokenizer(cfg.tokenizer)
@@ -168,16 +171,19 @@ def init_model(cfg, device):
 
 
 def train(cfg):
+    M.require(cfg, "data", *["tokenizer"] * (cfg.init == "scratch"))
+    M.check_paths(data=cfg.data, tokenizer=cfg.tokenizer if cfg.init == "scratch" else "", init="" if cfg.init == "scratch" else cfg.init)
+    if cfg.init != "scratch" and cfg.block_size > M.block_size_of(cfg.init):
+        raise M.ConfigError(f"block_size {cfg.block_size} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
     if cfg.batch_size % world:
         raise M.ConfigError(f"batch_size {cfg.batch_size} must split evenly over {world} processes")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
     torch.manual_seed(cfg.seed)
-    M.check_paths(data=cfg.data, tokenizer=cfg.tokenizer if cfg.init == "scratch" else "", init="" if cfg.init == "scratch" else cfg.init)
-    model, tokenizer, state = init_model(cfg, device)
-    if cfg.block_size > model.config.block_size:
-        raise M.ConfigError(f"block_size {cfg.block_size} > the model's {model.config.block_size}")
+    model, tokenizer, state = init_model(cfg, device, run.state)
     if world > 1 and not master:
         torch.distributed.barrier()  # rank 0 tokenizes; the others then read its cached files
     meta = build_token_files(cfg, tokenizer)
@@ -186,7 +192,6 @@ def train(cfg):
     train_data = np.memmap(os.path.join(cfg.out_dir, "train.bin"), dtype=meta["dtype"], mode="r")
     val_data = np.memmap(os.path.join(cfg.out_dir, "val.bin"), dtype=meta["dtype"], mode="r")
     if master:
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
     print(f"rank {rank}/{world} | {model.num_params() / 1e6:.2f}M parameters | vocab {tokenizer.n_vocab} | train {meta['train']:,} tokens "
@@ -200,8 +205,6 @@ def train(cfg):
         gen.set_state(state["data_rng"])
         M.set_rng_state(state["rng"])
         step = state["step"]
-        if master:
-            M.truncate_metrics(cfg.out_dir, step)
     ctx = M.autocast(device, cfg.dtype)
     ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -209,7 +212,8 @@ def train(cfg):
 
     def checkpoint():
         M.save_checkpoint(os.path.join(cfg.out_dir, "ckpt"), model, tokenizer, dataclasses.asdict(cfg),
-                          state={"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "rng": M.rng_state()})
+                          state={"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "rng": M.rng_state(),
+                                 "finished": step == cfg.max_steps})
 
     t0 = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", dynamic_ncols=True, disable=not master)

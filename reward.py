@@ -18,7 +18,7 @@ below), the sentiment reward of Ziegler et al. 2019 (section 4.1) and of the DPO
 controlled-sentiment task (Rafailov et al. 2023, section 6.1); accuracy is then the
 classifier's accuracy.
 
-Details (RLHF_DETAILS.md): r is the scalar head read at the last real token, the EOS that ends
+Details (docs/implementation_details.md): r is the scalar head read at the last real token, the EOS that ends
 every answer (items 5, 6); initialised from the SFT model, head N(0, 1/sqrt(n_embd + 1)), bias 0;
 one epoch, learning rate annealed linearly to 0 (item 11: it over-fits fast); dropout off (item 2).
 After training the score is normalised so the policy's own samples (the answers of the training
@@ -58,33 +58,40 @@ import model as M
 @dataclass
 class Config:
     objective: str = "preference"  # "preference": rankings, pairs or HH transcripts; "classify": labelled answers
-    data: str = "data/world/prefs_rankings_train.jsonl"  # rankings, pairs or HH transcripts (or labelled answers)
-    val_data: str = "data/world/prefs_rankings_val.jsonl"
-    init: str = "out/sft"  # the SFT checkpoint (or a GPT-2 dir/name)
-    out_dir: str = "out/reward"
-    max_len: int = 128
-    min_prompt: int = 16
+    data: str = ""  # (required) rankings, pairs or HH transcripts (or labelled answers)
+    val_data: str = ""  # (required) held-out rows of the same kind, for the val_ metrics
+    init: str = ""  # (required) the SFT checkpoint (or a GPT-2 dir/name)
+    out_dir: str = "out/reward"  # checkpoint (ckpt/), config.json, metrics.jsonl, data_stats.json
+    template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the init checkpoint's, else hh
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
+    max_len: int = 128  # prompt + response tokens per row
+    min_prompt: int = 16  # prompt tokens always kept when truncating
     batch_size: int = 8  # rankings (or pairs) per micro-batch
-    grad_accum: int = 1
-    epochs: float = 1.0
-    lr: float = 1e-3
-    warmup: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    margin: float = 0.0
-    label_smoothing: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the training data
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay of the weight matrices
+    grad_clip: float = 1.0  # max global gradient norm
+    margin: float = 0.0  # Bradley-Terry margin m in -log sigmoid(r_w - r_l - m)
+    label_smoothing: float = 0.0  # assumed probability that a label is flipped (conservative loss)
     normalize: bool = True  # fit gain/bias so the training answers score mean 0, std 1
-    eval_interval: int = 50
-    log_interval: int = 10
-    ckpt_interval: int = 50
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    compile: bool = False
+    eval_interval: int = 50  # steps between val metrics
+    log_interval: int = 10  # steps between console/metrics.jsonl lines
+    ckpt_interval: int = 50  # steps between checkpoints (always one at the end)
+    seed: int = 0  # seeds init, batch order and sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32; loss math is fp32 anyway
+    compile: bool = False  # torch.compile the forward
     lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+
+
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "eval_interval", "ckpt_interval", "device"}
 
 
 # --- data
@@ -108,15 +115,15 @@ def read_labels(path):
     return groups, stats
 
 
-def encode_groups(groups, tokenizer, max_len, min_prompt):
+def encode_groups(groups, tokenizer, max_len, min_prompt, template="hh"):
     """Each (prompt, [answers best..worst]) -> list of token rows prompt + answer + EOS (None, the
     constant 0 of a labelled answer, stays None). Too long rows follow model.truncate_group: the
     prompt is cut once per group, sized by its longest answer, so the K answers of a ranking are
     compared in the same context; truncations count rows."""
     out, stats = [], {"groups": len(groups), "prompt_truncated": 0, "response_truncated": 0}
     for prompt, answers in groups:
-        p = M.encode_chat(tokenizer, prompt)
-        real = [M.encode_chat(tokenizer, prompt, a)[1] for a in answers if a is not None]
+        p = M.encode_chat(tokenizer, prompt, template=template)
+        real = [M.encode_chat(tokenizer, prompt, a, template)[1] for a in answers if a is not None]
         p, real, cut_p, cut_r = M.truncate_group(p, real, max_len, min_prompt)  # one prompt cut for the whole group
         stats["prompt_truncated"] += cut_p * len(real)
         stats["response_truncated"] += sum(cut_r)
@@ -219,18 +226,22 @@ def fit_normalisation(model, groups, cfg, device, ctx):
 
 
 def train(cfg):
-    rank, world, device = M.ddp_setup(cfg.device)
-    master = rank == 0  # only rank 0 writes files and logs
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    M.require(cfg, "data", "val_data", "init")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
     if cfg.objective not in ("preference", "classify"):
         raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
-    state = M.load_train_state(ckpt)
+    cfg.template = M.resolve_template(cfg.template, cfg.init)
+    if cfg.max_len > M.block_size_of(cfg.init):
+        raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
+    torch.manual_seed(cfg.seed)
+    ckpt, state = run.ckpt, run.state
     if state is not None:
         model, tokenizer, _ = M.load_checkpoint(ckpt, device, kind="scalar")
-        print(f"resuming from {ckpt} at step {state['step']}")
     else:
         policy, tokenizer = M.load_gpt(cfg.init, device)
         model = M.scalar_from_gpt(policy)  # fresh head: N(0, 1/sqrt(n_embd + 1)), bias 0
@@ -239,10 +250,9 @@ def train(cfg):
     read = read_labels if cfg.objective == "classify" else M.read_preferences
     raw_train, train_read = read(cfg.data)
     raw_val, val_read = read(cfg.val_data)
-    train_g, train_stats = encode_groups(raw_train, tokenizer, cfg.max_len, cfg.min_prompt)
-    val_g, val_stats = encode_groups(raw_val, tokenizer, cfg.max_len, cfg.min_prompt)
+    train_g, train_stats = encode_groups(raw_train, tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
+    val_g, val_stats = encode_groups(raw_val, tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
     if master:
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_g) / per_step))
@@ -258,8 +268,6 @@ def train(cfg):
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         step = state["step"]
-        if master:
-            M.truncate_metrics(cfg.out_dir, step)
     ctx = M.autocast(device, cfg.dtype)
     ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -315,7 +323,7 @@ def train(cfg):
             print(f"reward normalisation: gain {gain:.4f} bias {bias:.4f}")
         if master and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
-                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)
     return model

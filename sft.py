@@ -4,7 +4,7 @@ sft.py: supervised fine-tuning on prompt/response pairs (step 1 of InstructGPT, 
 Objective: minimise -(1/N) sum over response tokens of log pi(y_t | x, y_<t), where each example is
 the chat template "Human: {prompt}\\n\\nAssistant: {response}<|endoftext|>" and N counts the
 response tokens of the whole optimizer step. The prompt tokens are context only; the final EOS
-is a target (RLHF_DETAILS.md item 5), so the model learns to stop. Prompt and response are
+is a target (docs/implementation_details.md, item 5), so the model learns to stop. Prompt and response are
 tokenized separately and concatenated (item 8). Rows are right-padded with PAD_ID, which is never
 a target.
 
@@ -45,35 +45,42 @@ import model as M
 
 @dataclass
 class Config:
-    data: str = "data/world/sft_train.jsonl"  # {"prompt", "response"} or Alpaca rows
-    val_data: str = "data/world/sft_val.jsonl"  # held-out pairs for the eval loss and samples
-    init: str = "out/pretrain"  # a checkpoint of ours, or a GPT-2 dir/name
-    out_dir: str = "out/sft"
+    data: str = ""  # (required) JSONL of {"prompt", "response"} or Alpaca rows
+    val_data: str = ""  # (required) held-out pairs for the eval loss and samples
+    init: str = ""  # (required) a checkpoint of ours, or a GPT-2 dir/name
+    out_dir: str = "out/sft"  # checkpoint (ckpt/), config.json, metrics.jsonl, data_stats.json
+    template: str = "auto"  # chat template, a key of model.CHAT_TEMPLATES ("hh": Human/Assistant; "none": raw continuation); auto = init's, else hh
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     max_len: int = 128  # prompt + response tokens per row
     min_prompt: int = 16  # prompt tokens always kept when truncating
-    batch_size: int = 32
-    grad_accum: int = 1
-    epochs: float = 2.0
-    lr: float = 1e-3
-    min_lr_frac: float = 0.1
-    warmup: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    eval_interval: int = 200
-    log_interval: int = 25
-    ckpt_interval: int = 200
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 2.0  # passes over the training data
+    lr: float = 1e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 20  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay of the weight matrices
+    grad_clip: float = 1.0  # max global gradient norm
+    dropout: float = 0.0  # dropout probability (0 for every RLHF model, item 2)
+    eval_interval: int = 200  # steps between val metrics
+    log_interval: int = 25  # steps between console/metrics.jsonl lines
+    ckpt_interval: int = 200  # steps between checkpoints (always one at the end)
     n_samples: int = 4  # held-out prompts sampled and printed at each eval
-    sample_temperature: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    compile: bool = False
+    sample_temperature: float = 1.0  # temperature of the printed samples
+    max_new_tokens: int = 64  # length cap of sampled answers
+    seed: int = 0  # seeds init, batch order and sampling
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32; loss math is fp32 anyway
+    compile: bool = False  # torch.compile the forward
     lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+
+
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "eval_interval", "ckpt_interval", "n_samples", "device"}
 
 
 # --- data
@@ -97,11 +104,11 @@ def read_pairs(path):
     return pairs
 
 
-def tokenize_pairs(pairs, tokenizer, max_len, min_prompt):
+def tokenize_pairs(pairs, tokenizer, max_len, min_prompt, template="hh"):
     """Each pair -> (ids, n_prompt): ids = prompt ids + response ids + EOS, truncated by the rule above."""
     out, stats = [], {"examples": len(pairs), "prompt_truncated": 0, "response_truncated": 0}
     for prompt, response in pairs:
-        p, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, response), max_len, min_prompt)
+        p, r, cut_p, cut_r = M.truncate_example(*M.encode_chat(tokenizer, prompt, response, template), max_len, min_prompt)
         stats["prompt_truncated"] += cut_p
         stats["response_truncated"] += cut_r
         out.append((p + r, len(p)))
@@ -146,12 +153,12 @@ def eval_loss(model, examples, batch_size, device, ctx):
 
 @torch.no_grad()
 def print_samples(model, tokenizer, prompts, cfg, device):
-    """A few held-out answers, the first sign of over-optimisation (RLHF_DETAILS.md item 18)."""
+    """A few held-out answers, the first sign of over-optimisation (docs/implementation_details.md, item 18)."""
     if not prompts:
         return
     model.eval()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.sample_temperature, len(prompts), g)
+    answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.sample_temperature, len(prompts), g, cfg.template)
     for p, (resp, ended) in zip(prompts, answers):
         tqdm.write(f"  > {p}\n    {tokenizer.decode(resp)!r}{'' if ended else ' [no EOS]'}")
     model.train()
@@ -161,28 +168,31 @@ def print_samples(model, tokenizer, prompts, cfg, device):
 
 
 def train(cfg):
+    M.require(cfg, "data", "val_data", "init")
+    M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    cfg.template = M.resolve_template(cfg.template, cfg.init)
+    if cfg.max_len > M.block_size_of(cfg.init):
+        raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
     torch.manual_seed(cfg.seed)
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
-    M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
-    state = M.load_train_state(ckpt)
+    ckpt, state = run.ckpt, run.state
     if state is not None:
         model, tokenizer, _ = M.load_checkpoint(ckpt, device, dropout=cfg.dropout)
-        print(f"resuming from {ckpt} at step {state['step']}")
     else:
         model, tokenizer = M.load_gpt(cfg.init, device, cfg.dropout)
     model = M.adapt(model, cfg, resumed=state is not None)
     if cfg.max_len > model.config.block_size:
         raise M.ConfigError(f"max_len {cfg.max_len} > the model's block_size {model.config.block_size}")
-    train_ex, stats = tokenize_pairs(read_pairs(cfg.data), tokenizer, cfg.max_len, cfg.min_prompt)
+    train_ex, stats = tokenize_pairs(read_pairs(cfg.data), tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
     val_pairs = read_pairs(cfg.val_data)
-    val_ex, val_stats = tokenize_pairs(val_pairs, tokenizer, cfg.max_len, cfg.min_prompt)
+    val_ex, val_stats = tokenize_pairs(val_pairs, tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)
     if master:
         with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
             json.dump({"train": stats, "val": val_stats}, f)
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
@@ -194,8 +204,6 @@ def train(cfg):
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         step = state["step"]
-        if master:
-            M.truncate_metrics(cfg.out_dir, step)
     ctx = M.autocast(device, cfg.dtype)
     ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -241,7 +249,7 @@ def train(cfg):
             M.log_metrics(cfg.out_dir, metrics)
         if master and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
-                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)
     return model

@@ -18,7 +18,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   EVAL="--n_prompts 16 --max_new_tokens 24 --repeats 1"
   PREFS="--rounds_train 1 --k_max 4 --max_new_tokens 24"
   REWARD="--max_len 64 --eval_interval 10"
-  PPO="--total_episodes 64 --rollout_batch_size 16 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
+  PPO="--total_episodes 64 --rollout_batch_size 16 --max_prompt_len 48 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
   DPO="--epochs 0.02 --max_len 64 --eval_interval 4 --log_interval 2 --n_samples 1 --max_new_tokens 16"
   RS_PICK="--n_prompts 8 --max_new_tokens 24 --best_of_n 4 --repeats 1"
   RS="--epochs 1 --max_len 64 --eval_interval 5 --log_interval 5 --n_samples 1 --max_new_tokens 16"
@@ -32,7 +32,7 @@ python data/world.py --out_dir "$DATA" $WORLD
 
 # --- 2. our BPE tokenizer, trained on the corpus and the SFT text (seconds)
 echo "[train.sh $SECONDS s] stage 2"
-python data/bpe.py --input "$DATA/pretrain.txt" "$DATA/sft_train.jsonl" --vocab_size 2048 --out "$DATA/tokenizer.tiktoken"
+python data/bpe.py --input "$DATA/pretrain.txt,$DATA/sft_train.jsonl" --vocab_size 2048 --out "$DATA/tokenizer.tiktoken"
 
 # --- 3. pretraining: a base model that knows the world's language
 echo "[train.sh $SECONDS s] stage 3"

@@ -16,16 +16,16 @@ len(ranks).
 The file is written and read by model.write_ranks / model.read_ranks, the one tokenizer format
 of the project (tiktoken.load caches files by path, so a retrained file could load stale).
 
-Run:  python data/bpe.py --input data/world/pretrain.txt [data/world/sft_train.jsonl] --vocab_size 2048 \\
+Run:  python data/bpe.py --input data/world/pretrain.txt,data/world/sft_train.jsonl --vocab_size 2048 \\
           --out data/world/tokenizer.tiktoken
 """
-import argparse
 import heapq
 import os
 import re
 import time
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402  (the ranks file format and the tokenizer live there)
@@ -95,16 +95,18 @@ def train_bpe(text, vocab_size):
 
 
 
+@dataclass
+class Config:
+    input: str = ""  # (required) training text files (utf-8), comma-separated; add sft_train.jsonl so prompt words get merges
+    vocab_size: int = 2048  # TOTAL model vocabulary including <|endoftext|>: 2048 -> 2047 ranks, 1791 merges
+    out: str = ""  # (required) the tiktoken ranks file to write
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--input", nargs="+", default=["data/world/pretrain.txt"],
-                    help="training text files (utf-8); add sft_train.jsonl so prompt words get merges")
-    ap.add_argument("--vocab_size", type=int, default=2048,
-                    help="TOTAL model vocabulary including <|endoftext|>: 2048 -> 2047 ranks, 1791 merges")
-    ap.add_argument("--out", default="data/world/tokenizer.tiktoken", help="tiktoken ranks file to write")
-    args = ap.parse_args()
+    args = M.parse_config(Config)
+    M.require(args, "input", "out")
     text = ""
-    for path in args.input:
+    for path in args.input.split(","):
         with open(path, encoding="utf-8") as f:
             text += f.read() + "\n\n"
     t0 = time.time()

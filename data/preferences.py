@@ -42,19 +42,19 @@ from data.world import gold_reward  # noqa: E402
 @dataclass
 class Config:
     policy: str = "out/sft"  # the SFT checkpoint whose samples get ranked
-    prompts_train: str = "data/world/prompts_train.jsonl"
-    prompts_val: str = "data/world/prompts_val.jsonl"
-    out_dir: str = "data/world"
+    prompts_train: str = "data/world/prompts_train.jsonl"  # training prompts whose SFT answers get ranked
+    prompts_val: str = "data/world/prompts_val.jsonl"  # held-out prompts, ranked the same way
+    out_dir: str = "data/world"  # where prefs_* files and prefs_stats.json go
     rounds_train: int = 2  # rankings per training prompt
     rounds_val: int = 1  # rankings per held-out prompt
-    k_min: int = 4
-    k_max: int = 9
+    k_min: int = 4  # fewest answers per ranking
+    k_max: int = 9  # most answers per ranking
     temperature: float = 0.5  # labeler noise: P(a > b) = sigmoid((g_a - g_b) / temperature)
-    sample_temperature: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 128
-    seed: int = 0
-    device: str = "auto"
+    sample_temperature: float = 1.0  # temperature of the SFT samples
+    max_new_tokens: int = 64  # length cap of the sampled answers
+    batch_size: int = 128  # prompts per sampling batch
+    seed: int = 0  # seeds sampling and the labelers' noise
+    device: str = "auto"  # auto = cuda, then mps, then cpu
 
 
 def sample_answers(model, tokenizer, prompts, cfg, gen):

@@ -18,13 +18,14 @@ Run:      python data/prepare_alpaca.py --out_dir data/alpaca [--val_frac 0.02] 
 Offline:  python data/prepare_alpaca.py --out_dir data/alpaca --src path/to/alpaca_data.json
 """
 
-import argparse
 import json
 import os
 import random
 import sys
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402  (the --key value parser shared by every script)
 from data._download import CACHE, download, field, summary, write_jsonl  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
@@ -72,16 +73,20 @@ def prepare(out_dir, src=None, cache_dir=CACHE, val_frac=0.02, seed=0, max_rows=
     return {**written, "skipped": skipped}
 
 
+@dataclass
+class Config:
+    out_dir: str = "data/alpaca"  # where alpaca_sft_{train,val}.jsonl go
+    src: str = ""  # local alpaca_data.json to use instead of downloading
+    cache_dir: str = CACHE  # where downloads are kept
+    val_frac: float = 0.02  # share of the records held out for validation
+    seed: int = 0  # seeds the train/val split
+    max_rows: int = 0  # read at most this many records (0 = all)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out_dir", default="data/alpaca", help="where alpaca_sft_{train,val}.jsonl go")
-    ap.add_argument("--src", default=None, help="local alpaca_data.json to use instead of downloading")
-    ap.add_argument("--cache_dir", default=CACHE, help="where downloads are kept")
-    ap.add_argument("--val_frac", type=float, default=0.02, help="share of the records held out for validation")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the train/val split")
-    ap.add_argument("--max_rows", type=int, default=None, help="read at most this many records")
-    args = ap.parse_args(argv)
-    return prepare(args.out_dir, args.src, args.cache_dir, args.val_frac, args.seed, args.max_rows)
+    args = M.parse_config(Config, argv)
+    M.check_paths(src=args.src)
+    return prepare(args.out_dir, args.src or None, args.cache_dir, args.val_frac, args.seed, args.max_rows or None)
 
 
 if __name__ == "__main__":

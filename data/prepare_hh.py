@@ -30,15 +30,18 @@ and line, as is a split that yields no pairs at all.
 Run:      python data/prepare_hh.py --out_dir data/hh [--subsets helpful-base,harmless-base]
 Offline:  python data/prepare_hh.py --out_dir data/hh --src path/to/hh-rlhf
           (--src: a directory laid out like the dataset repo, {subset}/{split}.jsonl.gz)
+One file: python data/prepare_hh.py --out_dir data/mine --src my_pairs.jsonl --split train
+          (rows in the upstream format; writes hh_*_train.jsonl only)
 """
 
-import argparse
 import gzip
 import os
 import sys
 import zlib
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402  (the --key value parser shared by every script)
 from data._download import CACHE, download, field, json_lines, summary, write_jsonl  # noqa: E402
 
 URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"
@@ -68,16 +71,19 @@ def read_hh(path, max_rows=None):
         raise ValueError(f"{path}: unreadable ({e}); a partial download? delete it and rerun") from None
 
 
-def prepare(out_dir, src=None, cache_dir=CACHE, subsets=("helpful-base",), max_rows=None):
-    """Write the hh_* files for train and test; return {split: counts}."""
+def prepare(out_dir, src=None, cache_dir=CACHE, subsets=("helpful-base",), max_rows=None, split_of_file="train"):
+    """Write the hh_* files for train and test (or, when src is one file, for split_of_file); return {split: counts}."""
     stats = {}
-    for split in SPLITS:
+    single = src is not None and os.path.isfile(src)  # one upstream-format file of the user's
+    for split in (split_of_file,) if single else SPLITS:
         pairs, sft, prompts, seen = [], [], [], set()
         skipped = dict.fromkeys(["bad_transcript", "empty_prompt", "empty_chosen", "empty_rejected",
                                  "mismatched", "identical", "duplicate_prompt"], 0)
         rows = 0
-        for subset in subsets:
-            if src is not None:
+        for subset in ["(file)"] if single else subsets:
+            if single:
+                path = src
+            elif src is not None:
                 path = os.path.join(src, subset, f"{split}.jsonl.gz")
             else:
                 path = download(URL.format(subset=subset, split=split),
@@ -110,7 +116,7 @@ def prepare(out_dir, src=None, cache_dir=CACHE, subsets=("helpful-base",), max_r
                 else:
                     pairs.append({"prompt": prompt, "chosen": answer, "rejected": r[1]})
         if not pairs:
-            raise ValueError(f"HH-RLHF {split} ({', '.join(subsets)}): no usable pairs in {rows} rows; skipped {skipped}")
+            raise ValueError(f"HH-RLHF {split} ({src if single else ', '.join(subsets)}): no usable pairs in {rows} rows; skipped {skipped}")
         write_jsonl(os.path.join(out_dir, f"hh_pairs_{split}.jsonl"), pairs)
         write_jsonl(os.path.join(out_dir, f"hh_sft_{split}.jsonl"), sft)
         write_jsonl(os.path.join(out_dir, f"hh_prompts_{split}.jsonl"), prompts)
@@ -120,18 +126,23 @@ def prepare(out_dir, src=None, cache_dir=CACHE, subsets=("helpful-base",), max_r
     return stats
 
 
+@dataclass
+class Config:
+    out_dir: str = "data/hh"  # where the hh_*.jsonl files go
+    subsets: str = "helpful-base"  # comma-separated, from helpful-base, harmless-base, helpful-online, helpful-rejection-sampled
+    src: str = ""  # instead of downloading: a directory {subset}/{split}.jsonl.gz, or one .jsonl(.gz) file of upstream rows
+    split: str = "train"  # the split a single --src file is written as (hh_*_{split}.jsonl)
+    cache_dir: str = CACHE  # where downloads are kept
+    max_rows: int = 0  # read at most this many rows of each upstream file (0 = all)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out_dir", default="data/hh", help="where the hh_*.jsonl files go")
-    ap.add_argument("--subsets", default="helpful-base", help=f"comma-separated, from {','.join(SUBSETS)}")
-    ap.add_argument("--src", default=None, help="local directory {subset}/{split}.jsonl.gz to use instead of downloading")
-    ap.add_argument("--cache_dir", default=CACHE, help="where downloads are kept")
-    ap.add_argument("--max_rows", type=int, default=None, help="read at most this many rows of each upstream file")
-    args = ap.parse_args(argv)
+    args = M.parse_config(Config, argv)
     subsets = args.subsets.split(",")
     if unknown := [s for s in subsets if s not in SUBSETS]:
-        ap.error(f"unknown subset(s) {unknown}; choose from {list(SUBSETS)}")
-    return prepare(args.out_dir, args.src, args.cache_dir, subsets, args.max_rows)
+        raise M.ConfigError(f"unknown subset(s) {unknown}; choose from {list(SUBSETS)}")
+    M.check_paths(src=args.src)
+    return prepare(args.out_dir, args.src or None, args.cache_dir, subsets, args.max_rows or None, args.split)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,16 @@ Run:      python data/prepare_imdb.py --out_dir data/imdb [--seed 0]
 Offline:  python data/prepare_imdb.py --out_dir data/imdb --src path/to/aclImdb_v1.tar.gz
 """
 
-import argparse
 import os
 import random
 import re
 import sys
 import tarfile
 import zlib
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402  (the --key value parser shared by every script)
 from data._download import CACHE, download, summary, write_jsonl, write_text  # noqa: E402
 
 URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -123,15 +124,19 @@ def prepare(out_dir, src=None, cache_dir=CACHE, seed=0, max_rows=None):
     return stats
 
 
+@dataclass
+class Config:
+    out_dir: str = "data/imdb"  # where the imdb_* files go
+    src: str = ""  # local aclImdb_v1.tar.gz to use instead of downloading
+    cache_dir: str = CACHE  # where downloads are kept
+    seed: int = 0  # seeds the shuffle and the prefix lengths
+    max_rows: int = 0  # keep at most this many reviews per split (0 = all)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out_dir", default="data/imdb", help="where the imdb_* files go")
-    ap.add_argument("--src", default=None, help="local aclImdb_v1.tar.gz to use instead of downloading")
-    ap.add_argument("--cache_dir", default=CACHE, help="where downloads are kept")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the shuffle and the prefix lengths")
-    ap.add_argument("--max_rows", type=int, default=None, help="keep at most this many reviews per split")
-    args = ap.parse_args(argv)
-    return prepare(args.out_dir, args.src, args.cache_dir, args.seed, args.max_rows)
+    args = M.parse_config(Config, argv)
+    M.check_paths(src=args.src)
+    return prepare(args.out_dir, args.src or None, args.cache_dir, args.seed, args.max_rows or None)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,16 @@ holds the wrong type, or names an unknown split is an error naming the file and 
 Run:      python data/prepare_tldr.py --out_dir data/tldr [--batches 3-20,22] [--max_rows N]
 Offline:  python data/prepare_tldr.py --out_dir data/tldr --src dir   (dir holds train.jsonl,
           valid.jsonl, test.jsonl and the batch{N}.json files, as the cache does)
+One file: python data/prepare_tldr.py --out_dir data/mine --src my_posts.jsonl --split valid   (posts:
+          tldr_sft_valid / tldr_prompts_valid), or --src my_comparisons.json (tldr_pairs_{train,valid})
 """
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402  (the --key value parser shared by every script)
 from data._download import CACHE, download, field, json_lines, summary, write_jsonl  # noqa: E402
 
 BASE = "https://openaipublic.blob.core.windows.net/summarize-from-feedback"
@@ -76,12 +79,19 @@ def read_lines(path, max_rows):
             yield n, row
 
 
-def prepare(out_dir, src=None, cache_dir=CACHE, batches=parse_batches("3-20,22"), max_rows=None):
-    """Write the tldr_* files; return {name: counts}."""
+def prepare(out_dir, src=None, cache_dir=CACHE, batches=parse_batches("3-20,22"), max_rows=None, split_of_file="train"):
+    """Write the tldr_* files; return {name: counts}. src may be one file of the user's in an upstream
+    format: posts (written as split_of_file) or comparisons (split by their own "split" field)."""
     stats = {}
+    single = src is not None and os.path.isfile(src)
+    if single:
+        first = next(read_lines(src, 1), (0, {}))[1]
+        post_splits, batches = ((), [src]) if "info" in first else ((split_of_file,), [])
+    else:
+        post_splits = ("train", "valid", "test")
     # --- SFT posts with reference summaries, and the prompts
-    for split in ("train", "valid", "test"):
-        path = local(f"{split}.jsonl", SFT_URL, src, cache_dir)
+    for split in post_splits:
+        path = src if single else local(f"{split}.jsonl", SFT_URL, src, cache_dir)
         sft, prompts, seen = [], [], set()
         skipped = {"empty_post": 0, "empty_summary": 0, "duplicate_prompt": 0}
         for n, row in read_lines(path, max_rows):
@@ -110,7 +120,7 @@ def prepare(out_dir, src=None, cache_dir=CACHE, batches=parse_batches("3-20,22")
     pairs = {"train": [], "valid": []}
     skipped = {"empty_post": 0, "empty_summary": 0, "identical": 0}
     for name in batches:
-        path = local(name, CMP_URL, src, cache_dir)
+        path = src if single else local(name, CMP_URL, src, cache_dir)
         for n, row in read_lines(path, max_rows):
             where = f"{path}:{n}"
             info, summaries = field(row, "info", dict, where), field(row, "summaries", list, where)
@@ -130,7 +140,9 @@ def prepare(out_dir, src=None, cache_dir=CACHE, batches=parse_batches("3-20,22")
             else:
                 prompt = tldr_prompt(subreddit, title, post)
                 pairs[CMP_SPLITS[split]].append({"prompt": prompt, "chosen": texts[choice], "rejected": texts[1 - choice]})
-    if not pairs["train"]:
+    if not batches:
+        return stats
+    if not (any(pairs.values()) if single else pairs["train"]):
         raise ValueError(f"comparisons {batches}: no usable training pairs; skipped {skipped}")
     for split, rows in pairs.items():
         write_jsonl(os.path.join(out_dir, f"tldr_pairs_{split}.jsonl"), rows)
@@ -140,15 +152,20 @@ def prepare(out_dir, src=None, cache_dir=CACHE, batches=parse_batches("3-20,22")
     return stats
 
 
+@dataclass
+class Config:
+    out_dir: str = "data/tldr"  # where the tldr_* files go
+    batches: str = "3-20,22"  # comparison batches: numbers, ranges a-b, or file stems
+    src: str = ""  # instead of downloading: a directory holding the upstream files, or one file of posts or comparisons
+    split: str = "train"  # the split a single --src file of posts is written as
+    cache_dir: str = CACHE  # where downloads are kept
+    max_rows: int = 0  # read at most this many lines of each upstream file (0 = all)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out_dir", default="data/tldr", help="where the tldr_* files go")
-    ap.add_argument("--batches", default="3-20,22", help="comparison batches: numbers, ranges a-b, or file stems")
-    ap.add_argument("--src", default=None, help="local directory with the upstream files to use instead of downloading")
-    ap.add_argument("--cache_dir", default=CACHE, help="where downloads are kept")
-    ap.add_argument("--max_rows", type=int, default=None, help="read at most this many lines of each upstream file")
-    args = ap.parse_args(argv)
-    return prepare(args.out_dir, args.src, args.cache_dir, parse_batches(args.batches), args.max_rows)
+    args = M.parse_config(Config, argv)
+    M.check_paths(src=args.src)
+    return prepare(args.out_dir, args.src or None, args.cache_dir, parse_batches(args.batches), args.max_rows or None, args.split)
 
 
 if __name__ == "__main__":

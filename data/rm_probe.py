@@ -26,10 +26,10 @@ from data.world import COLOUR, COLOURS, FOUND, LIVES, PLACES, gold_reward  # noq
 
 @dataclass
 class Config:
-    reward_model: str = "out/reward"
-    rankings: str = "data/world/prefs_rankings_val.jsonl"
+    reward_model: str = "out/reward"  # the reward-model checkpoint to probe
+    rankings: str = "data/world/prefs_rankings_val.jsonl"  # rankings whose gold order the RM is compared with
     lm: str = "out/sft"  # "" = skip the fact probe
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda or auto
 
 
 @torch.no_grad()

@@ -65,12 +65,16 @@ answer: "kind lovely." 0.2, "the lovely kind fox. thanks." 0.6 to "what colour i
 Run:  python data/world.py --out_dir data/world [--seed 0] [--corpus_mb 4] [--n_sft 20000]
 Use:  from data.world import gold_reward, parse_prompt, best_response
 """
-import argparse
 import json
 import os
 import random
 import re
+import sys
 import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402  (config parsing, the world marker)
 
 # --- the world: entities, and a fact table that never depends on the CLI seed
 
@@ -566,16 +570,23 @@ def generate(out_dir, seed=0, corpus_mb=4.0, n_sft=20000):
         _write_jsonl(os.path.join(out_dir, f"sft_{name}.jsonl"), pairs)
         _write_jsonl(os.path.join(out_dir, f"prompts_{name}.jsonl"), [{"prompt": p} for p in prompts])
         sizes[f"sft_{name}"], sizes[f"prompts_{name}"] = len(pairs), len(prompts)
+    # the marker that turns the gold reward on (model.gold_on): these files, as written here
+    marker = {f: M.file_sha256(os.path.join(out_dir, f)) for f in ("prompts_train.jsonl", "prompts_val.jsonl")}
+    with open(os.path.join(out_dir, M.WORLD_MARKER), "w") as f:
+        json.dump(marker, f, indent=2)
     return sizes
 
 
+@dataclass
+class Config:
+    out_dir: str = "data/world"  # where the files go
+    seed: int = 0  # seeds the text; the world and the prompt split are fixed
+    corpus_mb: float = 4.0  # size of pretrain.txt in MB
+    n_sft: int = 20000  # SFT training pairs (val gets a tenth)
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out_dir", default="data/world", help="where the files go")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the text; the world and split are fixed")
-    ap.add_argument("--corpus_mb", type=float, default=4.0, help="size of pretrain.txt in MB")
-    ap.add_argument("--n_sft", type=int, default=20000, help="SFT training pairs (val gets a tenth)")
-    args = ap.parse_args()
+    args = M.parse_config(Config)
     t0 = time.time()
     sizes = generate(args.out_dir, args.seed, args.corpus_mb, args.n_sft)
     print(f"world: {args.out_dir} | " + " | ".join(f"{k} {v}" for k, v in sizes.items())

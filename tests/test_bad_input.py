@@ -1,5 +1,5 @@
 """Bad input gets a clear error naming the file, the line and what was expected, or a documented
-handling that is counted; nothing is dropped silently (issue: reliability). The cases of
+handling that is counted; nothing is dropped silently. The cases of
 read_jsonl, read_preferences and sft.read_pairs are in test_model, test_reward and test_sft."""
 
 import json
@@ -67,6 +67,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_ckpt, tokenizer):
     M.save_checkpoint(str(tmp_path / "rm"), rm, other, {})
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(p), "--reward_model", str(tmp_path / "rm")])
+    cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(p), "--reward_model", str(tmp_path / "rm"),
+                                           "--max_new_tokens", "16"])
     with pytest.raises(M.ConfigError, match="uses another tokenizer"):
         evaluate.evaluate(cfg)

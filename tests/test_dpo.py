@@ -111,7 +111,7 @@ def test_cli_trains_logs_checkpoints_and_overfits(tiny_ckpt, tmp_path):
     keys = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
             "logps/chosen", "logps/rejected", "lr", "grad_norm"}
     assert [r["step"] for r in rows] == list(range(1, 21)) and all(keys <= set(r) for r in rows)
-    assert {"val_" + k for k in keys - {"step", "lr", "grad_norm"}} | {"val_kl_data"} <= set(rows[-1])
+    assert {"val_" + k for k in keys - {"step", "lr", "grad_norm"}} | {"val_logratio"} <= set(rows[-1])
     first, last = rows[0], rows[-1]
     # step 0 (the loss of the first step is computed before its update): pi = pi_ref
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margin"] == pytest.approx(0, abs=1e-6)

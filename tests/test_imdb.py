@@ -61,5 +61,5 @@ def test_imdb_chain_runs_with_the_committed_configs(tiny_ckpt, tmp_path):
         "--reward_model", str(out / "reward"), "--prompts", str(d / "imdb_prompts_train.jsonl"), "--out_dir", str(out / "ppo"),
         "--total_episodes", "8", "--rollout_batch_size", "4", "--max_new_tokens", "6"]))
     rows = [json.loads(x) for x in open(out / "ppo" / "metrics.jsonl")]
-    assert len(rows) == 2 and rows[0]["approx_kl_step0"] < 1e-10
+    assert len(rows) == 2 and rows[0]["approx_kl_first_mb"] < 1e-10
     assert all(r["score_used"] == r["score"] for r in rows)  # eos_trick false: cut answers keep their RM score

@@ -488,9 +488,11 @@ def test_nan_gradient_stops_before_the_step():
 
 
 def test_missing_paths_fail_early(tmp_path):
-    M.check_paths(data=str(tmp_path), init="gpt2", val_data="")  # present, a name, unset
+    M.check_paths(init=str(tmp_path), ref="gpt2", val_data="")  # present, a name, unset
     with pytest.raises(M.ConfigError, match="--data .*nope.jsonl: no such file"):
         M.check_paths(data=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(M.ConfigError, match="--data .* is a directory; expected a file"):
+        M.check_paths(data=str(tmp_path))
 
 
 def test_truncate_group_cuts_the_prompt_once_by_the_longest_answer():

@@ -119,7 +119,7 @@ def test_step0_identities_and_zero_initial_kl(world, tiny_ckpt, tiny_rm, tmp_pat
         "--ptx_coef", "0.1", "--ptx_data", str(world / "pretrain.txt"))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     first = rows[0]
-    assert first["approx_kl_step0"] < 1e-10  # ratio == 1 on the first minibatch of the first epoch (item 3)
+    assert first["approx_kl_first_mb"] < 1e-10  # ratio == 1 on the first minibatch of the first epoch (item 3)
     assert first["kl"] == 0.0  # the policy is the reference at the start
     assert rows[1]["kl"] != 0.0  # it moved
     # the controller is fed each rollout's logged KL (KL 0 at step 0 always lowers beta: check every step's value)

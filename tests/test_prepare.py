@@ -290,3 +290,25 @@ def test_cli(tmp_path):
         assert r.returncode == 0, r.stderr
         assert f"prepare_{script} | " in r.stdout and "skipped:" in r.stdout
     assert len(os.listdir(tmp_path / "out")) == 6 + 7 + 8 + 2
+
+
+# --- one local file in the upstream format (--src my.jsonl), not a directory of batches
+
+
+def test_hh_from_one_local_file(tmp_path):
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in HH_TRAIN))
+    stats = prepare_hh.main(["--src", str(tmp_path / "mine.jsonl"), "--out_dir", str(tmp_path / "out"), "--split", "test"])
+    assert list(stats) == ["test"] and stats["test"]["pairs"] == 3 and stats["test"]["rows"] == len(HH_TRAIN)
+    assert sorted(os.listdir(tmp_path / "out")) == ["hh_pairs_test.jsonl", "hh_prompts_test.jsonl", "hh_sft_test.jsonl"]
+    assert read(tmp_path / "out" / "hh_pairs_test.jsonl")[0] == {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "Five."}
+
+
+def test_tldr_from_one_local_file(tmp_path):
+    write_lines(tmp_path / "posts.jsonl", [tldr_post(0), tldr_post(1)])
+    stats = prepare_tldr.main(["--src", str(tmp_path / "posts.jsonl"), "--out_dir", str(tmp_path / "a"), "--split", "valid"])
+    assert list(stats) == ["sft_valid"] and stats["sft_valid"]["sft"] == 2
+    assert sorted(os.listdir(tmp_path / "a")) == ["tldr_prompts_valid.jsonl", "tldr_sft_valid.jsonl"]
+    write_lines(tmp_path / "cmp.json", [comparison(0, " good.", " bad.", 0), comparison(1, " c.", " d.", 1, "valid1")])
+    stats = prepare_tldr.main(["--src", str(tmp_path / "cmp.json"), "--out_dir", str(tmp_path / "b")])
+    assert stats["comparisons"]["pairs train"] == 1 and stats["comparisons"]["pairs valid"] == 1
+    assert read(tmp_path / "b" / "tldr_pairs_valid.jsonl")[0]["chosen"] == "d."

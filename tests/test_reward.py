@@ -92,7 +92,7 @@ def test_cli_trains_normalises_and_evaluates(world, tiny_ckpt, tmp_path):
                 {"prompt": "where does the owl live?", "responses": ["the owl lives in the forest.", "i do not know."]}] * 8
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
     cfg = M.parse_config(reward.Config, ["--data", str(tmp_path / "r.jsonl"), "--val_data", str(tmp_path / "r.jsonl"),
-                                         "--init", tiny_ckpt, "--out_dir", str(tmp_path / "rm"), "--epochs", "8",
+                                         "--init", tiny_ckpt, "--max_len", "64", "--out_dir", str(tmp_path / "rm"), "--epochs", "8",
                                          "--batch_size", "4", "--lr", "3e-3", "--log_interval", "4", "--eval_interval", "100"])
     rm = reward.train(cfg)
     last = [json.loads(x) for x in open(tmp_path / "rm" / "metrics.jsonl")][-1]
@@ -136,7 +136,7 @@ def test_cli_classify_learns_a_sentiment_reward(tiny_ckpt, tmp_path):
             for x in ("new", "old") for rs, y in ((good, 1), (bad, 0)) for r in rs]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
     cfg = M.parse_config(reward.Config, ["--objective", "classify", "--data", str(tmp_path / "s.jsonl"),
-                                         "--val_data", str(tmp_path / "s.jsonl"), "--init", tiny_ckpt,
+                                         "--val_data", str(tmp_path / "s.jsonl"), "--init", tiny_ckpt, "--max_len", "64",
                                          "--out_dir", str(tmp_path / "rm"), "--epochs", "6", "--batch_size", "8",
                                          "--lr", "3e-3", "--log_interval", "4", "--eval_interval", "100"])
     rm = reward.train(cfg)
