@@ -41,7 +41,7 @@ each prompt is answered G times (a group) and the group is the baseline.
                  The first favours short correct answers and long wrong ones (a per-answer 1/L_i);
                  the other two weigh every token the same. N and sum_i L_i are the whole minibatch's
                  (over micro-batches and processes), so grad_accum and torchrun never change the loss.
-Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (RLHF_DETAILS.md item 16);
+Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
 dropout is off in every model (item 2); Adam eps 1e-5 (item 15).
 
 Departures: the KL loss term is weighted by the detached importance ratio pi_theta / pi_old, so that

@@ -1405,7 +1405,7 @@ def chat_prompt(prompt, template="hh"):
 def encode_chat(tokenizer, prompt, response=None, template="hh"):
     """Token ids of the templated prompt and, if given, of prefix + response + EOS.
 
-    Prompt and response are encoded separately and concatenated (RLHF_DETAILS.md item 8), so
+    Prompt and response are encoded separately and concatenated (docs/implementation_details.md, item 8), so
     the boundary is the same at training and at generation; EOS ends every target (item 5).
     A template's special tokens (ChatML's <|im_start|>) become their ids; the same text
     inside the user's prompt stays plain text.
@@ -2078,11 +2078,13 @@ def block_size_of(path):
     """The block_size of a checkpoint (ours or GPT-2), read from its config.json without loading it."""
     if path in HF_NAMES:
         return 1024  # every GPT-2 size
-    is_hf = os.path.exists(os.path.join(path, "model.safetensors")) or os.path.exists(os.path.join(path, "pytorch_model.bin"))
+    is_hf = any(os.path.exists(os.path.join(path, f)) for f in HF_WEIGHT_FILES)
     d = path if is_hf else checkpoint_dir(path)
     with open(os.path.join(d, "config.json")) as f:
         info = json.load(f)
-    return info["model"]["block_size"] if "model" in info else info["n_positions"]
+    if "model" in info:  # ours
+        return info["model"]["block_size"]
+    return info["n_positions"] if "n_positions" in info else hf_config_to_ours(info, d).block_size
 
 
 def split_hh(transcript, path, n):
