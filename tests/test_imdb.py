@@ -36,7 +36,7 @@ def test_imdb_chain_runs_with_the_committed_configs(tiny_ckpt, tmp_path):
     last = [json.loads(x) for x in open(out / "reward" / "metrics.jsonl")][-1]
     # val_acc is the classifier's accuracy: the sign of the raw score against the label, counted here by hand
     groups, _ = reward.read_labels(str(d / "imdb_sentiment_test.jsonl"))
-    rows, _ = reward.encode_groups(groups, X
+    rows, _ = reward.encode_groups(groups, M.load_checkpoint(str(out / "reward"))[1], 72, 16, "none")  # the config's max_len and template
     right = 0.0
     with torch.no_grad():
         for g in rows:
