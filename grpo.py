@@ -522,7 +522,7 @@ def train(cfg):
                        "equal_groups": equal_frac * B / G, "adv_mean": adv_mean, "lr": lr}
             if stats:
                 metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
-                metrics["approx_kl_step0"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
+                metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
             if cfg.gold:
                 golds = [gold_reward(p, t, bool(e)) for p, t, e in zip(my_prompts, texts, ended.tolist())]
                 checks = [verify_answer(p, t) for p, t in zip(my_prompts, texts)]

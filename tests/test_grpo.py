@@ -244,7 +244,7 @@ def test_cli_two_steps_step0_identities(world, tiny_ckpt, tiny_rm, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 prompts x 4" in r.stdout and "reference model loaded" in r.stdout
     first, second = rows(tmp_path)
-    assert first["approx_kl_step0"] < 1e-10  # ratio == 1 on the first minibatch of the first epoch
+    assert first["approx_kl_first_mb"] < 1e-10  # ratio == 1 on the first minibatch of the first epoch
     assert first["kl"] == 0.0 and first["kl_est"] == 0.0  # the policy is the reference at the start
     assert second["kl"] != 0.0 and second["step"] == 2
     assert all(math.isfinite(v) for row in (first, second) for v in row.values())

@@ -255,7 +255,7 @@ def test_bf16_path_keeps_step0_kl_zero_and_reward_gain_fp32(world, tiny_ckpt, ti
     monkeypatch.setattr(ppo, "rollout_forward", spy)
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8")
     first = json.loads(open(tmp_path / "metrics.jsonl").readline())
-    assert first["kl"] == 0.0 and first["approx_kl_step0"] < 1e-10
+    assert first["kl"] == 0.0 and first["approx_kl_first_mb"] < 1e-10
     assert seen["rm"].head.weight.dtype == torch.bfloat16 and seen["rm"].reward_gain.dtype == torch.float32
     assert seen["rm"].reward_bias.dtype == torch.float32 and seen["ref"].lm_head.weight.dtype == torch.float32
     # what the reference used to be on CUDA (bf16 weights beside a policy autocast from fp32): not the same function
@@ -302,7 +302,7 @@ def test_real_compile_step0_ratio_is_exactly_one(world, tiny_ckpt, tiny_rm, tmp_
     pytest.importorskip("torch._inductor")
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--compile", "true")
     first = json.loads(open(tmp_path / "metrics.jsonl").readline())
-    assert first["approx_kl_step0"] == 0.0 and first["kl"] == 0.0
+    assert first["approx_kl_first_mb"] == 0.0 and first["kl"] == 0.0
 
 
 def test_reward_model_reads_the_canonical_ids_of_a_sampled_answer(tokenizer, tiny_rm):
