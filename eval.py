@@ -312,14 +312,16 @@ def evaluate(cfg):
         tag = f"gold {g['gold']:+.2f}" if g else ""
         print(f"> {p}\n  {t!r}{'' if e else ' [no EOS]'} {tag}")
     if cfg.dump:
+        keep_rows = [(p, t.strip()) for p, t, e in zip(prompts, texts, ended) if e and t.strip()]
         with open(cfg.dump + ".tmp", "w") as f:  # renamed when complete: a kill never leaves half a dump
-            for p, t, e in zip(prompts, texts, ended):
-                if e:  # an answer cut at the length cap would teach the model not to stop
-                    f.write(json.dumps({"prompt": p, "response": t.strip()}) + "\n")
+            # an answer cut at the length cap would teach the model not to stop; an empty one is no SFT target
+            f.writelines(json.dumps({"prompt": p, "response": t}) + "\n" for p, t in keep_rows)
         os.replace(cfg.dump + ".tmp", cfg.dump)
-        summary["dumped"] = sum(ended)
+        summary["dumped"] = len(keep_rows)
         summary["dump_skipped_no_eos"] = len(ended) - sum(ended)
-        print(f"--dump: {sum(ended)} answers written to {cfg.dump}; {len(ended) - sum(ended)} left out (no EOS)")
+        summary["dump_skipped_empty"] = sum(bool(e) and not t.strip() for t, e in zip(texts, ended))
+        print(f"--dump: {len(keep_rows)} answers written to {cfg.dump}; left out: {summary['dump_skipped_no_eos']} "
+              f"without EOS, {summary['dump_skipped_empty']} empty")
     if cfg.dump_rankings:
         rows, summary["rankings_skipped"] = rm_rankings(prompts, all_texts, scores)
         with open(cfg.dump_rankings, "w") as f:
