@@ -13,7 +13,6 @@ Run:
 """
 
 import glob
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -36,22 +35,14 @@ DEFAULT_KEYS = ["score", "gold", "kl", "rlhf_reward", "entropy", "clipfrac", "ap
 
 
 def read_metrics(run):
-    """The rows of run/metrics.jsonl; a partial last line (a kill mid-write) is skipped."""
+    """The rows of run/metrics.jsonl (model.read_metrics: a partial last line, a kill mid-write, is skipped)."""
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.exists(path):
         raise M.ConfigError(f"--runs: {path} does not exist")
-    rows = []
-    with open(path) as f:
-        lines = f.read().split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n < len(lines) - 1:  # only the last line may be partial
-                raise M.ConfigError(f"{path}: line {n} is not JSON") from None
-    return rows
+    try:
+        return M.read_metrics(path)
+    except ValueError as e:
+        raise M.ConfigError(str(e)) from None
 
 
 def curve(rows, key, x, smooth):
