@@ -1794,6 +1794,38 @@ def ddp_sum(x, world, device):
     return t.item() if t.dim() == 0 else t.cpu()
 
 
+# RL rollouts (ppo.py, grpo.py): which prompts, which random streams, gradients over processes
+
+
+def prompt_batch(iteration, n, batch_size, seed):
+    """Prompt indices of rollout `iteration`: a fresh permutation each pass, from (seed, pass)."""
+    per_pass = n // batch_size if n >= batch_size else 1
+    p, k = divmod(iteration, per_pass)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + p))
+    if n < batch_size:
+        return perm.repeat(math.ceil(batch_size / n))[:batch_size].tolist()
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def rng_seed(seed, iteration, stream, k=0):
+    """A generator seed that depends on (seed, iteration, stream, k) only, so a resumed run and every
+    process draw the same numbers. Streams: "sample" (k = rollout shard), "order" (minibatches),
+    "ptx" (k = rank); ppo.py and grpo.py share it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{iteration}/{stream}/{k}".encode()).digest()[:8], "little")
+
+
+def all_reduce_grads(model, world):
+    """Sum the gradients over processes, as one flat tensor (a parameter without one counts 0). A
+    sum, not DDP's mean: each micro-batch loss is already weighted by its share of the minibatch."""
+    if world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
 def ddp_cleanup(world):
     """Leave the process group together: rank 0 may still be writing its last checkpoint, and a
     rank that tears gloo down while another still talks to it can abort at exit."""

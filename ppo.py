@@ -84,7 +84,6 @@ Run:
 """
 
 import dataclasses
-import hashlib
 import math
 import time
 from contextlib import nullcontext
@@ -338,38 +337,6 @@ def load_ptx(path, tokenizer):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def prompt_batch(iteration, n, batch_size, seed):
-    """Prompt indices of rollout `iteration`: a fresh permutation each pass, from (seed, pass)."""
-    per_pass = n // batch_size if n >= batch_size else 1
-    p, k = divmod(iteration, per_pass)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + p))
-    if n < batch_size:
-        return perm.repeat(math.ceil(batch_size / n))[:batch_size].tolist()
-    return perm[k * batch_size:(k + 1) * batch_size].tolist()
-
-
-# --- several processes
-
-
-def rng_seed(seed, iteration, stream, k=0):
-    """A generator seed that depends on (seed, iteration, stream, k) only, so a resumed run and every
-    process draw the same numbers. Streams: "sample" (k = rollout shard), "order" (minibatches),
-    "ptx" (k = rank)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{iteration}/{stream}/{k}".encode()).digest()[:8], "little")
-
-
-def all_reduce_grads(model, world):
-    """Sum the gradients over processes, as one flat tensor (a parameter without one counts 0). A
-    sum, not DDP's mean: each micro-batch loss is already weighted by its share of the minibatch."""
-    if world == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    torch.distributed.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
 # --- training
 
 
@@ -480,13 +447,13 @@ def train(cfg):
         t_start = M.clock(device)  # phase times: time_gen (1), time_fwd (2), time_update (6), time_iter
         # 1. rollout: sample answers to left-padded prompts with the KV cache, this process's shards
         #    only, each with its own generator (exact resume; the same rows whatever the process count)
-        idx = prompt_batch(it, len(prompts), B, cfg.seed)  # the same B prompts on every process
+        idx = M.prompt_batch(it, len(prompts), B, cfg.seed)  # the same B prompts on every process
         P = max(len(prompt_ids[i]) for i in idx)  # one prompt width for all shards
         seqs, masks = [], []
         for k in my_shards:
             p_ids, p_mask = M.pad_left([prompt_ids[i] for i in idx[k * shard_size:(k + 1) * shard_size]], P)
             p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-            gen.manual_seed(rng_seed(cfg.seed, it, "sample", k))
+            gen.manual_seed(M.rng_seed(cfg.seed, it, "sample", k))
             with ctx:
                 s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
                                           eos_id=tokenizer.eot_id, generator=gen)
@@ -531,8 +498,8 @@ def train(cfg):
 
         # 6. PPO update: update_epochs over shuffled minibatches, grad_accum micro-batches each. The order
         #    is the same on every process; each runs the rows it owns and the gradients are summed
-        order = torch.Generator().manual_seed(rng_seed(cfg.seed, it, "order"))
-        ptx_gen.manual_seed(rng_seed(cfg.seed, it, "ptx", rank))
+        order = torch.Generator().manual_seed(M.rng_seed(cfg.seed, it, "order"))
+        ptx_gen.manual_seed(M.rng_seed(cfg.seed, it, "ptx", rank))
         stats, t_update = [], M.clock(device)
         for epoch in range(cfg.update_epochs):
             perm = torch.randperm(B, generator=order).tolist()  # global row indices
@@ -573,8 +540,8 @@ def train(cfg):
                 if not all(math.isfinite(v) for v in mb_stats.values()):
                     raise FloatingPointError(f"iteration {it} epoch {epoch} minibatch {mb}: non-finite {mb_stats}; "
                                              f"last good checkpoint is in {ckpt}")
-                all_reduce_grads(policy, world)
-                all_reduce_grads(value_model, world)
+                M.all_reduce_grads(policy, world)
+                M.all_reduce_grads(value_model, world)
                 where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
                 both = [p for m in (policy, value_model) for p in m.parameters()]
                 mb_stats["grad_norm"] = M.clip_grad_checked(both, cfg.max_grad_norm, where)  # one norm over both models
