@@ -128,7 +128,7 @@ def rm_rankings(prompts, texts, scores):
     for i, p in enumerate(prompts):
         order = scores[i].argsort(descending=True).tolist()
         ranked = list(dict.fromkeys(texts[i * n + j].strip() for j in order))  # keeps the first (best) copy
-        if len(ranked) < 2 or not all(ranked):
+        if len(ranked) < 2:  # an empty answer ("") is ranked like any other
             skipped += 1
             continue
         rows.append({"prompt": p, "responses": ranked})

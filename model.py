@@ -1422,16 +1422,20 @@ def encode_chat(tokenizer, prompt, response=None, template="hh"):
         p = tokenizer.encode(chat_prompt(prompt, template))
     if response is None:
         return p
+    if not response.strip():  # the empty answer is EOS alone, the ids of a policy that says nothing
+        return p, [tokenizer.eot_id]
     return p, tokenizer.encode(prefix + response) + [tokenizer.eot_id]
 
 
 def reencode(tokenizer, ids):
     """The tokenizer's own encoding of sampled ids' text: encode(decode(ids)), + EOS if they end with
     it. Sampled ids need not be that encoding (BPE can spell a text several ways); a model trained
-    on encoded text (the reward model) should read the text's canonical ids."""
+    on encoded text (the reward model) should read the text's canonical ids. A blank text is the
+    empty answer, EOS alone, as encode_chat writes it."""
     ids = [int(i) for i in ids if i != PAD_ID]
     ended = bool(ids) and ids[-1] == tokenizer.eot_id
-    return tokenizer.encode(tokenizer.decode(ids)) + [tokenizer.eot_id] * ended
+    text = tokenizer.decode(ids)
+    return (tokenizer.encode(text) if text.strip() else []) + [tokenizer.eot_id] * ended
 
 
 def truncate_example(p, r, max_len, min_prompt):
@@ -2133,8 +2137,9 @@ def read_preferences(path):
     """Preference data as groups (prompt, [response best, ..., worst]).
 
     Rows: {"prompt", "chosen", "rejected"}; HH transcripts {"chosen", "rejected"}; InstructGPT
-    rankings {"prompt", "responses": [best, ..., worst]}. Empty texts and rankings of fewer than
-    two answers are errors naming the line. Pairs whose chosen equals rejected carry no preference:
+    rankings {"prompt", "responses": [best, ..., worst]}. An empty response is a real answer (the
+    model said nothing: EOS at once) and is kept; an empty prompt, a non-string text and a ranking
+    of fewer than two answers are errors naming the line. Pairs whose chosen equals rejected carry no preference:
     they are skipped and counted (returned in stats), never dropped silently.
     """
     groups, stats = [], {"rows": 0, "identical_skipped": 0}
@@ -2155,9 +2160,10 @@ def read_preferences(path):
                 responses = [chosen, rejected]
         else:
             raise ValueError(f"{path}:{n}: expected keys prompt+chosen+rejected, chosen+rejected (HH) or prompt+responses; got {sorted(row)}")
-        texts = [prompt] + list(responses)
-        if not all(isinstance(t, str) and t.strip() for t in texts):
-            raise ValueError(f"{path}:{n}: empty or non-string prompt or response")
+        if not (isinstance(prompt, str) and prompt.strip()):
+            raise ValueError(f"{path}:{n}: empty or non-string prompt")
+        if not all(isinstance(t, str) for t in responses):
+            raise ValueError(f"{path}:{n}: non-string response")
         responses = [r.strip() for r in responses]
         if len(set(responses)) < len(responses):
             if len(responses) == 2:

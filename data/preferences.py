@@ -14,8 +14,11 @@ Its realised counterpart, gold_agreement, is how often the gold order agrees wit
 were actually drawn (ties count half), with a 95% bootstrap interval over rankings: what a model
 that knew the gold reward would score on this very validation set.
 Answers cut at the length cap (no EOS) are left out and counted: the reward model only ever scores
-answers that end with EOS (ppo.py gives the others a fixed penalty). Duplicate answers to one
-prompt are merged; a prompt left with fewer than 2 distinct answers is skipped and counted.
+answers that end with EOS (ppo.py gives the others a fixed penalty). The empty answer (EOS at once)
+is kept and ranked like any other: a policy can emit it, so the reward model must be told what it
+is worth (gold about -0.8). Left out, it was never seen in training, the reward model scored it
+above every SFT answer, and PPO learned to answer nothing. Duplicate answers to one prompt are
+merged; a prompt left with fewer than 2 distinct answers is skipped and counted.
 
 Writes to out_dir: prefs_rankings_{train,val}.jsonl ({"prompt", "responses": [best, ..., worst]}),
 prefs_pairs_{train,val}.jsonl (every pair of every ranking: {"prompt", "chosen", "rejected"}),
@@ -98,12 +101,14 @@ def build_split(model, tokenizer, prompts, rounds, cfg, rng, gen):
     jobs = [(p, rng.randint(cfg.k_min, cfg.k_max)) for _ in range(rounds) for p in prompts]
     flat = [p for p, k in jobs for _ in range(k)]
     answers = sample_answers(model, tokenizer, flat, cfg, gen)
-    rankings, golds, stats, i = [], [], {"sampled": len(flat), "no_eos_dropped": 0, "prompts_skipped": 0}, 0
+    rankings, golds, i = [], [], 0
+    stats = {"sampled": len(flat), "no_eos_dropped": 0, "empty_ranked": 0, "prompts_skipped": 0}
     for p, k in jobs:
         group = answers[i:i + k]
         i += k
-        ended = list(dict.fromkeys(a for a, e in group if e and a))  # distinct, in sampling order
+        ended = list(dict.fromkeys(a for a, e in group if e))  # distinct, in sampling order; "" is the empty answer
         stats["no_eos_dropped"] += sum(not e for _, e in group)
+        stats["empty_ranked"] += "" in ended
         if len(ended) < 2:
             stats["prompts_skipped"] += 1
             continue

@@ -515,3 +515,15 @@ def test_reencode_gives_the_canonical_ids_of_sampled_text(tokenizer):
     assert spelled != tokenizer.encode(text) and tokenizer.decode(spelled) == text
     assert M.reencode(tokenizer, spelled + [tokenizer.eot_id]) == tokenizer.encode(text) + [tokenizer.eot_id]
     assert M.reencode(tokenizer, spelled + [M.PAD_ID, M.PAD_ID]) == tokenizer.encode(text)  # a cut answer gets no EOS
+
+
+def test_the_empty_answer_is_eos_alone_in_training_and_in_scoring(tokenizer):
+    # a policy that says nothing samples EOS at once (or a blank then EOS); the reward model and DPO
+    # read the ranked text "" -- all three must be the same ids, or the reward model is never told
+    eos = tokenizer.eot_id
+    p, r = M.encode_chat(tokenizer, "what colour is the fox?", "")
+    assert r == [eos] and M.encode_chat(tokenizer, "what colour is the fox?", " ")[1] == [eos]
+    assert M.reencode(tokenizer, [eos]) == [eos]
+    assert M.reencode(tokenizer, tokenizer.encode(" ") + [eos]) == [eos]
+    assert M.reencode(tokenizer, tokenizer.encode(" ") + [M.PAD_ID]) == []  # cut, not ended
+    assert M.encode_chat(tokenizer, "q", "the fox.")[1] == tokenizer.encode(" the fox.") + [eos]  # others unchanged

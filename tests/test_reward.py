@@ -52,13 +52,15 @@ def test_read_preferences_formats_and_errors(tmp_path):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"},
             {"prompt": "q", "responses": ["a", "b", "c"]},
             {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
-            {"prompt": "q", "chosen": "same", "rejected": "same"}]
+            {"prompt": "q", "chosen": "same", "rejected": "same"},
+            {"prompt": "q", "responses": ["a", " "]}]  # the empty answer is an answer
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     groups, stats = M.read_preferences(str(p))
-    assert groups == [("q", ["a", "b"]), ("q", ["a", "b", "c"]), ("q", ["a", "b"])]
-    assert stats == {"rows": 4, "identical_skipped": 1}
+    assert groups == [("q", ["a", "b"]), ("q", ["a", "b", "c"]), ("q", ["a", "b"]), ("q", ["a", ""])]
+    assert stats == {"rows": 5, "identical_skipped": 1}
     for bad, msg in (({"prompt": "q", "responses": ["a"]}, "at least 2 responses"),
-                     ({"prompt": "q", "chosen": "", "rejected": "b"}, "empty"),
+                     ({"prompt": " ", "chosen": "a", "rejected": "b"}, "empty or non-string prompt"),
+                     ({"prompt": "q", "chosen": None, "rejected": "b"}, "non-string response"),
                      ({"prompt": "q", "answer": "a"}, "expected keys"),
                      ({"chosen": "no transcript", "rejected": "x"}, "HH transcript")):
         p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
@@ -79,6 +81,17 @@ def test_noise_ceiling_and_bradley_terry_labels():
     p = 1 / (1 + math.exp(-(gold_reward(prompt, a, True)["gold"] - gold_reward(prompt, b, True)["gold"]) / T))
     wins = sum(preferences.rank(prompt, [a, b], T, rng)[0][0] == a for _ in range(4000)) / 4000
     assert abs(wins - p) < 0.03
+
+
+def test_build_split_ranks_the_empty_answer_and_drops_cut_ones(monkeypatch):
+    # one prompt, K = 4: an answer, the empty answer (EOS at once), an answer cut at the cap, the answer again
+    import random
+    group = [("the fox is red.", True), ("", True), ("the fox is", False), ("the fox is red.", True)]
+    monkeypatch.setattr(preferences, "sample_answers", lambda *a: group)
+    cfg = preferences.Config(k_min=4, k_max=4)
+    rankings, stats = preferences.build_split(None, None, ["what colour is the fox?"], 1, cfg, random.Random(0), None)
+    assert sorted(rankings[0]["responses"]) == ["", "the fox is red."]
+    assert stats["empty_ranked"] == 1 and stats["no_eos_dropped"] == 1 and stats["pairs"] == 1
 
 
 def test_gold_agreement_is_the_realised_ceiling():
