@@ -84,6 +84,8 @@ class Config:
     template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the init checkpoint's, else hh
     overwrite: bool = False  # delete an existing run in out_dir and start afresh
     resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
+    wandb_project: str = ""  # mirror metrics.jsonl to this Weights & Biases project (optional: pip install wandb)
+    wandb_mode: str = "offline"  # offline (no network; wandb sync later) | online
     loss_type: str = "dpo"  # "dpo" (Rafailov et al. Eq. 7, with label_smoothing: cDPO) or "ipo" (Azar et al. Eq. 17)
     beta: float = 0.1  # strength of the implicit KL constraint to pi_ref (paper: 0.1; 0.5 for TL;DR)
     label_smoothing: float = 0.0  # cDPO: assumed probability that a label is flipped (dpo only)

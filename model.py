@@ -1897,7 +1897,8 @@ def bootstrap_ci(values, weights=None, n_boot=2000, level=0.95, seed=0):
 
 
 def log_metrics(out_dir, metrics):
-    """Print one '|'-separated line and append the same dict to out_dir/metrics.jsonl (flushed)."""
+    """Print one '|'-separated line and append the same dict to out_dir/metrics.jsonl (flushed), and
+    to the Weights & Biases run if start_wandb started one."""
     parts = []
     for k, v in metrics.items():
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
@@ -1905,6 +1906,38 @@ def log_metrics(out_dir, metrics):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
         f.flush()
+    if _wandb_run is not None:
+        _wandb_run.log(metrics, step=metrics.get("step", metrics.get("iteration")))
+
+
+_wandb_run = None  # the optional Weights & Biases mirror of metrics.jsonl (start_wandb)
+
+
+def start_wandb(cfg, out_dir):
+    """With --wandb_project: mirror every metrics row to a Weights & Biases run (wandb must be
+    installed; it is no dependency of ours). metrics.jsonl stays the record: on resume, rows the
+    killed run logged after its checkpoint remain in W&B (it ignores a step logged twice) but are
+    dropped from metrics.jsonl. The run id lives in out_dir/wandb_id, so a resume continues the same
+    W&B run and --overwrite starts a new one. wandb_mode "offline" (the default) writes under
+    out_dir/wandb/ with no network; `wandb sync out_dir/wandb/offline-run-*` uploads it later."""
+    global _wandb_run
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb_project needs the wandb package (pip install wandb); it is optional and not "
+                          "in requirements.txt") from None
+    if cfg.wandb_mode not in ("offline", "online"):
+        raise ConfigError(f"wandb_mode must be 'offline' or 'online', not {cfg.wandb_mode!r}")
+    id_path = os.path.join(out_dir, "wandb_id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = f"{os.path.basename(os.path.abspath(out_dir))}-{os.urandom(4).hex()}"
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+    _wandb_run = wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.abspath(out_dir)), id=run_id,
+                            resume="allow", dir=out_dir, mode=cfg.wandb_mode, config=dataclasses.asdict(cfg))
 
 
 def read_metrics(path):
@@ -1947,8 +1980,8 @@ def truncate_metrics(out_dir, step):
 
 # --- 8b. runs: a run directory is written only by the command that owns it
 
-RUN_KEYS = {"out_dir", "overwrite", "resume_changed"}  # never change what a run computes
-RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "metrics.jsonl", "config.json", "data_stats.json")
+RUN_KEYS = {"out_dir", "overwrite", "resume_changed", "wandb_project", "wandb_mode"}  # never change what a run computes
+RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "metrics.jsonl", "config.json", "data_stats.json", "wandb_id", "wandb")
 
 
 @dataclass
@@ -1982,11 +2015,14 @@ def start_run(cfg, safe_keys=(), master=True):
       and start afresh);
     - anything else in out_dir is an error: it is not ours to write into.
     A key missing from an older stored config counts as its default. Under torchrun rank 0 (master)
-    decides and writes first; the other processes then read the same decision. Returns a Run."""
+    decides and writes first; the other processes then read the same decision. With
+    --wandb_project, rank 0 also starts the optional W&B mirror (start_wandb). Returns a Run."""
     sync = torch.distributed.is_available() and torch.distributed.is_initialized()
     run = _decide_run(cfg, safe_keys, write=True) if master else None
     if sync:
         torch.distributed.barrier()  # rank 0 has refused, cleared or resumed out_dir
+    if master and getattr(cfg, "wandb_project", "") and not run.finished:
+        start_wandb(cfg, cfg.out_dir)
     return run or _decide_run(cfg, safe_keys, write=False)
 
 

@@ -47,6 +47,8 @@ class Config:
     out_dir: str = "out/pretrain"  # checkpoint (ckpt/), config.json, metrics.jsonl, the tokenized corpus
     overwrite: bool = False  # delete an existing run in out_dir and start afresh
     resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
+    wandb_project: str = ""  # mirror metrics.jsonl to this Weights & Biases project (optional: pip install wandb)
+    wandb_mode: str = "offline"  # offline (no network; wandb sync later) | online
     # model (used when init = scratch)
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads

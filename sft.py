@@ -52,6 +52,8 @@ class Config:
     template: str = "auto"  # chat template, a key of model.CHAT_TEMPLATES ("hh": Human/Assistant; "none": raw continuation); auto = init's, else hh
     overwrite: bool = False  # delete an existing run in out_dir and start afresh
     resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
+    wandb_project: str = ""  # mirror metrics.jsonl to this Weights & Biases project (optional: pip install wandb)
+    wandb_mode: str = "offline"  # offline (no network; wandb sync later) | online
     max_len: int = 128  # prompt + response tokens per row
     min_prompt: int = 16  # prompt tokens always kept when truncating
     batch_size: int = 32  # examples per micro-batch

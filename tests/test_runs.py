@@ -109,6 +109,49 @@ def test_finished_run_refuses_changes_and_writes_nothing(world, tiny_ckpt, tmp_p
     assert [r["step"] for r in M.read_metrics(str(out / "metrics.jsonl"))] == list(range(1, n + 1))
 
 
+class FakeWandb:
+    """What start_wandb and log_metrics call of the wandb package: init(...) -> run; run.log(row, step)."""
+    def __init__(self):
+        self.inits, self.rows = [], []
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, row, step=None):
+        self.rows.append((step, row))
+
+
+def test_wandb_mirrors_metrics_and_resumes_the_same_run(world, tiny_ckpt, tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(M, "_wandb_run", None)
+    out = tmp_path / "sft"
+    sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--wandb_project", "p")))
+    rows = M.read_metrics(str(out / "metrics.jsonl"))
+    assert fake.rows == [(r["step"], r) for r in rows] and len(rows) > 1
+    (kw,) = fake.inits
+    assert kw["project"] == "p" and kw["mode"] == "offline" and kw["dir"] == str(out) and kw["config"]["lr"] == 0.001
+    # the project is no result-affecting setting, and a later command continues the same W&B run
+    sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--epochs", "0.2", "--resume_changed", "true",
+                                                  "--wandb_project", "p")))
+    assert fake.inits[1]["id"] == kw["id"] == (out / "wandb_id").read_text().strip()
+    assert "wandb_project" not in M.read_metrics(str(out / "metrics.jsonl"))[len(rows)]["config_changed"]
+    # --overwrite: a new W&B run
+    sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--overwrite", "true", "--wandb_project", "p")))
+    assert fake.inits[2]["id"] != kw["id"]
+
+
+def test_wandb_missing_or_bad_mode_is_an_error_before_anything_runs(world, tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(M.ConfigError, match="needs the wandb package"):
+        sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, tmp_path / "a", "--wandb_project", "p")))
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    with pytest.raises(M.ConfigError, match="wandb_mode must be"):
+        sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, tmp_path / "b", "--wandb_project", "p",
+                                                      "--wandb_mode", "cloud")))
+
+
 def test_out_dir_that_is_not_a_run_is_refused(world, tiny_ckpt, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(M.ConfigError, match="holds no run of ours"):
