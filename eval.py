@@ -9,6 +9,8 @@ For a policy checkpoint it reports, over the prompts:
   kl         KL(pi || pi_ref) to --ref, the sampled estimate E_y~pi [sum_t log pi(y_t) - log pi_ref(y_t)]
              (per sequence, nats), with both log-probs at the sampling temperature
   win_rate   gold win rate against --baseline, one answer each per prompt, ties count half
+  fact_acc   the share of answers to the world's fact questions that state the true value and no
+             false one (data/world.py verify_answer: grpo.py's verifiable reward)
 Best-of-n (--best_of_n n): n answers per prompt, the reward model keeps its favourite. Its KL to
 the sampling policy is reported twice: kl_best_of_n_bound, the formula log n - (n - 1) / n of
 Stiennon et al. 2020 and Gao et al. 2022, which Beirami et al. 2024 show is only an upper bound
@@ -147,6 +149,20 @@ def gold_scores(prompts, texts, ended):
     return rows
 
 
+def fact_accuracy(prompts, texts, ended, repeats):
+    """Share of the answers to the world's fact questions (what colour, where, what it eats, which
+    animal) that state the true value and no false one: data/world.py verify_answer, grpo.py's
+    verifiable reward (an answer cut before its EOS counts as wrong, as it scores 0 there). With its
+    interval over the fact prompts. {} when no prompt is a fact question."""
+    from data.world import verify_answer  # the task's fact checker, never a training signal here
+    checks = [verify_answer(p, t) for p, t in zip(prompts, texts)]
+    checks = [c if c is None or e else 0.0 for c, e in zip(checks, ended)]
+    by_prompt = [mean(checks[i:i + repeats]) for i in range(0, len(checks), repeats) if checks[i] is not None]
+    if not by_prompt:
+        return {}
+    return {"fact_acc": mean(by_prompt), "fact_acc_ci": M.bootstrap_ci(by_prompt), "fact_prompts": len(by_prompt)}
+
+
 def ranks(xs):
     """Ranks 0..n-1 with ties given their average rank."""
     order = sorted(range(len(xs)), key=lambda i: xs[i])
@@ -282,6 +298,7 @@ def evaluate(cfg):
             summary[k] = mean(g[k] for g in gold)
         pp["gold"] = per_prompt([g["gold"] for g in gold], cfg.repeats)
         summary["gold_ci"] = M.bootstrap_ci(pp["gold"])
+        summary.update(fact_accuracy(prompts, texts, ended, cfg.repeats))
 
     # 3. KL to the reference, sampled: E_pi [log pi(y) - log pi_ref(y)] per sequence (best-of-n picks are
     # not samples of the policy: their KL is the analytic kl_best_of_n above)

@@ -38,12 +38,35 @@ for beta in ${BETAS:-0.03 0.3 1.0}; do
   python eval.py --ckpt "$S/dpo_beta$beta" $EV --out "$S/eval_dpo_beta$beta.json"
 done
 
+# --- the critic-free family (grpo.py) on PPO's reward model and budget, then the KL table: GRPO's
+#     advantages with k1 in the reward, k2 and k3 in the loss (k3 in the loss is the "grpo" run)
+EV5="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 --n_show 0"
+GR="--config configs/grpo_world.toml --policy $OUT/sft --reward_model $OUT/reward --prompts $DATA/prompts_train.jsonl"
+grpo_run() {  # name, then grpo.py flags
+  [ -f "$S/eval_$1.json" ] && return
+  python grpo.py $GR --out_dir "$S/$1" "${@:2}"
+  python eval.py --ckpt "$S/$1" $EV5 --out "$S/eval_$1.json"
+}
+if [ "${GRPO:-1}" = 1 ]; then
+  grpo_run grpo
+  grpo_run dr_grpo --advantage dr_grpo --loss_agg seq_mean_token_sum_norm
+  grpo_run rloo --advantage rloo --kl_in reward --kl_estimator k1 --loss_agg token_mean
+  grpo_run reinforce_pp --advantage reinforce_pp --kl_in reward --kl_estimator k1 --loss_agg token_mean
+  grpo_run grpo_k1_reward --kl_in reward --kl_estimator k1
+  grpo_run grpo_k2_loss --kl_estimator k2
+  # GRPO against the verifiable fact checker (no reward model), on the training fact questions
+  if [ ! -f "$S/eval_grpo_verifiable.json" ]; then
+    python grpo.py --config configs/grpo_world_verifiable.toml --policy "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" \
+      --out_dir "$S/grpo_verifiable"
+    python eval.py --ckpt "$S/grpo_verifiable" $EV5 --out "$S/eval_grpo_verifiable.json"
+  fi
+fi
+
 # --- the frontier: every evaluated run, gold reward against KL to SFT
-python eval.py --frontier "$S/eval_*.json,$OUT/eval_sft.json,$OUT/eval_ppo.json,$OUT/eval_ppo_nokl.json,$OUT/eval_dpo.json" \
+python eval.py --frontier "$S/eval_*.json,$OUT/eval_sft.json,$OUT/eval_ppo.json,$OUT/eval_ppo_nokl.json,$OUT/eval_dpo.json,$OUT/eval_rs.json" \
   --plot "$OUT/frontier.png"
 
 # --- seeds: PPO, DPO and rejection-sampling fine-tuning with other training seeds, pooled with seed 0
-EV5="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 --n_show 0"
 for seed in ${SEEDS-1 2}; do
   D="$OUT/seeds"
   mkdir -p "$D"

@@ -49,6 +49,19 @@ def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path, monkeyp
     assert len(groups) == s["rankings_dumped"] == 6 - s["rankings_skipped"] and all(len(a) >= 2 for _, a in groups)
 
 
+def test_fact_accuracy_by_hand():
+    from data.world import COLOUR
+    q = "what colour is the fox?"
+    true, false = f"the fox is {COLOUR['fox']}.", "the fox is " + ("blue" if COLOUR["fox"] != "blue" else "red") + "."
+    story = "tell me a story about the fox."
+    # two repeats each: the fox question right then wrong (0.5), right twice but the second cut (0.5);
+    # the story prompt is no fact question and does not count
+    got = evaluate.fact_accuracy([q, q, q, q, story, story], [true, false, true, true, true, true],
+                                 [True, True, True, False, True, True], 2)
+    assert got["fact_acc"] == 0.5 and got["fact_prompts"] == 2
+    assert evaluate.fact_accuracy([story], ["x"], [True], 1) == {}
+
+
 def test_rm_rankings_order_duplicates_and_skips():
     # prompt "p": "b" twice (kept once, at its best place); prompt "q": one distinct answer, no preference
     scores = torch.tensor([[0.1, 0.9, 0.5], [0.0, 0.3, 0.2]])
