@@ -314,7 +314,7 @@ def test_reward_model_reads_the_canonical_ids_of_a_sampled_answer(tokenizer, tin
     spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
     canonical = tokenizer.encode(text) + [tokenizer.eot_id]
     responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
-    rows = ppo.rm_rows(tokenizer, [prompt, prompt], responses, 96)
+    rows = M.rm_rows(tokenizer, [prompt, prompt], responses, 96)
     assert rows.tolist() == [prompt + canonical] * 2
     s = evaluate.rm_scores(rm, tokenizer, ["what colour is the cat?"] * 2, [spelled, canonical], 2, "cpu")
     assert s[0].item() == s[1].item()
