@@ -67,7 +67,6 @@ Run:
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -85,11 +84,14 @@ LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
 @dataclass
 class Config:
-    policy: str = "out/sft"  # SFT checkpoint: the policy's start and the frozen reference
+    policy: str = ""  # (required) SFT checkpoint: the policy's start and the frozen reference
     reward: str = "rm"  # "rm": reward_model's score; "verifiable": data/world.py verify_answer (0/1)
-    reward_model: str = "out/reward"  # used when reward = "rm"
-    prompts: str = "data/world/prompts_train.jsonl"  # {"prompt": ...} rows
-    out_dir: str = "out/grpo"
+    reward_model: str = ""  # (required when reward = "rm") reward-model checkpoint (reward.py)
+    prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
+    out_dir: str = "out/grpo"  # checkpoint (ckpt/), config.json, metrics.jsonl
+    template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the policy checkpoint's, else hh
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     # rollout
     total_episodes: int = 8192  # sampled answers over the whole run
     rollout_batch_size: int = 64  # answers per iteration (global: over all processes) = prompts x group_size
@@ -118,7 +120,7 @@ class Config:
     clip_high: float = 0.2  # ratio <= 1 + clip_high (DAPO's clip-higher: 0.28)
     max_grad_norm: float = 1.0
     # bookkeeping
-    gold: bool = True  # log the built-in task's gold reward and fact accuracy (never trained on)
+    gold: str = "auto"  # log the built-in world's gold reward and fact accuracy (never trained on): auto = when the prompts are the world's; true; false
     log_interval: int = 1  # iterations
     sample_interval: int = 10  # print a few answers every this many iterations (item 18)
     n_show: int = 3
@@ -127,6 +129,10 @@ class Config:
     device: str = "auto"
     dtype: str = "bfloat16"  # autocast on CUDA; the frozen models also stored in it there (item 17)
     compile: bool = False
+
+
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "device"}
 
 
 # --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
@@ -254,7 +260,7 @@ def entropy_from_logits(logits, temperature):
 # --- data
 
 
-def load_prompts(path, tokenizer, max_len, verifiable=False):
+def load_prompts(path, tokenizer, max_len, template="hh", verifiable=False):
     """Templated prompt ids, cut to their last max_len tokens (counted); verifiable: the fact
     questions only (the others have no checkable answer), with the number left out."""
     rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
@@ -268,7 +274,7 @@ def load_prompts(path, tokenizer, max_len, verifiable=False):
         n_other, rows = len(rows) - len(kept), kept
         if not rows:
             raise M.ConfigError(f"{path}: reward = 'verifiable' needs fact questions ({', '.join(VERIFIABLE)}); none found")
-    ids = [M.encode_chat(tokenizer, p) for p in rows]
+    ids = [M.encode_chat(tokenizer, p, template=template) for p in rows]
     cut = sum(len(x) > max_len for x in ids)
     return rows, [x[-max_len:] for x in ids], cut, n_other
 
@@ -301,7 +307,6 @@ def check_config(cfg, world):
     if B % (shards * G):
         raise M.ConfigError(f"rollout_batch_size {B} must split into {shards} shards of whole groups of {G} "
                             f"(rollout_shards {cfg.rollout_shards}, {world} processes): a group is never split")
-    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model if cfg.reward == "rm" else "", prompts=cfg.prompts)
     return B, G, minibatch, minibatch // cfg.grad_accum, shards
 
 
@@ -324,16 +329,26 @@ def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx):
 
 
 def train(cfg):
+    rm_path = cfg.reward_model if cfg.reward == "rm" else ""  # the verifiable reward needs no reward model
+    M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"))
+    M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts)
+    cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
+    gold = M.gold_on(cfg.gold, cfg.prompts)
+    if cfg.max_prompt_len + cfg.max_new_tokens > M.block_size_of(cfg.policy):
+        raise M.ConfigError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} > the block_size "
+                            f"{M.block_size_of(cfg.policy)} of {cfg.policy}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
     # --- derived sizes and the batch hierarchy (item 14); every config error before a model loads
     B, G, minibatch, micro, shards = check_config(cfg, world)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     share, shard_size = B // world, B // shards
     lo = rank * share  # this process owns rows lo .. lo + share - 1 (whole groups), shards lo // shard_size ..
     my_shards = range(lo // shard_size, (lo + share) // shard_size)
     iterations = cfg.total_episodes // B
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
+    torch.manual_seed(cfg.seed)
     # --- models: policy, reference (kl_coef > 0), reward model (reward = "rm"); dropout off (item 2)
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     ref = M.load_gpt(cfg.policy, device)[0] if cfg.kl_coef > 0 else None
@@ -347,24 +362,20 @@ def train(cfg):
         if device.startswith("cuda") and cfg.dtype == "bfloat16":
             frozen.to(torch.bfloat16)  # half the memory; their outputs are cast to fp32
     policy.eval()  # eval() = no dropout; gradients still flow
-    prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.reward == "verifiable")
-    if cfg.gold or cfg.reward == "verifiable":
+    prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template,
+                                                       cfg.reward == "verifiable")
+    if gold or cfg.reward == "verifiable":
         from data.world import gold_reward, verify_answer  # the task's oracle and its fact checker
 
     opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
     it = 0
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
-    state = M.load_train_state(ckpt)
+    ckpt, state = run.ckpt, run.state
     if state is not None:  # every process resumes from the same checkpoint
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         it = state["iteration"]
-        if master:
-            M.truncate_metrics(cfg.out_dir, it)
-            print(f"resuming from {ckpt} at iteration {it}")
     if master:
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
         print(f"batch hierarchy: rollout {B} answers = {B // G} prompts x {G} ({shards} shards of {shard_size}, "
               f"{world} processes) -> {cfg.num_minibatches} minibatches of {minibatch} -> {cfg.grad_accum} micro-batches "
@@ -494,7 +505,7 @@ def train(cfg):
             if stats:
                 metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
                 metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
-            if cfg.gold:
+            if gold:
                 golds = [gold_reward(p, t, bool(e)) for p, t, e in zip(my_prompts, texts, ended.tolist())]
                 checks = [verify_answer(p, t) for p, t in zip(my_prompts, texts)]
                 parts = torch.tensor([list(g.values()) + [c or 0.0, c is not None] for g, c in zip(golds, checks)],
@@ -514,7 +525,8 @@ def train(cfg):
                 tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
         if master and (it % cfg.ckpt_interval == 0 or it == iterations):
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
-                              state={"iteration": it, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+                              state={"iteration": it, "optimizer": opt.state_dict(), "rng": M.rng_state(),
+                                     "finished": it == iterations})
     bar.close()
     M.ddp_cleanup(world)
     return policy

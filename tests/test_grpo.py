@@ -285,6 +285,11 @@ def test_resume_after_kill_equals_uninterrupted_run(world, tiny_ckpt, tiny_rm, t
     b, _, _ = M.load_checkpoint(str(tmp_path / "b"))
     assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), c.state_dict().values()))
     assert rows(tmp_path / "b") == rows(tmp_path / "c") and len(rows(tmp_path / "c")) == 4
+    # model.start_run: a finished run is left alone, a changed setting is refused
+    run(world, tiny_ckpt, tiny_rm, tmp_path / "b", *extra)
+    with pytest.raises(M.ConfigError, match="lr: stored 0.001, now 0.002"):
+        run(world, tiny_ckpt, tiny_rm, tmp_path / "b", *extra, "--lr", "2e-3")
+    assert rows(tmp_path / "b") == rows(tmp_path / "c")
 
 
 def test_verifiable_reward_run_without_reference_and_dropped_groups(world, tiny_ckpt, tmp_path):
@@ -296,13 +301,22 @@ def test_verifiable_reward_run_without_reference_and_dropped_groups(world, tiny_
     assert all(r["score"] == 0.0 and r["kl"] == 0.0 and r["fact_acc"] == 0.0 for r in got)
 
 
-def test_config_errors_before_any_model_loads(tmp_path):
+def test_config_errors_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the check")
+    monkeypatch.setattr(M, "load_gpt", refuse)
+    monkeypatch.setattr(M, "load_checkpoint", refuse)
+    other = tmp_path / "hh.jsonl"
+    other.write_text(json.dumps({"prompt": "How do I bake bread?"}) + "\n")
     bad = [(["--advantage", "ppo"], "advantage must be one of"), (["--loss_agg", "sum"], "loss_agg must be one of"),
            (["--kl_estimator", "k4"], "kl_estimator must be one of"), (["--kl_in", "value"], "kl_in must be one of"),
            (["--group_size", "3"], "whole number of groups"), (["--advantage", "rloo", "--group_size", "1"], "rloo"),
-           (["--rollout_shards", "16"], "shards of whole groups"), (["--num_minibatches", "3"], "must split into")]
+           (["--rollout_shards", "16"], "shards of whole groups"), (["--num_minibatches", "3"], "must split into"),
+           (["--policy", "no/such/policy"], "no/such/policy"), (["--reward_model", ""], "missing --reward_model"),
+           (["--max_new_tokens", "48"], "max_prompt_len 64 \\+ max_new_tokens 48 > the block_size 96"),
+           (["--gold", "true", "--prompts", str(other)], "not the built-in world's prompts"),
+           (["--template", "nope"], "template = 'nope'")]
     for extra, msg in bad:
         with pytest.raises(M.ConfigError, match=msg):
-            grpo.train(M.parse_config(grpo.Config, ["--policy", "no/such/policy", "--out_dir", str(tmp_path), *extra]))
-    with pytest.raises(M.ConfigError, match="no/such/policy"):
-        grpo.train(M.parse_config(grpo.Config, ["--policy", "no/such/policy", "--out_dir", str(tmp_path)]))
+            run(world, tiny_ckpt, tiny_rm, tmp_path / "run", *extra)
+    assert not (tmp_path / "run").exists()
