@@ -8,8 +8,9 @@ each prompt is answered G times (a group) and the group is the baseline.
                  max_new_tokens, each row stopping at EOS
   2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of logits / T;
                  no reference model at all when kl_coef = 0)
-  3. score       R_i: reward = "rm": the reward-model score (normalised by its gain/bias), an answer
-                 without EOS scoring missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick");
+  3. score       R_i: reward = "rm": the reward-model score of the re-encoded answer (normalised by its
+                 gain/bias), an answer without EOS scoring missing_eos_penalty instead (Stiennon et al.
+                 2020, N+ "EOS trick");
                  reward = "verifiable": 1 if the answer states the true value of what a fact question
                  asks and no false one, else 0 (data/world.py verify_answer; RL from verifiable rewards);
                  training prompts are filtered to the fact questions (counted)
@@ -43,6 +44,10 @@ each prompt is answered G times (a group) and the group is the baseline.
                  (over micro-batches and processes), so grad_accum and torchrun never change the loss.
 Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
 dropout is off in every model (item 2); Adam eps 1e-5 (item 15).
+
+Scores and tokenization, as in ppo.py: a sampled answer's ids need not be the canonical encoding of
+its text (BPE can spell a word in several ways), so the reward model scores prompt +
+encode(decode(answer)) (+ EOS if it ended), the ids it saw for that text in training (model.rm_rows).
 
 Departures: the KL loss term is weighted by the detached importance ratio pi_theta / pi_old, so that
 on later minibatches (ratio != 1) its expected gradient is still the estimator's on-policy one
@@ -314,8 +319,9 @@ def check_config(cfg, world):
 
 
 @torch.no_grad()
-def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx):
-    """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17)."""
+def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=None):
+    """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17).
+    rm_ids (B, T') are the reward model's rows (model.rm_rows), None without a reward model."""
     outs = {"logprobs": [], "ref_logprobs": [], "scores": []}
     for i in range(0, seq.size(0), micro):
         s, m = seq[i:i + micro], full_mask[i:i + micro]
@@ -324,7 +330,8 @@ def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx):
             if ref is not None:
                 outs["ref_logprobs"].append(M.response_logprobs(ref, s, m, P, cfg.temperature))
             if rm is not None:
-                outs["scores"].append(rm.score(s, m).float())
+                r = rm_ids[i:i + micro]
+                outs["scores"].append(rm.score(r, r != M.PAD_ID).float())
     return {k: torch.cat(v) if v else None for k, v in outs.items()}
 
 
@@ -414,12 +421,15 @@ def train(cfg):
         full_mask = torch.cat([F.pad(m, (0, T - m.size(1))) for m in masks])  # (b, P + R)
         responses = seq[:, P:]  # (b, R)
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
-        my_prompts = [prompts[idx[r // G]] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
+        my_idx = [idx[r // G] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
+        my_prompts = [prompts[i] for i in my_idx]
         texts = [tokenizer.decode(r) for r in responses.tolist()]
 
-        # 2. forward: old and reference log-probs, reward-model scores
+        # 2. forward: old and reference log-probs, reward-model scores (of the re-encoded text)
         t_gen = M.clock(device)
-        out = rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx)
+        rm_ids = None if rm is None else M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses,
+                                                   rm.config.block_size).to(device)  # (b, T')
+        out = rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
         t_fwd = M.clock(device)
         old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
 

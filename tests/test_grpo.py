@@ -219,6 +219,28 @@ def test_verify_answer_hand_examples():
         assert verify_answer(prompt, "the fox is red.") is None, prompt  # not a fact question
 
 
+# --- reward-model scores of re-encoded text (model.rm_rows)
+
+
+def test_reward_model_scores_the_canonical_ids_of_a_sampled_answer(tokenizer, tiny_rm):
+    # an answer sampled as one token per byte is scored like the same text encoded, as the RM was trained
+    rm, _, _ = M.load_checkpoint(tiny_rm)
+    prompt = M.encode_chat(tokenizer, "what colour is the cat?")
+    text = " the cat is black."
+    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
+    canonical = tokenizer.encode(text) + [tokenizer.eot_id]
+    responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
+    seq = torch.cat([torch.tensor([prompt, prompt]), responses], 1)  # (2, P + R)
+    full_mask = (seq != M.PAD_ID).long()
+    cfg = grpo.Config(kl_coef=0.0)
+    rm_ids = M.rm_rows(tokenizer, [prompt, prompt], responses, rm.config.block_size)
+    out = grpo.rollout_forward(rm.backbone, None, rm, seq, full_mask, len(prompt), cfg, 2, torch.no_grad(), rm_ids)
+    assert out["scores"][0].item() == out["scores"][1].item()
+    raw = grpo.rollout_forward(rm.backbone, None, rm, seq, full_mask, len(prompt), cfg, 2, torch.no_grad(), seq)
+    assert raw["scores"][0].item() != raw["scores"][1].item()  # the sampled ids themselves score differently
+    assert raw["scores"][1].item() == pytest.approx(out["scores"][1].item(), abs=1e-6)
+
+
 # --- real runs
 
 
