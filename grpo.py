@@ -45,6 +45,12 @@ each prompt is answered G times (a group) and the group is the baseline.
 Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
 dropout is off in every model (item 2); Adam eps 1e-5 (item 15).
 
+Precision, as in ppo.py: the reference keeps the policy's fp32 weights and runs through the same
+autocast path as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16
+copy of the reference under a policy autocast from fp32 weights is not the same function). The
+reward model, which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17);
+its gain and bias stay fp32.
+
 Scores and tokenization, as in ppo.py: a sampled answer's ids need not be the canonical encoding of
 its text (BPE can spell a word in several ways), so the reward model scores prompt +
 encode(decode(answer)) (+ EOS if it ended), the ids it saw for that text in training (model.rm_rows).
@@ -132,7 +138,7 @@ class Config:
     ckpt_interval: int = 20
     seed: int = 0
     device: str = "auto"
-    dtype: str = "bfloat16"  # autocast on CUDA; the frozen models also stored in it there (item 17)
+    dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
     compile: bool = False
 
 
@@ -366,8 +372,12 @@ def train(cfg):
             raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
     for frozen in (m for m in (ref, rm) if m is not None):
         frozen.eval().requires_grad_(False)
-        if device.startswith("cuda") and cfg.dtype == "bfloat16":
-            frozen.to(torch.bfloat16)  # half the memory; their outputs are cast to fp32
+    ctx = M.autocast(device, cfg.dtype)
+    if rm is not None and isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
+        # the reward model in bf16: half the memory, scores cast to fp32, gain and bias kept fp32.
+        # The reference stays in fp32 like the policy: the same autocast path, so step-0 KL is exactly 0
+        rm.backbone.to(torch.bfloat16)
+        rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
     prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template,
                                                        cfg.reward == "verifiable")
@@ -390,7 +400,6 @@ def train(cfg):
               f"rollout; {iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens"
               + (f"; {n_other} that are not fact questions left out)" if cfg.reward == "verifiable" else ")")
               + f" | reference model {'loaded' if ref is not None else 'not loaded (kl_coef 0)'}")
-    ctx = M.autocast(device, cfg.dtype)
     fwd_policy = torch.compile(policy) if cfg.compile else policy
     gen = torch.Generator(device=device)
     stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"]

@@ -273,6 +273,27 @@ def test_cli_two_steps_step0_identities(world, tiny_ckpt, tiny_rm, tmp_path):
     assert M.load_checkpoint(str(tmp_path))[0] is not None
 
 
+def test_bf16_path_keeps_step0_kl_zero_ratio_one_and_reward_gain_fp32(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    # CPU bf16 autocast stands in for CUDA's (as in tests/test_ppo.py): the reward model is then stored in bf16
+    bf16 = lambda device, dtype="bfloat16": torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setattr(M, "autocast", bf16)
+    real, seen = grpo.rollout_forward, {}
+
+    def spy(policy, ref, rm, *a):
+        seen.update(ref=ref, rm=rm)
+        return real(policy, ref, rm, *a)
+
+    monkeypatch.setattr(grpo, "rollout_forward", spy)
+    # one minibatch of one epoch: every logged update statistic is step 0's
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--kl_coef", "0.1", "--update_epochs", "1",
+        "--num_minibatches", "1")
+    first, = rows(tmp_path)
+    assert first["kl"] == 0.0 and first["kl_est"] == 0.0 and first["kl_loss"] == 0.0  # the reference is the policy
+    assert first["approx_kl"] == 0.0 and first["ratio"] == 1.0  # the update's log-probs are the rollout's
+    assert seen["rm"].head.weight.dtype == torch.bfloat16 and seen["rm"].reward_gain.dtype == torch.float32
+    assert seen["rm"].reward_bias.dtype == torch.float32 and seen["ref"].lm_head.weight.dtype == torch.float32
+
+
 def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
     extra = ("--total_episodes", "16", "--loss_agg", "seq_mean_token_mean", "--kl_coef", "0.1", "--kl_estimator", "k2")
     a = run(world, tiny_ckpt, tiny_rm, tmp_path / "a", *extra)
