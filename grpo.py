@@ -49,7 +49,9 @@ Precision, as in ppo.py: the reference keeps the policy's fp32 weights and runs 
 autocast path as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16
 copy of the reference under a policy autocast from fp32 weights is not the same function). The
 reward model, which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17);
-its gain and bias stay fp32.
+its gain and bias stay fp32. With compile, the rollout's old log-probs, the reference's and the
+update's all go through compiled modules (the policy's old and new log-probs through the same one),
+so the step-0 ratio is exactly 1.
 
 Scores and tokenization, as in ppo.py: a sampled answer's ids need not be the canonical encoding of
 its text (BPE can spell a word in several ways), so the reward model scores prompt +
@@ -139,7 +141,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
@@ -327,6 +329,7 @@ def check_config(cfg, world):
 @torch.no_grad()
 def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=None):
     """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17).
+    policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1;
     rm_ids (B, T') are the reward model's rows (model.rm_rows), None without a reward model."""
     outs = {"logprobs": [], "ref_logprobs": [], "scores": []}
     for i in range(0, seq.size(0), micro):
@@ -400,7 +403,8 @@ def train(cfg):
               f"rollout; {iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens"
               + (f"; {n_other} that are not fact questions left out)" if cfg.reward == "verifiable" else ")")
               + f" | reference model {'loaded' if ref is not None else 'not loaded (kl_coef 0)'}")
-    fwd_policy = torch.compile(policy) if cfg.compile else policy
+    fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
+    fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0
     gen = torch.Generator(device=device)
     stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"]
     t0, start = time.time(), it
@@ -438,7 +442,7 @@ def train(cfg):
         t_gen = M.clock(device)
         rm_ids = None if rm is None else M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses,
                                                    rm.config.block_size).to(device)  # (b, T')
-        out = rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
+        out = rollout_forward(fwd_policy, fwd_ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
         t_fwd = M.clock(device)
         old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
 

@@ -15,7 +15,7 @@ import torch
 
 import grpo
 import model as M
-from conftest import killed_at_step
+from conftest import count_compiled_forwards, killed_at_step
 from data.world import ANIMALS, COLOUR, EATS, FOUND, LIVES, verify_answer
 from test_ddp import assert_same_run, eos_prone
 
@@ -292,6 +292,14 @@ def test_bf16_path_keeps_step0_kl_zero_ratio_one_and_reward_gain_fp32(world, tin
     assert first["approx_kl"] == 0.0 and first["ratio"] == 1.0  # the update's log-probs are the rollout's
     assert seen["rm"].head.weight.dtype == torch.bfloat16 and seen["rm"].reward_gain.dtype == torch.float32
     assert seen["rm"].reward_bias.dtype == torch.float32 and seen["ref"].lm_head.weight.dtype == torch.float32
+
+
+def test_compile_scores_old_and_new_log_probs_with_one_module(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    # every log-prob forward of the policy and the reference (rollout and update) goes through a compiled
+    # module, the policy's old and new log-probs through the same one: the step-0 ratio is exactly 1
+    calls = count_compiled_forwards(monkeypatch)
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--kl_coef", "0.1", "--compile", "true")
+    assert calls["outside"] == 0 and calls["inside"] == 2 * 2 + 2 * 2  # rollout: 2 chunks x (policy, ref); update: 4
 
 
 def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
