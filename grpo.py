@@ -7,7 +7,8 @@ each prompt is answered G times (a group) and the group is the baseline.
                  and its cache is copied to its G samples. Temperature T, no top-k/top-p, at most
                  max_new_tokens, each row stopping at EOS
   2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of logits / T;
-                 no reference model at all when kl_coef = 0)
+                 no reference model at all when kl_coef = 0); with LoRA (lora_rank > 0) pi_ref is the
+                 policy with its adapters switched off
   3. score       R_i: reward = "rm": the reward-model score of the re-encoded answer (normalised by its
                  gain/bias), an answer without EOS scoring missing_eos_penalty instead (Stiennon et al.
                  2020, N+ "EOS trick");
@@ -81,6 +82,7 @@ Run:
 import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +144,10 @@ class Config:
     device: str = "auto"
     dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
     compile: bool = False  # torch.compile the forward
+    lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
@@ -330,14 +336,16 @@ def check_config(cfg, world):
 def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=None):
     """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17).
     policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1;
+    ref None with kl_coef > 0: the reference is the policy with its LoRA adapters off;
     rm_ids (B, T') are the reward model's rows (model.rm_rows), None without a reward model."""
     outs = {"logprobs": [], "ref_logprobs": [], "scores": []}
     for i in range(0, seq.size(0), micro):
         s, m = seq[i:i + micro], full_mask[i:i + micro]
         with ctx:
             outs["logprobs"].append(M.response_logprobs(policy, s, m, P, cfg.temperature))
-            if ref is not None:
-                outs["ref_logprobs"].append(M.response_logprobs(ref, s, m, P, cfg.temperature))
+            if cfg.kl_coef > 0:
+                with M.adapters_off(policy) if ref is None else nullcontext():
+                    outs["ref_logprobs"].append(M.response_logprobs(policy if ref is None else ref, s, m, P, cfg.temperature))
             if rm is not None:
                 r = rm_ids[i:i + micro]
                 outs["scores"].append(rm.score(r, r != M.PAD_ID).float())
@@ -367,7 +375,9 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     # --- models: policy, reference (kl_coef > 0), reward model (reward = "rm"); dropout off (item 2)
     policy, tokenizer = M.load_gpt(cfg.policy, device)
-    ref = M.load_gpt(cfg.policy, device)[0] if cfg.kl_coef > 0 else None
+    policy = M.adapt(policy, cfg)
+    use_ref = cfg.kl_coef > 0  # a KL term: the reference's log-probs are computed
+    ref = M.load_gpt(cfg.policy, device)[0] if use_ref and not cfg.lora_rank else None  # LoRA: the policy, adapters off
     rm = None
     if cfg.reward == "rm":
         rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
@@ -402,7 +412,7 @@ def train(cfg):
               f"of {micro}; {cfg.update_epochs} epochs = {cfg.update_epochs * cfg.num_minibatches} optimizer steps per "
               f"rollout; {iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens"
               + (f"; {n_other} that are not fact questions left out)" if cfg.reward == "verifiable" else ")")
-              + f" | reference model {'loaded' if ref is not None else 'not loaded (kl_coef 0)'}")
+              + f" | reference model {'loaded' if ref is not None else 'the policy, adapters off' if use_ref else 'not loaded (kl_coef 0)'}")
     fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
     fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0
     gen = torch.Generator(device=device)
@@ -457,9 +467,9 @@ def train(cfg):
 
         # 4. KL of the sampled tokens to the reference (0 without one); in the reward or later in the loss
         beta = cfg.kl_coef
-        kl = M.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
-        kl1 = (old_logprobs - ref_logprobs) * mask if ref is not None else torch.zeros_like(mask)  # k1: the logged KL
-        kl_reward = cfg.kl_in == "reward" and ref is not None
+        kl = M.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask if use_ref else torch.zeros_like(mask)
+        kl1 = (old_logprobs - ref_logprobs) * mask if use_ref else torch.zeros_like(mask)  # k1: the logged KL
+        kl_reward = cfg.kl_in == "reward" and use_ref
 
         # 5. advantages: the group baseline (grpo, dr_grpo, rloo), or REINFORCE++'s whitened returns-to-go
         equal = equal_groups(scores, G)  # (b,) counted before any KL enters the reward
@@ -499,7 +509,7 @@ def train(cfg):
                     with ctx:
                         logits = M.response_logits(fwd_policy, mb_seq, mb_full, P)  # (b, R, V)
                     new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
-                    kl_loss_ref = ref_logprobs[i] if ref is not None and cfg.kl_in == "loss" else None
+                    kl_loss_ref = ref_logprobs[i] if use_ref and cfg.kl_in == "loss" else None
                     losses, s = grpo_losses(new_logprobs, old_logprobs[i], advantages[i], mb_mask, cfg.clip_low, cfg.clip_high,
                                             kl_loss_ref, beta, cfg.kl_estimator)
                     loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)

@@ -302,6 +302,18 @@ def test_compile_scores_old_and_new_log_probs_with_one_module(world, tiny_ckpt, 
     assert calls["outside"] == 0 and calls["inside"] == 2 * 2 + 2 * 2  # rollout: 2 chunks x (policy, ref); update: 4
 
 
+def test_lora_steps_change_only_the_adapters_and_the_reference_is_the_base(world, tiny_ckpt, tiny_rm, tmp_path):
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "16", "--kl_coef", "0.1", "--lora_rank", "4")
+    first, second = rows(tmp_path)
+    assert first["kl"] == 0.0 and first["approx_kl_first_mb"] < 1e-10  # fresh adapters (B = 0): policy = reference
+    assert second["kl"] != 0.0  # the reference is the policy with its adapters off, not the adapted policy
+    trained = M.load_checkpoint(str(tmp_path))[0].state_dict()
+    base = M.load_checkpoint(tiny_ckpt)[0].state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in base.items())  # every base weight as it was
+    lora_b = [v for k, v in trained.items() if k.endswith(".lora_B")]
+    assert set(trained) - set(base) == {k for k in trained if ".lora_" in k} and all(v.abs().sum() > 0 for v in lora_b)
+
+
 def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
     extra = ("--total_episodes", "16", "--loss_agg", "seq_mean_token_mean", "--kl_coef", "0.1", "--kl_estimator", "k2")
     a = run(world, tiny_ckpt, tiny_rm, tmp_path / "a", *extra)
