@@ -44,7 +44,8 @@ each prompt is answered G times (a group) and the group is the baseline.
                  the other two weigh every token the same. N and sum_i L_i are the whole minibatch's
                  (over micro-batches and processes), so grad_accum and torchrun never change the loss.
 Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
-dropout is off in every model (item 2); Adam eps 1e-5 (item 15).
+dropout is off in every model (item 2); Adam eps 1e-5 (item 15). The entropy H is logged only, computed
+without gradients, so no (B, R, V) fp32 graph is kept for it.
 
 Precision, as in ppo.py: the reference keeps the policy's fp32 weights and runs through the same
 autocast path as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16
@@ -514,7 +515,8 @@ def train(cfg):
                                             kl_loss_ref, beta, cfg.kl_estimator)
                     loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)
                     loss.backward()
-                    s.update(entropy=entropy_from_logits(logits.detach(), cfg.temperature), loss=losses.detach())
+                    with torch.no_grad():  # the entropy is logged only: no (b, R, V) fp32 graph
+                        s.update(entropy=entropy_from_logits(logits, cfg.temperature), loss=losses.detach())
                     mb_stats += torch.stack([(s[k] * mb_mask).sum().float() for k in stat_keys]) / mb_tokens  # token-weighted means
                 mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))
                 if not all(math.isfinite(v) for v in mb_stats.values()):

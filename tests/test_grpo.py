@@ -314,6 +314,19 @@ def test_lora_steps_change_only_the_adapters_and_the_reference_is_the_base(world
     assert set(trained) - set(base) == {k for k in trained if ".lora_" in k} and all(v.abs().sum() > 0 for v in lora_b)
 
 
+def test_entropy_is_logged_without_a_graph(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    real, seen = grpo.entropy_from_logits, []
+
+    def spy(logits, temperature):
+        out = real(logits, temperature)
+        seen.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(grpo, "entropy_from_logits", spy)
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8")
+    assert seen == [False] * 2 * 2  # epochs x minibatches
+
+
 def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
     extra = ("--total_episodes", "16", "--loss_agg", "seq_mean_token_mean", "--kl_coef", "0.1", "--kl_estimator", "k2")
     a = run(world, tiny_ckpt, tiny_rm, tmp_path / "a", *extra)
