@@ -63,7 +63,8 @@ Departures: the KL loss term is weighted by the detached importance ratio pi_the
 on later minibatches (ratio != 1) its expected gradient is still the estimator's on-policy one
 (DeepSeekMath adds k3 unweighted; at ratio 1 the two are the same). GRPO's std is the unbiased
 sample std (as in TRL, OpenRLHF and verl), eps 1e-6. As in ppo.py, old log-probs are recomputed by a
-full forward after sampling, and the gold reward of the built-in task is logged, never trained on.
+full forward after sampling, and the gold reward of the built-in task (and its fact accuracy) is logged
+only on the world's own prompts (gold = auto), never trained on.
 
 Several GPUs: torchrun --nproc_per_node N grpo.py --config ... (data parallel, no DDP wrapper), as
 ppo.py: every process takes the same prompts and samples, scores and computes advantages for its own
@@ -408,12 +409,13 @@ def train(cfg):
         it = state["iteration"]
     if master:
         M.print_config(cfg)
+        ref_note = "loaded" if ref is not None else "the policy, adapters off" if use_ref else "not loaded (kl_coef 0)"
         print(f"batch hierarchy: rollout {B} answers = {B // G} prompts x {G} ({shards} shards of {shard_size}, "
               f"{world} processes) -> {cfg.num_minibatches} minibatches of {minibatch} -> {cfg.grad_accum} micro-batches "
               f"of {micro}; {cfg.update_epochs} epochs = {cfg.update_epochs * cfg.num_minibatches} optimizer steps per "
               f"rollout; {iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens"
               + (f"; {n_other} that are not fact questions left out)" if cfg.reward == "verifiable" else ")")
-              + f" | reference model {'loaded' if ref is not None else 'the policy, adapters off' if use_ref else 'not loaded (kl_coef 0)'}")
+              + f" | reference model {ref_note}")
     fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
     fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0
     gen = torch.Generator(device=device)

@@ -1,8 +1,9 @@
 """Tests of grpo.py and what it shares with ppo.py in model.py: every advantage estimator and every loss
 aggregation against hand values (GRPO's length bias included), the k1/k2/k3 KL estimators enumerated
 exactly on a small categorical distribution, grouped sampling with a shared prefill, the verifiable
-checker, gradient accumulation and 2 processes against one, gradients on response tokens only, the
-step-0 identities of a real CLI run, exact resume after a kill, config errors before any model loads."""
+checker, reward-model scores of re-encoded answers, gradient accumulation and 2 processes against one,
+gradients on response tokens only, the step-0 identities of a real CLI run (also under bf16 autocast,
+with compile and with LoRA), exact resume after a kill, config errors before any model loads."""
 
 import json
 import math
