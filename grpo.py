@@ -7,9 +7,11 @@ each prompt is answered G times (a group) and the group is the baseline.
                  and its cache is copied to its G samples. Temperature T, no top-k/top-p, at most
                  max_new_tokens, each row stopping at EOS
   2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of logits / T;
-                 no reference model at all when kl_coef = 0)
-  3. score       R_i: reward = "rm": the reward-model score (normalised by its gain/bias), an answer
-                 without EOS scoring missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick");
+                 no reference model at all when kl_coef = 0); with LoRA (lora_rank > 0) pi_ref is the
+                 policy with its adapters switched off
+  3. score       R_i: reward = "rm": the reward-model score of the re-encoded answer (normalised by its
+                 gain/bias), an answer without EOS scoring missing_eos_penalty instead (Stiennon et al.
+                 2020, N+ "EOS trick");
                  reward = "verifiable": 1 if the answer states the true value of what a fact question
                  asks and no false one, else 0 (data/world.py verify_answer; RL from verifiable rewards);
                  training prompts are filtered to the fact questions (counted)
@@ -42,13 +44,27 @@ each prompt is answered G times (a group) and the group is the baseline.
                  the other two weigh every token the same. N and sum_i L_i are the whole minibatch's
                  (over micro-batches and processes), so grad_accum and torchrun never change the loss.
 Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
-dropout is off in every model (item 2); Adam eps 1e-5 (item 15).
+dropout is off in every model (item 2); Adam eps 1e-5 (item 15). The entropy H is logged only, computed
+without gradients, so no (B, R, V) fp32 graph is kept for it.
+
+Precision, as in ppo.py: the reference keeps the policy's fp32 weights and runs through the same
+autocast path as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16
+copy of the reference under a policy autocast from fp32 weights is not the same function). The
+reward model, which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17);
+its gain and bias stay fp32. With compile, the rollout's old log-probs, the reference's and the
+update's all go through compiled modules (the policy's old and new log-probs through the same one),
+so the step-0 ratio is exactly 1.
+
+Scores and tokenization, as in ppo.py: a sampled answer's ids need not be the canonical encoding of
+its text (BPE can spell a word in several ways), so the reward model scores prompt +
+encode(decode(answer)) (+ EOS if it ended), the ids it saw for that text in training (model.rm_rows).
 
 Departures: the KL loss term is weighted by the detached importance ratio pi_theta / pi_old, so that
 on later minibatches (ratio != 1) its expected gradient is still the estimator's on-policy one
 (DeepSeekMath adds k3 unweighted; at ratio 1 the two are the same). GRPO's std is the unbiased
 sample std (as in TRL, OpenRLHF and verl), eps 1e-6. As in ppo.py, old log-probs are recomputed by a
-full forward after sampling, and the gold reward of the built-in task is logged, never trained on.
+full forward after sampling, and the gold reward of the built-in task (and its fact accuracy) is logged
+only on the world's own prompts (gold = auto), never trained on.
 
 Several GPUs: torchrun --nproc_per_node N grpo.py --config ... (data parallel, no DDP wrapper), as
 ppo.py: every process takes the same prompts and samples, scores and computes advantages for its own
@@ -67,8 +83,8 @@ Run:
 
 import dataclasses
 import math
-import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +101,14 @@ LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
 @dataclass
 class Config:
-    policy: str = "out/sft"  # SFT checkpoint: the policy's start and the frozen reference
+    policy: str = ""  # (required) SFT checkpoint: the policy's start and the frozen reference
     reward: str = "rm"  # "rm": reward_model's score; "verifiable": data/world.py verify_answer (0/1)
-    reward_model: str = "out/reward"  # used when reward = "rm"
-    prompts: str = "data/world/prompts_train.jsonl"  # {"prompt": ...} rows
-    out_dir: str = "out/grpo"
+    reward_model: str = ""  # (required when reward = "rm") reward-model checkpoint (reward.py)
+    prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
+    out_dir: str = "out/grpo"  # checkpoint (ckpt/), config.json, metrics.jsonl
+    template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the policy checkpoint's, else hh
+    overwrite: bool = False  # delete an existing run in out_dir and start afresh
+    resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
     # rollout
     total_episodes: int = 8192  # sampled answers over the whole run
     rollout_batch_size: int = 64  # answers per iteration (global: over all processes) = prompts x group_size
@@ -118,15 +137,23 @@ class Config:
     clip_high: float = 0.2  # ratio <= 1 + clip_high (DAPO's clip-higher: 0.28)
     max_grad_norm: float = 1.0
     # bookkeeping
-    gold: bool = True  # log the built-in task's gold reward and fact accuracy (never trained on)
+    gold: str = "auto"  # log the built-in world's gold reward and fact accuracy (never trained on): auto = when the prompts are the world's; true; false
     log_interval: int = 1  # iterations
     sample_interval: int = 10  # print a few answers every this many iterations (item 18)
     n_show: int = 3
     ckpt_interval: int = 20
     seed: int = 0
     device: str = "auto"
-    dtype: str = "bfloat16"  # autocast on CUDA; the frozen models also stored in it there (item 17)
-    compile: bool = False
+    dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
+    compile: bool = False  # torch.compile the forward
+    lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA output scale alpha / rank
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+
+
+# settings that cannot change the trained weights or the logged numbers: may differ on resume
+SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "device"}
 
 
 # --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
@@ -254,7 +281,7 @@ def entropy_from_logits(logits, temperature):
 # --- data
 
 
-def load_prompts(path, tokenizer, max_len, verifiable=False):
+def load_prompts(path, tokenizer, max_len, template="hh", verifiable=False):
     """Templated prompt ids, cut to their last max_len tokens (counted); verifiable: the fact
     questions only (the others have no checkable answer), with the number left out."""
     rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
@@ -268,7 +295,7 @@ def load_prompts(path, tokenizer, max_len, verifiable=False):
         n_other, rows = len(rows) - len(kept), kept
         if not rows:
             raise M.ConfigError(f"{path}: reward = 'verifiable' needs fact questions ({', '.join(VERIFIABLE)}); none found")
-    ids = [M.encode_chat(tokenizer, p) for p in rows]
+    ids = [M.encode_chat(tokenizer, p, template=template) for p in rows]
     cut = sum(len(x) > max_len for x in ids)
     return rows, [x[-max_len:] for x in ids], cut, n_other
 
@@ -301,7 +328,6 @@ def check_config(cfg, world):
     if B % (shards * G):
         raise M.ConfigError(f"rollout_batch_size {B} must split into {shards} shards of whole groups of {G} "
                             f"(rollout_shards {cfg.rollout_shards}, {world} processes): a group is never split")
-    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model if cfg.reward == "rm" else "", prompts=cfg.prompts)
     return B, G, minibatch, minibatch // cfg.grad_accum, shards
 
 
@@ -309,34 +335,51 @@ def check_config(cfg, world):
 
 
 @torch.no_grad()
-def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx):
-    """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17)."""
+def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=None):
+    """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17).
+    policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1;
+    ref None with kl_coef > 0: the reference is the policy with its LoRA adapters off;
+    rm_ids (B, T') are the reward model's rows (model.rm_rows), None without a reward model."""
     outs = {"logprobs": [], "ref_logprobs": [], "scores": []}
     for i in range(0, seq.size(0), micro):
         s, m = seq[i:i + micro], full_mask[i:i + micro]
         with ctx:
             outs["logprobs"].append(M.response_logprobs(policy, s, m, P, cfg.temperature))
-            if ref is not None:
-                outs["ref_logprobs"].append(M.response_logprobs(ref, s, m, P, cfg.temperature))
+            if cfg.kl_coef > 0:
+                with M.adapters_off(policy) if ref is None else nullcontext():
+                    outs["ref_logprobs"].append(M.response_logprobs(policy if ref is None else ref, s, m, P, cfg.temperature))
             if rm is not None:
-                outs["scores"].append(rm.score(s, m).float())
+                r = rm_ids[i:i + micro]
+                outs["scores"].append(rm.score(r, r != M.PAD_ID).float())
     return {k: torch.cat(v) if v else None for k, v in outs.items()}
 
 
 def train(cfg):
+    rm_path = cfg.reward_model if cfg.reward == "rm" else ""  # the verifiable reward needs no reward model
+    M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"))
+    M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts)
+    cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
+    gold = M.gold_on(cfg.gold, cfg.prompts)
+    if cfg.max_prompt_len + cfg.max_new_tokens > M.block_size_of(cfg.policy):
+        raise M.ConfigError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} > the block_size "
+                            f"{M.block_size_of(cfg.policy)} of {cfg.policy}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
     # --- derived sizes and the batch hierarchy (item 14); every config error before a model loads
     B, G, minibatch, micro, shards = check_config(cfg, world)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     share, shard_size = B // world, B // shards
     lo = rank * share  # this process owns rows lo .. lo + share - 1 (whole groups), shards lo // shard_size ..
     my_shards = range(lo // shard_size, (lo + share) // shard_size)
     iterations = cfg.total_episodes // B
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
+    torch.manual_seed(cfg.seed)
     # --- models: policy, reference (kl_coef > 0), reward model (reward = "rm"); dropout off (item 2)
     policy, tokenizer = M.load_gpt(cfg.policy, device)
-    ref = M.load_gpt(cfg.policy, device)[0] if cfg.kl_coef > 0 else None
+    policy = M.adapt(policy, cfg)
+    use_ref = cfg.kl_coef > 0  # a KL term: the reference's log-probs are computed
+    ref = M.load_gpt(cfg.policy, device)[0] if use_ref and not cfg.lora_rank else None  # LoRA: the policy, adapters off
     rm = None
     if cfg.reward == "rm":
         rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
@@ -344,36 +387,37 @@ def train(cfg):
             raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
     for frozen in (m for m in (ref, rm) if m is not None):
         frozen.eval().requires_grad_(False)
-        if device.startswith("cuda") and cfg.dtype == "bfloat16":
-            frozen.to(torch.bfloat16)  # half the memory; their outputs are cast to fp32
+    ctx = M.autocast(device, cfg.dtype)
+    if rm is not None and isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
+        # the reward model in bf16: half the memory, scores cast to fp32, gain and bias kept fp32.
+        # The reference stays in fp32 like the policy: the same autocast path, so step-0 KL is exactly 0
+        rm.backbone.to(torch.bfloat16)
+        rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
-    prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.reward == "verifiable")
-    if cfg.gold or cfg.reward == "verifiable":
+    prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template,
+                                                       cfg.reward == "verifiable")
+    if gold or cfg.reward == "verifiable":
         from data.world import gold_reward, verify_answer  # the task's oracle and its fact checker
 
     opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
     it = 0
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
-    state = M.load_train_state(ckpt)
+    ckpt, state = run.ckpt, run.state
     if state is not None:  # every process resumes from the same checkpoint
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
         opt.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         it = state["iteration"]
-        if master:
-            M.truncate_metrics(cfg.out_dir, it)
-            print(f"resuming from {ckpt} at iteration {it}")
     if master:
-        M.save_config(cfg, cfg.out_dir)
         M.print_config(cfg)
+        ref_note = "loaded" if ref is not None else "the policy, adapters off" if use_ref else "not loaded (kl_coef 0)"
         print(f"batch hierarchy: rollout {B} answers = {B // G} prompts x {G} ({shards} shards of {shard_size}, "
               f"{world} processes) -> {cfg.num_minibatches} minibatches of {minibatch} -> {cfg.grad_accum} micro-batches "
               f"of {micro}; {cfg.update_epochs} epochs = {cfg.update_epochs * cfg.num_minibatches} optimizer steps per "
               f"rollout; {iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens"
               + (f"; {n_other} that are not fact questions left out)" if cfg.reward == "verifiable" else ")")
-              + f" | reference model {'loaded' if ref is not None else 'not loaded (kl_coef 0)'}")
-    ctx = M.autocast(device, cfg.dtype)
-    fwd_policy = torch.compile(policy) if cfg.compile else policy
+              + f" | reference model {ref_note}")
+    fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
+    fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0
     gen = torch.Generator(device=device)
     stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"]
     t0, start = time.time(), it
@@ -403,12 +447,15 @@ def train(cfg):
         full_mask = torch.cat([F.pad(m, (0, T - m.size(1))) for m in masks])  # (b, P + R)
         responses = seq[:, P:]  # (b, R)
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
-        my_prompts = [prompts[idx[r // G]] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
+        my_idx = [idx[r // G] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
+        my_prompts = [prompts[i] for i in my_idx]
         texts = [tokenizer.decode(r) for r in responses.tolist()]
 
-        # 2. forward: old and reference log-probs, reward-model scores
+        # 2. forward: old and reference log-probs, reward-model scores (of the re-encoded text)
         t_gen = M.clock(device)
-        out = rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx)
+        rm_ids = None if rm is None else M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses,
+                                                   rm.config.block_size).to(device)  # (b, T')
+        out = rollout_forward(fwd_policy, fwd_ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
         t_fwd = M.clock(device)
         old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
 
@@ -423,9 +470,9 @@ def train(cfg):
 
         # 4. KL of the sampled tokens to the reference (0 without one); in the reward or later in the loss
         beta = cfg.kl_coef
-        kl = M.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
-        kl1 = (old_logprobs - ref_logprobs) * mask if ref is not None else torch.zeros_like(mask)  # k1: the logged KL
-        kl_reward = cfg.kl_in == "reward" and ref is not None
+        kl = M.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask if use_ref else torch.zeros_like(mask)
+        kl1 = (old_logprobs - ref_logprobs) * mask if use_ref else torch.zeros_like(mask)  # k1: the logged KL
+        kl_reward = cfg.kl_in == "reward" and use_ref
 
         # 5. advantages: the group baseline (grpo, dr_grpo, rloo), or REINFORCE++'s whitened returns-to-go
         equal = equal_groups(scores, G)  # (b,) counted before any KL enters the reward
@@ -465,12 +512,13 @@ def train(cfg):
                     with ctx:
                         logits = M.response_logits(fwd_policy, mb_seq, mb_full, P)  # (b, R, V)
                     new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
-                    kl_loss_ref = ref_logprobs[i] if ref is not None and cfg.kl_in == "loss" else None
+                    kl_loss_ref = ref_logprobs[i] if use_ref and cfg.kl_in == "loss" else None
                     losses, s = grpo_losses(new_logprobs, old_logprobs[i], advantages[i], mb_mask, cfg.clip_low, cfg.clip_high,
                                             kl_loss_ref, beta, cfg.kl_estimator)
                     loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)
                     loss.backward()
-                    s.update(entropy=entropy_from_logits(logits.detach(), cfg.temperature), loss=losses.detach())
+                    with torch.no_grad():  # the entropy is logged only: no (b, R, V) fp32 graph
+                        s.update(entropy=entropy_from_logits(logits, cfg.temperature), loss=losses.detach())
                     mb_stats += torch.stack([(s[k] * mb_mask).sum().float() for k in stat_keys]) / mb_tokens  # token-weighted means
                 mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))
                 if not all(math.isfinite(v) for v in mb_stats.values()):
@@ -494,7 +542,7 @@ def train(cfg):
             if stats:
                 metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
                 metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
-            if cfg.gold:
+            if gold:
                 golds = [gold_reward(p, t, bool(e)) for p, t, e in zip(my_prompts, texts, ended.tolist())]
                 checks = [verify_answer(p, t) for p, t in zip(my_prompts, texts)]
                 parts = torch.tensor([list(g.values()) + [c or 0.0, c is not None] for g, c in zip(golds, checks)],
@@ -514,7 +562,8 @@ def train(cfg):
                 tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
         if master and (it % cfg.ckpt_interval == 0 or it == iterations):
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
-                              state={"iteration": it, "optimizer": opt.state_dict(), "rng": M.rng_state()})
+                              state={"iteration": it, "optimizer": opt.state_dict(), "rng": M.rng_state(),
+                                     "finished": it == iterations})
     bar.close()
     M.ddp_cleanup(world)
     return policy

@@ -20,7 +20,8 @@ Contents
                             LlamaForCausalLM, Qwen2/Qwen3ForCausalLM, GPTNeoXForCausalLM; safetensors
                             (single or sharded) read and written by hand
   6. Tokenizer              tiktoken BPE (gpt2, a ranks file we trained, or a Hugging Face
-                            tokenizer.json) and the chat templates (hh, chatml, llama3)
+                            tokenizer.json) and the chat templates (hh, chatml, llama3);
+                            reencode, rm_rows: a sampled answer as the reward model reads it
   7. Checkpoints            directories written atomically (temp dir + rename)
   8. Utilities              config parsing (dataclass < toml/json < --key value), device, DDP,
                             autocast, optimizer, metrics log, jsonl and preference reading
@@ -1460,6 +1461,18 @@ def truncate_group(p, rs, max_len, min_prompt):
     p, _, cut_p, _ = truncate_example(p, max(rs, key=len), max_len, min_prompt)
     cut = [truncate_example(p, r, max_len, min_prompt) for r in rs]  # the prompt fits: only answers are cut
     return p, [c[1] for c in cut], cut_p, [c[3] for c in cut]
+
+
+def rm_rows(tokenizer, prompt_ids, responses, max_len):
+    """Right-padded rows prompt + re-encoded answer (+ EOS if it ended) for a reward model: (B, T).
+    prompt_ids: B lists of ids, responses (B, R) the sampled ids (PAD after the end). The RL stages
+    score these, the ids the reward model saw in training for the same text (reencode), not the
+    sampled ids; a row longer than max_len keeps the end of its prompt (truncate_example)."""
+    rows = []
+    for p, r in zip(prompt_ids, responses.tolist()):
+        p, r, _, _ = truncate_example(p, reencode(tokenizer, r), max_len, 0)
+        rows.append(p + r)
+    return pad_right(rows)
 
 
 def pad_left(rows, max_len=None):

@@ -296,17 +296,6 @@ def load_prompts(path, tokenizer, max_len, template="hh"):
     return rows, [x[-max_len:] for x in ids], cut
 
 
-def rm_rows(tokenizer, prompt_ids, responses, max_len):
-    """Right-padded rows prompt + re-encoded answer (+ EOS if it ended) for the reward model: (B, T).
-    The ids it saw in training for the same text (model.reencode); a row longer than max_len
-    keeps the end of its prompt (model.truncate_example)."""
-    rows = []
-    for p, r in zip(prompt_ids, responses.tolist()):
-        p, r, _, _ = M.truncate_example(p, M.reencode(tokenizer, r), max_len, 0)
-        rows.append(p + r)
-    return M.pad_right(rows)
-
-
 def init_value_model(value_init, policy, reward_model, device):
     """The value model (item 12). "reward": the reward model with its normalisation
     folded into the head, so its first values are in the units of the normalised scores (InstructGPT,
@@ -346,7 +335,7 @@ def load_ptx(path, tokenizer):
 def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids):
     """Old/ref log-probs, values and scores of a rollout, in chunks of `micro` rows (item 17).
     policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1;
-    rm_ids (B, T') are the reward model's rows (rm_rows)."""
+    rm_ids (B, T') are the reward model's rows (model.rm_rows)."""
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for i in range(0, seq.size(0), micro):
         s, m, r = seq[i:i + micro], full_mask[i:i + micro], rm_ids[i:i + micro]
@@ -469,7 +458,7 @@ def train(cfg):
 
         # 2. forward: old and reference log-probs, values, reward-model scores (of the re-encoded text)
         t_gen = M.clock(device)
-        rm_ids = rm_rows(tokenizer, [prompt_ids[i] for i in idx[lo:lo + share]], responses, rm.config.block_size).to(device)
+        rm_ids = M.rm_rows(tokenizer, [prompt_ids[i] for i in idx[lo:lo + share]], responses, rm.config.block_size).to(device)
         out = rollout_forward(fwd_policy, fwd_ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
         t_fwd = M.clock(device)
         old_logprobs, ref_logprobs, scores = out["logprobs"], out["ref_logprobs"], out["scores"]

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny generated world, a BPE trained on it, a tiny random checkpoint and reward
-model (session-scoped, built once), and a way to kill a training loop at a given step."""
+model (session-scoped, built once), a way to kill a training loop at a given step, and a stand-in
+for torch.compile that counts forwards run outside a compiled module."""
 
 import contextlib
 
@@ -64,3 +65,31 @@ def killed_at_step(monkeypatch, n):
             yield
     finally:
         monkeypatch.setattr(M, "lr_at", real)
+
+
+def count_compiled_forwards(monkeypatch):
+    """torch.compile replaced by a wrapper module; every GPT forward is counted as run inside a
+    compiled module or outside one. Returns the live counts {"inside": n, "outside": n}."""
+    depth, calls = {"n": 0}, {"outside": 0, "inside": 0}
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+        def forward(self, *a, **k):
+            depth["n"] += 1
+            try:
+                return self._orig_mod(*a, **k)
+            finally:
+                depth["n"] -= 1
+
+    real_forward = M.GPT.forward
+
+    def counted(self, *a, **k):
+        calls["inside" if depth["n"] else "outside"] += 1
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(torch, "compile", lambda m, **k: Compiled(m))
+    monkeypatch.setattr(M.GPT, "forward", counted)
+    return calls

@@ -1,8 +1,9 @@
 """Tests of grpo.py and what it shares with ppo.py in model.py: every advantage estimator and every loss
 aggregation against hand values (GRPO's length bias included), the k1/k2/k3 KL estimators enumerated
 exactly on a small categorical distribution, grouped sampling with a shared prefill, the verifiable
-checker, gradient accumulation and 2 processes against one, gradients on response tokens only, the
-step-0 identities of a real CLI run, exact resume after a kill, config errors before any model loads."""
+checker, reward-model scores of re-encoded answers, gradient accumulation and 2 processes against one,
+gradients on response tokens only, the step-0 identities of a real CLI run (also under bf16 autocast,
+with compile and with LoRA), exact resume after a kill, config errors before any model loads."""
 
 import json
 import math
@@ -15,7 +16,7 @@ import torch
 
 import grpo
 import model as M
-from conftest import killed_at_step
+from conftest import count_compiled_forwards, killed_at_step
 from data.world import ANIMALS, COLOUR, EATS, FOUND, LIVES, verify_answer
 from test_ddp import assert_same_run, eos_prone
 
@@ -219,6 +220,28 @@ def test_verify_answer_hand_examples():
         assert verify_answer(prompt, "the fox is red.") is None, prompt  # not a fact question
 
 
+# --- reward-model scores of re-encoded text (model.rm_rows)
+
+
+def test_reward_model_scores_the_canonical_ids_of_a_sampled_answer(tokenizer, tiny_rm):
+    # an answer sampled as one token per byte is scored like the same text encoded, as the RM was trained
+    rm, _, _ = M.load_checkpoint(tiny_rm)
+    prompt = M.encode_chat(tokenizer, "what colour is the cat?")
+    text = " the cat is black."
+    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
+    canonical = tokenizer.encode(text) + [tokenizer.eot_id]
+    responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
+    seq = torch.cat([torch.tensor([prompt, prompt]), responses], 1)  # (2, P + R)
+    full_mask = (seq != M.PAD_ID).long()
+    cfg = grpo.Config(kl_coef=0.0)
+    rm_ids = M.rm_rows(tokenizer, [prompt, prompt], responses, rm.config.block_size)
+    out = grpo.rollout_forward(rm.backbone, None, rm, seq, full_mask, len(prompt), cfg, 2, torch.no_grad(), rm_ids)
+    assert out["scores"][0].item() == out["scores"][1].item()
+    raw = grpo.rollout_forward(rm.backbone, None, rm, seq, full_mask, len(prompt), cfg, 2, torch.no_grad(), seq)
+    assert raw["scores"][0].item() != raw["scores"][1].item()  # the sampled ids themselves score differently
+    assert raw["scores"][1].item() == pytest.approx(out["scores"][1].item(), abs=1e-6)
+
+
 # --- real runs
 
 
@@ -249,6 +272,60 @@ def test_cli_two_steps_step0_identities(world, tiny_ckpt, tiny_rm, tmp_path):
     assert second["kl"] != 0.0 and second["step"] == 2
     assert all(math.isfinite(v) for row in (first, second) for v in row.values())
     assert M.load_checkpoint(str(tmp_path))[0] is not None
+
+
+def test_bf16_path_keeps_step0_kl_zero_ratio_one_and_reward_gain_fp32(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    # CPU bf16 autocast stands in for CUDA's (as in tests/test_ppo.py): the reward model is then stored in bf16
+    bf16 = lambda device, dtype="bfloat16": torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setattr(M, "autocast", bf16)
+    real, seen = grpo.rollout_forward, {}
+
+    def spy(policy, ref, rm, *a):
+        seen.update(ref=ref, rm=rm)
+        return real(policy, ref, rm, *a)
+
+    monkeypatch.setattr(grpo, "rollout_forward", spy)
+    # one minibatch of one epoch: every logged update statistic is step 0's
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--kl_coef", "0.1", "--update_epochs", "1",
+        "--num_minibatches", "1")
+    first, = rows(tmp_path)
+    assert first["kl"] == 0.0 and first["kl_est"] == 0.0 and first["kl_loss"] == 0.0  # the reference is the policy
+    assert first["approx_kl"] == 0.0 and first["ratio"] == 1.0  # the update's log-probs are the rollout's
+    assert seen["rm"].head.weight.dtype == torch.bfloat16 and seen["rm"].reward_gain.dtype == torch.float32
+    assert seen["rm"].reward_bias.dtype == torch.float32 and seen["ref"].lm_head.weight.dtype == torch.float32
+
+
+def test_compile_scores_old_and_new_log_probs_with_one_module(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    # every log-prob forward of the policy and the reference (rollout and update) goes through a compiled
+    # module, the policy's old and new log-probs through the same one: the step-0 ratio is exactly 1
+    calls = count_compiled_forwards(monkeypatch)
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--kl_coef", "0.1", "--compile", "true")
+    assert calls["outside"] == 0 and calls["inside"] == 2 * 2 + 2 * 2  # rollout: 2 chunks x (policy, ref); update: 4
+
+
+def test_lora_steps_change_only_the_adapters_and_the_reference_is_the_base(world, tiny_ckpt, tiny_rm, tmp_path):
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "16", "--kl_coef", "0.1", "--lora_rank", "4")
+    first, second = rows(tmp_path)
+    assert first["kl"] == 0.0 and first["approx_kl_first_mb"] < 1e-10  # fresh adapters (B = 0): policy = reference
+    assert second["kl"] != 0.0  # the reference is the policy with its adapters off, not the adapted policy
+    trained = M.load_checkpoint(str(tmp_path))[0].state_dict()
+    base = M.load_checkpoint(tiny_ckpt)[0].state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in base.items())  # every base weight as it was
+    lora_b = [v for k, v in trained.items() if k.endswith(".lora_B")]
+    assert set(trained) - set(base) == {k for k in trained if ".lora_" in k} and all(v.abs().sum() > 0 for v in lora_b)
+
+
+def test_entropy_is_logged_without_a_graph(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    real, seen = grpo.entropy_from_logits, []
+
+    def spy(logits, temperature):
+        out = real(logits, temperature)
+        seen.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(grpo, "entropy_from_logits", spy)
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8")
+    assert seen == [False] * 2 * 2  # epochs x minibatches
 
 
 def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
@@ -285,6 +362,11 @@ def test_resume_after_kill_equals_uninterrupted_run(world, tiny_ckpt, tiny_rm, t
     b, _, _ = M.load_checkpoint(str(tmp_path / "b"))
     assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), c.state_dict().values()))
     assert rows(tmp_path / "b") == rows(tmp_path / "c") and len(rows(tmp_path / "c")) == 4
+    # model.start_run: a finished run is left alone, a changed setting is refused
+    run(world, tiny_ckpt, tiny_rm, tmp_path / "b", *extra)
+    with pytest.raises(M.ConfigError, match="lr: stored 0.001, now 0.002"):
+        run(world, tiny_ckpt, tiny_rm, tmp_path / "b", *extra, "--lr", "2e-3")
+    assert rows(tmp_path / "b") == rows(tmp_path / "c")
 
 
 def test_verifiable_reward_run_without_reference_and_dropped_groups(world, tiny_ckpt, tmp_path):
@@ -296,13 +378,22 @@ def test_verifiable_reward_run_without_reference_and_dropped_groups(world, tiny_
     assert all(r["score"] == 0.0 and r["kl"] == 0.0 and r["fact_acc"] == 0.0 for r in got)
 
 
-def test_config_errors_before_any_model_loads(tmp_path):
+def test_config_errors_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the check")
+    monkeypatch.setattr(M, "load_gpt", refuse)
+    monkeypatch.setattr(M, "load_checkpoint", refuse)
+    other = tmp_path / "hh.jsonl"
+    other.write_text(json.dumps({"prompt": "How do I bake bread?"}) + "\n")
     bad = [(["--advantage", "ppo"], "advantage must be one of"), (["--loss_agg", "sum"], "loss_agg must be one of"),
            (["--kl_estimator", "k4"], "kl_estimator must be one of"), (["--kl_in", "value"], "kl_in must be one of"),
            (["--group_size", "3"], "whole number of groups"), (["--advantage", "rloo", "--group_size", "1"], "rloo"),
-           (["--rollout_shards", "16"], "shards of whole groups"), (["--num_minibatches", "3"], "must split into")]
+           (["--rollout_shards", "16"], "shards of whole groups"), (["--num_minibatches", "3"], "must split into"),
+           (["--policy", "no/such/policy"], "no/such/policy"), (["--reward_model", ""], "missing --reward_model"),
+           (["--max_new_tokens", "48"], "max_prompt_len 64 \\+ max_new_tokens 48 > the block_size 96"),
+           (["--gold", "true", "--prompts", str(other)], "not the built-in world's prompts"),
+           (["--template", "nope"], "template = 'nope'")]
     for extra, msg in bad:
         with pytest.raises(M.ConfigError, match=msg):
-            grpo.train(M.parse_config(grpo.Config, ["--policy", "no/such/policy", "--out_dir", str(tmp_path), *extra]))
-    with pytest.raises(M.ConfigError, match="no/such/policy"):
-        grpo.train(M.parse_config(grpo.Config, ["--policy", "no/such/policy", "--out_dir", str(tmp_path)]))
+            run(world, tiny_ckpt, tiny_rm, tmp_path / "run", *extra)
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ import torch
 
 import model as M
 import ppo
+from conftest import count_compiled_forwards
 
 
 def slow_gae(rewards, values, lengths, gamma, lam):
@@ -268,31 +269,9 @@ def test_bf16_path_keeps_step0_kl_zero_and_reward_gain_fp32(world, tiny_ckpt, ti
 
 
 def test_compile_scores_old_and_new_log_probs_with_one_module(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
-    # torch.compile replaced by a wrapper module: every log-prob forward of the policy and the reference
-    # (rollout and update) must go through a compiled module, never through the eager one beside it
-    inside = {"n": 0}
-    calls = {"outside": 0, "inside": 0}
-
-    class Compiled(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self._orig_mod = m
-
-        def forward(self, *a, **k):
-            inside["n"] += 1
-            try:
-                return self._orig_mod(*a, **k)
-            finally:
-                inside["n"] -= 1
-
-    real_forward = M.GPT.forward
-
-    def counted(self, *a, **k):
-        calls["inside" if inside["n"] else "outside"] += 1
-        return real_forward(self, *a, **k)
-
-    monkeypatch.setattr(torch, "compile", lambda m, **k: Compiled(m))
-    monkeypatch.setattr(M.GPT, "forward", counted)
+    # every log-prob forward of the policy and the reference (rollout and update) must go through a
+    # compiled module, never through the eager one beside it
+    calls = count_compiled_forwards(monkeypatch)
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--compile", "true")
     assert calls["outside"] == 0 and calls["inside"] == 4 * 2 + 2 * 2 * 2  # rollout: 4 chunks x (policy, ref); update: 8
 
@@ -314,7 +293,7 @@ def test_reward_model_reads_the_canonical_ids_of_a_sampled_answer(tokenizer, tin
     spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
     canonical = tokenizer.encode(text) + [tokenizer.eot_id]
     responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
-    rows = ppo.rm_rows(tokenizer, [prompt, prompt], responses, 96)
+    rows = M.rm_rows(tokenizer, [prompt, prompt], responses, 96)
     assert rows.tolist() == [prompt + canonical] * 2
     s = evaluate.rm_scores(rm, tokenizer, ["what colour is the cat?"] * 2, [spelled, canonical], 2, "cpu")
     assert s[0].item() == s[1].item()

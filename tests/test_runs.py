@@ -18,13 +18,14 @@ import model as M
 from conftest import killed_at_step
 import dpo
 import eval as evaluate
+import grpo
 import ppo
 import reward
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SCRIPTS = ["pretrain", "sft", "reward", "ppo", "dpo", "eval", "bench", "data.world", "data.bpe", "data.preferences",
+SCRIPTS = ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "bench", "data.world", "data.bpe", "data.preferences",
            "data.rm_probe", "data.prepare_hh", "data.prepare_tldr", "data.prepare_imdb", "data.prepare_alpaca"]
 
 
@@ -65,7 +66,7 @@ def test_field_docs_reads_comments_not_strings():
 
 def test_no_arguments_is_an_error_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for mod, keys in ((ppo, "--policy"), (sft, "--data"), (reward, "--data"), (dpo, "--data")):
+    for mod, keys in ((ppo, "--policy"), (grpo, "--policy"), (sft, "--data"), (reward, "--data"), (dpo, "--data")):
         with pytest.raises(M.ConfigError, match=f"missing {keys}"):
             mod.train(M.parse_config(mod.Config, []))
     with pytest.raises(M.ConfigError, match="missing --ckpt"):
@@ -206,7 +207,7 @@ def test_eval_on_other_prompts_reports_no_gold(tiny_ckpt, tmp_path):
 
 
 def test_stage_configs_have_no_world_paths():
-    for mod in (sft, reward, ppo, dpo, evaluate, importlib.import_module("pretrain")):
+    for mod in (sft, reward, ppo, grpo, dpo, evaluate, importlib.import_module("pretrain")):
         for f in dataclasses.fields(mod.Config):
             assert "world" not in str(f.default), (mod.__name__, f.name)
 
