@@ -109,6 +109,8 @@ class Config:
     template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the policy checkpoint's, else hh
     overwrite: bool = False  # delete an existing run in out_dir and start afresh
     resume_changed: bool = False  # resume a run in out_dir although result-affecting settings changed (recorded in metrics.jsonl)
+    wandb_project: str = ""  # mirror metrics.jsonl to this Weights & Biases project (optional: pip install wandb)
+    wandb_mode: str = "offline"  # offline (no network; wandb sync later) | online
     # rollout
     total_episodes: int = 8192  # sampled answers over the whole run
     rollout_batch_size: int = 64  # answers per iteration (global: over all processes) = prompts x group_size
