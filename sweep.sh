@@ -18,12 +18,12 @@ mkdir -p "$S"
 EV="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --n_show 0"
 
 # --- best-of-n from the SFT policy, picked by the reward model
-for n in ${NS:-1 2 4 8 16 32 64}; do
+for n in ${NS-1 2 4 8 16 32 64}; do
   [ -f "$S/eval_bon$n.json" ] || python eval.py --ckpt "$OUT/sft" $EV --best_of_n "$n" --out "$S/eval_bon$n.json"
 done
 
 # --- PPO at several KL coefficients (train.sh's config value and 0 come from train.sh)
-for kl in ${KLS:-0.03 0.2 0.4}; do
+for kl in ${KLS-0.03 0.2 0.4}; do
   [ -f "$S/eval_ppo_kl$kl.json" ] && continue
   python ppo.py --config configs/ppo_world.toml --policy "$OUT/sft" --reward_model "$OUT/reward" \
     --prompts "$DATA/prompts_train.jsonl" --out_dir "$S/ppo_kl$kl" --kl_coef "$kl"
@@ -31,7 +31,7 @@ for kl in ${KLS:-0.03 0.2 0.4}; do
 done
 
 # --- DPO at several betas (0.1 comes from train.sh)
-for beta in ${BETAS:-0.03 0.3 1.0}; do
+for beta in ${BETAS-0.03 0.3 1.0}; do
   [ -f "$S/eval_dpo_beta$beta.json" ] && continue
   python dpo.py --config configs/dpo_world.toml --data "$DATA/prefs_pairs_train.jsonl" --val_data "$DATA/prefs_pairs_val.jsonl" \
     --init "$OUT/sft" --out_dir "$S/dpo_beta$beta" --beta "$beta"
@@ -59,6 +59,12 @@ if [ "${GRPO:-1}" = 1 ]; then
     python grpo.py --config configs/grpo_world_verifiable.toml --policy "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" \
       --out_dir "$S/grpo_verifiable"
     python eval.py --ckpt "$S/grpo_verifiable" $EV5 --out "$S/eval_grpo_verifiable.json"
+  fi
+  # the same with no KL term (the checker cannot be won by tone or length) and twice the episodes
+  if [ ! -f "$S/eval_grpo_verifiable_kl0.json" ]; then
+    python grpo.py --config configs/grpo_world_verifiable.toml --policy "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" \
+      --kl_coef 0 --total_episodes 16384 --out_dir "$S/grpo_verifiable_kl0"
+    python eval.py --ckpt "$S/grpo_verifiable_kl0" $EV5 --out "$S/eval_grpo_verifiable_kl0.json"
   fi
 fi
 

@@ -151,8 +151,10 @@ def main(cfg):
         all_stats[split] = stats
         print(f"{split}: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
                                       if not k.endswith("_ci")) + " | gold_agreement 95% CI [{:.3f}, {:.3f}]".format(*stats["gold_agreement_ci"]))
-    with open(os.path.join(cfg.out_dir, "prefs_stats.json"), "w") as f:
+    path = os.path.join(cfg.out_dir, "prefs_stats.json")  # written last and renamed: it marks the data complete
+    with open(path + ".tmp", "w") as f:
         json.dump(all_stats, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
