@@ -38,35 +38,28 @@ for beta in ${BETAS-0.03 0.3 1.0}; do
   python eval.py --ckpt "$S/dpo_beta$beta" $EV --out "$S/eval_dpo_beta$beta.json"
 done
 
-# --- the critic-free family (grpo.py) on PPO's reward model and budget, then the KL table: GRPO's
-#     advantages with k1 in the reward, k2 and k3 in the loss (k3 in the loss is the "grpo" run)
+# --- the critic-free family (grpo.py) on PPO's reward model and budget, the KL table (GRPO's
+#     advantages with k1 in the reward, k2 or k3 in the loss; k3 in the loss is the "grpo" run), and
+#     GRPO against the verifiable fact checker (no reward model). GRPO_RUNS picks the runs.
 EV5="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 --n_show 0"
-GR="--config configs/grpo_world.toml --policy $OUT/sft --reward_model $OUT/reward --prompts $DATA/prompts_train.jsonl"
-grpo_run() {  # name, then grpo.py flags
-  [ -f "$S/eval_$1.json" ] && return
-  python grpo.py $GR --out_dir "$S/$1" "${@:2}"
-  python eval.py --ckpt "$S/$1" $EV5 --out "$S/eval_$1.json"
+grpo_flags() {
+  case $1 in
+    grpo) echo "--config configs/grpo_world.toml" ;;
+    dr_grpo) echo "--config configs/grpo_world.toml --advantage dr_grpo --loss_agg seq_mean_token_sum_norm" ;;
+    rloo) echo "--config configs/grpo_world.toml --advantage rloo --kl_in reward --kl_estimator k1 --loss_agg token_mean" ;;
+    reinforce_pp) echo "--config configs/grpo_world.toml --advantage reinforce_pp --kl_in reward --kl_estimator k1 --loss_agg token_mean" ;;
+    grpo_k1_reward) echo "--config configs/grpo_world.toml --kl_in reward --kl_estimator k1" ;;
+    grpo_k2_loss) echo "--config configs/grpo_world.toml --kl_estimator k2" ;;
+    grpo_verifiable) echo "--config configs/grpo_world_verifiable.toml" ;;
+    *) echo "sweep.sh: unknown GRPO run $1" >&2; exit 1 ;;
+  esac
 }
-if [ "${GRPO:-1}" = 1 ]; then
-  grpo_run grpo
-  grpo_run dr_grpo --advantage dr_grpo --loss_agg seq_mean_token_sum_norm
-  grpo_run rloo --advantage rloo --kl_in reward --kl_estimator k1 --loss_agg token_mean
-  grpo_run reinforce_pp --advantage reinforce_pp --kl_in reward --kl_estimator k1 --loss_agg token_mean
-  grpo_run grpo_k1_reward --kl_in reward --kl_estimator k1
-  grpo_run grpo_k2_loss --kl_estimator k2
-  # GRPO against the verifiable fact checker (no reward model), on the training fact questions
-  if [ ! -f "$S/eval_grpo_verifiable.json" ]; then
-    python grpo.py --config configs/grpo_world_verifiable.toml --policy "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" \
-      --out_dir "$S/grpo_verifiable"
-    python eval.py --ckpt "$S/grpo_verifiable" $EV5 --out "$S/eval_grpo_verifiable.json"
-  fi
-  # the same with no KL term (the checker cannot be won by tone or length) and twice the episodes
-  if [ ! -f "$S/eval_grpo_verifiable_kl0.json" ]; then
-    python grpo.py --config configs/grpo_world_verifiable.toml --policy "$OUT/sft" --prompts "$DATA/prompts_train.jsonl" \
-      --kl_coef 0 --total_episodes 16384 --out_dir "$S/grpo_verifiable_kl0"
-    python eval.py --ckpt "$S/grpo_verifiable_kl0" $EV5 --out "$S/eval_grpo_verifiable_kl0.json"
-  fi
-fi
+for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable}; do
+  [ -f "$S/eval_$name.json" ] && continue
+  rm_flag=$([ "$name" = grpo_verifiable ] || echo "--reward_model $OUT/reward")
+  python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $rm_flag --prompts "$DATA/prompts_train.jsonl" --out_dir "$S/$name"
+  python eval.py --ckpt "$S/$name" $EV5 --out "$S/eval_$name.json"
+done
 
 # --- the frontier: every evaluated run, gold reward against KL to SFT
 python eval.py --frontier "$S/eval_*.json,$OUT/eval_sft.json,$OUT/eval_ppo.json,$OUT/eval_ppo_nokl.json,$OUT/eval_dpo.json,$OUT/eval_rs.json" \
