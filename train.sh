@@ -46,8 +46,10 @@ python sft.py --config configs/sft_world.toml --data "$DATA/sft_train.jsonl" --v
 
 # --- 5. preferences: K = 4..9 SFT answers per prompt, ranked by noisy gold labelers (Bradley-Terry)
 echo "[train.sh $SECONDS s] stage 5"
-python data/preferences.py --policy "$OUT/sft" --prompts_train "$DATA/prompts_train.jsonl" --prompts_val "$DATA/prompts_val.jsonl" \
-  --out_dir "$DATA" $PREFS
+if [ ! -s "$DATA/prefs_stats.json" ]; then  # written last: the preference files are complete
+  python data/preferences.py --policy "$OUT/sft" --prompts_train "$DATA/prompts_train.jsonl" --prompts_val "$DATA/prompts_val.jsonl" \
+    --out_dir "$DATA" $PREFS
+fi
 
 # --- 6. reward model from the rankings (all K(K-1)/2 pairs of a ranking in one batch element)
 echo "[train.sh $SECONDS s] stage 6"
@@ -90,21 +92,29 @@ python eval.py --ckpt "$OUT/rs" $EV --out "$OUT/eval_rs.json"
 
 # --- results
 echo "[train.sh $SECONDS s] results"
-python - "$OUT" "$DATA" <<'EOF'
+python - "$OUT" "$DATA" <<'PY'
 import json, os, sys
 out = sys.argv[1]
-cols = ["gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score", "kl", "win_rate", "rm_gold_spearman"]
+cols = ["gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score", "kl", "win_rate", "fact_acc"]
+parts = ["helpful", "honest", "harmless", "eos", "length", "repetition"]  # gold is their sum
 stats = json.load(open(os.path.join(sys.argv[2], "prefs_stats.json")))["val"]
 rm = [json.loads(l) for l in open(os.path.join(out, "reward", "metrics.jsonl"))][-1]
 ci = lambda c: f"[{c[0]:.3f}, {c[1]:.3f}]"
 print(f"\nreward model: held-out pairwise accuracy {rm['val_acc']:.3f} | noise ceiling {stats['noise_ceiling']:.3f} "
       f"(realised: gold order agrees with {stats['gold_agreement']:.3f} {ci(stats['gold_agreement_ci'])} of the labels) "
       f"| ratio {rm['val_acc'] / stats['noise_ceiling']:.3f}")
-print(f"\n{'model':12s}" + "".join(f"{c[:9]:>10s}" for c in cols) + "  gold 95% CI        win rate 95% CI")
+runs = {}
 for name in ["pretrain", "sft", "bon16", "rs", "ppo", "ppo_nokl", "dpo"]:
     path = os.path.join(out, f"eval_{name}.json")
     if os.path.exists(path):
-        r = json.load(open(path))
-        print(f"{name:12s}" + "".join(f"{r[c]:10.3f}" if r.get(c) is not None else f"{'-':>10s}" for c in cols)
-              + f"  {ci(r['gold_ci']) if 'gold_ci' in r else '-':18s} {ci(r['win_rate_ci']) if 'win_rate_ci' in r else '-'}")
-EOF
+        runs[name] = json.load(open(path))
+print(f"\n{'model':10s}" + "".join(f"{c[:9]:>10s}" for c in cols) + "  gold 95% CI        win rate 95% CI")
+for name, r in runs.items():
+    print(f"{name:10s}" + "".join(f"{r[c]:10.3f}" if r.get(c) is not None else f"{'-':>10s}" for c in cols)
+          + f"  {ci(r['gold_ci']) if 'gold_ci' in r else '-':18s} {ci(r['win_rate_ci']) if 'win_rate_ci' in r else '-'}")
+if "sft" in runs:  # where each method's gold gain over SFT comes from
+    print(f"\ngain over SFT by gold part\n{'model':10s}{'gold':>10s}" + "".join(f"{p:>11s}" for p in parts))
+    for name, r in runs.items():
+        if name not in ("pretrain", "sft"):
+            print(f"{name:10s}{r['gold'] - runs['sft']['gold']:+10.3f}" + "".join(f"{r[p] - runs['sft'][p]:+11.3f}" for p in parts))
+PY
