@@ -407,13 +407,15 @@ def frontier(cfg):
     except ImportError:
         print("matplotlib is not installed: the table above is the frontier (pip install matplotlib for the plot)")
         return rows
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in sorted({r[0] for r in rows}):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, m in enumerate(sorted({r[0] for r in rows})):
         pts = sorted((kl, g) for mm, kl, g, _, _ in rows if mm == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=m)
-    ax.set_xlabel("KL(policy || SFT), nats per answer")
+        marker = "osD^v<>ph*Xd"[i % 12]  # colours repeat after ten methods; markers tell them apart
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="-" if len(pts) > 1 else "", label=m)
+    ax.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, logarithmic above: runs far from SFT stay on the chart
+    ax.set_xlabel("KL(policy || SFT), nats per answer (symlog)")
     ax.set_ylabel("gold reward (held-out prompts)")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(cfg.plot, dpi=120)
