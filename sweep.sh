@@ -2,13 +2,19 @@
 # sweep.sh: the reward-vs-KL frontier on the built-in task (the DPO paper's Figure 2, on our world),
 # and the seeds behind train.sh's numbers.
 # Run after train.sh (it reuses out/sft, out/reward, out/ppo, out/ppo_nokl, out/dpo, out/rs). Adds
-# PPO at three more KL coefficients, DPO at three more betas, and best-of-n for n = 1..64, evaluates
-# every run on the held-out prompts, and prints gold reward against KL to SFT (plotted to
-# out/frontier.png when matplotlib is installed). Then PPO, DPO and rejection sampling again with
-# training seeds SEEDS (default 1 2; train.sh's runs are seed 0), evaluated like train.sh (5 answers
-# per held-out prompt), and pooled with seed 0 prompt by prompt (eval.py --pool). About 40 minutes on
-# 2 CPU cores for the frontier and 25 for the seeds; NS, KLS, BETAS and SEEDS choose the points (e.g.
-# KLS="0.2" BETAS="0.3 1.0" SEEDS="" bash sweep.sh). A point whose eval JSON exists is not run again.
+# best-of-n for n = 1..64, PPO at three more KL coefficients, DPO at three more betas, and the
+# critic-free family (grpo.py: GRPO, Dr. GRPO, RLOO, REINFORCE++, GRPO with k1 in the reward and k2
+# in the loss, GRPO on the verifiable fact checker; docs/grpo_results.md), evaluates every run on
+# the held-out prompts, and prints gold reward against KL to SFT (plotted to out/frontier.png when
+# matplotlib is installed). Then PPO, DPO and rejection sampling again with training seeds SEEDS
+# (default 1 2; train.sh's runs are seed 0), evaluated like train.sh (5 answers per held-out
+# prompt), and pooled with seed 0 prompt by prompt (eval.py --pool). NS, KLS, BETAS, GRPO_RUNS and
+# SEEDS choose the points; an empty value skips its section. A point whose eval JSON exists is not
+# run again, so instances with disjoint sections can run side by side, e.g. with one thread each:
+#   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" SEEDS="" bash sweep.sh &    # the critic-free family
+#   OMP_NUM_THREADS=1 GRPO_RUNS="" SEEDS="" bash sweep.sh &             # best-of-n, PPO, DPO
+#   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" GRPO_RUNS="" bash sweep.sh  # the seeds
+# Measured on 2 cores (README): about 70 minutes for three such instances with a reduced frontier.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
