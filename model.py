@@ -2034,6 +2034,8 @@ def start_run(cfg, safe_keys=(), master=True):
     run = _decide_run(cfg, safe_keys, write=True) if master else None
     if sync:
         torch.distributed.barrier()  # rank 0 has refused, cleared or resumed out_dir
+    global _wandb_run
+    _wandb_run = None  # a run of an earlier start_run in this process is not this one's
     if master and getattr(cfg, "wandb_project", "") and not run.finished:
         start_wandb(cfg, cfg.out_dir)
     return run or _decide_run(cfg, safe_keys, write=False)
