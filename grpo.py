@@ -158,36 +158,7 @@ class Config:
 SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "device"}
 
 
-# --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
-
-
-def masked_mean(x, mask, world=1):
-    total, count = (x * mask).sum(), mask.sum()
-    if world > 1:  # the sums of all processes (fp64, on the CPU), so the mean is the whole rollout's
-        total, count = M.ddp_sum(torch.stack([total, count]), world, x.device)
-    return total / count.clamp(min=1)
-
-
-def masked_var(x, mask, world=1):
-    """Biased variance over the masked entries."""
-    return masked_mean((x - masked_mean(x, mask, world)) ** 2, mask, world)
-
-
-def masked_whiten(x, mask, world=1):
-    """(x - mean) / sqrt(var + 1e-8) over real tokens; padded entries come out 0."""
-    mean, var = masked_mean(x, mask, world), masked_var(x, mask, world)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
 # --- the algorithm, as pure functions
-
-
-def penalise_missing_eos(scores, responses, eos_id, penalty):
-    """Scores (B,) with answers that never emit EOS replaced by a fixed penalty (N+ "EOS trick").
-
-    responses (B, R) holds the sampled tokens only, so an EOS inside the prompt never counts."""
-    ended = (responses == eos_id).any(1)  # (B,)
-    return torch.where(ended, scores, torch.full_like(scores, penalty)), ended
 
 
 def group_advantages(scores, group_size, advantage, eps=1e-6):
@@ -272,12 +243,6 @@ def grpo_losses(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, r
         stats = {"approx_kl": 0.5 * log_ratio ** 2, "clipfrac": (pg2 > pg1).float(), "ratio": ratio, "pg_loss": pg,
                  "kl_loss": kl}
     return losses, stats
-
-
-def entropy_from_logits(logits, temperature):
-    """Entropy of softmax(logits / T) per position, fp32: (B, R)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 # --- data
@@ -466,7 +431,7 @@ def train(cfg):
             raw_scores = out["scores"]
         else:
             raw_scores = torch.tensor([verify_answer(p, t) for p, t in zip(my_prompts, texts)], device=device)
-        scores, ended = penalise_missing_eos(raw_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
+        scores, ended = M.penalise_missing_eos(raw_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
         if not cfg.eos_trick:
             scores = raw_scores
 
@@ -481,7 +446,7 @@ def train(cfg):
         if cfg.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
             seq_adv = group_advantages(scores, G, cfg.advantage, cfg.adv_eps)  # (b,) R_i or R_i - mean_g R
             returns = reinforce_pp_returns(seq_adv, kl if kl_reward else torch.zeros_like(kl), mask, beta)  # (b, R)
-            advantages = masked_whiten(returns, mask, world=world)
+            advantages = M.masked_whiten(returns, mask, world=world)
         else:
             seq_rewards = scores - beta * kl.sum(1) if kl_reward else scores  # RLOO's sequence-level penalty
             advantages = group_advantages(seq_rewards, G, cfg.advantage, cfg.adv_eps)[:, None] * mask  # (b, R)
@@ -520,7 +485,7 @@ def train(cfg):
                     loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)
                     loss.backward()
                     with torch.no_grad():  # the entropy is logged only: no (b, R, V) fp32 graph
-                        s.update(entropy=entropy_from_logits(logits, cfg.temperature), loss=losses.detach())
+                        s.update(entropy=M.entropy_from_logits(logits, cfg.temperature), loss=losses.detach())
                     mb_stats += torch.stack([(s[k] * mb_mask).sum().float() for k in stat_keys]) / mb_tokens  # token-weighted means
                 mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))
                 if not all(math.isfinite(v) for v in mb_stats.values()):

@@ -15,7 +15,8 @@ Contents
                             LoRA: add_lora, merge_lora, adapters_off, adapt (a stage's cfg)
   4. log-probs              response_logits, logprobs_from_logits, response_logprobs: the one
                             place where logits and tokens are shifted against each other;
-                            kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref)
+                            kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref);
+                            (4b) masked mean/var/whiten, entropy, the missing-EOS penalty
   5. Hugging Face           GPT.from_pretrained / save_pretrained for GPT2LMHeadModel, and (5b)
                             LlamaForCausalLM, Qwen2/Qwen3ForCausalLM, GPTNeoXForCausalLM; safetensors
                             (single or sharded) read and written by hand
@@ -733,6 +734,47 @@ def kl_estimate(logprobs, ref_logprobs, kind="k1"):
     if kind == "k3":
         return torch.exp(-log_ratio) - 1 + log_ratio
     raise ValueError(f"kl estimator must be k1, k2 or k3, not {kind!r}")
+
+
+# --- 4b. what both RL stages (ppo.py, grpo.py) compute over a rollout's real tokens: masked
+# statistics (docs/implementation_details.md, item 13; world > 1: over every process's rows), the
+# entropy and the missing-EOS penalty (item 9)
+
+
+def masked_mean(x, mask, world=1):
+    total, count = (x * mask).sum(), mask.sum()
+    if world > 1:  # the sums of all processes (fp64, on the CPU), so the mean is the whole rollout's
+        total, count = ddp_sum(torch.stack([total, count]), world, x.device)
+    return total / count.clamp(min=1)
+
+
+def masked_var(x, mask, world=1):
+    """Biased variance over the masked entries."""
+    return masked_mean((x - masked_mean(x, mask, world)) ** 2, mask, world)
+
+
+def masked_whiten(x, mask, shift_mean=True, world=1):
+    """(x - mean) / sqrt(var + 1e-8) over real tokens; padded entries come out 0. shift_mean=False
+    adds the mean back (rescaled, not centred: PPO's reward whitening)."""
+    mean, var = masked_mean(x, mask, world), masked_var(x, mask, world)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def entropy_from_logits(logits, temperature):
+    """Entropy of softmax(logits / T) per position, fp32: (B, R)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def penalise_missing_eos(scores, responses, eos_id, penalty):
+    """Scores (B,) with answers that never emit EOS replaced by a fixed penalty (N+ "EOS trick").
+
+    responses (B, R) holds the sampled tokens only, so an EOS inside the prompt never counts."""
+    ended = (responses == eos_id).any(1)  # (B,)
+    return torch.where(ended, scores, torch.full_like(scores, penalty)), ended
 
 
 # --- 5. Hugging Face GPT-2 import/export (no transformers needed)

@@ -165,39 +165,7 @@ class Config:
 SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "device"}
 
 
-# --- masked statistics (item 13): over real tokens only; world > 1: over every process's rows
-
-
-def masked_mean(x, mask, world=1):
-    total, count = (x * mask).sum(), mask.sum()
-    if world > 1:  # the sums of all processes (fp64, on the CPU), so the mean is the whole rollout's
-        total, count = M.ddp_sum(torch.stack([total, count]), world, x.device)
-    return total / count.clamp(min=1)
-
-
-def masked_var(x, mask, world=1):
-    """Biased variance over the masked entries."""
-    return masked_mean((x - masked_mean(x, mask, world)) ** 2, mask, world)
-
-
-def masked_whiten(x, mask, shift_mean=True, world=1):
-    """(x - mean) / sqrt(var + 1e-8) over real tokens; padded entries come out 0."""
-    mean, var = masked_mean(x, mask, world), masked_var(x, mask, world)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-
-
 # --- the algorithm, as pure functions
-
-
-def penalise_missing_eos(scores, responses, eos_id, penalty):
-    """Scores (B,) with answers that never emit EOS replaced by a fixed penalty (N+ "EOS trick").
-
-    responses (B, R) holds the sampled tokens only, so an EOS inside the prompt never counts."""
-    ended = (responses == eos_id).any(1)  # (B,)
-    return torch.where(ended, scores, torch.full_like(scores, penalty)), ended
 
 
 def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
@@ -238,23 +206,16 @@ def ppo_losses(logprobs, old_logprobs, advantages, vpred, old_values, returns, m
     ratio = torch.exp(log_ratio)  # (B, R)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
-    pg_loss = masked_mean(torch.max(pg1, pg2), mask)
+    pg_loss = M.masked_mean(torch.max(pg1, pg2), mask)
     v_clipped = torch.clamp(vpred, old_values - vf_clip, old_values + vf_clip)  # = vpred exactly when unclipped
     vf1 = (vpred - returns) ** 2
     vf2 = (v_clipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
+    vf_loss = 0.5 * M.masked_mean(torch.max(vf1, vf2), mask)
     with torch.no_grad():
         # approx_kl: Schulman 2020's k2 estimator 0.5 (log ratio)^2 of KL(pi_old || pi) on the sampled tokens
-        stats = {"approx_kl": masked_mean(0.5 * log_ratio ** 2, mask), "clipfrac": masked_mean((pg2 > pg1).float(), mask),
-                 "vf_clipfrac": masked_mean((vf2 > vf1).float(), mask), "ratio": masked_mean(ratio, mask)}
+        stats = {"approx_kl": M.masked_mean(0.5 * log_ratio ** 2, mask), "clipfrac": M.masked_mean((pg2 > pg1).float(), mask),
+                 "vf_clipfrac": M.masked_mean((vf2 > vf1).float(), mask), "ratio": M.masked_mean(ratio, mask)}
     return pg_loss, vf_loss, stats
-
-
-def entropy_from_logits(logits, temperature):
-    """Entropy of softmax(logits / T) per position, fp32: (B, R)."""
-    logits = logits.float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def fold_reward_normalisation(value_model):
@@ -278,8 +239,8 @@ def adaptive_kl_update(kl_coef, kl, target, n_steps, horizon):
 
 def explained_variance(values, returns, mask, world=1):
     """1 - Var(R - V) / Var(R) over real tokens."""
-    var_r = masked_var(returns, mask, world)
-    return (1 - masked_var(returns - values, mask, world) / var_r).item() if var_r > 0 else float("nan")
+    var_r = M.masked_var(returns, mask, world)
+    return (1 - M.masked_var(returns - values, mask, world) / var_r).item() if var_r > 0 else float("nan")
 
 
 # --- data
@@ -466,7 +427,7 @@ def train(cfg):
 
         # 3. score: answers without EOS get the fixed penalty (item 9), checked on the response only
         rm_scores = scores
-        scores, ended = penalise_missing_eos(rm_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
+        scores, ended = M.penalise_missing_eos(rm_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
         if not cfg.eos_trick:  # continuations cut at max_new_tokens by design (IMDb): scored as they are
             scores = rm_scores
 
@@ -474,7 +435,7 @@ def train(cfg):
         beta = kl_coef  # the coefficient of this rollout's rewards
         rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, world=world)
+            rewards = M.masked_whiten(rewards, mask, shift_mean=False, world=world)
         # means over the rollout's sequences: this process's sums, summed over processes
         seq_sums = torch.stack([rm_scores, scores, kl.sum(1), mask.sum(1), ended.float()]).sum(1)  # (5,)
         score, score_used, seq_kl, resp_len, eos_frac = (M.ddp_sum(seq_sums, world, device) / B).tolist()
@@ -483,9 +444,9 @@ def train(cfg):
 
         # 5. advantages and returns (GAE), then whitened advantages, over the whole rollout's tokens
         advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
-        adv_stats = (masked_mean(advantages, mask, world).item(), masked_var(advantages, mask, world).sqrt().item())
+        adv_stats = (M.masked_mean(advantages, mask, world).item(), M.masked_var(advantages, mask, world).sqrt().item())
         if cfg.norm_adv:
-            advantages = masked_whiten(advantages, mask, world=world)
+            advantages = M.masked_whiten(advantages, mask, world=world)
 
         # 6. PPO update: update_epochs over shuffled minibatches, grad_accum micro-batches each. The order
         #    is the same on every process; each runs the rows it owns and the gradients are summed
@@ -514,10 +475,10 @@ def train(cfg):
                     pg_loss, vf_loss, s = ppo_losses(new_logprobs, old_logprobs[i], advantages[i], vpred, old_values[i],
                                                      returns[i], mb_mask, cfg.clip_coef, cfg.vf_clip)
                     if cfg.ent_coef > 0:  # a bonus in the loss: its gradient is needed
-                        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb_mask)
+                        entropy = M.masked_mean(M.entropy_from_logits(logits, cfg.temperature), mb_mask)
                     else:  # logged only: no (b, R, V) fp32 graph
                         with torch.no_grad():
-                            entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb_mask)
+                            entropy = M.masked_mean(M.entropy_from_logits(logits, cfg.temperature), mb_mask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                     if ptx is not None:  # PPO-ptx: pretraining log-likelihood on random windows (per process)
                         x = ptx_windows(ptx, cfg.ptx_len, cfg.ptx_batch_size, ptx_gen).to(device)  # (b, L + 1)
@@ -555,9 +516,9 @@ def train(cfg):
                        "resp_len": resp_len, "eos_frac": eos_frac,
                        "explained_var": explained_variance(old_values, returns, mask, world),
                        "adv_mean": adv_stats[0], "adv_std": adv_stats[1], "score_std": score_std, "lr": cfg.lr * frac,
-                       "return_mean": masked_mean(returns, mask, world).item(),
-                       "return_std": masked_var(returns, mask, world).sqrt().item(),
-                       "value_mean": masked_mean(old_values, mask, world).item()}
+                       "return_mean": M.masked_mean(returns, mask, world).item(),
+                       "return_std": M.masked_var(returns, mask, world).sqrt().item(),
+                       "value_mean": M.masked_mean(old_values, mask, world).item()}
             metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
             # every rollout's first minibatch of its first epoch runs the policy that sampled it: 0 (item 3)
             metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]

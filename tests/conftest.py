@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny generated world, a BPE trained on it, a tiny random checkpoint and reward
-model (session-scoped, built once), a way to kill a training loop at a given step, and a stand-in
-for torch.compile that counts forwards run outside a compiled module."""
+model (session-scoped, built once), a way to kill a training loop at a given step, a stand-in
+for torch.compile that counts forwards run outside a compiled module, a spy on the RL stages'
+entropy, and an answer spelled one byte a token (a non-canonical encoding of its text)."""
 
 import contextlib
 
@@ -93,3 +94,24 @@ def count_compiled_forwards(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **k: Compiled(m))
     monkeypatch.setattr(M.GPT, "forward", counted)
     return calls
+
+
+def spy_entropy_graphs(monkeypatch):
+    """model.entropy_from_logits wrapped: the returned list gets, per call, whether its output
+    carries a gradient graph."""
+    real, seen = M.entropy_from_logits, []
+
+    def spy(logits, temperature):
+        out = real(logits, temperature)
+        seen.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(M, "entropy_from_logits", spy)
+    return seen
+
+
+def byte_spelled(tokenizer, text):
+    """(spelled, canonical): the ids of text one byte a token, as a sampler may emit them, and the
+    tokenizer's own encoding, each followed by EOS."""
+    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
+    return spelled, tokenizer.encode(text) + [tokenizer.eot_id]

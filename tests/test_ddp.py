@@ -103,8 +103,8 @@ def test_ppo_ddp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
 def whiten_worker(rank, init, x, mask, out):
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     rows = slice(3 * rank, 3 * rank + 3)  # this process's rows of the batch
-    torch.save({"whiten": ppo.masked_whiten(x[rows], mask[rows], world=2),
-                "whiten_no_shift": ppo.masked_whiten(x[rows], mask[rows], shift_mean=False, world=2),
+    torch.save({"whiten": M.masked_whiten(x[rows], mask[rows], world=2),
+                "whiten_no_shift": M.masked_whiten(x[rows], mask[rows], shift_mean=False, world=2),
                 "ev": ppo.explained_variance(x[rows] * 0.5, x[rows], mask[rows], world=2)}, out / f"{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -115,7 +115,7 @@ def test_distributed_whiten_equals_whiten_of_all_rows(tmp_path):
     mask = (torch.arange(5)[None] < torch.tensor([5, 1, 3, 0, 2, 4])[:, None]).float()  # uneven lengths, an empty row
     torch.multiprocessing.spawn(whiten_worker, (f"file://{tmp_path / 'init'}", x, mask, tmp_path), nprocs=2)
     parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
-    for key, expected in (("whiten", ppo.masked_whiten(x, mask)), ("whiten_no_shift", ppo.masked_whiten(x, mask, shift_mean=False))):
+    for key, expected in (("whiten", M.masked_whiten(x, mask)), ("whiten_no_shift", M.masked_whiten(x, mask, shift_mean=False))):
         assert torch.allclose(torch.cat([p[key] for p in parts]), expected, atol=1e-5), key
     ev = ppo.explained_variance(x * 0.5, x, mask)
     assert parts[0]["ev"] == pytest.approx(ev, rel=1e-5) and parts[1]["ev"] == pytest.approx(ev, rel=1e-5)

@@ -16,7 +16,7 @@ import torch
 
 import grpo
 import model as M
-from conftest import count_compiled_forwards, killed_at_step
+from conftest import byte_spelled, count_compiled_forwards, killed_at_step, spy_entropy_graphs
 from data.world import ANIMALS, COLOUR, EATS, FOUND, LIVES, verify_answer
 from test_ddp import assert_same_run, eos_prone
 
@@ -55,7 +55,7 @@ def test_reinforce_pp_returns_to_go_with_token_kl():
     ret = grpo.reinforce_pp_returns(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
     # row 0: r = [-0.05, -0.1, 0.15 + 2]; returns-to-go [2.0, 2.05, 2.15]. row 1: r = [-0.25 - 1]
     assert ret.tolist() == [pytest.approx([2.0, 2.05, 2.15]), pytest.approx([-1.25, 0.0, 0.0])]
-    w = grpo.masked_whiten(ret, mask)
+    w = M.masked_whiten(ret, mask)
     real = torch.tensor([2.0, 2.05, 2.15, -1.25])
     assert torch.allclose(w[mask.bool()], (real - real.mean()) / torch.sqrt(real.var(unbiased=False) + 1e-8), atol=1e-5)
 
@@ -228,8 +228,7 @@ def test_reward_model_scores_the_canonical_ids_of_a_sampled_answer(tokenizer, ti
     rm, _, _ = M.load_checkpoint(tiny_rm)
     prompt = M.encode_chat(tokenizer, "what colour is the cat?")
     text = " the cat is black."
-    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
-    canonical = tokenizer.encode(text) + [tokenizer.eot_id]
+    spelled, canonical = byte_spelled(tokenizer, text)
     responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
     seq = torch.cat([torch.tensor([prompt, prompt]), responses], 1)  # (2, P + R)
     full_mask = (seq != M.PAD_ID).long()
@@ -316,14 +315,7 @@ def test_lora_steps_change_only_the_adapters_and_the_reference_is_the_base(world
 
 
 def test_entropy_is_logged_without_a_graph(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
-    real, seen = grpo.entropy_from_logits, []
-
-    def spy(logits, temperature):
-        out = real(logits, temperature)
-        seen.append(out.requires_grad)
-        return out
-
-    monkeypatch.setattr(grpo, "entropy_from_logits", spy)
+    seen = spy_entropy_graphs(monkeypatch)
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8")
     assert seen == [False] * 2 * 2  # epochs x minibatches
 

@@ -10,7 +10,7 @@ import torch
 
 import model as M
 import ppo
-from conftest import count_compiled_forwards
+from conftest import byte_spelled, count_compiled_forwards, spy_entropy_graphs
 
 
 def slow_gae(rewards, values, lengths, gamma, lam):
@@ -46,11 +46,11 @@ def test_masked_whiten_over_real_tokens_only():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     real = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    w = ppo.masked_whiten(x, mask)
+    w = M.masked_whiten(x, mask)
     expected = (real - real.mean()) / torch.sqrt(real.var(unbiased=False) + 1e-8)
     assert torch.allclose(w[mask.bool()], expected, atol=1e-6) and (w[mask == 0] == 0).all()
-    assert ppo.masked_var(x, mask).item() == pytest.approx(2.0)  # biased variance
-    assert torch.allclose(ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()], expected + 3.0, atol=1e-6)
+    assert M.masked_var(x, mask).item() == pytest.approx(2.0)  # biased variance
+    assert torch.allclose(M.masked_whiten(x, mask, shift_mean=False)[mask.bool()], expected + 3.0, atol=1e-6)
 
 
 def test_rewards_score_at_last_token_kl_zero_on_padding():
@@ -64,7 +64,7 @@ def test_rewards_score_at_last_token_kl_zero_on_padding():
 
 def test_missing_eos_penalty_reads_the_response_only():
     responses = torch.tensor([[5, 6, 3, M.PAD_ID], [5, 6, 7, 8]])  # eos id 3; row 1 hit the cap
-    scores, ended = ppo.penalise_missing_eos(torch.tensor([0.7, 2.5]), responses, 3, -1.0)
+    scores, ended = M.penalise_missing_eos(torch.tensor([0.7, 2.5]), responses, 3, -1.0)
     assert scores.tolist() == [pytest.approx(0.7), -1.0] and ended.tolist() == [True, False]
 
 
@@ -163,22 +163,15 @@ def test_rollout_shards_must_split_the_rollout(world, tiny_ckpt, tiny_rm, tmp_pa
 
 def test_entropy_hand_computed():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))  # (1, 1, 3)
-    assert ppo.entropy_from_logits(logits, 1.0).item() == pytest.approx(1.5 * math.log(2))
+    assert M.entropy_from_logits(logits, 1.0).item() == pytest.approx(1.5 * math.log(2))
     q = [math.sqrt(x) for x in (0.5, 0.25, 0.25)]  # temperature 2: softmax(log p / 2) is proportional to sqrt(p)
     q = [x / sum(q) for x in q]
-    assert ppo.entropy_from_logits(logits, 2.0).item() == pytest.approx(-sum(x * math.log(x) for x in q))
+    assert M.entropy_from_logits(logits, 2.0).item() == pytest.approx(-sum(x * math.log(x) for x in q))
 
 
 @pytest.mark.parametrize("ent_coef", ["0", "0.01"])
 def test_entropy_has_a_graph_only_when_it_is_in_the_loss(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch, ent_coef):
-    real, seen = ppo.entropy_from_logits, []
-
-    def spy(logits, temperature):
-        out = real(logits, temperature)
-        seen.append(out.requires_grad)
-        return out
-
-    monkeypatch.setattr(ppo, "entropy_from_logits", spy)
+    seen = spy_entropy_graphs(monkeypatch)
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--ent_coef", ent_coef)
     assert len(seen) == 2 * 2 * 2 and set(seen) == {ent_coef != "0"}  # epochs x minibatches x micro-batches
 
@@ -290,8 +283,7 @@ def test_reward_model_reads_the_canonical_ids_of_a_sampled_answer(tokenizer, tin
     rm, _, _ = M.load_checkpoint(tiny_rm)
     prompt = M.encode_chat(tokenizer, "what colour is the cat?")
     text = " the cat is black."
-    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
-    canonical = tokenizer.encode(text) + [tokenizer.eot_id]
+    spelled, canonical = byte_spelled(tokenizer, text)
     responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
     rows = M.rm_rows(tokenizer, [prompt, prompt], responses, 96)
     assert rows.tolist() == [prompt + canonical] * 2
