@@ -48,7 +48,8 @@ done
 #     advantages with k1 in the reward, k2 or k3 in the loss; k3 in the loss is the "grpo" run), and
 #     GRPO against the verifiable fact checker (no reward model), also with 4x the answers per step
 #     (32 prompts x 8, the same 256 iterations and optimizer steps) and with DAPO's equal-group drop
-#     on top, or with a KL anchor (k1 in the reward, the RM runs' 0.1) (docs/grpo_results.md, section 3). GRPO_RUNS picks the runs.
+#     on top, or with a KL anchor (k1 in the reward, the RM runs' 0.1), and with 8x the answers per
+#     step on the 4x run's answers (half its iterations) (docs/grpo_results.md, section 3). GRPO_RUNS picks the runs.
 EV5="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 --n_show 0"
 grpo_flags() {
   case $1 in
@@ -62,10 +63,11 @@ grpo_flags() {
     grpo_verifiable_b256) echo "--config configs/grpo_world_verifiable.toml --rollout_batch_size 256 --total_episodes 65536" ;;
     grpo_verifiable_b256_drop) echo "$(grpo_flags grpo_verifiable_b256) --drop_equal_groups true" ;;
     grpo_verifiable_b256_kl) echo "$(grpo_flags grpo_verifiable_b256) --kl_coef 0.1 --kl_in reward --kl_estimator k1" ;;
+    grpo_verifiable_b512) echo "--config configs/grpo_world_verifiable.toml --rollout_batch_size 512 --total_episodes 65536" ;;
     *) echo "sweep.sh: unknown GRPO run $1" >&2; exit 1 ;;
   esac
 }
-for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl}; do
+for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512}; do
   [ -f "$S/eval_$name.json" ] && continue
   rm_flag=$(case $name in grpo_verifiable*) ;; *) echo "--reward_model $OUT/reward" ;; esac)
   python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $rm_flag --prompts "$DATA/prompts_train.jsonl" --out_dir "$S/$name"
