@@ -399,9 +399,15 @@ def main(cfg):
     res["train_ours_tok_s"] = n_tok / statistics.median(times["ours"])
     res["train_hf_tok_s"] = n_tok / statistics.median(times["hf"]) if hf is not None else None
     res["train_ratio"] = paired_ratio(times)
+    # the mean of the paired ratios with its 95% bootstrap interval over repeats: on a noisy CPU a
+    # few percent either way is inside it, so a ratio near 1.0 is read against the interval
+    pairs = [h / o for o, h in zip(times["ours"], times.get("hf") or [])]
+    res["train_ratio_mean_ci"] = [statistics.mean(pairs), *M.bootstrap_ci(pairs)] if len(pairs) > 1 else None
     res["train_ours_s"], res["train_hf_s"] = times["ours"], times.get("hf")
     res["train_loss_ours"], res["train_loss_hf"] = losses["ours"], losses.get("hf")
-    print_line("train step", res["train_ours_tok_s"], res["train_hf_tok_s"], res["train_ratio"])
+    ci = res["train_ratio_mean_ci"]
+    print_line("train step", res["train_ours_tok_s"], res["train_hf_tok_s"], res["train_ratio"],
+               f" | mean of {len(pairs)} paired ratios {ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]" if ci else "")
 
     # --- 4. MFU
     # nanoGPT's estimate_mfu (PaLM, Chowdhery et al. 2022, appendix B): per token, 6 N FLOPs for

@@ -46,8 +46,11 @@ def test_bench_llama_matches_transformers(tmp_path):
     import bench  # in process: the CLI itself is run above
     import model as M
     results = bench.main(M.parse_config(bench.Config, [*TINY, "--family", "llama", "--n_kv_head", "1", "--n_inner", "48",
-                                                        "--threads", "1", "--out", str(tmp_path / "bench.json")]))
+                                                        "--threads", "1", "--repeats", "3", "--out", str(tmp_path / "bench.json")]))
     assert results["greedy_match"] is True and results["gen_ratio"] > 0 and results["train_ratio"] > 0
+    mean, lo, hi = results["train_ratio_mean_ci"]  # the mean of the 3 paired ratios, in its interval
+    assert mean == pytest.approx(sum(h / o for o, h in zip(results["train_ours_s"], results["train_hf_s"])) / 3)
+    assert lo <= mean <= hi
     assert results["train_loss_ours"] == pytest.approx(results["train_loss_hf"], rel=1e-5)
 
 
