@@ -15,6 +15,8 @@
 #   OMP_NUM_THREADS=1 GRPO_RUNS="" SEEDS="" bash sweep.sh &             # best-of-n, PPO, DPO
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" GRPO_RUNS="" bash sweep.sh  # the seeds
 # Measured on 2 cores (README): about 70 minutes for three such instances with a reduced frontier.
+# The four verifiable-GRPO follow-ups (grpo_verifiable_b*) take 20-35 minutes each on one core;
+# run them as their own instance, e.g. GRPO_RUNS="grpo_verifiable_b256 grpo_verifiable_b512".
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
