@@ -118,12 +118,15 @@ def timed(fn, device):
     return time.perf_counter() - t0, result
 
 
+def paired_ratios(times):
+    """t_hf / t_ours of each repeat, each pair timed back to back, so a burst of load from another
+    job lands in one pair instead of skewing one side; [] without transformers."""
+    return [h / o for o, h in zip(times["ours"], times.get("hf") or [])]
+
+
 def paired_ratio(times):
-    """Speed of ours over theirs: the median over repeats of t_hf / t_ours, each pair timed back to
-    back, so a burst of load from another job lands in one pair instead of skewing one side."""
-    if "hf" not in times:
-        return None
-    return statistics.median(h / o for o, h in zip(times["ours"], times["hf"]))
+    """Speed of ours over theirs: the median over repeats of the paired ratios."""
+    return statistics.median(paired_ratios(times)) if "hf" in times else None
 
 
 def fmt(value, width, spec):
@@ -401,7 +404,7 @@ def main(cfg):
     res["train_ratio"] = paired_ratio(times)
     # the mean of the paired ratios with its 95% bootstrap interval over repeats: on a noisy CPU a
     # few percent either way is inside it, so a ratio near 1.0 is read against the interval
-    pairs = [h / o for o, h in zip(times["ours"], times.get("hf") or [])]
+    pairs = paired_ratios(times)
     res["train_ratio_mean_ci"] = [statistics.mean(pairs), *M.bootstrap_ci(pairs)] if len(pairs) > 1 else None
     res["train_ours_s"], res["train_hf_s"] = times["ours"], times.get("hf")
     res["train_loss_ours"], res["train_loss_hf"] = losses["ours"], losses.get("hf")
