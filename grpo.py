@@ -40,12 +40,14 @@ each prompt is answered G times (a group) and the group is the baseline.
                  seq_mean_token_mean      1/N sum_i 1/L_i sum_t l_t          (GRPO, Shao et al. 2024, Eq. 3)
                  token_mean               1/sum_i L_i sum_i sum_t l_t         (DAPO, Yu et al. 2025, Eq. 8)
                  seq_mean_token_sum_norm  1/N sum_i 1/max_new_tokens sum_t l_t (Dr. GRPO, Liu et al. 2025)
-                 The first favours short correct answers and long wrong ones (a per-answer 1/L_i);
+                 - ent_coef H_t is added to l_t when ent_coef != 0: PPO's entropy bonus (Schulman et al.
+                 2017, Eq. 9), an entropy penalty when ent_coef < 0 (token-level entropy minimisation,
+                 Agarwal et al. 2025). The first favours short correct answers and long wrong ones (a per-answer 1/L_i);
                  the other two weigh every token the same. N and sum_i L_i are the whole minibatch's
                  (over micro-batches and processes), so grad_accum and torchrun never change the loss.
 Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
-dropout is off in every model (item 2); Adam eps 1e-5 (item 15). The entropy H is logged only, computed
-without gradients, so no (B, R, V) fp32 graph is kept for it.
+dropout is off in every model (item 2); Adam eps 1e-5 (item 15). With ent_coef = 0 the entropy H is logged
+only, computed without gradients, so no (B, R, V) fp32 graph is kept for it.
 
 Precision, as in ppo.py: the reference keeps the policy's fp32 weights and runs through the same
 autocast path as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16
@@ -129,6 +131,7 @@ class Config:
     kl_in: str = "loss"  # "loss" (GRPO) or "reward" (RLOO, REINFORCE++)
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted)
+    ent_coef: float = 0.0  # - ent_coef H_t in each token's loss: > 0 a bonus, < 0 a penalty; 0: H logged without a graph
     # update
     update_epochs: int = 4
     num_minibatches: int = 4
@@ -226,11 +229,12 @@ def aggregate_loss(losses, mask, loss_agg, n_seqs=None, n_tokens=None, norm=None
 
 
 def grpo_losses(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs=None,
-                kl_coef=0.0, kl_estimator="k3"):
+                kl_coef=0.0, kl_estimator="k3", entropy=None, ent_coef=0.0):
     """Per-token losses (B, R): the clipped surrogate with clip-higher (Schulman et al. 2017, Eq. 7;
     Yu et al. 2025, Eq. 10), plus, when ref_logprobs is given (kl_in = "loss"), beta times the KL
     estimator of the current policy, weighted by the detached ratio pi_theta / pi_old (so that its
-    expected gradient is the on-policy one on every minibatch). All inputs (B, R).
+    expected gradient is the on-policy one on every minibatch), minus ent_coef times the entropy H_t
+    of the current policy at each position (Schulman et al. 2017, Eq. 9). All inputs (B, R).
     Returns the per-token losses (aggregate them with aggregate_loss) and a dict of per-token stats."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)  # (B, R)
@@ -239,9 +243,13 @@ def grpo_losses(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, r
     pg = torch.max(pg1, pg2)  # (B, R)
     kl = M.kl_estimate(logprobs, ref_logprobs, kl_estimator) if ref_logprobs is not None else torch.zeros_like(pg)
     losses = pg + kl_coef * ratio.detach() * kl  # (B, R)
+    if ent_coef != 0:
+        losses = losses - ent_coef * entropy
     with torch.no_grad():
         stats = {"approx_kl": 0.5 * log_ratio ** 2, "clipfrac": (pg2 > pg1).float(), "ratio": ratio, "pg_loss": pg,
                  "kl_loss": kl}
+        if entropy is not None:
+            stats["entropy"] = entropy.detach()
     return losses, stats
 
 
@@ -479,13 +487,14 @@ def train(cfg):
                     with ctx:
                         logits = M.response_logits(fwd_policy, mb_seq, mb_full, P)  # (b, R, V)
                     new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
+                    with torch.set_grad_enabled(cfg.ent_coef != 0):  # logged only at 0: no (b, R, V) fp32 graph
+                        entropy = M.entropy_from_logits(logits, cfg.temperature)  # (b, R)
                     kl_loss_ref = ref_logprobs[i] if use_ref and cfg.kl_in == "loss" else None
                     losses, s = grpo_losses(new_logprobs, old_logprobs[i], advantages[i], mb_mask, cfg.clip_low, cfg.clip_high,
-                                            kl_loss_ref, beta, cfg.kl_estimator)
+                                            kl_loss_ref, beta, cfg.kl_estimator, entropy, cfg.ent_coef)
                     loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)
                     loss.backward()
-                    with torch.no_grad():  # the entropy is logged only: no (b, R, V) fp32 graph
-                        s.update(entropy=M.entropy_from_logits(logits, cfg.temperature), loss=losses.detach())
+                    s["loss"] = losses.detach()
                     mb_stats += torch.stack([(s[k] * mb_mask).sum().float() for k in stat_keys]) / mb_tokens  # token-weighted means
                 mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))
                 if not all(math.isfinite(v) for v in mb_stats.values()):

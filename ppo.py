@@ -135,7 +135,7 @@ class Config:
     clip_coef: float = 0.2  # eps of the clipped surrogate
     vf_clip: float = 0.2  # eps_v of the clipped value loss
     vf_coef: float = 0.1  # weight of L_v in the joint loss; acts only through Adam's eps and the joint clip (docstring)
-    ent_coef: float = 0.0  # entropy bonus; 0: the entropy is logged without a gradient graph
+    ent_coef: float = 0.0  # entropy bonus (< 0: an entropy penalty); 0: the entropy is logged without a gradient graph
     gamma: float = 1.0  # discount
     gae_lambda: float = 0.95  # GAE lambda
     norm_adv: bool = True  # whiten advantages over the rollout's real tokens
@@ -474,7 +474,7 @@ def train(cfg):
                     new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
                     pg_loss, vf_loss, s = ppo_losses(new_logprobs, old_logprobs[i], advantages[i], vpred, old_values[i],
                                                      returns[i], mb_mask, cfg.clip_coef, cfg.vf_clip)
-                    if cfg.ent_coef > 0:  # a bonus in the loss: its gradient is needed
+                    if cfg.ent_coef != 0:  # in the loss (a bonus, or a penalty when < 0): its gradient is needed
                         entropy = M.masked_mean(M.entropy_from_logits(logits, cfg.temperature), mb_mask)
                     else:  # logged only: no (b, R, V) fp32 graph
                         with torch.no_grad():

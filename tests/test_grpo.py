@@ -126,6 +126,22 @@ def test_grpo_losses_clip_higher_and_kl_term():
     assert s["clipfrac"][0].tolist() == [1.0, 1.0, 0.0]
 
 
+def test_entropy_term_value_and_gradient_by_hand():
+    # - ent_coef H_t is added to each token's loss; dH/dz_j = -(1/T) p_j (log p_j + H) for p = softmax(z / T)
+    T, ent_coef = 0.7, -0.3
+    z = torch.tensor([[[1.0, -0.5, 0.2, 2.0]]], requires_grad=True)  # (1, 1, V)
+    H = M.entropy_from_logits(z, T)  # (1, 1)
+    zeros = torch.zeros(1, 1)
+    losses, s = grpo.grpo_losses(zeros, zeros, zeros, torch.ones(1, 1), 0.2, 0.2, entropy=H, ent_coef=ent_coef)
+    p = torch.softmax(z.detach() / T, -1)[0, 0]
+    h = -(p * p.log()).sum()
+    assert losses.item() == pytest.approx(-ent_coef * h.item()) and s["entropy"].item() == pytest.approx(h.item())
+    losses.sum().backward()
+    by_hand = -ent_coef * -(p * (p.log() + h)) / T
+    assert z.grad[0, 0].tolist() == pytest.approx(by_hand.tolist(), abs=1e-6)
+    assert grpo.grpo_losses(zeros, zeros, zeros, torch.ones(1, 1), 0.2, 0.2, entropy=H.detach())[0].item() == 0.0
+
+
 def test_gradients_only_on_response_tokens():
     logits = torch.randn(2, 4, 11, requires_grad=True)
     tokens = torch.tensor([[1, 2, 3, M.PAD_ID], [4, M.PAD_ID, M.PAD_ID, M.PAD_ID]])
@@ -314,10 +330,23 @@ def test_lora_steps_change_only_the_adapters_and_the_reference_is_the_base(world
     assert set(trained) - set(base) == {k for k in trained if ".lora_" in k} and all(v.abs().sum() > 0 for v in lora_b)
 
 
-def test_entropy_is_logged_without_a_graph(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ent_coef", ["0", "-0.01"])
+def test_entropy_has_a_graph_only_when_it_is_in_the_loss(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch, ent_coef):
     seen = spy_entropy_graphs(monkeypatch)
-    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8")
-    assert seen == [False] * 2 * 2  # epochs x minibatches
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--ent_coef", ent_coef)
+    assert seen == [ent_coef != "0"] * 2 * 2  # epochs x minibatches
+
+
+def test_entropy_penalty_alone_lowers_the_entropy(world, tiny_ckpt, tmp_path):
+    # the verifiable reward gives a random tiny model 0 everywhere: every advantage is 0, so the only
+    # gradient is the entropy term's; a penalty (ent_coef < 0) must lower H, a zero coefficient leave it
+    H = {}
+    for c in ("0", "-1"):
+        run(world, tiny_ckpt, "no/such/rm", tmp_path / c, "--total_episodes", "16", "--reward", "verifiable", "--kl_coef", "0",
+            "--missing_eos_penalty", "0", "--ent_coef", c)
+        H[c] = [r["entropy"] for r in rows(tmp_path / c)]
+    # near log V = 6.4 nats, where H is flat: small but deterministic steps (-0.002 and -0.0095 nats seen)
+    assert H["-1"][0] < H["0"][0] - 0.001 and H["-1"][1] < H["0"][1] - 0.005, H  # same first rollout, later minibatches not
 
 
 def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):

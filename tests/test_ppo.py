@@ -169,7 +169,7 @@ def test_entropy_hand_computed():
     assert M.entropy_from_logits(logits, 2.0).item() == pytest.approx(-sum(x * math.log(x) for x in q))
 
 
-@pytest.mark.parametrize("ent_coef", ["0", "0.01"])
+@pytest.mark.parametrize("ent_coef", ["0", "0.01", "-0.01"])
 def test_entropy_has_a_graph_only_when_it_is_in_the_loss(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch, ent_coef):
     seen = spy_entropy_graphs(monkeypatch)
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--ent_coef", ent_coef)
