@@ -28,6 +28,14 @@ samplers alike in each repeat; their answers still differ (different random stre
 side's rate is its own tokens over its own time. On a shared CPU, load
 makes torch's threads wait for each other at every op; --threads 1 gives steadier ratios.
 
+Page faults. On CPU, torch takes memory from glibc malloc, which maps every block above its mmap
+threshold (32 MiB at most; the logits are larger, and so can be an MLP's activations) freshly from
+the kernel and unmaps it when freed, so each train step pays a page fault per 4 KiB page it
+touches; the minor faults per train step are reported. --malloc_keep true tells glibc (mallopt) to
+keep freed memory in the process, as PyTorch's caching allocator does on a GPU: once the heap has
+grown to hold both contenders' steps, a step makes few faults (an occasional one where a block
+finds no free space to reuse), and what is timed is the models' own work. Linux with glibc only.
+
 Run (CPU, GPT-2 small: about 4 minutes on 2 idle cores, 9 with --repeats 5 on a busy machine):
     python bench.py
     python bench.py --repeats 5 --threads 1 --out bench.json
@@ -37,14 +45,19 @@ One GPU:
     python bench.py --dtype bfloat16 --compile true --batch_size 64 --train_batch 16 --train_seq 1024
 A Llama-shaped model (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head), GPT-2 small's size:
     python bench.py --family llama --n_kv_head 4 --n_inner 2048 --threads 1
+The same without the page faults of freshly mapped memory (see above):
+    python bench.py --family llama --n_kv_head 4 --n_inner 2048 --threads 1 --sections train --malloc_keep true
 """
 
 import copy
+import ctypes
 import dataclasses
 import json
 import math
 import os
+import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -100,6 +113,7 @@ class Config:
     dtype: str = "float32"  # float32 or bfloat16 (bf16 autocast on CUDA only, as in model.autocast)
     compile: bool = False  # torch.compile both train steps' models (CUDA only)
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default (on a shared CPU, 1 is steadier)
+    malloc_keep: bool = False  # glibc keeps freed memory (no mmap, no trim): few page faults per step (see above)
     seed: int = 1337  # seeds the random weights and inputs
     out: str = "bench.json"  # the numbers as JSON; "" to skip
 
@@ -116,6 +130,26 @@ def timed(fn, device):
     result = fn()
     sync(device)
     return time.perf_counter() - t0, result
+
+
+def keep_freed_memory():
+    """Tell glibc malloc to serve every block from one heap (M_MMAP_MAX = 0, M_ARENA_MAX = 1: no
+    per-thread arenas) and never give freed memory back to the kernel (M_TRIM_THRESHOLD = max), so
+    a block freed in one step is reused, already mapped, in the next: what the CUDA caching
+    allocator does on a GPU."""
+    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(k, v) == 1 for k, v in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        raise M.ConfigError(f"malloc_keep = true needs Linux with glibc's mallopt (platform {sys.platform})")
+
+
+def minor_faults():
+    """Minor page faults of this process so far (first touches of freshly mapped pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def paired_ratios(times):
@@ -246,6 +280,8 @@ def main(cfg):
     device = get_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if cfg.malloc_keep:
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)
     mconf = family_config(cfg.family, vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head or None,
@@ -373,13 +409,18 @@ def main(cfg):
         steps.append(("hf", hf, lambda: train_hf(input_ids=x, labels=x).loss))  # shifts labels inside
     opts = {name: configure_optimizer(m, cfg.lr, weight_decay=0.1, device=device) for name, m, _ in steps}
 
+    faults = {name: [] for name, _, _ in steps}
+
     def train_step(name, loss_fn):
+        f0 = minor_faults()
         with ctx:
             loss = loss_fn()
         loss.backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
-        return loss.item()
+        loss = loss.item()
+        faults[name].append(minor_faults() - f0)
+        return loss
 
     # the matmul peak is measured between the train steps, so it sees the same load
     dt = torch.bfloat16 if device.startswith("cuda") and cfg.dtype == "bfloat16" else torch.float32
@@ -408,9 +449,16 @@ def main(cfg):
     res["train_ratio_mean_ci"] = [statistics.mean(pairs), *M.bootstrap_ci(pairs)] if len(pairs) > 1 else None
     res["train_ours_s"], res["train_hf_s"] = times["ours"], times.get("hf")
     res["train_loss_ours"], res["train_loss_hf"] = losses["ours"], losses.get("hf")
+    # minor page faults of each timed step (the warm-up's dropped), and their median over repeats
+    for name in ("ours", "hf"):
+        steps_faults = faults[name][1:] if name in faults else None
+        res[f"train_{name}_faults_per_step"] = steps_faults
+        res[f"train_{name}_faults"] = statistics.median(steps_faults) if steps_faults else None
     ci = res["train_ratio_mean_ci"]
     print_line("train step", res["train_ours_tok_s"], res["train_hf_tok_s"], res["train_ratio"],
-               f" | mean of {len(pairs)} paired ratios {ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]" if ci else "")
+               (f" | mean of {len(pairs)} paired ratios {ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]" if ci else "")
+               + f" | page faults a step: ours {res['train_ours_faults']:.0f}"
+               + (f", transformers {res['train_hf_faults']:.0f}" if hf is not None else ""))
 
     # --- 4. MFU
     # nanoGPT's estimate_mfu (PaLM, Chowdhery et al. 2022, appendix B): per token, 6 N FLOPs for

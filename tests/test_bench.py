@@ -67,3 +67,22 @@ def test_bench_matches_transformers(results):
     for name in ("random", "world"):
         assert results[f"rollout_{name}"]["ratio"] > 0
     assert results["train_loss_ours"] == pytest.approx(results["train_loss_hf"], rel=1e-5)  # same weights, same loss
+
+
+def test_malloc_keep_removes_the_page_faults_of_freshly_mapped_memory(tmp_path):
+    # (4, 64, 50304) fp32 logits are 51 MB, above glibc's largest mmap threshold: without malloc_keep
+    # they (and their gradient) are mapped afresh every step, about 12.5k faults each; with it, few.
+    # With it in a subprocess (mallopt changes the whole process's allocator), without it in this one
+    import bench
+    import model as M
+    small = ["--sections", "train", "--vocab_size", "50304", "--train_batch", "4", "--train_seq", "64", "--n_layer", "1",
+             "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--repeats", "4", "--matmul_n", "64",
+             "--matmul_iters", "2", "--device", "cpu"]
+    out = tmp_path / "bench_keep.json"
+    subprocess.run([sys.executable, "bench.py", *small, "--malloc_keep", "true", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=180)
+    kept = json.loads(out.read_text())["train_ours_faults_per_step"]
+    mapped = bench.main(M.parse_config(bench.Config, [*small, "--out", str(tmp_path / "bench.json")]))["train_ours_faults_per_step"]
+    # every step maps its logits afresh without it; with it, once the heap has grown to hold both
+    # models' steps (a step or two), a step faults no more than a few pages
+    assert len(mapped) == len(kept) == 4 and min(mapped) > 25_000 and min(kept) < 1_000, (mapped, kept)

@@ -1,6 +1,9 @@
 """DDP with torchrun: 2 CPU processes (gloo) on the same global batch give the same losses and
 the same weights as one process (up to the order of float sums). PPO: 2 processes, each sampling
-its own shard, equal one process sampling the 2 shards in turn (--rollout_shards 2)."""
+its own shard, equal one process sampling the 2 shards in turn (--rollout_shards 2).
+pretrain.py's and dpo.py's runs are marked slow, to keep the default suite within its 3 minutes
+(each torchrun launch costs seconds of imports): run `python -m pytest -m slow tests/test_ddp.py`
+after touching those scripts' data-parallel code."""
 
 import json
 import os
@@ -39,6 +42,7 @@ def assert_same_run(tmp_path, script, args, loss_keys):
         assert torch.allclose(x, y, atol=1e-4), k
 
 
+@pytest.mark.slow
 def test_pretrain_ddp_equals_one_process(world, tmp_path):
     args = ["--data", str(world / "pretrain.txt"), "--tokenizer", str(world / "tokenizer.tiktoken"), "--n_layer", "1",
             "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4", "--grad_accum", "2",
@@ -53,6 +57,7 @@ def test_sft_ddp_equals_one_process(world, tiny_ckpt, tmp_path):
     assert_same_run(tmp_path, "sft.py", args, ["loss", "grad_norm"])
 
 
+@pytest.mark.slow
 def test_dpo_ddp_equals_one_process(tmp_path, tiny_ckpt):
     rows = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
             {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}] * 3
