@@ -15,7 +15,7 @@
 #   OMP_NUM_THREADS=1 GRPO_RUNS="" SEEDS="" bash sweep.sh &             # best-of-n, PPO, DPO
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" GRPO_RUNS="" bash sweep.sh  # the seeds
 # Measured on 2 cores (README): about 70 minutes for three such instances with a reduced frontier.
-# The six verifiable-GRPO follow-ups (grpo_verifiable_b*) take 20-35 minutes each on one core;
+# The eight verifiable-GRPO follow-ups (grpo_verifiable_b*) take 20-35 minutes each on one core;
 # run them as their own instance, e.g. GRPO_RUNS="grpo_verifiable_b256 grpo_verifiable_b512".
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -68,10 +68,12 @@ grpo_flags() {
     grpo_verifiable_b512) echo "--config configs/grpo_world_verifiable.toml --rollout_batch_size 512 --total_episodes 65536" ;;
     grpo_verifiable_b256_ent0.1) echo "$(grpo_flags grpo_verifiable_b256) --ent_coef -0.1" ;;
     grpo_verifiable_b256_ent0.3) echo "$(grpo_flags grpo_verifiable_b256) --ent_coef -0.3" ;;
+    grpo_verifiable_b256_ent0.1_kl) echo "$(grpo_flags grpo_verifiable_b256_kl) --ent_coef -0.1" ;;
+    grpo_verifiable_b256_ent0.3_kl) echo "$(grpo_flags grpo_verifiable_b256_kl) --ent_coef -0.3" ;;
     *) echo "sweep.sh: unknown GRPO run $1" >&2; exit 1 ;;
   esac
 }
-for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3}; do
+for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3 grpo_verifiable_b256_ent0.1_kl grpo_verifiable_b256_ent0.3_kl}; do
   [ -f "$S/eval_$name.json" ] && continue
   rm_flag=$(case $name in grpo_verifiable*) ;; *) echo "--reward_model $OUT/reward" ;; esac)
   python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $rm_flag --prompts "$DATA/prompts_train.jsonl" --out_dir "$S/$name"
