@@ -40,11 +40,12 @@ each prompt is answered G times (a group) and the group is the baseline.
                  seq_mean_token_mean      1/N sum_i 1/L_i sum_t l_t          (GRPO, Shao et al. 2024, Eq. 3)
                  token_mean               1/sum_i L_i sum_i sum_t l_t         (DAPO, Yu et al. 2025, Eq. 8)
                  seq_mean_token_sum_norm  1/N sum_i 1/max_new_tokens sum_t l_t (Dr. GRPO, Liu et al. 2025)
-                 - ent_coef H_t is added to l_t when ent_coef != 0: PPO's entropy bonus (Schulman et al.
-                 2017, Eq. 9), an entropy penalty when ent_coef < 0 (token-level entropy minimisation,
-                 Agarwal et al. 2025). The first favours short correct answers and long wrong ones (a per-answer 1/L_i);
+                 The first favours short correct answers and long wrong ones (a per-answer 1/L_i);
                  the other two weigh every token the same. N and sum_i L_i are the whole minibatch's
                  (over micro-batches and processes), so grad_accum and torchrun never change the loss.
+                 With ent_coef != 0, l_t also gets - ent_coef H_t (H_t the policy's entropy at t):
+                 PPO's entropy bonus (Schulman et al. 2017, Eq. 9), or with ent_coef < 0 a penalty
+                 (token-level entropy minimisation, Agarwal et al. 2025).
 Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
 dropout is off in every model (item 2); Adam eps 1e-5 (item 15). With ent_coef = 0 the entropy H is logged
 only, computed without gradients, so no (B, R, V) fp32 graph is kept for it.
