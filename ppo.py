@@ -474,11 +474,8 @@ def train(cfg):
                     new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
                     pg_loss, vf_loss, s = ppo_losses(new_logprobs, old_logprobs[i], advantages[i], vpred, old_values[i],
                                                      returns[i], mb_mask, cfg.clip_coef, cfg.vf_clip)
-                    if cfg.ent_coef != 0:  # in the loss (a bonus, or a penalty when < 0): its gradient is needed
+                    with torch.set_grad_enabled(cfg.ent_coef != 0):  # logged only at 0: no (b, R, V) fp32 graph
                         entropy = M.masked_mean(M.entropy_from_logits(logits, cfg.temperature), mb_mask)
-                    else:  # logged only: no (b, R, V) fp32 graph
-                        with torch.no_grad():
-                            entropy = M.masked_mean(M.entropy_from_logits(logits, cfg.temperature), mb_mask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                     if ptx is not None:  # PPO-ptx: pretraining log-likelihood on random windows (per process)
                         x = ptx_windows(ptx, cfg.ptx_len, cfg.ptx_batch_size, ptx_gen).to(device)  # (b, L + 1)
