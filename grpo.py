@@ -45,7 +45,10 @@ each prompt is answered G times (a group) and the group is the baseline.
                  (over micro-batches and processes), so grad_accum and torchrun never change the loss.
                  With ent_coef != 0, l_t also gets - ent_coef H_t (H_t the policy's entropy at t):
                  PPO's entropy bonus (Schulman et al. 2017, Eq. 9), or with ent_coef < 0 a penalty
-                 (token-level entropy minimisation, Agarwal et al. 2025).
+                 (token-level entropy minimisation, Agarwal et al. 2025). With ptx_coef > 0 each minibatch
+                 loss also gets ptx_coef times the mean next-token negative log-likelihood of random
+                 windows of pretraining text (ptx_data): InstructGPT's PPO-ptx (Ouyang et al. 2022, Eq. 2),
+                 which keeps what pretraining taught while RL moves the policy.
 Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
 dropout is off in every model (item 2); Adam eps 1e-5 (item 15). With ent_coef = 0 the entropy H is logged
 only, computed without gradients, so no (B, R, V) fp32 graph is kept for it.
@@ -133,6 +136,11 @@ class Config:
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted)
     ent_coef: float = 0.0  # - ent_coef H_t in each token's loss: > 0 a bonus, < 0 a penalty; 0: H logged without a graph
+    # PPO-ptx (InstructGPT Eq. 2); 0 = off
+    ptx_coef: float = 0.0  # weight of the pretraining negative log-likelihood in each minibatch loss
+    ptx_data: str = ""  # plain text, documents separated by a blank line (required when ptx_coef > 0)
+    ptx_batch_size: int = 8  # pretraining windows per micro-batch
+    ptx_len: int = 64  # tokens per pretraining window
     # update
     update_epochs: int = 4
     num_minibatches: int = 4
@@ -332,13 +340,16 @@ def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=
 
 def train(cfg):
     rm_path = cfg.reward_model if cfg.reward == "rm" else ""  # the verifiable reward needs no reward model
-    M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"))
-    M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts)
+    M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"), *["ptx_data"] * (cfg.ptx_coef > 0))
+    M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts,
+                  ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
     cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
     gold = M.gold_on(cfg.gold, cfg.prompts)
     if cfg.max_prompt_len + cfg.max_new_tokens > M.block_size_of(cfg.policy):
         raise M.ConfigError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} > the block_size "
                             f"{M.block_size_of(cfg.policy)} of {cfg.policy}")
+    if cfg.ptx_coef > 0 and cfg.ptx_len + 1 > M.block_size_of(cfg.policy):
+        raise M.ConfigError(f"ptx_len {cfg.ptx_len} + 1 > the block_size {M.block_size_of(cfg.policy)} of {cfg.policy}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
     # --- derived sizes and the batch hierarchy (item 14); every config error before a model loads
@@ -372,6 +383,7 @@ def train(cfg):
     policy.eval()  # eval() = no dropout; gradients still flow
     prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template,
                                                        cfg.reward == "verifiable")
+    ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
     if gold or cfg.reward == "verifiable":
         from data.world import gold_reward, verify_answer  # the task's oracle and its fact checker
 
@@ -394,8 +406,9 @@ def train(cfg):
               + f" | reference model {ref_note}")
     fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
     fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0
-    gen = torch.Generator(device=device)
-    stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"]
+    gen, ptx_gen = torch.Generator(device=device), torch.Generator(device=device)
+    stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"]  # token-weighted means
+    log_keys = stat_keys + ["ptx_loss"] * (ptx is not None)
     t0, start = time.time(), it
     bar = tqdm(total=iterations, initial=it, desc=cfg.advantage, dynamic_ncols=True, disable=not master)
     while it < iterations:
@@ -467,6 +480,7 @@ def train(cfg):
         # 6. update: update_epochs over shuffled minibatches, grad_accum micro-batches each. The order is
         #    the same on every process; each runs the rows it owns and the gradients are summed
         order = torch.Generator().manual_seed(M.rng_seed(cfg.seed, it, "order"))
+        ptx_gen.manual_seed(M.rng_seed(cfg.seed, it, "ptx", rank))
         stats, t_update = [], M.clock(device)
         for epoch in range(cfg.update_epochs):
             perm = torch.randperm(B, generator=order).tolist()  # global row indices
@@ -478,7 +492,7 @@ def train(cfg):
                 mb_seqs, mb_tokens = M.ddp_sum(torch.stack([(lens > 0).sum().float(), lens.sum()]), world, device).tolist()
                 if mb_tokens == 0:  # every answer of it dropped (drop_equal_groups): no step, on every process
                     continue
-                mb_stats = torch.zeros(len(stat_keys), device=device)
+                mb_stats = torch.zeros(len(log_keys), device=device)
                 for a in range(cfg.grad_accum):
                     i = [g - lo for g in mb_idx[a * micro:(a + 1) * micro] if lo <= g < lo + share]
                     if not i:  # none of this micro-batch's rows is ours
@@ -494,10 +508,17 @@ def train(cfg):
                     losses, s = grpo_losses(new_logprobs, old_logprobs[i], advantages[i], mb_mask, cfg.clip_low, cfg.clip_high,
                                             kl_loss_ref, beta, cfg.kl_estimator, entropy, cfg.ent_coef)
                     loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)
-                    loss.backward()
                     s["loss"] = losses.detach()
-                    mb_stats += torch.stack([(s[k] * mb_mask).sum().float() for k in stat_keys]) / mb_tokens  # token-weighted means
-                mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))
+                    row = [(s[k] * mb_mask).sum().float() / mb_tokens for k in stat_keys]
+                    if ptx is not None:  # PPO-ptx on random windows (per process), weighted by these rows' share of the minibatch
+                        x = M.ptx_windows(ptx, cfg.ptx_len, cfg.ptx_batch_size, ptx_gen).to(device)  # (b, L + 1)
+                        with ctx:
+                            ptx_nll = M.ptx_loss(fwd_policy, x)
+                        loss = loss + cfg.ptx_coef * ptx_nll * len(i) / minibatch
+                        row.append(ptx_nll.detach() * len(i) / minibatch)
+                    loss.backward()
+                    mb_stats += torch.stack(row)
+                mb_stats = dict(zip(log_keys, M.ddp_sum(mb_stats, world, device).tolist()))
                 if not all(math.isfinite(v) for v in mb_stats.values()):
                     raise FloatingPointError(f"iteration {it} epoch {epoch} minibatch {mb}: non-finite {mb_stats}; "
                                              f"last good checkpoint is in {ckpt}")

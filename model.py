@@ -777,6 +777,34 @@ def penalise_missing_eos(scores, responses, eos_id, penalty):
     return torch.where(ended, scores, torch.full_like(scores, penalty)), ended
 
 
+# --- 4c. PPO-ptx (InstructGPT Eq. 2): the pretraining log-likelihood that ppo.py and grpo.py can add
+
+
+def ptx_windows(ptx, ptx_len, batch_size, generator):
+    """batch_size random windows of ptx_len + 1 tokens of the pretraining stream: (b, L + 1)."""
+    j = torch.randint(len(ptx) - ptx_len - 1, (batch_size,), generator=generator, device=generator.device).cpu()
+    return torch.stack([ptx[k:k + ptx_len + 1] for k in j.tolist()])
+
+
+def ptx_loss(model, x):
+    """PPO-ptx's term (InstructGPT Eq. 2, ptx_coef E_pretrain[log pi(x)]) as a loss to minimise: the
+    mean next-token negative log-likelihood of windows x (b, L + 1), fp32."""
+    return -response_logprobs(model, x).mean()
+
+
+def load_ptx(path, tokenizer, ptx_len):
+    """The pretraining text of PPO-ptx as one token stream: documents split at blank lines, each
+    followed by EOT; at least one window of ptx_len + 1 tokens long."""
+    with open(path, encoding="utf-8") as f:
+        docs = [d for d in f.read().split("\n\n") if d.strip()]
+    ids = []
+    for toks in tokenizer.encode_batch(docs):
+        ids.extend(toks + [tokenizer.eot_id])
+    if len(ids) < ptx_len + 2:
+        raise ConfigError(f"{path}: {len(ids)} tokens of pretraining text, fewer than one ptx_len {ptx_len} window + 2")
+    return torch.tensor(ids, dtype=torch.long)
+
+
 # --- 5. Hugging Face GPT-2 import/export (no transformers needed)
 
 HF_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",

@@ -268,27 +268,6 @@ def init_value_model(value_init, policy, reward_model, device):
     return value_model
 
 
-def ptx_windows(ptx, ptx_len, batch_size, generator):
-    """batch_size random windows of ptx_len + 1 tokens of the pretraining stream: (b, L + 1)."""
-    j = torch.randint(len(ptx) - ptx_len - 1, (batch_size,), generator=generator, device=generator.device).cpu()
-    return torch.stack([ptx[k:k + ptx_len + 1] for k in j.tolist()])
-
-
-def ptx_loss(model, x):
-    """PPO-ptx's term (InstructGPT Eq. 2, ptx_coef E_pretrain[log pi(x)]) as a loss to minimise: the
-    mean next-token negative log-likelihood of windows x (b, L + 1), fp32."""
-    return -M.response_logprobs(model, x).mean()
-
-
-def load_ptx(path, tokenizer):
-    with open(path, encoding="utf-8") as f:
-        docs = [d for d in f.read().split("\n\n") if d.strip()]
-    ids = []
-    for toks in tokenizer.encode_batch(docs):
-        ids.extend(toks + [tokenizer.eot_id])
-    return torch.tensor(ids, dtype=torch.long)
-
-
 # --- training
 
 
@@ -317,6 +296,8 @@ def train(cfg):
     if cfg.max_prompt_len + cfg.max_new_tokens > M.block_size_of(cfg.policy):
         raise M.ConfigError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} > the block_size "
                             f"{M.block_size_of(cfg.policy)} of {cfg.policy}")
+    if cfg.ptx_coef > 0 and cfg.ptx_len + 1 > M.block_size_of(cfg.policy):
+        raise M.ConfigError(f"ptx_len {cfg.ptx_len} + 1 > the block_size {M.block_size_of(cfg.policy)} of {cfg.policy}")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
     # --- derived sizes and the batch hierarchy (item 14)
@@ -362,7 +343,7 @@ def train(cfg):
     policy.eval()  # eval() = no dropout; gradients still flow
     value_model.eval()
     prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template)
-    ptx = load_ptx(cfg.ptx_data, tokenizer) if cfg.ptx_coef > 0 else None
+    ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
     if gold:
         from data.world import gold_reward  # the task's oracle: a metric only
 
@@ -478,9 +459,9 @@ def train(cfg):
                         entropy = M.masked_mean(M.entropy_from_logits(logits, cfg.temperature), mb_mask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                     if ptx is not None:  # PPO-ptx: pretraining log-likelihood on random windows (per process)
-                        x = ptx_windows(ptx, cfg.ptx_len, cfg.ptx_batch_size, ptx_gen).to(device)  # (b, L + 1)
+                        x = M.ptx_windows(ptx, cfg.ptx_len, cfg.ptx_batch_size, ptx_gen).to(device)  # (b, L + 1)
                         with ctx:
-                            s["ptx_loss"] = ptx_loss(fwd_policy, x)
+                            s["ptx_loss"] = M.ptx_loss(fwd_policy, x)
                         loss = loss + cfg.ptx_coef * s["ptx_loss"]
                     (loss * w).backward()
                     s.update(pg_loss=pg_loss, vf_loss=vf_loss, entropy=entropy)

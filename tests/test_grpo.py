@@ -3,7 +3,8 @@ aggregation against hand values (GRPO's length bias included), the k1/k2/k3 KL e
 exactly on a small categorical distribution, grouped sampling with a shared prefill, the verifiable
 checker, reward-model scores of re-encoded answers, gradient accumulation and 2 processes against one,
 gradients on response tokens only, the step-0 identities of a real CLI run (also under bf16 autocast,
-with compile and with LoRA), exact resume after a kill, config errors before any model loads."""
+with compile and with LoRA), PPO-ptx (its gradient alone, its weights over micro-batches), exact resume
+after a kill, config errors before any model loads."""
 
 import json
 import math
@@ -349,6 +350,44 @@ def test_entropy_penalty_alone_lowers_the_entropy(world, tiny_ckpt, tmp_path):
     assert H["-1"][0] < H["0"][0] - 0.001 and H["-1"][1] < H["0"][1] - 0.005, H  # same first rollout, later minibatches not
 
 
+def one_window_ptx(tokenizer, path):
+    """A pretraining file of exactly one ptx window: every draw is the same tokens. Returns ptx_len."""
+    path.write_text("the box is red. the cave is violet. the crow lives in the marsh.\n")
+    return len(M.load_ptx(path, tokenizer, 1)) - 2
+
+
+def test_ptx_alone_lowers_the_pretraining_loss(world, tiny_ckpt, tokenizer, tmp_path):
+    # verifiable reward on a random tiny model: every advantage is 0, so without ptx the weights do not
+    # move and with it the only gradient is the pretraining term's (InstructGPT's PPO-ptx)
+    L = one_window_ptx(tokenizer, tmp_path / "ptx.txt")
+    x = M.load_ptx(tmp_path / "ptx.txt", tokenizer, L)[None]  # (1, L + 2): the one window and one more token
+    common = ("--total_episodes", "16", "--reward", "verifiable", "--kl_coef", "0", "--missing_eos_penalty", "0",
+              "--ptx_data", str(tmp_path / "ptx.txt"), "--ptx_len", str(L), "--ptx_batch_size", "2")
+    init = M.load_gpt(tiny_ckpt)[0]
+    off = run(world, tiny_ckpt, "no/such/rm", tmp_path / "off", *common)
+    on = run(world, tiny_ckpt, "no/such/rm", tmp_path / "on", *common, "--ptx_coef", "1")
+    assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), off.state_dict().values()))
+    with torch.no_grad():
+        before, after = M.ptx_loss(init, x[:, :L + 1]).item(), M.ptx_loss(on, x[:, :L + 1]).item()
+    logged = [r["ptx_loss"] for r in rows(tmp_path / "on")]
+    assert logged[0] == pytest.approx(before, rel=0.05) and after < before - 0.5, (before, after, logged)
+    assert all("ptx_loss" not in r for r in rows(tmp_path / "off"))
+
+
+def test_ptx_term_weights_add_up_over_micro_batches(world, tiny_ckpt, tokenizer, tmp_path):
+    # with one possible window every micro-batch draws the same tokens, so the ptx term of a minibatch
+    # is the same whatever grad_accum, iff each micro-batch's weight is its share of the minibatch
+    L = one_window_ptx(tokenizer, tmp_path / "ptx.txt")
+    common = ("--total_episodes", "16", "--reward", "verifiable", "--kl_coef", "0", "--missing_eos_penalty", "0",
+              "--ptx_coef", "0.5", "--ptx_data", str(tmp_path / "ptx.txt"), "--ptx_len", str(L))
+    a = run(world, tiny_ckpt, "no/such/rm", tmp_path / "a", *common)
+    b = run(world, tiny_ckpt, "no/such/rm", tmp_path / "b", *common, "--grad_accum", "2")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6)
+    for ra, rb in zip(rows(tmp_path / "a"), rows(tmp_path / "b")):
+        assert ra["ptx_loss"] == pytest.approx(rb["ptx_loss"], rel=1e-5)
+
+
 def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
     extra = ("--total_episodes", "16", "--loss_agg", "seq_mean_token_mean", "--kl_coef", "0.1", "--kl_estimator", "k2")
     a = run(world, tiny_ckpt, tiny_rm, tmp_path / "a", *extra)
@@ -413,7 +452,9 @@ def test_config_errors_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_pat
            (["--policy", "no/such/policy"], "no/such/policy"), (["--reward_model", ""], "missing --reward_model"),
            (["--max_new_tokens", "48"], "max_prompt_len 64 \\+ max_new_tokens 48 > the block_size 96"),
            (["--gold", "true", "--prompts", str(other)], "not the built-in world's prompts"),
-           (["--template", "nope"], "template = 'nope'")]
+           (["--template", "nope"], "template = 'nope'"), (["--ptx_coef", "1"], "missing --ptx_data"),
+           (["--ptx_coef", "1", "--ptx_data", "no/such.txt"], "no/such.txt"),
+           (["--ptx_coef", "1", "--ptx_data", str(world / "pretrain.txt"), "--ptx_len", "96"], "ptx_len 96 \\+ 1 > the block_size 96")]
     for extra, msg in bad:
         with pytest.raises(M.ConfigError, match=msg):
             run(world, tiny_ckpt, tiny_rm, tmp_path / "run", *extra)

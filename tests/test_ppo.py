@@ -195,12 +195,21 @@ def test_values_are_read_at_the_token_before_each_response_token(tiny_rm):
 
 def test_ptx_windows_and_loss_hand_computed():
     stream = torch.arange(100, 200)
-    x = ppo.ptx_windows(stream, 5, 3, torch.Generator().manual_seed(0))  # (3, 6): contiguous slices of the stream
+    x = M.ptx_windows(stream, 5, 3, torch.Generator().manual_seed(0))  # (3, 6): contiguous slices of the stream
     assert x.shape == (3, 6) and all((row - row[0] == torch.arange(6)).all() and row[-1] < 200 for row in x)
     logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))  # a stand-in model with the same next-token distribution everywhere
     model = lambda seq, mask=None, logits_start=0: logits.expand(seq.size(0), seq.size(1) - logits_start, 3)  # noqa: E731
-    loss = ppo.ptx_loss(model, torch.tensor([[0, 1, 2, 0], [2, 2, 2, 2]]))  # targets 1, 2, 0 and 2, 2, 2
+    loss = M.ptx_loss(model, torch.tensor([[0, 1, 2, 0], [2, 2, 2, 2]]))  # targets 1, 2, 0 and 2, 2, 2
     assert loss.item() == pytest.approx(-(2 * math.log(0.25) + math.log(0.5) + 3 * math.log(0.25)) / 6)
+
+
+def test_load_ptx_splits_documents_and_refuses_text_shorter_than_a_window(tokenizer, tmp_path):
+    (tmp_path / "p.txt").write_text("the box is red.\n\n\n\nthe cave is violet.\n")
+    ids = M.load_ptx(tmp_path / "p.txt", tokenizer, 1)
+    docs = [tokenizer.encode("the box is red."), tokenizer.encode("the cave is violet.\n")]  # the empty piece between is dropped
+    assert ids.tolist() == docs[0] + [tokenizer.eot_id] + docs[1] + [tokenizer.eot_id]
+    with pytest.raises(M.ConfigError, match=f"p.txt: {len(ids)} tokens of pretraining text"):
+        M.load_ptx(tmp_path / "p.txt", tokenizer, len(ids) - 1)
 
 
 def test_value_init_modes(tiny_ckpt, tiny_rm, tmp_path, tokenizer):
