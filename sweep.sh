@@ -15,7 +15,7 @@
 #   OMP_NUM_THREADS=1 GRPO_RUNS="" SEEDS="" bash sweep.sh &             # best-of-n, PPO, DPO
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" GRPO_RUNS="" bash sweep.sh  # the seeds
 # Measured on 2 cores (README): about 70 minutes for three such instances with a reduced frontier.
-# The eight verifiable-GRPO follow-ups (grpo_verifiable_b*) take 20-35 minutes each on one core;
+# The ten verifiable-GRPO follow-ups (grpo_verifiable_b*) take 20-35 minutes each on one core;
 # run them as their own instance, e.g. GRPO_RUNS="grpo_verifiable_b256 grpo_verifiable_b512".
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -51,7 +51,8 @@ done
 #     GRPO against the verifiable fact checker (no reward model), also with 4x the answers per step
 #     (32 prompts x 8, the same 256 iterations and optimizer steps) and with DAPO's equal-group drop
 #     on top, or with a KL anchor (k1 in the reward, the RM runs' 0.1), and with 8x the answers per
-#     step on the 4x run's answers (half its iterations) (docs/grpo_results.md, section 3). GRPO_RUNS picks the runs.
+#     step on the 4x run's answers (half its iterations), with an entropy penalty, and with PPO-ptx on the
+#     pretraining text (docs/grpo_results.md, section 3). GRPO_RUNS picks the runs.
 EV5="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 --n_show 0"
 grpo_flags() {
   case $1 in
@@ -70,10 +71,12 @@ grpo_flags() {
     grpo_verifiable_b256_ent0.3) echo "$(grpo_flags grpo_verifiable_b256) --ent_coef -0.3" ;;
     grpo_verifiable_b256_ent0.1_kl) echo "$(grpo_flags grpo_verifiable_b256_kl) --ent_coef -0.1" ;;
     grpo_verifiable_b256_ent0.3_kl) echo "$(grpo_flags grpo_verifiable_b256_kl) --ent_coef -0.3" ;;
+    grpo_verifiable_b256_ptx) echo "$(grpo_flags grpo_verifiable_b256) --ptx_coef 1 --ptx_data $DATA/pretrain.txt" ;;
+    grpo_verifiable_b256_ent0.1_kl_ptx) echo "$(grpo_flags grpo_verifiable_b256_ent0.1_kl) --ptx_coef 1 --ptx_data $DATA/pretrain.txt" ;;
     *) echo "sweep.sh: unknown GRPO run $1" >&2; exit 1 ;;
   esac
 }
-for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3 grpo_verifiable_b256_ent0.1_kl grpo_verifiable_b256_ent0.3_kl}; do
+for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3 grpo_verifiable_b256_ent0.1_kl grpo_verifiable_b256_ent0.3_kl grpo_verifiable_b256_ptx grpo_verifiable_b256_ent0.1_kl_ptx}; do
   [ -f "$S/eval_$name.json" ] && continue
   rm_flag=$(case $name in grpo_verifiable*) ;; *) echo "--reward_model $OUT/reward" ;; esac)
   python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $rm_flag --prompts "$DATA/prompts_train.jsonl" --out_dir "$S/$name"
