@@ -17,7 +17,9 @@ with --family llama), it measures:
                   checkpoint (world_sft) on its held-out prompts, also checked for identical greedy
                   answers from the left-padded batch.
   3. train step   forward + backward + AdamW step at (train_batch, train_seq), next-token cross
-                  entropy, tokens/s; the same for GPT2LMHeadModel(labels=idx).
+                  entropy, tokens/s; ours as pretrain.py and sft.py compute it (GPT.forward with
+                  targets: model.linear_cross_entropy, no (B, T, V) logits tensor), transformers'
+                  as its models compute it (labels=idx: the full logits, then cross entropy).
   4. MFU          the machine's matmul peak (an n x n @ n x n matmul, 2 n^3 FLOPs, timed between
                   the train steps) and the model FLOPs utilization of our train step (nanoGPT/PaLM
                   formula, see below).
@@ -394,13 +396,13 @@ def main(cfg):
     if "train" not in sections:
         return report(res, cfg)
     x = torch.randint(cfg.vocab_size, (cfg.train_batch, cfg.train_seq), device=device)  # (B, T)
-    targets = F.pad(x[:, 1:], (0, 1), value=-1)  # (B, T) the last position predicts nothing
+    targets = F.pad(x[:, 1:], (0, 1), value=M.PAD_ID)  # (B, T) the last position predicts nothing
+    weights = F.pad(torch.ones(cfg.train_batch, cfg.train_seq - 1, device=device), (0, 1))  # (B, T)
     model.train()
     train_ours = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
 
-    def loss_ours():
-        logits = train_ours(x)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+    def loss_ours():  # the mean over the B (T - 1) targets, as transformers' loss
+        return train_ours(x, targets=targets, weights=weights) / (cfg.train_batch * (cfg.train_seq - 1))
 
     steps = [("ours", model, loss_ours)]
     if hf is not None:

@@ -379,12 +379,19 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, attention_mask=None, kv_cache=None, logits_start=0):
+    def forward(self, idx, attention_mask=None, kv_cache=None, logits_start=0, targets=None, weights=None):
         """Logits for positions logits_start.. (all by default): (B, T - logits_start, V).
 
         Skipping the prompt positions saves the (B, P, V) LM-head work; going through forward
-        (not hidden) keeps torch.compile and DDP wrappers in the path."""
-        return self.lm_head(self.hidden(idx, attention_mask, kv_cache)[:, logits_start:])
+        (not hidden) keeps torch.compile and DDP wrappers in the path. With targets (B, T) (the next
+        token of each position) it returns instead the summed negative log-likelihood
+        sum_t weights_t * -log p(targets_t) (weights (B, T), default 1), a () fp32 scalar computed by
+        linear_cross_entropy without the (B, T, V) logits: the pretraining and SFT loss."""
+        h = self.hidden(idx, attention_mask, kv_cache)[:, logits_start:]  # (B, T', C)
+        if targets is None:
+            return self.lm_head(h)
+        weights = torch.ones(targets.shape, device=h.device) if weights is None else weights
+        return linear_cross_entropy(h, self.lm_head.weight, targets, weights)
 
     # --- 2. sampling with a KV cache
 
@@ -715,6 +722,71 @@ def response_logprobs(model, seq, attention_mask=None, start=1, temperature=1.0)
     Divide by the sampling temperature so the log-probs are of the distribution sampled (item 1).
     """
     return logprobs_from_logits(response_logits(model, seq, attention_mask, start), seq[:, start:], temperature)
+
+
+CE_CHUNK_BYTES = 2 ** 26  # fp32 logits of at most this size exist at once in linear_cross_entropy (64 MiB)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_t w_t * -log softmax(h_t W^T)[y_t] and its gradients, in row chunks, all in the forward.
+
+    The (N, V) logits never exist at once: each chunk's logits are made, turned in place into the
+    gradient of the loss with respect to them, w_t (softmax_t - onehot(y_t)), and multiplied into
+    the gradients of h and W at once, so backward only scales them (the fused linear cross entropy
+    of Liger-Kernel, Hsu et al. 2024; Cut Cross-Entropy, Wijmans et al. 2024, for the idea). The same
+    FLOPs as logits + cross_entropy + their backward, with one pass over each chunk's logits instead
+    of several over the whole (N, V) tensor. Logits and softmax are fp32; the matmuls run in the
+    ambient autocast dtype. h (N, C), weight (V, C), targets (N,) long, w (N,) float -> () fp32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, w):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = max(1, CE_CHUNK_BYTES // (4 * weight.size(0)))
+        cast = torch.is_autocast_enabled(h.device.type)  # matmuls in the autocast dtype, softmax in fp32
+        fp32 = not cast and h.dtype == weight.dtype == torch.float32  # one logits buffer, matmuls into place
+        buf = torch.empty(min(rows, h.size(0)), weight.size(0), device=h.device) if fp32 else None  # (rows, V)
+        for i in range(0, h.size(0), rows):
+            hc, yc, wc = h[i:i + rows], targets[i:i + rows, None], w[i:i + rows, None].float()  # (n, C), (n, 1), (n, 1)
+            logits = torch.mm(hc, weight.t(), out=buf[:len(hc)]) if fp32 else F.linear(hc, weight).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            loss += (wc * (lse - logits.gather(1, yc))).sum()
+            if not (need_h or need_w):
+                continue
+            g = logits.sub_(lse).exp_().scatter_add_(1, yc, torch.full_like(wc, -1.0)).mul_(wc)  # (n, V) dloss/dlogits
+            if fp32:
+                if need_h:
+                    torch.mm(g, weight, out=grad_h[i:i + rows])  # (n, C)
+                if need_w:
+                    grad_w.addmm_(g.t(), hc)  # (V, C) accumulated in place
+            else:
+                g = g.to(torch.get_autocast_dtype(h.device.type) if cast else h.dtype)
+                if need_h:
+                    grad_h[i:i + rows] = g @ weight.to(g.dtype)  # (n, C)
+                if need_w:
+                    grad_w += (g.t() @ hc.to(g.dtype)).float()  # (V, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy(h, weight, targets, weights):
+    """sum_t weights_t * -log p(targets_t) with logits h_t W^T, without the (N, V) logits tensor.
+
+    h (..., C) hidden states, weight (V, C) the LM head's, targets (...) ids (a position with weight
+    0 may hold any id, PAD_ID included), weights (...) float. The value equals
+    (weights * F.cross_entropy(h @ W^T, targets, reduction="none")).sum() and so do the gradients
+    (tests/test_model.py); divide by the number of targets for the mean."""
+    return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1).clamp(min=0),
+                                    weights.reshape(-1))
 
 
 def kl_estimate(logprobs, ref_logprobs, kind="k1"):

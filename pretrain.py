@@ -138,8 +138,9 @@ def get_batch(data, batch_size, block_size, gen):
 
 
 def lm_loss(model, x, y):
-    logits = model(x)  # (B, T, V)
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    """Mean next-token cross entropy of targets y (B, T), fp32, without the (B, T, V) logits
+    (model.linear_cross_entropy)."""
+    return model(x, targets=y) / y.numel()
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
@@ -134,10 +135,14 @@ def batch_indices(step, n, per_step, seed):
 
 
 def sft_loss_terms(model, ids, mask):
-    """Summed negative log-likelihood of the masked tokens and their count. ids, mask (B, T)."""
-    logprobs = M.response_logprobs(model, ids)  # (B, T-1): log p(ids[:, t] | ids[:, :t]) for t >= 1
-    m = mask[:, 1:].float()  # (B, T-1) aligned with the targets ids[:, 1:]
-    return -(logprobs * m).sum(), m.sum()
+    """Summed negative log-likelihood of the masked tokens and their count. ids, mask (B, T).
+
+    Position t predicts ids[:, t + 1]: the targets are ids shifted left, weighted by the mask of
+    the token they predict (the last position predicts nothing). fp32, without the (B, T, V)
+    logits (model.linear_cross_entropy)."""
+    targets = F.pad(ids[:, 1:], (0, 1), value=M.PAD_ID)  # (B, T)
+    m = F.pad(mask[:, 1:].float(), (0, 1))  # (B, T)
+    return model(ids, targets=targets, weights=m), m.sum()
 
 
 @torch.no_grad()

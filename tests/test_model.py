@@ -240,6 +240,57 @@ def test_response_logprobs_against_slow_loop():
             assert abs(F.log_softmax(logits, -1)[seq[b, t]].item() - fast[b, t - 4].item()) < 1e-5
 
 
+@pytest.mark.parametrize("rows", [1, 3, 1000])  # one row per chunk, chunks that do not divide N, one chunk
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(monkeypatch, rows):
+    torch.manual_seed(0)
+    N, C, V = 11, 8, 29
+    monkeypatch.setattr(M, "CE_CHUNK_BYTES", 4 * V * rows)
+    h, W = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    y = torch.randint(V, (N,))
+    y[4] = PAD_ID  # a weight-0 position may hold any id
+    w = torch.rand(N)
+    w[4] = w[7] = 0.0
+    fused = M.linear_cross_entropy(h, W, y, w)
+    (2.5 * fused).backward()  # the upstream gradient scales both
+    got = fused.item(), h.grad.clone(), W.grad.clone()
+    h.grad = W.grad = None
+    ref = (w * F.cross_entropy(h @ W.t(), y.clamp(min=0), reduction="none")).sum()
+    (2.5 * ref).backward()
+    assert got[0] == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(got[1], h.grad, atol=1e-6) and torch.allclose(got[2], W.grad, atol=1e-6)
+    assert (got[1][[4, 7]] == 0).all()  # weight 0: no gradient to those positions
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_forward_with_targets_gives_every_parameter_the_gradient_of_the_logits_loss(tie):
+    m = tiny(tie_embeddings=tie).train()
+    x, y = torch.randint(0, 97, (3, 12)), torch.randint(0, 97, (3, 12))
+    w = (torch.rand(3, 12) > 0.3).float()
+    loss = m(x, targets=y, weights=w)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref = (w.flatten() * F.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="none")).sum()
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for n, p in m.named_parameters():  # the tied head and embedding included
+        assert torch.allclose(fused[n], p.grad, atol=1e-5), n
+
+
+def test_linear_cross_entropy_frozen_head_no_grad_and_bf16_autocast():
+    torch.manual_seed(0)
+    h, W, y, w = torch.randn(6, 8, requires_grad=True), torch.randn(29, 8), torch.randint(29, (6,)), torch.ones(6)
+    ref = F.cross_entropy(h @ W.t(), y, reduction="sum")
+    M.linear_cross_entropy(h, W, y, w).backward()  # a frozen head (LoRA): the hidden states still get theirs
+    assert h.grad is not None and torch.allclose(h.grad, torch.autograd.grad(ref, h)[0], atol=1e-6)
+    with torch.no_grad():
+        assert M.linear_cross_entropy(h, W, y, w).item() == pytest.approx(ref.item(), rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 softmax: as on CUDA
+        fused = M.linear_cross_entropy(h, W, y, w)
+        bf16_ref = F.cross_entropy(F.linear(h, W).float(), y, reduction="sum")
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(bf16_ref.item(), rel=1e-4)
+
+
 def test_response_logprobs_pad_is_zero_and_left_pad_invariant():
     m = tiny()
     rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
