@@ -15,8 +15,11 @@ Contents
                             LoRA: add_lora, merge_lora, adapters_off, adapt (a stage's cfg)
   4. log-probs              response_logits, logprobs_from_logits, response_logprobs: the one
                             place where logits and tokens are shifted against each other;
+                            linear_cross_entropy: the LM head and cross entropy fused in row
+                            chunks (GPT.forward(targets=...), the pretraining and SFT loss);
                             kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref);
-                            (4b) masked mean/var/whiten, entropy, the missing-EOS penalty
+                            (4b) masked mean/var/whiten, entropy, the missing-EOS penalty;
+                            (4c) PPO-ptx's pretraining windows and loss
   5. Hugging Face           GPT.from_pretrained / save_pretrained for GPT2LMHeadModel, and (5b)
                             LlamaForCausalLM, Qwen2/Qwen3ForCausalLM, GPTNeoXForCausalLM; safetensors
                             (single or sharded) read and written by hand
