@@ -787,7 +787,10 @@ def linear_cross_entropy(h, weight, targets, weights):
     h (..., C) hidden states, weight (V, C) the LM head's, targets (...) ids (a position with weight
     0 may hold any id, PAD_ID included), weights (...) float. The value equals
     (weights * F.cross_entropy(h @ W^T, targets, reduction="none")).sum() and so do the gradients
-    (tests/test_model.py); divide by the number of targets for the mean."""
+    (tests/test_model.py); divide by the number of targets for the mean. Under no_grad (evaluation)
+    only the loss is computed: a Function's forward sees needs_input_grad from requires_grad alone."""
+    if not torch.is_grad_enabled():
+        h, weight = h.detach(), weight.detach()
     return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1).clamp(min=0),
                                     weights.reshape(-1))
 

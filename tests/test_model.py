@@ -277,14 +277,21 @@ def test_forward_with_targets_gives_every_parameter_the_gradient_of_the_logits_l
         assert torch.allclose(fused[n], p.grad, atol=1e-5), n
 
 
-def test_linear_cross_entropy_frozen_head_no_grad_and_bf16_autocast():
+def test_linear_cross_entropy_frozen_head_no_grad_and_bf16_autocast(monkeypatch):
     torch.manual_seed(0)
     h, W, y, w = torch.randn(6, 8, requires_grad=True), torch.randn(29, 8), torch.randint(29, (6,)), torch.ones(6)
     ref = F.cross_entropy(h @ W.t(), y, reduction="sum")
     M.linear_cross_entropy(h, W, y, w).backward()  # a frozen head (LoRA): the hidden states still get theirs
     assert h.grad is not None and torch.allclose(h.grad, torch.autograd.grad(ref, h)[0], atol=1e-6)
-    with torch.no_grad():
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or mm(*a, **k))
+    with torch.no_grad():  # evaluation: the logits matmul only, no gradient work
         assert M.linear_cross_entropy(h, W, y, w).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert len(calls) == 1
+    M.linear_cross_entropy(h, W, y, w)  # with grad: the logits and the hidden states' gradient
+    assert len(calls) == 3
+    monkeypatch.undo()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 softmax: as on CUDA
         fused = M.linear_cross_entropy(h, W, y, w)
         bf16_ref = F.cross_entropy(F.linear(h, W).float(), y, reduction="sum")
