@@ -2322,6 +2322,17 @@ def block_size_of(path):
     return info["n_positions"] if "n_positions" in info else hf_config_to_ours(info, d).block_size
 
 
+def check_rl_lengths(cfg):
+    """ppo.py's and grpo.py's lengths against the policy's block size, before any model loads: a
+    prompt and its answer (max_prompt_len + max_new_tokens), and a PPO-ptx window (ptx_len + 1)."""
+    block = block_size_of(cfg.policy)
+    if cfg.max_prompt_len + cfg.max_new_tokens > block:
+        raise ConfigError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} > the block_size "
+                          f"{block} of {cfg.policy}")
+    if cfg.ptx_coef > 0 and cfg.ptx_len + 1 > block:
+        raise ConfigError(f"ptx_len {cfg.ptx_len} + 1 > the block_size {block} of {cfg.policy}")
+
+
 def split_hh(transcript, path, n):
     """An HH-RLHF transcript '\n\nHuman: ...\n\nAssistant: answer' -> (prompt, answer), split at the
     last 'Assistant:', so that chat_prompt(prompt) + ' ' + answer reproduces the transcript."""

@@ -293,11 +293,7 @@ def train(cfg):
     M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
     cfg.template = M.resolve_template(cfg.template, cfg.policy, cfg.reward_model)
     gold = M.gold_on(cfg.gold, cfg.prompts)
-    if cfg.max_prompt_len + cfg.max_new_tokens > M.block_size_of(cfg.policy):
-        raise M.ConfigError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} > the block_size "
-                            f"{M.block_size_of(cfg.policy)} of {cfg.policy}")
-    if cfg.ptx_coef > 0 and cfg.ptx_len + 1 > M.block_size_of(cfg.policy):
-        raise M.ConfigError(f"ptx_len {cfg.ptx_len} + 1 > the block_size {M.block_size_of(cfg.policy)} of {cfg.policy}")
+    M.check_rl_lengths(cfg)
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
     # --- derived sizes and the batch hierarchy (item 14)

@@ -260,6 +260,9 @@ def test_checks_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_path, monk
     no_loading(monkeypatch)
     with pytest.raises(M.ConfigError, match="max_prompt_len 64 \\+ max_new_tokens 48 > the block_size 96"):
         ppo.train(M.parse_config(ppo.Config, ppo_args(world, tiny_ckpt, tiny_rm, tmp_path / "p", "--max_new_tokens", "48")))
+    with pytest.raises(M.ConfigError, match="ptx_len 96 \\+ 1 > the block_size 96"):
+        ppo.train(M.parse_config(ppo.Config, ppo_args(world, tiny_ckpt, tiny_rm, tmp_path / "p", "--ptx_coef", "0.1",
+                                                      "--ptx_data", str(world / "pretrain.txt"), "--ptx_len", "96")))
     p = str(world / "prompts_val.jsonl")
     with pytest.raises(M.ConfigError, match="max_new_tokens 96 leaves no room"):
         evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", p]))
