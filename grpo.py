@@ -13,8 +13,9 @@ each prompt is answered G times (a group) and the group is the baseline.
                  gain/bias), an answer without EOS scoring missing_eos_penalty instead (Stiennon et al.
                  2020, N+ "EOS trick");
                  reward = "verifiable": 1 if the answer states the true value of what a fact question
-                 asks and no false one, else 0 (data/world.py verify_answer; RL from verifiable rewards);
-                 training prompts are filtered to the fact questions (counted)
+                 asks and no false one, else 0 (data/world.py verify_answer; RL from verifiable rewards),
+                 or with verifier = "arith" 1 if it states a + b and no other result (data/arith.py);
+                 training prompts are filtered to the checker's questions (counted)
   4. KL          k_t = kl_estimator(log pi_old(y_t) - log pi_ref(y_t)) (Schulman 2020):
                  k1 = l, k2 = l^2 / 2, k3 = exp(-l) - 1 + l.  kl_in = "reward": a penalty on the reward,
                  kl_in = "loss": beta * k_t(pi_theta) added to the per-token loss (the KL section of
@@ -99,6 +100,7 @@ from tqdm import tqdm
 
 import model as M
 
+VERIFIERS = {"world": "data.world", "arith": "data.arith"}  # reward = "verifiable": the module whose verify_answer scores
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
@@ -108,7 +110,8 @@ LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 @dataclass
 class Config:
     policy: str = ""  # (required) SFT checkpoint: the policy's start and the frozen reference
-    reward: str = "rm"  # "rm": reward_model's score; "verifiable": data/world.py verify_answer (0/1)
+    reward: str = "rm"  # "rm": reward_model's score; "verifiable": the verifier's 0/1 checker
+    verifier: str = "world"  # reward = "verifiable": world (data/world.py's fact questions) or arith (data/arith.py's sums)
     reward_model: str = ""  # (required when reward = "rm") reward-model checkpoint (reward.py)
     prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
     out_dir: str = "out/grpo"  # checkpoint (ckpt/), config.json, metrics.jsonl
@@ -265,20 +268,19 @@ def grpo_losses(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, r
 # --- data
 
 
-def load_prompts(path, tokenizer, max_len, template="hh", verifiable=False):
-    """Templated prompt ids, cut to their last max_len tokens (counted); verifiable: the fact
-    questions only (the others have no checkable answer), with the number left out."""
+def load_prompts(path, tokenizer, max_len, template="hh", verify=None):
+    """Templated prompt ids, cut to their last max_len tokens (counted); with a checker verify, its
+    questions only (verify(prompt, "") is None for the others: no checkable answer), with the number left out."""
     rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
     for n, p in enumerate(rows, 1):
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"{path}: row {n}: empty prompt")
     n_other = 0
-    if verifiable:
-        from data.world import VERIFIABLE, parse_prompt
-        kept = [p for p in rows if parse_prompt(p)[0] in VERIFIABLE]
+    if verify is not None:
+        kept = [p for p in rows if verify(p, "") is not None]
         n_other, rows = len(rows) - len(kept), kept
         if not rows:
-            raise M.ConfigError(f"{path}: reward = 'verifiable' needs fact questions ({', '.join(VERIFIABLE)}); none found")
+            raise M.ConfigError(f"{path}: reward = 'verifiable' needs the verifier's questions; none found")
     ids = [M.encode_chat(tokenizer, p, template=template) for p in rows]
     cut = sum(len(x) > max_len for x in ids)
     return rows, [x[-max_len:] for x in ids], cut, n_other
@@ -291,7 +293,7 @@ def check_config(cfg, world):
     """Every option error before any model loads; returns the derived sizes."""
     for key, value, allowed in (("reward", cfg.reward, ("rm", "verifiable")), ("advantage", cfg.advantage, ADVANTAGES),
                                 ("kl_estimator", cfg.kl_estimator, ("k1", "k2", "k3")), ("kl_in", cfg.kl_in, ("reward", "loss")),
-                                ("loss_agg", cfg.loss_agg, LOSS_AGGS)):
+                                ("loss_agg", cfg.loss_agg, LOSS_AGGS), ("verifier", cfg.verifier, VERIFIERS)):
         if value not in allowed:
             raise M.ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
     B, G = cfg.rollout_batch_size, cfg.group_size
@@ -377,11 +379,14 @@ def train(cfg):
         rm.backbone.to(torch.bfloat16)
         rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
+    if gold:
+        from data.world import gold_reward  # the task's oracle: a metric only
+    if gold or cfg.reward == "verifiable":  # the checker: the verifiable reward, or (world) a metric
+        import importlib
+        verify_answer = importlib.import_module(VERIFIERS[cfg.verifier if cfg.reward == "verifiable" else "world"]).verify_answer
     prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template,
-                                                       cfg.reward == "verifiable")
+                                                       verify_answer if cfg.reward == "verifiable" else None)
     ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
-    if gold or cfg.reward == "verifiable":
-        from data.world import gold_reward, verify_answer  # the task's oracle and its fact checker
 
     opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
     it = 0
@@ -398,7 +403,7 @@ def train(cfg):
               f"{world} processes) -> {cfg.num_minibatches} minibatches of {minibatch} -> {cfg.grad_accum} micro-batches "
               f"of {micro}; {cfg.update_epochs} epochs = {cfg.update_epochs * cfg.num_minibatches} optimizer steps per "
               f"rollout; {iterations} rollouts | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_len} tokens"
-              + (f"; {n_other} that are not fact questions left out)" if cfg.reward == "verifiable" else ")")
+              + (f"; {n_other} that are not the {cfg.verifier} checker's questions left out)" if cfg.reward == "verifiable" else ")")
               + f" | reference model {ref_note}")
     fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
     fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0

@@ -45,3 +45,31 @@ def test_fixed_split_and_files(tmp_path):
     assert generate(str(tmp_path)) == {"prompts_train": 300, "prompts_val": 100}
     rows = [json.loads(line) for line in (tmp_path / "prompts_val.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == held
+
+
+def test_grpo_trains_on_the_arith_checker(tiny_ckpt, tmp_path, monkeypatch):
+    import grpo
+    import model as M
+    import data.arith as arith
+    generate(str(tmp_path))
+    with open(tmp_path / "mixed.jsonl", "w") as f:  # the checker's questions and one that is not
+        f.write(json.dumps({"prompt": "tell me about the fox."}) + "\n")
+        f.write((tmp_path / "prompts_train.jsonl").read_text())
+    calls, real = [], arith.verify_answer
+
+    def spy(prompt, response):  # the real checker's questions; 1 for every other call, so groups differ
+        out = real(prompt, response)
+        if out is None:
+            return None
+        calls.append(prompt)
+        return float(len(calls) % 2)
+
+    monkeypatch.setattr(arith, "verify_answer", spy)
+    cfg = M.parse_config(grpo.Config, ["--policy", tiny_ckpt, "--prompts", str(tmp_path / "mixed.jsonl"), "--reward", "verifiable",
+                                       "--verifier", "arith", "--kl_coef", "0", "--eos_trick", "false", "--out_dir", str(tmp_path / "g"),
+                                       "--rollout_batch_size", "8", "--group_size", "4", "--total_episodes", "8",
+                                       "--max_new_tokens", "4", "--device", "cpu"])
+    grpo.train(cfg)
+    row = json.loads((tmp_path / "g" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(calls) == set(split_prompts()[0])  # the fox prompt is filtered out
+    assert row["score"] == 0.5 and row["equal_groups"] == 0  # the spy's 1, 0, 1, 0, ... over 8 answers

@@ -86,3 +86,21 @@ def test_malloc_keep_removes_the_page_faults_of_freshly_mapped_memory(tmp_path):
     # every step maps its logits afresh without it; with it, once the heap has grown to hold both
     # models' steps (a step or two), a step faults no more than a few pages
     assert len(mapped) == len(kept) == 4 and min(mapped) > 25_000 and min(kept) < 1_000, (mapped, kept)
+
+
+@pytest.mark.slow  # ~30 s: a subprocess that loads transformers and times every section
+def test_bench_on_real_weights_from_a_gguf_file(tmp_path, tokenizer):
+    pytest.importorskip("gguf")
+    from test_gguf import SPECIALS, tiny, write_gguf
+    from data.arith import generate
+    generate(str(tmp_path))
+    path = write_gguf(tmp_path / "real.gguf", tiny("llama", len(tokenizer.ranks) + len(SPECIALS) + 1), tokenizer,
+                      template="")  # hh: SmolLM2's system message would not fit the tiny block
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "bench.py", *TINY, "--init", path, "--init_prompts", str(tmp_path / "prompts_val.jsonl"),
+                    "--world_new_tokens", "6", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=180)
+    res = json.load(open(out))
+    assert "rollout_random" not in res and res["rollout_real"]["ours_tok_s"] > 0 and res["real_greedy_match"] is True
+    assert res["greedy_match"] is True and res["train_ratio"] > 0
+    model = tiny("llama", len(tokenizer.ranks) + len(SPECIALS) + 1)  # untied: the input embedding is a lookup, not counted
+    assert res["n_params"] == sum(p.numel() for p in model.parameters()) - model.transformer.wte.weight.numel()

@@ -50,16 +50,50 @@ def test_best_of_n_summary_and_dump(world, tiny_ckpt, tiny_rm, tmp_path, monkeyp
 
 
 def test_fact_accuracy_by_hand():
-    from data.world import COLOUR
+    from data.world import COLOUR, verify_answer
     q = "what colour is the fox?"
     true, false = f"the fox is {COLOUR['fox']}.", "the fox is " + ("blue" if COLOUR["fox"] != "blue" else "red") + "."
     story = "tell me a story about the fox."
-    # two repeats each: the fox question right then wrong (0.5), right twice but the second cut (0.5);
-    # the story prompt is no fact question and does not count
-    got = evaluate.fact_accuracy([q, q, q, q, story, story], [true, false, true, true, true, true],
-                                 [True, True, True, False, True, True], 2)
-    assert got["fact_acc"] == 0.5 and got["fact_prompts"] == 2
-    assert evaluate.fact_accuracy([story], ["x"], [True], 1) == {}
+    # two repeats each: the fox question right then wrong (0.5), right twice but the second cut (0.5, and 1.0
+    # on the text alone); the story prompt is no fact question and does not count
+    got = evaluate.verified_accuracy([q, q, q, q, story, story], [true, false, true, true, true, true],
+                                     [True, True, True, False, True, True], 2, verify_answer, "fact")
+    assert got["fact_acc"] == 0.5 and got["fact_prompts"] == 2 and got["fact_acc_text"] == 0.75
+    assert evaluate.verified_accuracy([story], ["x"], [True], 1, verify_answer, "fact") == {}
+
+
+def test_verified_dumps_for_rejection_sampling_and_dpo():
+    from data.arith import verify_answer
+    q, r = "What is 2 + 3?", "What is 1 + 1?"
+    prompts = [q] * 5 + [r] * 2
+    texts = ["5", " 5", "6", "2 + 3 = 5.", "5", "2", "3"]  # " 5" is "5" again; the 5th is cut (no EOS)
+    ended = [True, True, True, True, False, True, True]
+    rows, pairs = evaluate.verified_dumps(prompts, texts, ended, verify_answer)
+    assert rows == [{"prompt": q, "response": "5"}, {"prompt": q, "response": "2 + 3 = 5."}, {"prompt": r, "response": "2"}]
+    # correct answers paired in order with the wrong ones (the cut answer counts as wrong), each used once;
+    # r has one right and one wrong answer
+    assert pairs == [{"prompt": q, "chosen": "5", "rejected": "6"}, {"prompt": q, "chosen": "2 + 3 = 5.", "rejected": "5"},
+                     {"prompt": r, "chosen": "2", "rejected": "3"}]
+
+
+def test_arith_accuracy_greedy_and_dumps_end_to_end(tiny_ckpt, tmp_path):
+    from data.arith import generate
+    generate(str(tmp_path))
+    cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(tmp_path / "prompts_val.jsonl"),
+                                           "--n_prompts", "4", "--repeats", "3", "--verifier", "arith", "--ref", tiny_ckpt,
+                                           "--max_new_tokens", "6", "--dump_verified", str(tmp_path / "rs.jsonl"),
+                                           "--dump_verified_pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "e.json")])
+    s = evaluate.evaluate(cfg)
+    assert s["arith_prompts"] == 4 and 0.0 <= s["arith_acc"] <= s["arith_acc_text"] <= 1.0
+    assert len(s["per_prompt"]["arith_acc"]) == 4 and "gold" not in s and s["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert s["verified_dumped"] == len(open(tmp_path / "rs.jsonl").readlines())
+    greedy = evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(tmp_path / "prompts_val.jsonl"),
+                                                                "--n_prompts", "4", "--verifier", "arith", "--temperature", "0",
+                                                                "--ref", tiny_ckpt, "--max_new_tokens", "6", "--out", str(tmp_path / "g.json")]))
+    assert "kl" not in greedy and greedy["arith_prompts"] == 4  # no KL of greedy answers
+    with pytest.raises(M.ConfigError, match="need a checker"):
+        evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(tmp_path / "prompts_val.jsonl"),
+                                                           "--dump_verified", str(tmp_path / "x.jsonl")]))
 
 
 def test_rm_rankings_order_duplicates_and_skips():
