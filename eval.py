@@ -222,6 +222,8 @@ def best_of_n_kl(scores, answers, n):
 def evaluate(cfg):
     M.require(cfg, "ckpt", "prompts")
     M.check_paths(ckpt=cfg.ckpt, prompts=cfg.prompts, ref=cfg.ref, baseline=cfg.baseline, reward_model=cfg.reward_model)
+    M.check_roles(ckpt=(cfg.ckpt, "policy"), ref=(cfg.ref, "policy"), baseline=(cfg.baseline, "policy"),
+                  reward_model=(cfg.reward_model, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.ckpt, cfg.ref, cfg.baseline, cfg.reward_model)
     gold = M.gold_on(cfg.gold, cfg.prompts)
     if cfg.max_new_tokens >= M.block_size_of(cfg.ckpt):

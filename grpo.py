@@ -343,6 +343,7 @@ def train(cfg):
     M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"), *["ptx_data"] * (cfg.ptx_coef > 0))
     M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts,
                   ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(rm_path, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
     gold = M.gold_on(cfg.gold, cfg.prompts)
     M.check_rl_lengths(cfg)

@@ -1657,19 +1657,37 @@ def pad_responses(rows):
 # --- 7. checkpoints: a directory, written atomically
 
 
-def save_checkpoint(ckpt_dir, model, tokenizer, train_config, state=None, meta=None):
+# what a checkpoint is, recorded in its config.json ("role") so that each consumer can refuse the wrong
+# kind by name; "kind" is the class the weights load into (gpt or scalar)
+ROLES = {"policy": "a policy (a language model: pretrain.py, sft.py, dpo.py, ppo.py, grpo.py, or Hugging Face weights)",
+         "reward_model": "a reward model (reward.py)",
+         "value_model": "a value model (a PPO critic)"}
+
+
+def save_checkpoint(ckpt_dir, model, tokenizer, train_config, state=None, meta=None, role=None, fitted=False):
     """Write weights, model config, tokenizer, resolved training config and (for resume) the
     optimizer/RNG/step state into ckpt_dir. Everything goes to ckpt_dir.tmp first, then two
     renames swap it in; a kill at any moment leaves ckpt_dir or ckpt_dir.old complete, and
-    load_checkpoint reads whichever is there."""
+    load_checkpoint reads whichever is there.
+
+    role says what the checkpoint is (ROLES; by default a GPT is a policy and a ScalarModel a reward
+    model). A ScalarModel's score normalisation is recorded beside it: gain, bias, and fitted (true
+    once reward.py has fitted them; false: score() returns raw head values)."""
     tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
+    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    scalar = isinstance(raw, ScalarModel)
+    role = role or ("reward_model" if scalar else "policy")
+    if role not in ROLES or (role == "policy") == scalar:
+        raise ValueError(f"save_checkpoint: role {role!r} does not fit a {type(raw).__name__}; roles: {sorted(ROLES)}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
     torch.save(raw.state_dict(), os.path.join(tmp, "model.pt"))
     tokenizer.save(os.path.join(tmp, "tokenizer.tiktoken"))
-    info = {"kind": "scalar" if isinstance(raw, ScalarModel) else "gpt", "model": dataclasses.asdict(raw.config),
-            "tokenizer": tokenizer.name, "train": train_config, "meta": meta or {}}
+    info = {"kind": "scalar" if scalar else "gpt", "role": role, "model": dataclasses.asdict(raw.config),
+            "tokenizer": tokenizer.name, "train": train_config, "meta": meta or {},
+            "step": None if state is None else state.get("step", state.get("iteration"))}
+    if scalar:
+        info["normalisation"] = {"gain": raw.reward_gain.item(), "bias": raw.reward_bias.item(), "fitted": fitted}
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(info, f, indent=2)
     if state is not None:
@@ -1687,6 +1705,50 @@ def checkpoint_dir(path):
         if os.path.exists(os.path.join(p, "model.pt")) and os.path.exists(os.path.join(p, "config.json")):
             return p
     raise FileNotFoundError(f"no checkpoint at {path} (expected {path}/ckpt/model.pt or {path}/model.pt)")
+
+
+def checkpoint_info(path):
+    """The config.json of one of our checkpoints (run or checkpoint directory), without loading it."""
+    with open(os.path.join(checkpoint_dir(path), "config.json")) as f:
+        return json.load(f)
+
+
+def checkpoint_role(path):
+    """What the checkpoint at path is ("policy", "reward_model" or "value_model"), read without loading
+    it. Hugging Face weights, GPT-2 names and files are policies. A checkpoint written before roles
+    were recorded has only its kind: "gpt" reads as a policy, "scalar" as a reward model (reward.py
+    wrote every scalar checkpoint; ppo.py keeps its value model inside state.pt), normalised by the
+    gain and bias stored in its weights."""
+    if path in HF_NAMES or os.path.isfile(path) or any(os.path.exists(os.path.join(path, f)) for f in HF_WEIGHT_FILES):
+        return "policy"
+    info = checkpoint_info(path)
+    return info.get("role") or {"gpt": "policy", "scalar": "reward_model"}[info["kind"]]
+
+
+def check_roles(**inputs):
+    """Refuse, before anything loads, an input checkpoint that is not what its key takes:
+    check_roles(policy=(path, "policy"), reward_model=(path, "reward_model")). A policy given as a
+    reward model would get a fresh random head and score noise; a reward model given as a policy
+    would turn its trunk into one. The one conversion is deliberate and named: a reward model or a
+    value model starts from a policy's trunk with a fresh head (reward.py --init, ppo.py --value_init
+    policy), so those keys take a policy. A reward model whose normalisation was never fitted, or
+    that records none (an older checkpoint), is taken with a note."""
+    have = {key: checkpoint_role(path) for key, (path, _) in inputs.items() if path}
+    for key, role in have.items():
+        path, need = inputs[key]
+        if role != need:
+            swapped = [k for k in have if k != key and have[k] == need and inputs[k][1] == role]
+            hint = f" (--{key} and --{swapped[0]} swapped?)" if swapped else ""
+            raise ConfigError(f"--{key} {path} is {ROLES[role]}, but --{key} takes {ROLES[need]}{hint}")
+        if need == "reward_model":
+            info = checkpoint_info(path)
+            norm = info.get("normalisation")
+            if norm is None:
+                print(f"note: --{key} {path} records no role (an older checkpoint): read as a reward model, "
+                      f"normalised by the gain and bias stored in its weights")
+            elif not norm["fitted"]:
+                print(f"note: --{key} {path}: its score normalisation was never fitted (reward.py --normalize false, "
+                      f"or a checkpoint from before the run ended): scores are raw head values")
 
 
 def load_checkpoint(path, device="cpu", kind=None, dropout=0.0):

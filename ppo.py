@@ -291,6 +291,7 @@ def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro,
 def train(cfg):
     M.require(cfg, "policy", "reward_model", "prompts", *["ptx_data"] * (cfg.ptx_coef > 0))
     M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(cfg.reward_model, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.policy, cfg.reward_model)
     gold = M.gold_on(cfg.gold, cfg.prompts)
     M.check_rl_lengths(cfg)

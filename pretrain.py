@@ -176,6 +176,7 @@ def init_model(cfg, device, state=None):
 def train(cfg):
     M.require(cfg, "data", *["tokenizer"] * (cfg.init == "scratch"))
     M.check_paths(data=cfg.data, tokenizer=cfg.tokenizer if cfg.init == "scratch" else "", init="" if cfg.init == "scratch" else cfg.init)
+    M.check_roles(init=("" if cfg.init == "scratch" else cfg.init, "policy"))
     if cfg.init != "scratch" and cfg.block_size > M.block_size_of(cfg.init):
         raise M.ConfigError(f"block_size {cfg.block_size} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
     rank, world, device = M.ddp_setup(cfg.device)
@@ -214,7 +215,7 @@ def train(cfg):
     model.train()
 
     def checkpoint():
-        M.save_checkpoint(os.path.join(cfg.out_dir, "ckpt"), model, tokenizer, dataclasses.asdict(cfg),
+        M.save_checkpoint(os.path.join(cfg.out_dir, "ckpt"), model, tokenizer, dataclasses.asdict(cfg), role="policy",
                           state={"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "rng": M.rng_state(),
                                  "finished": step == cfg.max_steps})
 

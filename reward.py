@@ -230,6 +230,7 @@ def fit_normalisation(model, groups, cfg, device, ctx):
 def train(cfg):
     M.require(cfg, "data", "val_data", "init")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    M.check_roles(init=(cfg.init, "policy"))  # the reward model starts from a policy's trunk, with a fresh head
     if cfg.objective not in ("preference", "classify"):
         raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
     cfg.template = M.resolve_template(cfg.template, cfg.init)
@@ -324,7 +325,7 @@ def train(cfg):
             model.reward_bias.fill_(bias)
             print(f"reward normalisation: gain {gain:.4f} bias {bias:.4f}")
         if master and (step % cfg.ckpt_interval == 0 or last):
-            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
+            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg), role="reward_model", fitted=last and cfg.normalize,
                               state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)

@@ -177,6 +177,7 @@ def print_samples(model, tokenizer, prompts, cfg, device):
 def train(cfg):
     M.require(cfg, "data", "val_data", "init")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    M.check_roles(init=(cfg.init, "policy"))
     cfg.template = M.resolve_template(cfg.template, cfg.init)
     if cfg.max_len > M.block_size_of(cfg.init):
         raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
@@ -255,7 +256,7 @@ def train(cfg):
                 print_samples(model, tokenizer, [p for p, _ in val_pairs[:cfg.n_samples]], cfg, device)
             M.log_metrics(cfg.out_dir, metrics)
         if master and (step % cfg.ckpt_interval == 0 or last):
-            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
+            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg), role="policy",
                               state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)

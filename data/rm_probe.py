@@ -70,6 +70,7 @@ def fact_probe(lm, tokenizer):
 
 
 def main(cfg):
+    M.check_roles(reward_model=(cfg.reward_model, "reward_model"), lm=(cfg.lm, "policy"))
     rm, tokenizer, _ = M.load_checkpoint(cfg.reward_model, cfg.device, kind="scalar")
     groups, _ = M.read_preferences(cfg.rankings)
     counts = agreement_by_part(rm.eval(), tokenizer, groups)

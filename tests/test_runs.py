@@ -274,6 +274,51 @@ def test_checks_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_path, monk
     assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
 
 
+def test_swapped_checkpoints_are_refused_naming_what_each_key_takes(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    no_loading(monkeypatch)
+    prompts, prefs = str(world / "prompts_train.jsonl"), str(world / "sft_val.jsonl")
+    with pytest.raises(M.ConfigError, match=r"--policy .* is a reward model \(reward.py\), but --policy takes a policy .*"
+                                            r"\(--policy and --reward_model swapped\?\)"):
+        ppo.train(M.parse_config(ppo.Config, ppo_args(world, tiny_rm, tiny_ckpt, tmp_path / "p")))
+    with pytest.raises(M.ConfigError, match=r"--reward_model .* is a policy .*, but --reward_model takes a reward model"):
+        ppo.train(M.parse_config(ppo.Config, ppo_args(world, tiny_ckpt, tiny_ckpt, tmp_path / "p")))
+    with pytest.raises(M.ConfigError, match="--policy .* is a reward model"):
+        grpo.train(M.parse_config(grpo.Config, ["--policy", tiny_rm, "--reward_model", tiny_rm, "--prompts", prompts,
+                                                "--out_dir", str(tmp_path / "g"), "--max_new_tokens", "8"]))
+    base = ["--prompts", prompts, "--max_new_tokens", "8"]
+    for key, ckpt in (("reward_model", tiny_ckpt), ("ref", tiny_rm), ("baseline", tiny_rm)):
+        with pytest.raises(M.ConfigError, match=f"--{key} .* takes a {'reward model' if key == 'reward_model' else 'policy'}"):
+            evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, f"--{key}", ckpt, *base]))
+    with pytest.raises(M.ConfigError, match="--ckpt .* is a reward model"):
+        evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_rm, *base]))
+    for mod in (sft, reward, dpo):  # reward.py --init takes the policy whose trunk the reward model starts from
+        with pytest.raises(M.ConfigError, match="--init .* is a reward model .* --init takes a policy"):
+            mod.train(M.parse_config(mod.Config, ["--data", prefs, "--val_data", prefs, "--init", tiny_rm,
+                                                  "--out_dir", str(tmp_path / "x"), "--max_len", "64"]))
+    pretrain = importlib.import_module("pretrain")
+    with pytest.raises(M.ConfigError, match="--init .* is a reward model"):
+        pretrain.train(M.parse_config(pretrain.Config, ["--data", str(world / "pretrain.txt"), "--init", tiny_rm,
+                                                        "--out_dir", str(tmp_path / "pt"), "--block_size", "32"]))
+    assert not [p for p in ("p", "g", "x", "pt") if (tmp_path / p).exists()]
+
+
+def test_checkpoints_written_before_roles_still_load(tiny_ckpt, tiny_rm, tmp_path, capsys):
+    import shutil
+    old = {}
+    for name, src in (("policy", tiny_ckpt), ("rm", tiny_rm)):  # config.json as it was: no role, no normalisation
+        shutil.copytree(src, tmp_path / name)
+        info = json.load(open(tmp_path / name / "config.json"))
+        for k in ("role", "normalisation", "step"):
+            info.pop(k, None)
+        (tmp_path / name / "config.json").write_text(json.dumps(info))
+        old[name] = str(tmp_path / name)
+    assert M.checkpoint_role(old["policy"]) == "policy" and M.checkpoint_role(old["rm"]) == "reward_model"
+    M.check_roles(policy=(old["policy"], "policy"), reward_model=(old["rm"], "reward_model"))
+    assert "records no role (an older checkpoint): read as a reward model" in capsys.readouterr().out
+    with pytest.raises(M.ConfigError, match="is a reward model"):
+        M.check_roles(policy=(old["rm"], "policy"))
+
+
 def test_model_type_we_cannot_load_names_itself(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "n_embd": 8}))
     (tmp_path / "model.safetensors").write_bytes(b"")
