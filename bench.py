@@ -278,6 +278,7 @@ def report(res, cfg):
 
 
 def main(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     print_config(cfg)
     device = get_device(cfg.device)
     if cfg.threads > 0:

@@ -265,6 +265,7 @@ def print_samples(model, tokenizer, prompts, cfg, device):
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     if cfg.loss_type not in ("dpo", "ipo"):
         raise M.ConfigError(f"loss_type {cfg.loss_type!r}: expected 'dpo' or 'ipo'")
     if cfg.loss_type == "ipo" and cfg.label_smoothing:

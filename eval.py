@@ -220,6 +220,7 @@ def best_of_n_kl(scores, answers, n):
 
 
 def evaluate(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "ckpt", "prompts")
     M.check_paths(ckpt=cfg.ckpt, prompts=cfg.prompts, ref=cfg.ref, baseline=cfg.baseline, reward_model=cfg.reward_model)
     M.check_roles(ckpt=(cfg.ckpt, "policy"), ref=(cfg.ref, "policy"), baseline=(cfg.baseline, "policy"),

@@ -339,6 +339,7 @@ def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     rm_path = cfg.reward_model if cfg.reward == "rm" else ""  # the verifiable reward needs no reward model
     M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"), *["ptx_data"] * (cfg.ptx_coef > 0))
     M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts,

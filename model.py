@@ -1979,6 +1979,32 @@ def clock(device):
     return time.perf_counter()
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # autocast dtypes (CUDA only: CPU runs in fp32 whatever the setting)
+
+
+def check_device(cfg):
+    """cfg.device, and cfg.dtype and cfg.compile where the script has them, checked before anything
+    loads: a name we do not know is an error listing ours; a device this machine's torch cannot use is
+    an error naming the flags that run the same config on CPU (a GPU config on a laptop)."""
+    name, dtype, compiled = cfg.device, getattr(cfg, "dtype", None), getattr(cfg, "compile", False)
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"--device {name!r}: expected auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    on_cpu = "--device cpu" + (" --dtype float32" if dtype not in (None, "float32") else "") + (" --compile false" if compiled else "")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"--device {name}: {why}. To run this config on CPU: {on_cpu}")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 ..")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device mps: Apple's Metal backend is not available here. To run this config on CPU: {on_cpu}")
+    if compiled and get_device(name) == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "clang++", "c++")))):
+        raise ConfigError("--compile true on CPU needs a C++ compiler (torch.compile's CPU backend builds C++), and none "
+                          "is on PATH: --compile false")
+
+
 def get_device(name="auto"):
     if name != "auto":
         return name

@@ -289,6 +289,7 @@ def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro,
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "policy", "reward_model", "prompts", *["ptx_data"] * (cfg.ptx_coef > 0))
     M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
     M.check_roles(policy=(cfg.policy, "policy"), reward_model=(cfg.reward_model, "reward_model"))

@@ -174,6 +174,7 @@ def init_model(cfg, device, state=None):
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "data", *["tokenizer"] * (cfg.init == "scratch"))
     M.check_paths(data=cfg.data, tokenizer=cfg.tokenizer if cfg.init == "scratch" else "", init="" if cfg.init == "scratch" else cfg.init)
     M.check_roles(init=("" if cfg.init == "scratch" else cfg.init, "policy"))

@@ -228,6 +228,7 @@ def fit_normalisation(model, groups, cfg, device, ctx):
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "data", "val_data", "init")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
     M.check_roles(init=(cfg.init, "policy"))  # the reward model starts from a policy's trunk, with a fresh head

@@ -319,6 +319,30 @@ def test_checkpoints_written_before_roles_still_load(tiny_ckpt, tiny_rm, tmp_pat
         M.check_roles(policy=(old["rm"], "policy"))
 
 
+def test_gpu_config_on_a_cpu_machine_names_the_cpu_flags_before_loading(world, tiny_ckpt, tmp_path, monkeypatch):
+    no_loading(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build of torch
+    args = ["--config", os.path.join(ROOT, "configs", "sft_hh_qwen25_lora.toml"), "--data", str(world / "sft_train.jsonl"),
+            "--val_data", str(world / "sft_val.jsonl"), "--init", tiny_ckpt, "--out_dir", str(tmp_path / "s"), "--max_len", "64"]
+    with pytest.raises(M.ConfigError, match=r"--device cuda: this torch \(.*\) is built without CUDA\. To run this config "
+                                            r"on CPU: --device cpu --dtype float32 --compile false$"):
+        sft.train(M.parse_config(sft.Config, args))
+    M.check_device(M.parse_config(sft.Config, args + "--device cpu --dtype float32 --compile false".split()))  # those flags pass
+    with pytest.raises(M.ConfigError, match=r"--device 'gpu': expected auto \(cuda, then mps, then cpu\), cpu, cuda, cuda:N or mps"):
+        sft.train(M.parse_config(sft.Config, args + ["--device", "gpu"]))
+    with pytest.raises(M.ConfigError, match="--device cuda: .* To run this config on CPU: --device cpu$"):
+        evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(world / "prompts_val.jsonl"),
+                                                           "--device", "cuda"]))
+    with pytest.raises(M.ConfigError, match="--dtype 'fp16': expected one of float32, bfloat16, float16"):
+        M.check_device(M.parse_config(sft.Config, ["--device", "cpu", "--dtype", "fp16"]))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(M.shutil, "which", lambda name: None)  # no C++ compiler for torch.compile's CPU backend
+    with pytest.raises(M.ConfigError, match="--compile true on CPU needs a C\\+\\+ compiler .*: --compile false"):
+        M.check_device(M.parse_config(sft.Config, ["--device", "cpu", "--compile", "true"]))
+    assert not (tmp_path / "s").exists()
+
+
 def test_model_type_we_cannot_load_names_itself(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "n_embd": 8}))
     (tmp_path / "model.safetensors").write_bytes(b"")
