@@ -1835,6 +1835,11 @@ class ConfigError(SystemExit):
     """A bad config file or flag: the message says which key and what is valid."""
 
 
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line and what was expected. A script's entry
+    point (main) prints it as one line; called as a library, it is an ordinary ValueError."""
+
+
 def _coerce(value, typ, key, where, from_cli):
     """Check a TOML/JSON value, or parse a --flag string, against the field type."""
     args = typing.get_args(typ)
@@ -2261,7 +2266,8 @@ def start_run(cfg, safe_keys=(), master=True):
       yet, starts afresh, clearing the old metrics); a finished run says so and writes nothing. A
       difference is an error naming each key and both values, unless --resume_changed true (resume
       anyway; the change is recorded in metrics.jsonl) or --overwrite true (delete the run's files
-      and start afresh);
+      and start afresh). A run that never trained (no checkpoint, no metrics: it failed a check after
+      writing its config) starts afresh with the new settings, saying so;
     - anything else in out_dir is an error: it is not ours to write into.
     A key missing from an older stored config counts as its default. Under torchrun rank 0 (master)
     decides and writes first; the other processes then read the same decision. With
@@ -2296,12 +2302,19 @@ def _decide_run(cfg, safe_keys, write):
     skip = RUN_KEYS | set(safe_keys)
     changed = {k: (stored.get(k, defaults[k]), v) for k, v in new.items()
                if stored is not None and k not in skip and stored.get(k, defaults[k]) != v}
+    metrics = os.path.join(out, "metrics.jsonl")
+    if changed and state is None and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+        # a run that wrote nothing but its config (it failed a check, say): nothing to keep, so the
+        # corrected command starts it afresh (its cached files are keyed by the settings that made them)
+        if write:
+            print(f"{out} holds only the config of a run that never trained (no checkpoint, no metrics): starting "
+                  f"afresh with the new " + ", ".join(f"{k} {b!r}" for k, (_, b) in changed.items()))
+        changed = {}
     if changed and not (cfg.overwrite or cfg.resume_changed):
         lines = "\n".join(f"  {k}: stored {a!r}, now {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"{out} holds a run with other settings:\n{lines}\nRerun with the stored settings to "
                           f"resume it, --resume_changed true to resume with the change (recorded in "
                           f"metrics.jsonl), --overwrite true to start afresh, or another --out_dir")
-    metrics = os.path.join(out, "metrics.jsonl")
     if cfg.overwrite or state is None:  # a fresh start: no old rows, no old checkpoint
         if write:
             if cfg.overwrite and stored is not None:

@@ -114,14 +114,21 @@ def build_token_files(cfg, tokenizer):
     n_val = max(1, int(len(docs) * cfg.val_frac)) if len(docs) > 1 else 0
     dtype = np.uint16 if tokenizer.n_vocab <= 65536 else np.uint32
     meta = {"key": key, "dtype": np.dtype(dtype).name, "docs": len(docs)}
+    splits = {}
     for split, part in (("train", docs[:len(docs) - n_val]), ("val", docs[len(docs) - n_val:] or docs[-1:])):
         ids = []
         for toks in tokenizer.encode_batch(part):
             ids.extend(toks)
             ids.append(tokenizer.eot_id)
+        splits[split] = np.array(ids, dtype=dtype)
+    for split, ids in splits.items():  # both checked before either file is written
         if len(ids) <= cfg.block_size:
-            raise ValueError(f"{cfg.data}: the {split} split has {len(ids)} tokens, fewer than block_size + 1")
-        np.array(ids, dtype=dtype).tofile(os.path.join(cfg.out_dir, f"{split}.bin.tmp"))
+            fix = "raise --val_frac" if split == "val" else "lower --val_frac"
+            raise M.DataError(f"{cfg.data}: the {split} split has {len(ids)} tokens, fewer than block_size + 1 = "
+                              f"{cfg.block_size + 1} ({len(docs)} documents, {n_val} held out by val_frac {cfg.val_frac}): "
+                              f"{fix}, lower --block_size, or give a larger corpus")
+    for split, ids in splits.items():
+        ids.tofile(os.path.join(cfg.out_dir, f"{split}.bin.tmp"))
         os.replace(os.path.join(cfg.out_dir, f"{split}.bin.tmp"), os.path.join(cfg.out_dir, f"{split}.bin"))
         meta[split] = len(ids)
     with open(meta_path, "w") as f:

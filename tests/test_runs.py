@@ -6,6 +6,8 @@ import dataclasses
 import importlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +110,20 @@ def test_finished_run_refuses_changes_and_writes_nothing(world, tiny_ckpt, tmp_p
     # --overwrite: a fresh start, the old rows gone
     sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--overwrite", "true")))
     assert [r["step"] for r in M.read_metrics(str(out / "metrics.jsonl"))] == list(range(1, n + 1))
+
+
+def test_a_run_that_never_trained_restarts_with_new_settings(world, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "sft"
+    out.mkdir()  # what a run that failed a data check after start_run leaves: its config and data stats
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out)))))
+    (out / "data_stats.json").write_text("{}")
+    sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--lr", "0.002")))
+    assert re.search(r"never trained \(no checkpoint, no metrics\): starting afresh with the new .*lr 0\.002", capsys.readouterr().out)
+    assert json.load(open(out / "ckpt" / "config.json"))["train"]["lr"] == 0.002
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # trained, killed before a checkpoint
+    shutil.rmtree(out / "ckpt")
+    with pytest.raises(M.ConfigError, match="holds a run with other settings"):
+        sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--lr", "0.003")))
 
 
 class FakeWandb:
@@ -303,7 +319,6 @@ def test_swapped_checkpoints_are_refused_naming_what_each_key_takes(world, tiny_
 
 
 def test_checkpoints_written_before_roles_still_load(tiny_ckpt, tiny_rm, tmp_path, capsys):
-    import shutil
     old = {}
     for name, src in (("policy", tiny_ckpt), ("rm", tiny_rm)):  # config.json as it was: no role, no normalisation
         shutil.copytree(src, tmp_path / name)
