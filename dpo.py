@@ -299,6 +299,8 @@ def train(cfg):
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
     print(f"train {train_read} {train_stats} | val {val_read} {val_stats} | {per_step} pairs/step | {max_steps} steps")
+    if master:
+        M.check_warmup(cfg.warmup, max_steps, cfg.lr)
     step = state["step"] if state is not None else 0
     if step >= max_steps:  # a checkpoint older than the "finished" flag
         print(f"{ckpt} is at step {step} of {max_steps}: already done")
@@ -387,4 +389,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

@@ -271,7 +271,7 @@ def load_prompts(path, tokenizer, max_len, template="hh", verifiable=False):
     rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
     for n, p in enumerate(rows, 1):
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{path}: row {n}: empty prompt")
+            raise M.DataError(f"{path}: row {n}: empty prompt")
     n_other = 0
     if verifiable:
         from data.world import VERIFIABLE, parse_prompt
@@ -566,4 +566,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

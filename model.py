@@ -1814,7 +1814,7 @@ def load_train_state(path):
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")  # names the object it refused
-        raise ValueError(f"{p}: refused to load: it holds more than tensors, numbers and plain containers, so "
+        raise DataError(f"{p}: refused to load: it holds more than tensors, numbers and plain containers, so "
                          f"unpickling it could run code. {why} Resume only from run directories you made.") from None
 
 
@@ -1951,6 +1951,39 @@ def parse_config(cls, argv=None):
         if key != "config":
             set_key(key, value, f"--{key}", from_cli=True)
     return cfg
+
+
+def main(fn, cls=None, argv=None, errors=(DataError, FileNotFoundError)):
+    """A script's entry point: fn(parse_config(cls)) (or fn() when fn parses its own flags), where a
+    Ctrl-C or an input error (a bad data file, a missing one) ends in one line instead of a traceback.
+    Only here: train() itself lets KeyboardInterrupt through, so a caller, or a test that kills a
+    stage, still sees it."""
+    cfg = parse_config(cls, argv) if cls is not None else None
+    try:
+        return fn(cfg) if cls is not None else fn()
+    except KeyboardInterrupt:
+        bars = list(getattr(tqdm, "_instances", ()))
+        for bar in bars:  # the stage's progress bar, left open: closed first, so our line comes last
+            bar.close()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets the Ctrl-C: one line
+            print(("" if bars else "\n") + interrupted(cfg), file=sys.stderr)
+        raise SystemExit(130) from None
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def interrupted(cfg):
+    """What a Ctrl-C leaves: the run's last checkpoint and how to resume from it."""
+    if not hasattr(cfg, "resume_changed"):  # not a training run
+        return "interrupted (Ctrl-C)"
+    try:
+        d = checkpoint_dir(os.path.join(cfg.out_dir, "ckpt"))
+    except FileNotFoundError:
+        return (f"interrupted (Ctrl-C) before the first checkpoint: {cfg.out_dir} holds nothing to resume from; "
+                f"rerunning the same command starts afresh")
+    step = checkpoint_info(d).get("step")
+    return (f"interrupted (Ctrl-C): the last checkpoint is {d}{'' if step is None else f' (step {step})'}; rerun the "
+            f"same command to resume from it")
 
 
 def require(cfg, *keys):
@@ -2138,6 +2171,14 @@ def lr_at(step, max_steps, lr, warmup=0, min_lr_frac=0.1, schedule="cosine"):
     return lr * (min_lr_frac + (1 - min_lr_frac) * decay)
 
 
+def check_warmup(warmup, max_steps, lr):
+    """Print a warning when the warmup is as long as the run: the learning rate would rise all run and
+    never reach its peak, or reach it only at the last step, and never decay."""
+    if 0 < max_steps <= warmup:
+        print(f"warning: warmup {warmup} steps >= the run's {max_steps}: the learning rate rises all run, to "
+              f"{lr * max_steps / warmup:.3g} at the last step (peak lr {lr:g}), and never decays; lower --warmup")
+
+
 def bootstrap_ci(values, weights=None, n_boot=2000, level=0.95, seed=0):
     """Percentile-bootstrap interval [lo, hi] of the mean of `values`, one value per prompt (Efron
     1979): prompts resampled with replacement n_boot times, seeded, so it is reproducible. With
@@ -2211,7 +2252,7 @@ def read_metrics(path):
             if n == len(lines):  # the last line, without its newline: a cut append
                 print(f"warning: {path}:{n}: dropped a partial last line ({len(line)} bytes) left by a killed run")
                 continue
-            raise ValueError(f"{path}:{n}: not a JSON line") from None
+            raise DataError(f"{path}:{n}: not a JSON line") from None
     return rows
 
 
@@ -2439,7 +2480,7 @@ def split_hh(transcript, path, n):
     last 'Assistant:', so that chat_prompt(prompt) + ' ' + answer reproduces the transcript."""
     cut = transcript.rfind("\n\nAssistant:")
     if not transcript.lstrip("\n").startswith("Human:") or cut < 0:
-        raise ValueError(f"{path}:{n}: expected an HH transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
+        raise DataError(f"{path}:{n}: expected an HH transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
     prompt = transcript[:cut].lstrip("\n")[len("Human:"):].strip()
     return prompt, transcript[cut + len("\n\nAssistant:"):].strip()
 
@@ -2459,7 +2500,7 @@ def read_preferences(path):
         if "responses" in row:
             prompt, responses = row.get("prompt"), row["responses"]
             if not isinstance(responses, list) or len(responses) < 2:
-                raise ValueError(f"{path}:{n}: a ranking needs a list of at least 2 responses, got {responses!r:.80}")
+                raise DataError(f"{path}:{n}: a ranking needs a list of at least 2 responses, got {responses!r:.80}")
         elif "chosen" in row and "rejected" in row:
             if "prompt" in row:
                 prompt, responses = row["prompt"], [row["chosen"], row["rejected"]]
@@ -2467,20 +2508,20 @@ def read_preferences(path):
                 prompt, chosen = split_hh(row["chosen"], path, n)
                 prompt_r, rejected = split_hh(row["rejected"], path, n)
                 if prompt_r != prompt:
-                    raise ValueError(f"{path}:{n}: chosen and rejected transcripts have different prompts")
+                    raise DataError(f"{path}:{n}: chosen and rejected transcripts have different prompts")
                 responses = [chosen, rejected]
         else:
-            raise ValueError(f"{path}:{n}: expected keys prompt+chosen+rejected, chosen+rejected (HH) or prompt+responses; got {sorted(row)}")
+            raise DataError(f"{path}:{n}: expected keys prompt+chosen+rejected, chosen+rejected (HH) or prompt+responses; got {sorted(row)}")
         if not (isinstance(prompt, str) and prompt.strip()):
-            raise ValueError(f"{path}:{n}: empty or non-string prompt")
+            raise DataError(f"{path}:{n}: empty or non-string prompt")
         if not all(isinstance(t, str) for t in responses):
-            raise ValueError(f"{path}:{n}: non-string response")
+            raise DataError(f"{path}:{n}: non-string response")
         responses = [r.strip() for r in responses]
         if len(set(responses)) < len(responses):
             if len(responses) == 2:
                 stats["identical_skipped"] += 1
                 continue
-            raise ValueError(f"{path}:{n}: a ranking lists the same response twice")
+            raise DataError(f"{path}:{n}: a ranking lists the same response twice")
         groups.append((prompt, responses))
     return groups, stats
 
@@ -2495,19 +2536,19 @@ def read_jsonl(path, required=()):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise DataError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{n}: malformed JSON: {e.msg}: column {e.colno}") from None  # json's own phrasing
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
             if missing:
-                raise ValueError(f"{path}:{n}: missing key(s) {missing}; expected keys {list(required)}")
+                raise DataError(f"{path}:{n}: missing key(s) {missing}; expected keys {list(required)}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return rows

@@ -251,7 +251,7 @@ def load_prompts(path, tokenizer, max_len, template="hh"):
     rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
     for n, p in enumerate(rows, 1):
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{path}: row {n}: empty prompt")
+            raise M.DataError(f"{path}: row {n}: empty prompt")
     ids = [M.encode_chat(tokenizer, p, template=template) for p in rows]
     cut = sum(len(x) > max_len for x in ids)
     return rows, [x[-max_len:] for x in ids], cut
@@ -522,4 +522,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

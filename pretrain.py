@@ -97,10 +97,10 @@ def read_documents(path, doc_sep):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise M.DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     docs = [d for d in (text.split(doc_sep) if doc_sep else [text]) if d.strip()]
     if not docs:
-        raise ValueError(f"{path}: no text")
+        raise M.DataError(f"{path}: no text")
     return docs
 
 
@@ -194,6 +194,8 @@ def train(cfg):
     run = M.start_run(cfg, SAFE_KEYS, master)
     if run.finished:
         return M.load_checkpoint(run.ckpt, device)[0]
+    if master:
+        M.check_warmup(cfg.warmup, cfg.max_steps, cfg.lr)
     torch.manual_seed(cfg.seed)
     model, tokenizer, state = init_model(cfg, device, run.state)
     if world > 1 and not master:
@@ -269,4 +271,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

@@ -107,9 +107,9 @@ def read_labels(path):
     for n, row in enumerate(M.read_jsonl(path, ("prompt", "response", "label")), 1):
         prompt, response, label = row["prompt"], row["response"], row["label"]
         if not all(isinstance(t, str) and t.strip() for t in (prompt, response)):
-            raise ValueError(f"{path}:{n}: empty or non-string prompt or response")
+            raise M.DataError(f"{path}:{n}: empty or non-string prompt or response")
         if label not in (0, 1):
-            raise ValueError(f"{path}:{n}: label must be 1 (positive) or 0 (negative), got {label!r}")
+            raise M.DataError(f"{path}:{n}: label must be 1 (positive) or 0 (negative), got {label!r}")
         stats["rows"] += 1
         stats["positive"] += int(label)
         response = response.strip()
@@ -263,6 +263,8 @@ def train(cfg):
     n_pairs = sum(len(g) * (len(g) - 1) // 2 for g in train_g)
     print(f"train {train_read} {train_stats} ({n_pairs} pairs) | val {val_read} {val_stats} | {max_steps} steps")
     if master:
+        M.check_warmup(cfg.warmup, max_steps, cfg.lr)
+    if master:
         with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
             json.dump({"train": {**train_read, **train_stats, "pairs": n_pairs}, "val": {**val_read, **val_stats}}, f)
 
@@ -334,4 +336,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

@@ -100,9 +100,9 @@ def read_pairs(path):
         elif "prompt" in row and "response" in row:
             prompt, response = row["prompt"], row["response"]
         else:
-            raise ValueError(f"{path}: row {n}: expected keys prompt+response or instruction+input+output, got {sorted(row)}")
+            raise M.DataError(f"{path}: row {n}: expected keys prompt+response or instruction+input+output, got {sorted(row)}")
         if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
-            raise ValueError(f"{path}: row {n}: empty or non-string prompt/response")
+            raise M.DataError(f"{path}: row {n}: empty or non-string prompt/response")
         pairs.append((prompt, response.strip()))
     return pairs
 
@@ -206,6 +206,8 @@ def train(cfg):
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
     print(f"train {stats} | val {val_stats} | {per_step} examples/step | {max_steps} steps")
+    if master:
+        M.check_warmup(cfg.warmup, max_steps, cfg.lr)
 
     opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
     step = 0
@@ -265,4 +267,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

@@ -86,4 +86,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(M.parse_config(Config))
+    M.main(main, Config)

@@ -489,3 +489,49 @@ def test_no_citations_of_documents_readers_cannot_see():
     bad = ["RLHF_" + "DETAILS", "the issue" + "'s target"]  # split so this file does not match itself
     assert [(f, b) for f in files for b in bad if b in open(f, encoding="utf-8").read()] == []
     assert os.path.exists(os.path.join(ROOT, "docs", "implementation_details.md"))
+
+
+# --- 9. a Ctrl-C and a bad data file end in one line, not a traceback
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(world, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sft"
+    args = sft_args(world, tiny_ckpt, out, "--epochs", "1", "--ckpt_interval", "2")
+    real = M.lr_at
+    monkeypatch.setattr(M, "lr_at", lambda step, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if step == 1 else real(step, *a, **k))
+    with pytest.raises(SystemExit) as e:
+        M.main(sft.train, sft.Config, args)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().endswith(f"before the first checkpoint: {out} holds nothing to resume from; "
+                                                    f"rerunning the same command starts afresh")
+    monkeypatch.setattr(M, "lr_at", lambda step, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else real(step, *a, **k))
+    with pytest.raises(SystemExit):
+        M.main(sft.train, sft.Config, args)
+    assert capsys.readouterr().err.strip().endswith(f"interrupted (Ctrl-C): the last checkpoint is {out}/ckpt (step 2); "
+                                                    f"rerun the same command to resume from it")
+    monkeypatch.setattr(M, "lr_at", real)
+    with killed_at_step(monkeypatch, 4):  # called as a library, train() still lets the KeyboardInterrupt through
+        sft.train(M.parse_config(sft.Config, args))
+
+
+def test_real_ctrl_c_prints_one_line_and_no_traceback(world, tiny_ckpt, tmp_path):
+    out = tmp_path / "sft"
+    cmd = [sys.executable, "sft.py", *sft_args(world, tiny_ckpt, out, "--epochs", "20", "--ckpt_interval", "1")]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt" / "config.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert re.search(rf"interrupted \(Ctrl-C\): the last checkpoint is {out}/ckpt \(step \d+\); rerun the same command", err)
+
+
+def test_bad_data_file_is_one_line_from_the_command_line(world, tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "yo"}\n{"prompt": "hi", "response": "unterminated}')  # json: "... starting at"
+    r = subprocess.run([sys.executable, "sft.py", *sft_args(world, tiny_ckpt, tmp_path / "sft", "--data", str(bad))],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {bad}:2: malformed JSON: Unterminated string starting at: column 30"
