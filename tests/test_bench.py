@@ -86,3 +86,13 @@ def test_malloc_keep_removes_the_page_faults_of_freshly_mapped_memory(tmp_path):
     # every step maps its logits afresh without it; with it, once the heap has grown to hold both
     # models' steps (a step or two), a step faults no more than a few pages
     assert len(mapped) == len(kept) == 4 and min(mapped) > 25_000 and min(kept) < 1_000, (mapped, kept)
+
+
+def test_lengths_are_checked_before_any_model_is_built(monkeypatch):
+    import bench
+    import model as M
+    monkeypatch.setattr(bench, "GPT", lambda *a, **k: pytest.fail("a model was built before the check"))
+    with pytest.raises(M.ConfigError, match=r"train_seq = 256 > block_size 128 \(section train\)"):
+        bench.main(M.parse_config(bench.Config, ["--block_size", "128", "--device", "cpu"]))
+    with pytest.raises(M.ConfigError, match=r"prompt_len \+ new_tokens = 96 > block_size 64 \(section gen\)"):
+        bench.main(M.parse_config(bench.Config, ["--block_size", "64", "--sections", "gen", "--device", "cpu"]))
