@@ -60,7 +60,7 @@ class Config:
     n_prompts: int = 0  # 0 = all
     repeats: int = 1  # independent answers per prompt (each compared with its own baseline answer)
     ref: str = ""  # reference policy for the KL estimate ("" = skip)
-    baseline: str = ""  # baseline policy for the gold win rate ("" = skip)
+    baseline: str = ""  # baseline policy for the gold win rate ("" = skip); needs the gold reward (the world's prompts)
     reward_model: str = ""  # reward-model checkpoint ("" = skip)
     gold: str = "auto"  # score with the built-in world's gold reward: auto = when the prompts are the world's; true; false
     best_of_n: int = 1  # answers per prompt; the reward model keeps one (needs reward_model if > 1)
@@ -227,6 +227,9 @@ def evaluate(cfg):
                   reward_model=(cfg.reward_model, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.ckpt, cfg.ref, cfg.baseline, cfg.reward_model)
     gold = M.gold_on(cfg.gold, cfg.prompts)
+    if cfg.baseline and not gold:  # the win rate is judged by the gold reward: without it --baseline would do nothing
+        raise M.ConfigError(f"--baseline {cfg.baseline}: the win rate against it is judged by the built-in world's gold "
+                            f"reward, which is off here (--gold {cfg.gold}, prompts {cfg.prompts}); drop --baseline")
     if cfg.max_new_tokens >= M.block_size_of(cfg.ckpt):
         raise M.ConfigError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the block_size "
                             f"{M.block_size_of(cfg.ckpt)} of {cfg.ckpt}")
@@ -427,5 +430,4 @@ def frontier(cfg):
 
 
 if __name__ == "__main__":
-    cfg = M.parse_config(Config)
-    frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else evaluate(cfg)
+    M.main(lambda cfg: frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else evaluate(cfg), Config)

@@ -130,3 +130,13 @@ def test_pool_averages_seeds_prompt_by_prompt(tmp_path):
     (tmp_path / "eval_2.json").write_text(json.dumps({"per_prompt": {"prompt": ["p"], "gold": [1.0]}}))
     with pytest.raises(M.ConfigError):
         evaluate.pool(M.parse_config(evaluate.Config, ["--pool", str(tmp_path / "eval_*.json")]))
+
+
+def test_baseline_without_the_gold_reward_is_an_error(tiny_ckpt, world, tmp_path):
+    other = tmp_path / "hh.jsonl"
+    other.write_text(json.dumps({"prompt": "How do I bake bread?"}) + "\n")
+    for prompts, gold in ((other, "auto"), (world / "prompts_val.jsonl", "false")):
+        cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(prompts), "--baseline", tiny_ckpt,
+                                               "--gold", gold, "--max_new_tokens", "8", "--out", str(tmp_path / "e.json")])
+        with pytest.raises(M.ConfigError, match="--baseline .* judged by the built-in world's gold reward, which is off here"):
+            evaluate.evaluate(cfg)
