@@ -142,22 +142,22 @@ class Config:
     ptx_batch_size: int = 8  # pretraining windows per micro-batch
     ptx_len: int = 64  # tokens per pretraining window
     # update
-    update_epochs: int = 4
-    num_minibatches: int = 4
+    update_epochs: int = 4  # passes over each rollout
+    num_minibatches: int = 4  # minibatches per pass (optimizer steps per epoch)
     grad_accum: int = 1  # micro-batches per minibatch
-    lr: float = 1e-4
+    lr: float = 1e-4  # AdamW learning rate of the policy
     anneal_lr: bool = True  # linear decay to 0 over the run (N+)
     clip_low: float = 0.2  # ratio >= 1 - clip_low
     clip_high: float = 0.2  # ratio <= 1 + clip_high (DAPO's clip-higher: 0.28)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # max global gradient norm
     # bookkeeping
     gold: str = "auto"  # log the built-in world's gold reward and fact accuracy (never trained on): auto = when the prompts are the world's; true; false
     log_interval: int = 1  # iterations
     sample_interval: int = 10  # print a few answers every this many iterations (item 18)
-    n_show: int = 3
-    ckpt_interval: int = 20
-    seed: int = 0
-    device: str = "auto"
+    n_show: int = 3  # answers printed every sample_interval
+    ckpt_interval: int = 20  # iterations between checkpoints (always one at the end)
+    seed: int = 0  # seeds init, prompt order, sampling and minibatches
+    device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
     compile: bool = False  # torch.compile the forward
     lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning

@@ -1885,13 +1885,13 @@ def field_docs(cls):
 
 
 def print_help(cls):
-    """--help: usage, the script's first docstring line, and every key with type, default and comment."""
+    """--help: usage, the script's summary (its docstring's first paragraph), and every key with type, default and comment."""
     mod = sys.modules.get(cls.__module__)
     script = os.path.relpath(getattr(mod, "__file__", None) or "script.py")
     print(f"usage: python {script} [--config file.toml] [--key value ...]")
-    doc = (getattr(mod, "__doc__", None) or "").strip().splitlines()
+    doc = (getattr(mod, "__doc__", None) or "").strip()
     if doc:
-        print(doc[0])
+        print(" ".join(doc.split("\n\n")[0].split()))  # the docstring's first paragraph, whole
     print("\nkeys (dataclass defaults < --config file < --key value; bools: true/false):")
     print(f"  {'--config PATH':36s} a TOML file of these keys, or a run's config.json")
     hints, defaults = typing.get_type_hints(cls), dataclasses.asdict(cls())

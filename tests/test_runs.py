@@ -27,7 +27,7 @@ import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SCRIPTS = ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "bench", "data.world", "data.bpe", "data.preferences",
+SCRIPTS = ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "plot", "bench", "data.world", "data.bpe", "data.preferences",
            "data.rm_probe", "data.prepare_hh", "data.prepare_tldr", "data.prepare_imdb", "data.prepare_alpaca"]
 
 
@@ -47,6 +47,17 @@ def test_help_lists_every_key_with_type_default_and_comment(name, capsys):
             assert f"--{f.name} " in out
             assert docs[f.name] in out  # the comment beside the field (empty only where there is none)
     assert "usage: python" in out
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_key_has_a_description_and_the_summary_is_whole(name, capsys):
+    mod = importlib.import_module(name)
+    assert [k for k, comment in M.field_docs(mod.Config) if k and not comment] == []
+    summary = " ".join(mod.__doc__.strip().split("\n\n")[0].split())  # the docstring's first paragraph
+    assert summary.endswith(".") and len(summary) < 250, summary
+    with pytest.raises(SystemExit):
+        M.parse_config(mod.Config, ["--help"])
+    assert capsys.readouterr().out.splitlines()[1] == summary  # printed whole, not cut at the first line
 
 
 def test_help_from_the_command_line():
