@@ -58,6 +58,7 @@ class Config:
     prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
     template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the checkpoint's, else hh
     n_prompts: int = 0  # 0 = all
+    prompt_stride: int = 1  # every k-th prompt of the file, before n_prompts: a small sample that spans every prompt kind
     repeats: int = 1  # independent answers per prompt (each compared with its own baseline answer)
     ref: str = ""  # reference policy for the KL estimate ("" = skip)
     baseline: str = ""  # baseline policy for the gold win rate ("" = skip); needs the gold reward (the world's prompts)
@@ -227,6 +228,8 @@ def evaluate(cfg):
                   reward_model=(cfg.reward_model, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.ckpt, cfg.ref, cfg.baseline, cfg.reward_model)
     gold = M.gold_on(cfg.gold, cfg.prompts)
+    if cfg.prompt_stride < 1:
+        raise M.ConfigError(f"prompt_stride {cfg.prompt_stride}: expected 1 (every prompt) or more")
     if cfg.baseline and not gold:  # the win rate is judged by the gold reward: without it --baseline would do nothing
         raise M.ConfigError(f"--baseline {cfg.baseline}: the win rate against it is judged by the built-in world's gold "
                             f"reward, which is off here (--gold {cfg.gold}, prompts {cfg.prompts}); drop --baseline")
@@ -240,7 +243,7 @@ def evaluate(cfg):
     device = M.get_device(cfg.device)
     torch.manual_seed(cfg.seed)
     policy, tokenizer = M.load_gpt(cfg.ckpt, device)
-    prompts = [r["prompt"] for r in M.read_jsonl(cfg.prompts, ("prompt",))]
+    prompts = [r["prompt"] for r in M.read_jsonl(cfg.prompts, ("prompt",))][::cfg.prompt_stride]
     prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
     prompts = [p for p in prompts for _ in range(cfg.repeats)]
     max_prompt = policy.config.block_size - cfg.max_new_tokens

@@ -140,3 +140,14 @@ def test_baseline_without_the_gold_reward_is_an_error(tiny_ckpt, world, tmp_path
                                                "--gold", gold, "--max_new_tokens", "8", "--out", str(tmp_path / "e.json")])
         with pytest.raises(M.ConfigError, match="--baseline .* judged by the built-in world's gold reward, which is off here"):
             evaluate.evaluate(cfg)
+
+
+def test_prompt_stride_spreads_a_small_sample_over_every_prompt_kind(tiny_ckpt, world, tmp_path):
+    # the held-out prompts come grouped by kind: the first 16 are all "tell me about", no fact question
+    run = lambda *a: evaluate.evaluate(M.parse_config(evaluate.Config, [  # noqa: E731
+        "--ckpt", tiny_ckpt, "--prompts", str(world / "prompts_val.jsonl"), "--n_prompts", "16", "--max_new_tokens", "4",
+        "--n_show", "0", "--out", str(tmp_path / "e.json"), *a]))
+    assert "fact_acc" not in run()
+    s = run("--prompt_stride", "7")
+    assert s["prompts"] == 16 and s["fact_prompts"] > 0 and s["per_prompt"]["prompt"][1] == M.read_jsonl(
+        str(world / "prompts_val.jsonl"))[7]["prompt"]
