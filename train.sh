@@ -117,7 +117,8 @@ import json, math, os, sys, textwrap
 out, quick = sys.argv[1], sys.argv[3] == "1"
 cols = ["gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score", "kl", "win_rate", "fact_acc"]
 parts = ["helpful", "honest", "harmless", "eos", "length", "repetition"]  # gold is their sum
-stats = json.load(open(os.path.join(sys.argv[2], "prefs_stats.json")))["val"]
+prefs = json.load(open(os.path.join(sys.argv[2], "prefs_stats.json")))
+stats = prefs["val"]
 rm = [json.loads(l) for l in open(os.path.join(out, "reward", "metrics.jsonl"))][-1]
 ci = lambda c: f"[{c[0]:.3f}, {c[1]:.3f}]"
 note = lambda text, indent="": print(textwrap.fill(text, 110, initial_indent=indent, subsequent_indent=indent or "  "))
@@ -159,8 +160,9 @@ print("""
 if quick:
     print()
     note("QUICK=1: a smoke test. Each stage ran end to end and wrote what the next one reads; that is all these numbers "
-          "show. Models trained for tens of steps, a reward model from a few dozen rankings and one answer to each of "
-          "16 prompts measure no method and compare none: bash train.sh for numbers (about 25 minutes, README).")
+         f"show. Models trained for tens of steps, a reward model from {prefs.get('train', {}).get('rankings', '?')} "
+         f"rankings and one answer to each of 16 prompts measure no method and compare none: bash train.sh for "
+         f"numbers (about 25 minutes, README).")
 neg = {n: r for n, r in runs.items() if r.get("kl") is not None and r["kl"] < 0}
 if neg:
     print()

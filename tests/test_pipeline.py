@@ -38,8 +38,8 @@ def test_a_stage_with_nothing_to_learn_from_is_skipped_and_the_table_says_why(tm
     out, data, bin_ = tmp_path / "out", tmp_path / "data", tmp_path / "bin"
     for d in (out / "reward", data, bin_):
         d.mkdir(parents=True)
-    (data / "prefs_stats.json").write_text(json.dumps({"val": {"noise_ceiling": 0.61, "pairs": 12, "gold_agreement": 0.71,
-                                                               "gold_agreement_ci": [0.58, 0.83]}}))
+    (data / "prefs_stats.json").write_text(json.dumps({"train": {"rankings": 61}, "val": {
+        "noise_ceiling": 0.61, "pairs": 12, "gold_agreement": 0.71, "gold_agreement_ci": [0.58, 0.83]}}))
     (out / "reward" / "metrics.jsonl").write_text(json.dumps({"step": 8, "val_acc": 0.667}) + "\n")
     log = tmp_path / "calls.txt"
     (bin_ / "python").write_text(STUB.format(python=sys.executable, log=str(log)))
@@ -56,7 +56,7 @@ def test_a_stage_with_nothing_to_learn_from_is_skipped_and_the_table_says_why(tm
     assert header.split()[:11] == ["model", "gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score",
                                    "kl", "win_rate", "fact_acc"]
     flat = " ".join(r.stdout.split())  # the notes are wrapped to the terminal's width
-    for text in ("eos_rate share of answers that end with EOS", "QUICK=1: a smoke test", "measure no method",
+    for text in ("eos_rate share of answers that end with EOS", "QUICK=1: a smoke test", "a reward model from 61 rankings",
                  "kl < 0 (ppo): a KL is never negative, but this is a sampled estimate", "read it as about 0 (ppo [-0.135, 0.065])",
                  "fact_acc -: none of the evaluated prompts is one of the world's fact questions",
                  "ratio > 1: the noise ceiling is the accuracy that the gold order itself is expected to reach",
