@@ -26,9 +26,11 @@ Contents
   6. Tokenizer              tiktoken BPE (gpt2, a ranks file we trained, or a Hugging Face
                             tokenizer.json) and the chat templates (hh, chatml, llama3);
                             reencode, rm_rows: a sampled answer as the reward model reads it
-  7. Checkpoints            directories written atomically (temp dir + rename)
-  8. Utilities              config parsing (dataclass < toml/json < --key value), device, DDP,
-                            autocast, optimizer, metrics log, jsonl and preference reading
+  7. Checkpoints            directories written atomically (temp dir + rename), each saying what
+                            it is (ROLES: policy, reward model, value model); check_roles
+  8. Utilities              config parsing (dataclass < toml/json < --key value), a script's entry
+                            point (main: Ctrl-C and bad data in one line), device, DDP, autocast,
+                            optimizer, metrics log, runs, jsonl and preference reading
 
 Shapes: B batch, T tokens (prompt + response), P prompt, R response, V vocab, C n_embd,
 H heads (Hkv key/value heads), D head dim, S keys in the KV cache.
@@ -1815,7 +1817,7 @@ def load_train_state(path):
     except pickle.UnpicklingError as e:
         why = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")  # names the object it refused
         raise DataError(f"{p}: refused to load: it holds more than tensors, numbers and plain containers, so "
-                         f"unpickling it could run code. {why} Resume only from run directories you made.") from None
+                        f"unpickling it could run code. {why} Resume only from run directories you made.") from None
 
 
 def rng_state():
