@@ -5,7 +5,7 @@
 # its last checkpoint, and a finished stage is skipped at once.
 #
 #   bash train.sh            the full run (about 25 minutes on 2 CPU cores: see the README for measured times)
-#   QUICK=1 bash train.sh    a smoke test of every stage with tiny budgets (about 3 minutes on 2 CPU cores): it shows
+#   QUICK=1 bash train.sh    a smoke test of every stage with tiny budgets (about 5 minutes on 2 CPU cores): it shows
 #                            that each stage runs and writes what the next one reads; its numbers measure nothing
 #   OUT=dir DATA=dir         where runs and generated data go (default out/ and data/world/)
 #
