@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from model import GPT, autocast, configure_optimizer, family_config, get_device, parse_config, print_config
+from model import GPT, autocast, configure_optimizer, family_config, get_device, print_config
 
 try:
     import transformers
@@ -308,7 +308,23 @@ def report(res, cfg):
     return res
 
 
+def check_lengths(cfg):
+    """Each section's lengths against block_size, before any model is built (not after two sections)."""
+    sections = cfg.sections.split(",")
+    if set(sections) - {"gen", "rollout", "train"}:
+        raise M.ConfigError(f"sections={cfg.sections!r}: a comma-separated subset of gen,rollout,train")
+    for section, key, n in (("gen", "prompt_len + new_tokens", cfg.prompt_len + cfg.new_tokens),
+                            ("rollout", "rollout_prompt_len + rollout_new_tokens", cfg.rollout_prompt_len + cfg.rollout_new_tokens),
+                            ("train", "train_seq", cfg.train_seq)):
+        if section in sections and n > cfg.block_size:
+            raise M.ConfigError(f"{key} = {n} > block_size {cfg.block_size} (section {section}): raise --block_size "
+                                f"or shorten the section's lengths")
+    return sections
+
+
 def main(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
+    sections = check_lengths(cfg)
     print_config(cfg)
     device = get_device(cfg.device)
     if cfg.threads > 0:
@@ -342,10 +358,6 @@ def main(cfg):
     B, P, R = cfg.batch_size, cfg.prompt_len, cfg.new_tokens
     res = {"config": dataclasses.asdict(cfg), "device": device, "torch": torch.__version__,
            "transformers": transformers.__version__ if hf is not None else None}
-
-    sections = cfg.sections.split(",")
-    if set(sections) - {"gen", "rollout", "train"}:
-        raise M.ConfigError(f"sections={cfg.sections!r}: a comma-separated subset of gen,rollout,train")
 
     # --- 1. generation: greedy, KV cache, exactly R new tokens per row
 
@@ -508,4 +520,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    M.main(main, Config)

@@ -265,6 +265,7 @@ def print_samples(model, tokenizer, prompts, cfg, device):
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     if cfg.loss_type not in ("dpo", "ipo"):
         raise M.ConfigError(f"loss_type {cfg.loss_type!r}: expected 'dpo' or 'ipo'")
     if cfg.loss_type == "ipo" and cfg.label_smoothing:
@@ -275,6 +276,7 @@ def train(cfg):
         raise M.ConfigError(f"label_smoothing {cfg.label_smoothing}: expected 0 <= e < 0.5 (a flip probability)")
     M.require(cfg, "data", "val_data", "init")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    M.check_roles(init=(cfg.init, "policy"))
     cfg.template = M.resolve_template(cfg.template, cfg.init)
     if cfg.max_len > M.block_size_of(cfg.init):
         raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
@@ -297,6 +299,8 @@ def train(cfg):
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
     print(f"train {train_read} {train_stats} | val {val_read} {val_stats} | {per_step} pairs/step | {max_steps} steps")
+    if master:
+        M.check_warmup(cfg.warmup, max_steps, cfg.lr)
     step = state["step"] if state is not None else 0
     if step >= max_steps:  # a checkpoint older than the "finished" flag
         print(f"{ckpt} is at step {step} of {max_steps}: already done")
@@ -377,7 +381,7 @@ def train(cfg):
                     print_samples(model, tokenizer, val_prompts, cfg, device)
             M.log_metrics(cfg.out_dir, metrics)
         if master and (step % cfg.ckpt_interval == 0 or last):
-            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
+            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg), role="policy",
                               state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)
@@ -385,4 +389,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

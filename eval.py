@@ -63,16 +63,17 @@ class Config:
     prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
     template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the checkpoint's, else hh
     n_prompts: int = 0  # 0 = all
+    prompt_stride: int = 1  # every k-th prompt of the file, before n_prompts: a small sample that spans every prompt kind
     repeats: int = 1  # independent answers per prompt (each compared with its own baseline answer)
     ref: str = ""  # reference policy for the KL estimate ("" = skip)
-    baseline: str = ""  # baseline policy for the gold win rate ("" = skip)
+    baseline: str = ""  # baseline policy for the gold win rate ("" = skip); needs the gold reward (the world's prompts)
     reward_model: str = ""  # reward-model checkpoint ("" = skip)
     gold: str = "auto"  # score with the built-in world's gold reward: auto = when the prompts are the world's; true; false
     best_of_n: int = 1  # answers per prompt; the reward model keeps one (needs reward_model if > 1)
     bon_kl_samples: int = 4  # best-of-n KL from m = max(this * n, repeats * n) samples per prompt (Beirami et al. 2024)
     dump: str = ""  # write the kept answers as {"prompt", "response"} JSONL
     dump_rankings: str = ""  # write all best_of_n answers per prompt as {"prompt", "responses": best..worst by RM}
-    verifier: str = "auto"  # checker of verifiable answers: world (its fact questions; auto = when gold is on), arith (data/arith.py), none
+    verifier: str = "auto"  # checker of verifiable answers: facts (the built-in world's fact questions; auto = when gold is on), arith (data/arith.py), none
     dump_verified: str = ""  # write each prompt's distinct correct answers (checker 1, EOS) as {"prompt", "response"} JSONL
     dump_verified_pairs: str = ""  # write {"prompt", "chosen", "rejected"} pairs of a correct and a wrong answer per prompt
     temperature: float = 1.0  # sampling temperature (also of the KL's log-probs)
@@ -157,12 +158,12 @@ def gold_scores(prompts, texts, ended):
     return rows
 
 
-VERIFIERS = {"world": ("data.world", "fact"), "arith": ("data.arith", "arith")}  # name: (module, key prefix)
+VERIFIERS = {"facts": ("data.world", "fact"), "arith": ("data.arith", "arith")}  # name: (module, key prefix)
 
 
 def verifier_of(setting, gold):
-    """The checker module's verify_answer and the prefix of its keys, or None: auto = world when gold is on."""
-    name = ("world" if gold else "none") if setting == "auto" else setting
+    """The checker module's verify_answer and the prefix of its keys, or None: auto = facts when gold is on."""
+    name = ("facts" if gold else "none") if setting == "auto" else setting
     if name == "none":
         return None
     if name not in VERIFIERS:
@@ -260,13 +261,21 @@ def best_of_n_kl(scores, answers, n):
 
 
 def evaluate(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "ckpt", "prompts")
     M.check_paths(ckpt=cfg.ckpt, prompts=cfg.prompts, ref=cfg.ref, baseline=cfg.baseline, reward_model=cfg.reward_model)
+    M.check_roles(ckpt=(cfg.ckpt, "policy"), ref=(cfg.ref, "policy"), baseline=(cfg.baseline, "policy"),
+                  reward_model=(cfg.reward_model, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.ckpt, cfg.ref, cfg.baseline, cfg.reward_model)
     gold = M.gold_on(cfg.gold, cfg.prompts)
     verifier = verifier_of(cfg.verifier, gold)
     if (cfg.dump_verified or cfg.dump_verified_pairs) and verifier is None:
-        raise M.ConfigError("dump_verified and dump_verified_pairs need a checker: --verifier world or arith")
+        raise M.ConfigError("dump_verified and dump_verified_pairs need a checker: --verifier facts or arith")
+    if cfg.prompt_stride < 1:
+        raise M.ConfigError(f"prompt_stride {cfg.prompt_stride}: expected 1 (every prompt) or more")
+    if cfg.baseline and not gold:  # the win rate is judged by the gold reward: without it --baseline would do nothing
+        raise M.ConfigError(f"--baseline {cfg.baseline}: the win rate against it is judged by the built-in world's gold "
+                            f"reward, which is off here (--gold {cfg.gold}, prompts {cfg.prompts}); drop --baseline")
     if cfg.max_new_tokens >= M.block_size_of(cfg.ckpt):
         raise M.ConfigError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the block_size "
                             f"{M.block_size_of(cfg.ckpt)} of {cfg.ckpt}")
@@ -277,7 +286,7 @@ def evaluate(cfg):
     device = M.get_device(cfg.device)
     torch.manual_seed(cfg.seed)
     policy, tokenizer = M.load_gpt(cfg.ckpt, device)
-    prompts = [r["prompt"] for r in M.read_jsonl(cfg.prompts, ("prompt",))]
+    prompts = [r["prompt"] for r in M.read_jsonl(cfg.prompts, ("prompt",))][::cfg.prompt_stride]
     prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
     prompts = [p for p in prompts for _ in range(cfg.repeats)]
     max_prompt = policy.config.block_size - cfg.max_new_tokens
@@ -484,5 +493,4 @@ def frontier(cfg):
 
 
 if __name__ == "__main__":
-    cfg = M.parse_config(Config)
-    frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else evaluate(cfg)
+    M.main(lambda cfg: frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else evaluate(cfg), Config)

@@ -100,7 +100,7 @@ from tqdm import tqdm
 
 import model as M
 
-VERIFIERS = {"world": "data.world", "arith": "data.arith"}  # reward = "verifiable": the module whose verify_answer scores
+VERIFIERS = {"facts": "data.world", "arith": "data.arith"}  # reward = "verifiable": the module whose verify_answer scores
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
@@ -111,7 +111,7 @@ LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 class Config:
     policy: str = ""  # (required) SFT checkpoint: the policy's start and the frozen reference
     reward: str = "rm"  # "rm": reward_model's score; "verifiable": the verifier's 0/1 checker
-    verifier: str = "world"  # reward = "verifiable": world (data/world.py's fact questions) or arith (data/arith.py's sums)
+    verifier: str = "facts"  # reward = "verifiable": facts (data/world.py's fact questions) or arith (data/arith.py's sums)
     reward_model: str = ""  # (required when reward = "rm") reward-model checkpoint (reward.py)
     prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
     out_dir: str = "out/grpo"  # checkpoint (ckpt/), config.json, metrics.jsonl
@@ -145,22 +145,22 @@ class Config:
     ptx_batch_size: int = 8  # pretraining windows per micro-batch
     ptx_len: int = 64  # tokens per pretraining window
     # update
-    update_epochs: int = 4
-    num_minibatches: int = 4
+    update_epochs: int = 4  # passes over each rollout
+    num_minibatches: int = 4  # minibatches per pass (optimizer steps per epoch)
     grad_accum: int = 1  # micro-batches per minibatch
-    lr: float = 1e-4
+    lr: float = 1e-4  # AdamW learning rate of the policy
     anneal_lr: bool = True  # linear decay to 0 over the run (N+)
     clip_low: float = 0.2  # ratio >= 1 - clip_low
     clip_high: float = 0.2  # ratio <= 1 + clip_high (DAPO's clip-higher: 0.28)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # max global gradient norm
     # bookkeeping
     gold: str = "auto"  # log the built-in world's gold reward and fact accuracy (never trained on): auto = when the prompts are the world's; true; false
     log_interval: int = 1  # iterations
     sample_interval: int = 10  # print a few answers every this many iterations (item 18)
-    n_show: int = 3
-    ckpt_interval: int = 20
-    seed: int = 0
-    device: str = "auto"
+    n_show: int = 3  # answers printed every sample_interval
+    ckpt_interval: int = 20  # iterations between checkpoints (always one at the end)
+    seed: int = 0  # seeds init, prompt order, sampling and minibatches
+    device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
     compile: bool = False  # torch.compile the forward
     lora_rank: int = 0  # LoRA adapters of this rank, all else frozen (model.add_lora); 0 = full fine-tuning
@@ -274,7 +274,7 @@ def load_prompts(path, tokenizer, max_len, template="hh", verify=None):
     rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
     for n, p in enumerate(rows, 1):
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{path}: row {n}: empty prompt")
+            raise M.DataError(f"{path}: row {n}: empty prompt")
     n_other = 0
     if verify is not None:
         kept = [p for p in rows if verify(p, "") is not None]
@@ -341,10 +341,12 @@ def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     rm_path = cfg.reward_model if cfg.reward == "rm" else ""  # the verifiable reward needs no reward model
     M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"), *["ptx_data"] * (cfg.ptx_coef > 0))
     M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts,
                   ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(rm_path, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
     gold = M.gold_on(cfg.gold, cfg.prompts)
     M.check_rl_lengths(cfg)
@@ -383,7 +385,7 @@ def train(cfg):
         from data.world import gold_reward  # the task's oracle: a metric only
     if gold or cfg.reward == "verifiable":  # the checker: the verifiable reward, or (world) a metric
         import importlib
-        verify_answer = importlib.import_module(VERIFIERS[cfg.verifier if cfg.reward == "verifiable" else "world"]).verify_answer
+        verify_answer = importlib.import_module(VERIFIERS[cfg.verifier if cfg.reward == "verifiable" else "facts"]).verify_answer
     prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template,
                                                        verify_answer if cfg.reward == "verifiable" else None)
     ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
@@ -569,4 +571,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

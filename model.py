@@ -26,9 +26,11 @@ Contents
   6. Tokenizer              tiktoken BPE (gpt2, a ranks file we trained, or a Hugging Face
                             tokenizer.json) and the chat templates (hh, chatml, llama3);
                             reencode, rm_rows: a sampled answer as the reward model reads it
-  7. Checkpoints            directories written atomically (temp dir + rename)
-  8. Utilities              config parsing (dataclass < toml/json < --key value), device, DDP,
-                            autocast, optimizer, metrics log, jsonl and preference reading
+  7. Checkpoints            directories written atomically (temp dir + rename), each saying what
+                            it is (ROLES: policy, reward model, value model); check_roles
+  8. Utilities              config parsing (dataclass < toml/json < --key value), a script's entry
+                            point (main: Ctrl-C and bad data in one line), device, DDP, autocast,
+                            optimizer, metrics log, runs, jsonl and preference reading
 
 Shapes: B batch, T tokens (prompt + response), P prompt, R response, V vocab, C n_embd,
 H heads (Hkv key/value heads), D head dim, S keys in the KV cache.
@@ -1898,19 +1900,37 @@ def pad_responses(rows):
 # --- 7. checkpoints: a directory, written atomically
 
 
-def save_checkpoint(ckpt_dir, model, tokenizer, train_config, state=None, meta=None):
+# what a checkpoint is, recorded in its config.json ("role") so that each consumer can refuse the wrong
+# kind by name; "kind" is the class the weights load into (gpt or scalar)
+ROLES = {"policy": "a policy (a language model: pretrain.py, sft.py, dpo.py, ppo.py, grpo.py, or Hugging Face weights)",
+         "reward_model": "a reward model (reward.py)",
+         "value_model": "a value model (a PPO critic)"}
+
+
+def save_checkpoint(ckpt_dir, model, tokenizer, train_config, state=None, meta=None, role=None, fitted=False):
     """Write weights, model config, tokenizer, resolved training config and (for resume) the
     optimizer/RNG/step state into ckpt_dir. Everything goes to ckpt_dir.tmp first, then two
     renames swap it in; a kill at any moment leaves ckpt_dir or ckpt_dir.old complete, and
-    load_checkpoint reads whichever is there."""
+    load_checkpoint reads whichever is there.
+
+    role says what the checkpoint is (ROLES; by default a GPT is a policy and a ScalarModel a reward
+    model). A ScalarModel's score normalisation is recorded beside it: gain, bias, and fitted (true
+    once reward.py has fitted them; false: score() returns raw head values)."""
     tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
+    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    scalar = isinstance(raw, ScalarModel)
+    role = role or ("reward_model" if scalar else "policy")
+    if role not in ROLES or (role == "policy") == scalar:
+        raise ValueError(f"save_checkpoint: role {role!r} does not fit a {type(raw).__name__}; roles: {sorted(ROLES)}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
     torch.save(raw.state_dict(), os.path.join(tmp, "model.pt"))
     tokenizer.save(os.path.join(tmp, "tokenizer.tiktoken"))
-    info = {"kind": "scalar" if isinstance(raw, ScalarModel) else "gpt", "model": dataclasses.asdict(raw.config),
-            "tokenizer": tokenizer.name, "train": train_config, "meta": meta or {}}
+    info = {"kind": "scalar" if scalar else "gpt", "role": role, "model": dataclasses.asdict(raw.config),
+            "tokenizer": tokenizer.name, "train": train_config, "meta": meta or {},
+            "step": None if state is None else state.get("step", state.get("iteration"))}
+    if scalar:
+        info["normalisation"] = {"gain": raw.reward_gain.item(), "bias": raw.reward_bias.item(), "fitted": fitted}
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(info, f, indent=2)
     if state is not None:
@@ -1928,6 +1948,50 @@ def checkpoint_dir(path):
         if os.path.exists(os.path.join(p, "model.pt")) and os.path.exists(os.path.join(p, "config.json")):
             return p
     raise FileNotFoundError(f"no checkpoint at {path} (expected {path}/ckpt/model.pt or {path}/model.pt)")
+
+
+def checkpoint_info(path):
+    """The config.json of one of our checkpoints (run or checkpoint directory), without loading it."""
+    with open(os.path.join(checkpoint_dir(path), "config.json")) as f:
+        return json.load(f)
+
+
+def checkpoint_role(path):
+    """What the checkpoint at path is ("policy", "reward_model" or "value_model"), read without loading
+    it. Hugging Face weights, GPT-2 names, GGUF files and names and other files are policies. A checkpoint written before roles
+    were recorded has only its kind: "gpt" reads as a policy, "scalar" as a reward model (reward.py
+    wrote every scalar checkpoint; ppo.py keeps its value model inside state.pt), normalised by the
+    gain and bias stored in its weights."""
+    if path in HF_NAMES or is_gguf(path) or os.path.isfile(path) or any(os.path.exists(os.path.join(path, f)) for f in HF_WEIGHT_FILES):
+        return "policy"
+    info = checkpoint_info(path)
+    return info.get("role") or {"gpt": "policy", "scalar": "reward_model"}[info["kind"]]
+
+
+def check_roles(**inputs):
+    """Refuse, before anything loads, an input checkpoint that is not what its key takes:
+    check_roles(policy=(path, "policy"), reward_model=(path, "reward_model")). A policy given as a
+    reward model would get a fresh random head and score noise; a reward model given as a policy
+    would turn its trunk into one. The one conversion is deliberate and named: a reward model or a
+    value model starts from a policy's trunk with a fresh head (reward.py --init, ppo.py --value_init
+    policy), so those keys take a policy. A reward model whose normalisation was never fitted, or
+    that records none (an older checkpoint), is taken with a note."""
+    have = {key: checkpoint_role(path) for key, (path, _) in inputs.items() if path}
+    for key, role in have.items():
+        path, need = inputs[key]
+        if role != need:
+            swapped = [k for k in have if k != key and have[k] == need and inputs[k][1] == role]
+            hint = f" (--{key} and --{swapped[0]} swapped?)" if swapped else ""
+            raise ConfigError(f"--{key} {path} is {ROLES[role]}, but --{key} takes {ROLES[need]}{hint}")
+        if need == "reward_model":
+            info = checkpoint_info(path)
+            norm = info.get("normalisation")
+            if norm is None:
+                print(f"note: --{key} {path} records no role (an older checkpoint): read as a reward model, "
+                      f"normalised by the gain and bias stored in its weights")
+            elif not norm["fitted"]:
+                print(f"note: --{key} {path}: its score normalisation was never fitted (reward.py --normalize false, "
+                      f"or a checkpoint from before the run ended): scores are raw head values")
 
 
 def load_checkpoint(path, device="cpu", kind=None, dropout=0.0):
@@ -1993,8 +2057,8 @@ def load_train_state(path):
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")  # names the object it refused
-        raise ValueError(f"{p}: refused to load: it holds more than tensors, numbers and plain containers, so "
-                         f"unpickling it could run code. {why} Resume only from run directories you made.") from None
+        raise DataError(f"{p}: refused to load: it holds more than tensors, numbers and plain containers, so "
+                        f"unpickling it could run code. {why} Resume only from run directories you made.") from None
 
 
 def rng_state():
@@ -2012,6 +2076,11 @@ def set_rng_state(state):
 
 class ConfigError(SystemExit):
     """A bad config file or flag: the message says which key and what is valid."""
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line and what was expected. A script's entry
+    point (main) prints it as one line; called as a library, it is an ordinary ValueError."""
 
 
 def _coerce(value, typ, key, where, from_cli):
@@ -2059,13 +2128,13 @@ def field_docs(cls):
 
 
 def print_help(cls):
-    """--help: usage, the script's first docstring line, and every key with type, default and comment."""
+    """--help: usage, the script's summary (its docstring's first paragraph), and every key with type, default and comment."""
     mod = sys.modules.get(cls.__module__)
     script = os.path.relpath(getattr(mod, "__file__", None) or "script.py")
     print(f"usage: python {script} [--config file.toml] [--key value ...]")
-    doc = (getattr(mod, "__doc__", None) or "").strip().splitlines()
+    doc = (getattr(mod, "__doc__", None) or "").strip()
     if doc:
-        print(doc[0])
+        print(" ".join(doc.split("\n\n")[0].split()))  # the docstring's first paragraph, whole
     print("\nkeys (dataclass defaults < --config file < --key value; bools: true/false):")
     print(f"  {'--config PATH':36s} a TOML file of these keys, or a run's config.json")
     hints, defaults = typing.get_type_hints(cls), dataclasses.asdict(cls())
@@ -2127,6 +2196,39 @@ def parse_config(cls, argv=None):
     return cfg
 
 
+def main(fn, cls=None, argv=None, errors=(DataError, FileNotFoundError)):
+    """A script's entry point: fn(parse_config(cls)) (or fn() when fn parses its own flags), where a
+    Ctrl-C or an input error (a bad data file, a missing one) ends in one line instead of a traceback.
+    Only here: train() itself lets KeyboardInterrupt through, so a caller, or a test that kills a
+    stage, still sees it."""
+    cfg = parse_config(cls, argv) if cls is not None else None
+    try:
+        return fn(cfg) if cls is not None else fn()
+    except KeyboardInterrupt:
+        bars = list(getattr(tqdm, "_instances", ()))
+        for bar in bars:  # the stage's progress bar, left open: closed first, so our line comes last
+            bar.close()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets the Ctrl-C: one line
+            print(("" if bars else "\n") + interrupted(cfg), file=sys.stderr)
+        raise SystemExit(130) from None
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def interrupted(cfg):
+    """What a Ctrl-C leaves: the run's last checkpoint and how to resume from it."""
+    if not hasattr(cfg, "resume_changed"):  # not a training run
+        return "interrupted (Ctrl-C)"
+    try:
+        d = checkpoint_dir(os.path.join(cfg.out_dir, "ckpt"))
+    except FileNotFoundError:
+        return (f"interrupted (Ctrl-C) before the first checkpoint: {cfg.out_dir} holds nothing to resume from; "
+                f"rerunning the same command starts afresh")
+    step = checkpoint_info(d).get("step")
+    return (f"interrupted (Ctrl-C): the last checkpoint is {d}{'' if step is None else f' (step {step})'}; rerun the "
+            f"same command to resume from it")
+
+
 def require(cfg, *keys):
     """Keys that have no default (data paths, input checkpoints): missing ones are one error naming
     each with its description, before anything loads."""
@@ -2156,6 +2258,32 @@ def clock(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # autocast dtypes (CUDA only: CPU runs in fp32 whatever the setting)
+
+
+def check_device(cfg):
+    """cfg.device, and cfg.dtype and cfg.compile where the script has them, checked before anything
+    loads: a name we do not know is an error listing ours; a device this machine's torch cannot use is
+    an error naming the flags that run the same config on CPU (a GPU config on a laptop)."""
+    name, dtype, compiled = cfg.device, getattr(cfg, "dtype", None), getattr(cfg, "compile", False)
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"--device {name!r}: expected auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    on_cpu = "--device cpu" + (" --dtype float32" if dtype not in (None, "float32") else "") + (" --compile false" if compiled else "")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"--device {name}: {why}. To run this config on CPU: {on_cpu}")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 ..")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device mps: Apple's Metal backend is not available here. To run this config on CPU: {on_cpu}")
+    if compiled and get_device(name) == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "clang++", "c++")))):
+        raise ConfigError("--compile true on CPU needs a C++ compiler (torch.compile's CPU backend builds C++), and none "
+                          "is on PATH: --compile false")
 
 
 def get_device(name="auto"):
@@ -2288,6 +2416,14 @@ def lr_at(step, max_steps, lr, warmup=0, min_lr_frac=0.1, schedule="cosine"):
     return lr * (min_lr_frac + (1 - min_lr_frac) * decay)
 
 
+def check_warmup(warmup, max_steps, lr):
+    """Print a warning when the warmup is as long as the run: the learning rate would rise all run and
+    never reach its peak, or reach it only at the last step, and never decay."""
+    if 0 < max_steps <= warmup:
+        print(f"warning: warmup {warmup} steps >= the run's {max_steps}: the learning rate rises all run, to "
+              f"{lr * max_steps / warmup:.3g} at the last step (peak lr {lr:g}), and never decays; lower --warmup")
+
+
 def bootstrap_ci(values, weights=None, n_boot=2000, level=0.95, seed=0):
     """Percentile-bootstrap interval [lo, hi] of the mean of `values`, one value per prompt (Efron
     1979): prompts resampled with replacement n_boot times, seeded, so it is reproducible. With
@@ -2361,7 +2497,7 @@ def read_metrics(path):
             if n == len(lines):  # the last line, without its newline: a cut append
                 print(f"warning: {path}:{n}: dropped a partial last line ({len(line)} bytes) left by a killed run")
                 continue
-            raise ValueError(f"{path}:{n}: not a JSON line") from None
+            raise DataError(f"{path}:{n}: not a JSON line") from None
     return rows
 
 
@@ -2416,7 +2552,8 @@ def start_run(cfg, safe_keys=(), master=True):
       yet, starts afresh, clearing the old metrics); a finished run says so and writes nothing. A
       difference is an error naming each key and both values, unless --resume_changed true (resume
       anyway; the change is recorded in metrics.jsonl) or --overwrite true (delete the run's files
-      and start afresh);
+      and start afresh). A run that never trained (no checkpoint, no metrics: it failed a check after
+      writing its config) starts afresh with the new settings, saying so;
     - anything else in out_dir is an error: it is not ours to write into.
     A key missing from an older stored config counts as its default. Under torchrun rank 0 (master)
     decides and writes first; the other processes then read the same decision. With
@@ -2451,12 +2588,19 @@ def _decide_run(cfg, safe_keys, write):
     skip = RUN_KEYS | set(safe_keys)
     changed = {k: (stored.get(k, defaults[k]), v) for k, v in new.items()
                if stored is not None and k not in skip and stored.get(k, defaults[k]) != v}
+    metrics = os.path.join(out, "metrics.jsonl")
+    if changed and state is None and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+        # a run that wrote nothing but its config (it failed a check, say): nothing to keep, so the
+        # corrected command starts it afresh (its cached files are keyed by the settings that made them)
+        if write:
+            print(f"{out} holds only the config of a run that never trained (no checkpoint, no metrics): starting "
+                  f"afresh with the new " + ", ".join(f"{k} {b!r}" for k, (_, b) in changed.items()))
+        changed = {}
     if changed and not (cfg.overwrite or cfg.resume_changed):
         lines = "\n".join(f"  {k}: stored {a!r}, now {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"{out} holds a run with other settings:\n{lines}\nRerun with the stored settings to "
                           f"resume it, --resume_changed true to resume with the change (recorded in "
                           f"metrics.jsonl), --overwrite true to start afresh, or another --out_dir")
-    metrics = os.path.join(out, "metrics.jsonl")
     if cfg.overwrite or state is None:  # a fresh start: no old rows, no old checkpoint
         if write:
             if cfg.overwrite and stored is not None:
@@ -2616,7 +2760,7 @@ def split_hh(transcript, path, n):
     last 'Assistant:', so that chat_prompt(prompt) + ' ' + answer reproduces the transcript."""
     cut = transcript.rfind("\n\nAssistant:")
     if not transcript.lstrip("\n").startswith("Human:") or cut < 0:
-        raise ValueError(f"{path}:{n}: expected an HH transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
+        raise DataError(f"{path}:{n}: expected an HH transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'")
     prompt = transcript[:cut].lstrip("\n")[len("Human:"):].strip()
     return prompt, transcript[cut + len("\n\nAssistant:"):].strip()
 
@@ -2636,7 +2780,7 @@ def read_preferences(path):
         if "responses" in row:
             prompt, responses = row.get("prompt"), row["responses"]
             if not isinstance(responses, list) or len(responses) < 2:
-                raise ValueError(f"{path}:{n}: a ranking needs a list of at least 2 responses, got {responses!r:.80}")
+                raise DataError(f"{path}:{n}: a ranking needs a list of at least 2 responses, got {responses!r:.80}")
         elif "chosen" in row and "rejected" in row:
             if "prompt" in row:
                 prompt, responses = row["prompt"], [row["chosen"], row["rejected"]]
@@ -2644,20 +2788,20 @@ def read_preferences(path):
                 prompt, chosen = split_hh(row["chosen"], path, n)
                 prompt_r, rejected = split_hh(row["rejected"], path, n)
                 if prompt_r != prompt:
-                    raise ValueError(f"{path}:{n}: chosen and rejected transcripts have different prompts")
+                    raise DataError(f"{path}:{n}: chosen and rejected transcripts have different prompts")
                 responses = [chosen, rejected]
         else:
-            raise ValueError(f"{path}:{n}: expected keys prompt+chosen+rejected, chosen+rejected (HH) or prompt+responses; got {sorted(row)}")
+            raise DataError(f"{path}:{n}: expected keys prompt+chosen+rejected, chosen+rejected (HH) or prompt+responses; got {sorted(row)}")
         if not (isinstance(prompt, str) and prompt.strip()):
-            raise ValueError(f"{path}:{n}: empty or non-string prompt")
+            raise DataError(f"{path}:{n}: empty or non-string prompt")
         if not all(isinstance(t, str) for t in responses):
-            raise ValueError(f"{path}:{n}: non-string response")
+            raise DataError(f"{path}:{n}: non-string response")
         responses = [r.strip() for r in responses]
         if len(set(responses)) < len(responses):
             if len(responses) == 2:
                 stats["identical_skipped"] += 1
                 continue
-            raise ValueError(f"{path}:{n}: a ranking lists the same response twice")
+            raise DataError(f"{path}:{n}: a ranking lists the same response twice")
         groups.append((prompt, responses))
     return groups, stats
 
@@ -2672,19 +2816,19 @@ def read_jsonl(path, required=()):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise DataError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{n}: malformed JSON: {e.msg}: column {e.colno}") from None  # json's own phrasing
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
             if missing:
-                raise ValueError(f"{path}:{n}: missing key(s) {missing}; expected keys {list(required)}")
+                raise DataError(f"{path}:{n}: missing key(s) {missing}; expected keys {list(required)}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return rows

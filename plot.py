@@ -26,8 +26,8 @@ class Config:
     keys: str = ""  # comma-separated metric names; "" = the RLHF diagnostics each run logged
     x: str = "step"  # the x axis: step, or episodes for ppo.py runs
     smooth: int = 1  # moving average over this many logged points (1 = raw)
-    out: str = "curves.png"
-    title: str = ""
+    out: str = "curves.png"  # the PNG to write
+    title: str = ""  # a title over all the panels ("" = none)
 
 
 DEFAULT_KEYS = ["score", "gold", "kl", "rlhf_reward", "entropy", "clipfrac", "approx_kl", "vf_clipfrac",
@@ -54,9 +54,15 @@ def curve(rows, key, x, smooth):
 
 
 def plot(cfg):
-    runs = sorted({r for pattern in cfg.runs.split(",") if pattern.strip() for r in glob.glob(pattern.strip())})
-    if not runs:
+    matched = sorted({r for pattern in cfg.runs.split(",") if pattern.strip() for r in glob.glob(pattern.strip())})
+    if not matched:
         raise M.ConfigError(f"--runs {cfg.runs!r}: no run directory matches")
+    runs = [r for r in matched if os.path.isfile(os.path.join(r, "metrics.jsonl"))]
+    for r in sorted(set(matched) - set(runs)):  # "out/*" also matches eval JSONs, data files, ...
+        print(f"skipped {r}: not a run (no metrics.jsonl)")
+    if not runs:
+        raise M.ConfigError(f"--runs {cfg.runs!r}: none of {matched} is a run: a run is a directory holding "
+                            f"metrics.jsonl, as every stage writes in its out_dir")
     data = {r: read_metrics(r) for r in runs}
     logged = {k for rows in data.values() for row in rows for k in row}
     keys = [k.strip() for k in cfg.keys.split(",") if k.strip()] or [k for k in DEFAULT_KEYS if k in logged]
@@ -89,4 +95,4 @@ def plot(cfg):
 
 
 if __name__ == "__main__":
-    plot(M.parse_config(Config))
+    M.main(plot, Config)

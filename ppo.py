@@ -251,7 +251,7 @@ def load_prompts(path, tokenizer, max_len, template="hh"):
     rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
     for n, p in enumerate(rows, 1):
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{path}: row {n}: empty prompt")
+            raise M.DataError(f"{path}: row {n}: empty prompt")
     ids = [M.encode_chat(tokenizer, p, template=template) for p in rows]
     cut = sum(len(x) > max_len for x in ids)
     return rows, [x[-max_len:] for x in ids], cut
@@ -289,8 +289,10 @@ def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro,
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "policy", "reward_model", "prompts", *["ptx_data"] * (cfg.ptx_coef > 0))
     M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(cfg.reward_model, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.policy, cfg.reward_model)
     gold = M.gold_on(cfg.gold, cfg.prompts)
     M.check_rl_lengths(cfg)
@@ -520,4 +522,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

@@ -97,10 +97,10 @@ def read_documents(path, doc_sep):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise M.DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     docs = [d for d in (text.split(doc_sep) if doc_sep else [text]) if d.strip()]
     if not docs:
-        raise ValueError(f"{path}: no text")
+        raise M.DataError(f"{path}: no text")
     return docs
 
 
@@ -114,14 +114,21 @@ def build_token_files(cfg, tokenizer):
     n_val = max(1, int(len(docs) * cfg.val_frac)) if len(docs) > 1 else 0
     dtype = np.uint16 if tokenizer.n_vocab <= 65536 else np.uint32
     meta = {"key": key, "dtype": np.dtype(dtype).name, "docs": len(docs)}
+    splits = {}
     for split, part in (("train", docs[:len(docs) - n_val]), ("val", docs[len(docs) - n_val:] or docs[-1:])):
         ids = []
         for toks in tokenizer.encode_batch(part):
             ids.extend(toks)
             ids.append(tokenizer.eot_id)
+        splits[split] = np.array(ids, dtype=dtype)
+    for split, ids in splits.items():  # both checked before either file is written
         if len(ids) <= cfg.block_size:
-            raise ValueError(f"{cfg.data}: the {split} split has {len(ids)} tokens, fewer than block_size + 1")
-        np.array(ids, dtype=dtype).tofile(os.path.join(cfg.out_dir, f"{split}.bin.tmp"))
+            fix = "raise --val_frac" if split == "val" else "lower --val_frac"
+            raise M.DataError(f"{cfg.data}: the {split} split has {len(ids)} tokens, fewer than block_size + 1 = "
+                              f"{cfg.block_size + 1} ({len(docs)} documents, {n_val} held out by val_frac {cfg.val_frac}): "
+                              f"{fix}, lower --block_size, or give a larger corpus")
+    for split, ids in splits.items():
+        ids.tofile(os.path.join(cfg.out_dir, f"{split}.bin.tmp"))
         os.replace(os.path.join(cfg.out_dir, f"{split}.bin.tmp"), os.path.join(cfg.out_dir, f"{split}.bin"))
         meta[split] = len(ids)
     with open(meta_path, "w") as f:
@@ -174,8 +181,10 @@ def init_model(cfg, device, state=None):
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "data", *["tokenizer"] * (cfg.init == "scratch"))
     M.check_paths(data=cfg.data, tokenizer=cfg.tokenizer if cfg.init == "scratch" else "", init="" if cfg.init == "scratch" else cfg.init)
+    M.check_roles(init=("" if cfg.init == "scratch" else cfg.init, "policy"))
     if cfg.init != "scratch" and cfg.block_size > M.block_size_of(cfg.init):
         raise M.ConfigError(f"block_size {cfg.block_size} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
     rank, world, device = M.ddp_setup(cfg.device)
@@ -185,6 +194,8 @@ def train(cfg):
     run = M.start_run(cfg, SAFE_KEYS, master)
     if run.finished:
         return M.load_checkpoint(run.ckpt, device)[0]
+    if master:
+        M.check_warmup(cfg.warmup, cfg.max_steps, cfg.lr)
     torch.manual_seed(cfg.seed)
     model, tokenizer, state = init_model(cfg, device, run.state)
     if world > 1 and not master:
@@ -214,7 +225,7 @@ def train(cfg):
     model.train()
 
     def checkpoint():
-        M.save_checkpoint(os.path.join(cfg.out_dir, "ckpt"), model, tokenizer, dataclasses.asdict(cfg),
+        M.save_checkpoint(os.path.join(cfg.out_dir, "ckpt"), model, tokenizer, dataclasses.asdict(cfg), role="policy",
                           state={"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "rng": M.rng_state(),
                                  "finished": step == cfg.max_steps})
 
@@ -260,4 +271,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

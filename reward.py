@@ -107,9 +107,9 @@ def read_labels(path):
     for n, row in enumerate(M.read_jsonl(path, ("prompt", "response", "label")), 1):
         prompt, response, label = row["prompt"], row["response"], row["label"]
         if not all(isinstance(t, str) and t.strip() for t in (prompt, response)):
-            raise ValueError(f"{path}:{n}: empty or non-string prompt or response")
+            raise M.DataError(f"{path}:{n}: empty or non-string prompt or response")
         if label not in (0, 1):
-            raise ValueError(f"{path}:{n}: label must be 1 (positive) or 0 (negative), got {label!r}")
+            raise M.DataError(f"{path}:{n}: label must be 1 (positive) or 0 (negative), got {label!r}")
         stats["rows"] += 1
         stats["positive"] += int(label)
         response = response.strip()
@@ -228,8 +228,10 @@ def fit_normalisation(model, groups, cfg, device, ctx):
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "data", "val_data", "init")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    M.check_roles(init=(cfg.init, "policy"))  # the reward model starts from a policy's trunk, with a fresh head
     if cfg.objective not in ("preference", "classify"):
         raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
     cfg.template = M.resolve_template(cfg.template, cfg.init)
@@ -260,6 +262,8 @@ def train(cfg):
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_g) / per_step))
     n_pairs = sum(len(g) * (len(g) - 1) // 2 for g in train_g)
     print(f"train {train_read} {train_stats} ({n_pairs} pairs) | val {val_read} {val_stats} | {max_steps} steps")
+    if master:
+        M.check_warmup(cfg.warmup, max_steps, cfg.lr)
     if master:
         with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
             json.dump({"train": {**train_read, **train_stats, "pairs": n_pairs}, "val": {**val_read, **val_stats}}, f)
@@ -324,7 +328,7 @@ def train(cfg):
             model.reward_bias.fill_(bias)
             print(f"reward normalisation: gain {gain:.4f} bias {bias:.4f}")
         if master and (step % cfg.ckpt_interval == 0 or last):
-            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
+            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg), role="reward_model", fitted=last and cfg.normalize,
                               state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)
@@ -332,4 +336,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

@@ -100,9 +100,9 @@ def read_pairs(path):
         elif "prompt" in row and "response" in row:
             prompt, response = row["prompt"], row["response"]
         else:
-            raise ValueError(f"{path}: row {n}: expected keys prompt+response or instruction+input+output, got {sorted(row)}")
+            raise M.DataError(f"{path}: row {n}: expected keys prompt+response or instruction+input+output, got {sorted(row)}")
         if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
-            raise ValueError(f"{path}: row {n}: empty or non-string prompt/response")
+            raise M.DataError(f"{path}: row {n}: empty or non-string prompt/response")
         pairs.append((prompt, response.strip()))
     return pairs
 
@@ -175,8 +175,10 @@ def print_samples(model, tokenizer, prompts, cfg, device):
 
 
 def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "data", "val_data", "init")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
+    M.check_roles(init=(cfg.init, "policy"))
     cfg.template = M.resolve_template(cfg.template, cfg.init)
     if cfg.max_len > M.block_size_of(cfg.init):
         raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
@@ -204,6 +206,8 @@ def train(cfg):
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = math.ceil(cfg.epochs * math.ceil(len(train_ex) / per_step))
     print(f"train {stats} | val {val_stats} | {per_step} examples/step | {max_steps} steps")
+    if master:
+        M.check_warmup(cfg.warmup, max_steps, cfg.lr)
 
     opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
     step = 0
@@ -255,7 +259,7 @@ def train(cfg):
                 print_samples(model, tokenizer, [p for p, _ in val_pairs[:cfg.n_samples]], cfg, device)
             M.log_metrics(cfg.out_dir, metrics)
         if master and (step % cfg.ckpt_interval == 0 or last):
-            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg),
+            M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg), role="policy",
                               state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
     bar.close()
     M.ddp_cleanup(world)
@@ -263,4 +267,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(M.parse_config(Config))
+    M.main(train, Config)

@@ -133,7 +133,9 @@ def write_jsonl(path, rows):
 
 
 def main(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.check_paths(policy=cfg.policy, prompts_train=cfg.prompts_train, prompts_val=cfg.prompts_val)
+    M.check_roles(policy=(cfg.policy, "policy"))
     os.makedirs(cfg.out_dir, exist_ok=True)
     device = M.get_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -158,4 +160,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(M.parse_config(Config))
+    M.main(main, Config)

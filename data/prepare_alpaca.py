@@ -90,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    M.main(main, errors=(ValueError, OSError))  # a bad or partial download, a missing file, no network: one line

@@ -70,17 +70,20 @@ def fact_probe(lm, tokenizer):
 
 
 def main(cfg):
-    rm, tokenizer, _ = M.load_checkpoint(cfg.reward_model, cfg.device, kind="scalar")
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
+    M.check_roles(reward_model=(cfg.reward_model, "reward_model"), lm=(cfg.lm, "policy"))
+    device = M.get_device(cfg.device)
+    rm, tokenizer, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
     groups, _ = M.read_preferences(cfg.rankings)
     counts = agreement_by_part(rm.eval(), tokenizer, groups)
     print("agreement of the reward model with the gold order, by the part that dominates the pair:")
     for part, (agree, n) in sorted(counts.items(), key=lambda kv: -kv[1][1]):
         print(f"  {part:11s} {agree / n:.3f}  ({n} pairs)")
     if cfg.lm:
-        lm, lm_tok = M.load_gpt(cfg.lm, cfg.device)
+        lm, lm_tok = M.load_gpt(cfg.lm, device)
         print("facts the LM ranks first:", " | ".join(f"{k} {v:.3f}" for k, v in fact_probe(lm.eval(), lm_tok).items()))
     return counts
 
 
 if __name__ == "__main__":
-    main(M.parse_config(Config))
+    M.main(main, Config)

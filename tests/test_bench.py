@@ -104,3 +104,13 @@ def test_bench_on_real_weights_from_a_gguf_file(tmp_path, tokenizer):
     assert res["greedy_match"] is True and res["train_ratio"] > 0
     model = tiny("llama", len(tokenizer.ranks) + len(SPECIALS) + 1)  # untied: the input embedding is a lookup, not counted
     assert res["n_params"] == sum(p.numel() for p in model.parameters()) - model.transformer.wte.weight.numel()
+
+
+def test_lengths_are_checked_before_any_model_is_built(monkeypatch):
+    import bench
+    import model as M
+    monkeypatch.setattr(bench, "GPT", lambda *a, **k: pytest.fail("a model was built before the check"))
+    with pytest.raises(M.ConfigError, match=r"train_seq = 256 > block_size 128 \(section train\)"):
+        bench.main(M.parse_config(bench.Config, ["--block_size", "128", "--device", "cpu"]))
+    with pytest.raises(M.ConfigError, match=r"prompt_len \+ new_tokens = 96 > block_size 64 \(section gen\)"):
+        bench.main(M.parse_config(bench.Config, ["--block_size", "64", "--sections", "gen", "--device", "cpu"]))

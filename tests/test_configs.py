@@ -1,6 +1,7 @@
 """Every TOML in configs/ parses against its stage's Config: no unknown key, no wrong type."""
 
 import glob
+import re
 import os
 import tomllib
 
@@ -38,3 +39,34 @@ def test_every_rl_config_has_its_chain():
         if stage in ("ppo", "dpo"):
             assert {f"sft_{task}", f"reward_{task}"} <= names, name
     assert {f"{s}_world" for s in ("pretrain", "sft", "reward", "ppo", "dpo")} <= names
+
+
+def readme_block(title):
+    """The first ```bash block under the README heading `title`."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme.split(f"\n## {title}\n", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_quick_start_is_what_a_newcomer_types():
+    block = readme_block("Quick start")
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in block  # inside the block, not after it
+    assert re.search(r"^QUICK=1 bash train.sh .*about \d+ minutes", block, re.M)
+    assert re.search(r"^python -m pytest -q .*about [\d.]+ minutes", block, re.M)
+
+
+def test_readme_stage_commands_start_from_the_data_they_make():
+    import importlib
+    lines = [line.split("#")[0].split() for line in readme_block("Running each stage").splitlines() if line.startswith("python ")]
+    assert [a[1] for a in lines[:2]] == ["data/world.py", "data/bpe.py"]  # a fresh clone has no data/world/ yet
+    made = set()
+    for argv in lines:
+        mod = importlib.import_module(argv[1][:-len(".py")].replace("/", "."))
+        cfg = M.parse_config(mod.Config, argv[2:])  # every flag is a key of its script
+        if argv[1] == "data/world.py":
+            made |= {os.path.join(cfg.out_dir, f) for f in ("pretrain.txt", "sft_train.jsonl", "sft_val.jsonl", "prompts_train.jsonl", "prompts_val.jsonl")}
+        if argv[1] == "data/bpe.py":
+            assert set(cfg.input.split(",")) <= made
+            made.add(cfg.out)
+    pre = M.parse_config(pretrain.Config, ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_world.toml")])
+    assert {pre.data, pre.tokenizer} <= made

@@ -164,3 +164,24 @@ def test_pool_averages_seeds_prompt_by_prompt(tmp_path):
     (tmp_path / "eval_2.json").write_text(json.dumps({"per_prompt": {"prompt": ["p"], "gold": [1.0]}}))
     with pytest.raises(M.ConfigError):
         evaluate.pool(M.parse_config(evaluate.Config, ["--pool", str(tmp_path / "eval_*.json")]))
+
+
+def test_baseline_without_the_gold_reward_is_an_error(tiny_ckpt, world, tmp_path):
+    other = tmp_path / "hh.jsonl"
+    other.write_text(json.dumps({"prompt": "How do I bake bread?"}) + "\n")
+    for prompts, gold in ((other, "auto"), (world / "prompts_val.jsonl", "false")):
+        cfg = M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(prompts), "--baseline", tiny_ckpt,
+                                               "--gold", gold, "--max_new_tokens", "8", "--out", str(tmp_path / "e.json")])
+        with pytest.raises(M.ConfigError, match="--baseline .* judged by the built-in world's gold reward, which is off here"):
+            evaluate.evaluate(cfg)
+
+
+def test_prompt_stride_spreads_a_small_sample_over_every_prompt_kind(tiny_ckpt, world, tmp_path):
+    # the held-out prompts come grouped by kind: the first 16 are all "tell me about", no fact question
+    run = lambda *a: evaluate.evaluate(M.parse_config(evaluate.Config, [  # noqa: E731
+        "--ckpt", tiny_ckpt, "--prompts", str(world / "prompts_val.jsonl"), "--n_prompts", "16", "--max_new_tokens", "4",
+        "--n_show", "0", "--out", str(tmp_path / "e.json"), *a]))
+    assert "fact_acc" not in run()
+    s = run("--prompt_stride", "7")
+    assert s["prompts"] == 16 and s["fact_prompts"] > 0 and s["per_prompt"]["prompt"][1] == M.read_jsonl(
+        str(world / "prompts_val.jsonl"))[7]["prompt"]

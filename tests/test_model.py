@@ -450,6 +450,26 @@ def test_checkpoint_roundtrip_and_kind_conversion(tmp_path):
     assert info["kind"] == "scalar" and torch.equal(back(x), m(x))
 
 
+def test_checkpoint_records_what_it_is(tmp_path):
+    m = tiny(vocab=263)
+    tok = M.Tokenizer(tiny_ranks())
+    M.save_checkpoint(str(tmp_path / "p"), m, tok, {}, state={"iteration": 3})
+    info = json.load(open(tmp_path / "p" / "config.json"))
+    assert (info["kind"], info["role"], info["step"]) == ("gpt", "policy", 3) and "normalisation" not in info
+    rm = M.scalar_from_gpt(m)
+    rm.reward_gain.fill_(2.0)
+    M.save_checkpoint(str(tmp_path / "rm"), rm, tok, {}, role="reward_model", fitted=True)
+    info = json.load(open(tmp_path / "rm" / "config.json"))
+    assert info["role"] == "reward_model" and info["normalisation"] == {"gain": 2.0, "bias": 0.0, "fitted": True}
+    M.save_checkpoint(str(tmp_path / "v"), rm, tok, {}, role="value_model")
+    assert M.checkpoint_role(str(tmp_path / "v")) == "value_model" and M.checkpoint_role("gpt2") == "policy"
+    with pytest.raises(M.ConfigError, match="is a value model .* takes a reward model"):
+        M.check_roles(reward_model=(str(tmp_path / "v"), "reward_model"))
+    for model, role in ((m, "reward_model"), (rm, "policy"), (rm, "critic")):
+        with pytest.raises(ValueError, match="does not fit"):
+            M.save_checkpoint(str(tmp_path / "bad"), model, tok, {}, role=role)
+
+
 def test_checkpoint_survives_kill_mid_swap(tmp_path):
     m = tiny(vocab=263)
     tok = M.Tokenizer(tiny_ranks())

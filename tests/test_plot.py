@@ -40,3 +40,15 @@ def test_a_corrupt_line_before_the_end_is_an_error(tmp_path):
     a = write_run(tmp_path / "r", [], tail='{"step": 1\n{"step": 2}\n')
     with pytest.raises(M.ConfigError, match=r"metrics\.jsonl:1: not a JSON line"):
         plot.read_metrics(a)
+
+
+def test_a_glob_skips_what_is_not_a_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "ppo", [{"step": i, "kl": i} for i in range(1, 4)])
+    (tmp_path / "eval_ppo.json").write_text("{}")  # what else lives beside runs
+    (tmp_path / "data").mkdir()
+    keys = plot.plot(M.parse_config(plot.Config, ["--runs", str(tmp_path / "*"), "--out", str(tmp_path / "c.png")]))
+    out = capsys.readouterr().out
+    assert keys == ["kl"] and f"skipped {tmp_path / 'data'}: not a run (no metrics.jsonl)" in out and "eval_ppo.json" in out
+    with pytest.raises(M.ConfigError, match="none of .* is a run: a run is a directory holding metrics.jsonl"):
+        plot.plot(M.parse_config(plot.Config, ["--runs", str(tmp_path / "d*")]))

