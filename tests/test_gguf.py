@@ -118,7 +118,22 @@ def hf_logits(path, x):
 
 
 QUANTS = {"attn_q.weight": Q.Q8_0, "attn_k.weight": Q.Q4_0, "attn_v.weight": Q.Q4_1, "ffn_up.weight": Q.F16,
-          "ffn_down.weight": Q.Q8_0, "token_embd.weight": Q.Q8_0}
+          "ffn_gate.weight": Q.BF16, "attn_output.weight": Q.Q5_0, "ffn_down.weight": Q.Q5_1, "token_embd.weight": Q.Q8_0}
+# K-quants (256-value blocks), which gguf-py reads but cannot write: random blocks with sane fp16 scales,
+# byte offsets of the scales in each block (llama.cpp's block_q*_K layouts)
+K_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def random_k_quant(shape, qtype, gen):
+    """Bytes of a (rows, cols) tensor in K-quant qtype: random quants and sub-block scales, the block
+    scales (fp16) drawn small and finite, so that both loaders dequantize real numbers."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    raw = torch.randint(0, 256, (rows, cols // block, size), generator=gen, dtype=torch.uint8)
+    for off in K_SCALES[qtype]:
+        d = (torch.rand(rows, cols // block, generator=gen) * 0.01).half()
+        raw[..., off:off + 2] = d.view(torch.uint8).view(rows, cols // block, 2)
+    return raw.reshape(rows, -1).numpy()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -141,6 +156,39 @@ def test_logits_equal_transformers_gguf_loader_and_the_source(family, tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert (back(x).logits - logits).abs().max() < 1e-4
+
+
+def test_k_quants_equal_transformers_dequantizer(tmp_path):
+    # transformers dequantizes with its own torch code (integrations/gguf/dequant.py), ours with gguf-py:
+    # the same fp32 weights from the same bytes, and so the same logits
+    torch.manual_seed(0)
+    model = M.GPT(M.family_config("llama", vocab_size=96, block_size=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=256,
+                                  n_inner=256, rope_theta=10000.0, tie_embeddings=True)).eval()
+    path = write_gguf(tmp_path / "k.gguf", model)  # F32 first, then the 2-D block tensors replaced by K-quant bytes
+    gen, types = torch.Generator().manual_seed(0), {"attn_q": Q.Q4_K, "attn_k": Q.Q6_K, "attn_v": Q.Q5_K,
+                                                   "attn_output": Q.Q3_K, "ffn_gate": Q.Q2_K, "ffn_up": Q.Q4_K, "ffn_down": Q.Q6_K}
+    r = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(str(tmp_path / "kq.gguf"), "llama")
+    for field in r.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    for t in r.tensors:
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+        if kind in types:
+            w.add_tensor(t.name, random_k_quant((int(t.shape[1]), int(t.shape[0])), types[kind], gen), raw_dtype=types[kind])
+        else:
+            w.add_tensor(t.name, t.data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = M.GPT.from_pretrained(str(tmp_path / "kq.gguf")).eval()
+    x = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        logits = ours(x)
+        hf = hf_logits(str(tmp_path / "kq.gguf"), x)
+    print(f"K-quants: logits max |diff| {(logits - hf).abs().max().item():.2e} of max |logit| {hf.abs().max().item():.2f}")
+    assert torch.isfinite(logits).all() and (logits - hf).abs().max() < 1e-4 * max(1.0, hf.abs().max().item())
 
 
 def test_tokenizer_equals_transformers_gguf_tokenizer(tmp_path, world, tokenizer):
