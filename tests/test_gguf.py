@@ -317,3 +317,17 @@ def test_real_smollm2_logits_greedy_tokenizer_template(smollm2, world):
     hf_tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     assert all(tok.encode(t) == hf_tok.encode(t, add_special_tokens=False, split_special_tokens=True) for t in texts)
+
+
+@pytest.mark.slow  # ~30 s: writes and reads back 0.5 GB of fp32 weights
+@real
+def test_real_smollm2_export_loads_in_transformers(smollm2, tmp_path):
+    ours, tok, _, _ = smollm2
+    M.save_pretrained(ours, str(tmp_path / "hf"), tok)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    back_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    x = torch.tensor([M.encode_chat(tok, "What is 12 + 7?", "12 + 7 = 19.", template="smollm2")[0]])
+    with torch.no_grad():
+        assert (back(x).logits - ours(x)).abs().max() < 1e-4
+    text = "What is 12 + 7?  It's   19, or 1 9."
+    assert back_tok.encode(text, add_special_tokens=False) == tok.encode(text)
