@@ -29,8 +29,10 @@ each prompt is answered G times (a group) and the group is the baseline.
                  grpo / dr_grpo / rloo put A_i on every token of answer i; with kl_in = "reward" their
                  R_i is R_i - beta sum_t k_t before the group baseline (RLOO's sequence-level penalty),
                  REINFORCE++'s KL is per token as in PPO. A group whose rewards are all equal has
-                 A = 0 (grpo, dr_grpo, rloo): such groups are counted; drop_equal_groups also takes
-                 them out of the loss (DAPO's dynamic sampling without the re-sampling, Yu et al. 2025)
+                 A = 0 exactly (grpo, dr_grpo, rloo; group statistics in float64, equal groups set
+                 to 0, so fp32 rounding of the mean never becomes an advantage): such groups are
+                 counted; drop_equal_groups also takes them out of the loss (DAPO's dynamic
+                 sampling without the re-sampling, Yu et al. 2025)
   6. update      update_epochs passes over the rollout in shuffled minibatches of whole rows (each split
                  into grad_accum micro-batches), PPO's clipped surrogate with separate clip ranges
                  (DAPO's clip-higher, Yu et al. 2025, Eq. 10):
@@ -179,9 +181,14 @@ def group_advantages(scores, group_size, advantage, eps=1e-6):
     grpo      (R_i - mean_g R) / (std_g R + eps), std unbiased; a group of 1 gets 0   (Shao et al. 2024, Eq. 3)
     dr_grpo, reinforce_pp_baseline   R_i - mean_g R                (Liu et al. 2025; Hu 2025)
     rloo      R_i - 1/(G-1) sum_{j != i} R_j = G/(G-1) (R_i - mean_g R)  (Ahmadian et al. 2024), G >= 2
-    reinforce_pp   R_i: no group baseline (the batch whitening of reinforce_pp_returns centres it)"""
-    R = scores.view(-1, group_size)  # (B / G, G)
-    centred = R - R.mean(1, keepdim=True)
+    reinforce_pp   R_i: no group baseline (the batch whitening of reinforce_pp_returns centres it)
+    The group statistics are float64 and a group whose scores are all equal gets exactly 0 (grpo,
+    dr_grpo, rloo, reinforce_pp_baseline): in fp32 the mean of G equal scores can be 1-2 ulp off, and
+    grpo's (R_i - mean) / (std + eps) then turns that rounding error into |A| of order 1, one sign for
+    the whole group. Returned in the dtype of scores."""
+    R = scores.view(-1, group_size).double()  # (B / G, G)
+    equal = (R == R[:, :1]).all(1, keepdim=True)  # (B / G, 1)
+    centred = torch.where(equal, 0.0, R - R.mean(1, keepdim=True))  # (B / G, G)
     if advantage == "grpo":
         std = R.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(R)
         out = centred / (std + eps)
@@ -190,12 +197,12 @@ def group_advantages(scores, group_size, advantage, eps=1e-6):
     elif advantage == "rloo":
         if group_size < 2:
             raise ValueError("rloo needs group_size >= 2: the baseline is the mean of the other answers")
-        out = R - (R.sum(1, keepdim=True) - R) / (group_size - 1)
+        out = centred * group_size / (group_size - 1)  # = R_i - 1/(G-1) sum_{j != i} R_j
     elif advantage == "reinforce_pp":
         out = R
     else:
         raise ValueError(f"advantage must be one of {ADVANTAGES}, not {advantage!r}")
-    return out.reshape(-1)  # (B,)
+    return out.reshape(-1).to(scores.dtype)  # (B,)
 
 
 def equal_groups(scores, group_size):

@@ -40,6 +40,25 @@ def test_group_advantages_hand_values_ties_and_equal_groups():
     assert grpo.equal_groups(scores, 4).tolist() == [False] * 4 + [True] * 4
 
 
+def test_equal_groups_get_exactly_zero_when_fp32_sums_are_not_exact():
+    # 8 copies of 2.7 in fp32: the fp32 mean is 1-2 ulp off, the std about 1 ulp or 0, so
+    # delta / (std + 1e-6) came out of order 1 (-0.190 on all 8); random equal groups in [4, 16] too
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.tensor([2.7]), 4 + 12 * torch.rand(300, generator=g)])  # (301,)
+    scores = values.repeat_interleave(8)  # (301 * 8,) fp32, one equal group per value
+    assert (scores.view(-1, 8).mean(1) != values).any()  # the fp32 sums are not exact: the case at issue
+    for kind in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        adv = grpo.group_advantages(scores, 8, kind)
+        assert adv.dtype == torch.float32 and torch.equal(adv, torch.zeros_like(adv)), (kind, adv.abs().max())
+    # a group next to an equal one keeps its hand values; fp64 inputs stay fp64 and exact too
+    mixed = torch.tensor([2.7] * 4 + [1.0, 2.0, 2.0, 5.0])
+    assert grpo.group_advantages(mixed, 4, "grpo")[:4].tolist() == [0.0] * 4
+    centred = torch.tensor([-1.5, -0.5, -0.5, 2.5])
+    assert torch.allclose(grpo.group_advantages(mixed, 4, "grpo")[4:], centred / (math.sqrt(3) + 1e-6))
+    tenths = torch.full((6,), 0.1, dtype=torch.float64)
+    assert torch.equal(grpo.group_advantages(tenths, 6, "grpo"), torch.zeros(6, dtype=torch.float64))
+
+
 def test_group_of_one():
     scores = torch.tensor([0.7, -2.0])
     for kind in ("grpo", "dr_grpo", "reinforce_pp_baseline"):
