@@ -26,11 +26,19 @@ each prompt is answered G times (a group) and the group is the baseline.
                  reinforce_pp r_t = -beta k_t + R_i at the last token, A_t = sum_{s>=t} r_s,
                               whitened over the whole rollout's tokens            (Hu 2025, REINFORCE++)
                  reinforce_pp_baseline  the same with R_i - mean_g R in place of R_i  (Hu 2025)
-                 grpo / dr_grpo / rloo put A_i on every token of answer i; with kl_in = "reward" their
-                 R_i is R_i - beta sum_t k_t before the group baseline (RLOO's sequence-level penalty),
-                 REINFORCE++'s KL is per token as in PPO. A group whose rewards are all equal has
-                 A = 0 exactly (grpo, dr_grpo, rloo; group statistics in float64, equal groups set
-                 to 0, so fp32 rounding of the mean never becomes an advantage): such groups are
+                 grpo / dr_grpo / rloo put A_i on every token of answer i. With kl_in = "reward"
+                 (K_i = sum_t k_t): dr_grpo and rloo take their baseline of R_i - beta K_i (RLOO's
+                 sequence-level penalty); grpo divides by the std of the task reward only, and the
+                 KL part enters centred but unscaled:
+                              A_i = (R_i - mean_g R) / (std_g R + eps) - beta (K_i - mean_g K)
+                 (dividing R_i - beta K_i by its own std, as before, gave a group of equal task
+                 rewards the same advantages at every beta: the std scaled with beta). The beta
+                 rows of docs/grpo_results.md with GRPO's advantages and k1 in the reward (the KL
+                 table's first row, the verifiable "KL anchor" runs) were measured with that old
+                 rule and mean it until re-run. REINFORCE++'s KL is per token as in PPO. A group
+                 whose task rewards are all equal has A = 0 exactly (grpo, dr_grpo, rloo; group
+                 statistics in float64 and equal groups set to 0, so fp32 rounding of the mean never
+                 becomes an advantage), plus the KL part with kl_in = "reward": such groups are
                  counted; drop_equal_groups also takes them out of the loss (DAPO's dynamic
                  sampling without the re-sampling, Yu et al. 2025)
   6. update      update_epochs passes over the rollout in shuffled minibatches of whole rows (each split
@@ -175,34 +183,47 @@ SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "devi
 # --- the algorithm, as pure functions
 
 
-def group_advantages(scores, group_size, advantage, eps=1e-6):
+def group_advantages(scores, group_size, advantage, eps=1e-6, kl_penalty=None):
     """Sequence-level advantages (B,) from scores (B,) in groups of G consecutive rows.
 
     grpo      (R_i - mean_g R) / (std_g R + eps), std unbiased; a group of 1 gets 0   (Shao et al. 2024, Eq. 3)
     dr_grpo, reinforce_pp_baseline   R_i - mean_g R                (Liu et al. 2025; Hu 2025)
     rloo      R_i - 1/(G-1) sum_{j != i} R_j = G/(G-1) (R_i - mean_g R)  (Ahmadian et al. 2024), G >= 2
     reinforce_pp   R_i: no group baseline (the batch whitening of reinforce_pp_returns centres it)
+    kl_penalty (B,): beta K_i = beta sum_t k_t of each answer (kl_in = "reward"; grpo, dr_grpo, rloo).
+    dr_grpo and rloo take the baseline of R_i - beta K_i (RLOO's sequence-level penalty, Ahmadian et
+    al. 2024). grpo divides by the std of the task reward only, the KL part entering centred but
+    unscaled: A_i = (R_i - mean_g R) / (std_g R + eps) - beta (K_i - mean_g K). Dividing R - beta K by
+    its own std would make beta meaningless in a group of equal task rewards (the std scales with beta).
     The group statistics are float64 and a group whose scores are all equal gets exactly 0 (grpo,
     dr_grpo, rloo, reinforce_pp_baseline): in fp32 the mean of G equal scores can be 1-2 ulp off, and
     grpo's (R_i - mean) / (std + eps) then turns that rounding error into |A| of order 1, one sign for
     the whole group. Returned in the dtype of scores."""
     R = scores.view(-1, group_size).double()  # (B / G, G)
-    equal = (R == R[:, :1]).all(1, keepdim=True)  # (B / G, 1)
-    centred = torch.where(equal, 0.0, R - R.mean(1, keepdim=True))  # (B / G, G)
+    centred = group_centred(R)  # (B / G, G)
+    if kl_penalty is not None and advantage not in ("grpo", "dr_grpo", "rloo"):
+        raise ValueError(f"advantage {advantage!r} takes its KL per token (reinforce_pp_returns), not as kl_penalty")
+    kl_centred = 0.0 if kl_penalty is None else group_centred(kl_penalty.view(-1, group_size).double())  # (B / G, G)
     if advantage == "grpo":
         std = R.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(R)
-        out = centred / (std + eps)
+        out = centred / (std + eps) - kl_centred
     elif advantage in ("dr_grpo", "reinforce_pp_baseline"):
-        out = centred
+        out = centred - kl_centred
     elif advantage == "rloo":
         if group_size < 2:
             raise ValueError("rloo needs group_size >= 2: the baseline is the mean of the other answers")
-        out = centred * group_size / (group_size - 1)  # = R_i - 1/(G-1) sum_{j != i} R_j
+        out = (centred - kl_centred) * group_size / (group_size - 1)  # = R_i - 1/(G-1) sum_{j != i} R_j
     elif advantage == "reinforce_pp":
         out = R
     else:
         raise ValueError(f"advantage must be one of {ADVANTAGES}, not {advantage!r}")
     return out.reshape(-1).to(scores.dtype)  # (B,)
+
+
+def group_centred(x):
+    """x - mean_g x for x (B / G, G) float64, exactly 0 in a group whose values are all equal."""
+    equal = (x == x[:, :1]).all(1, keepdim=True)  # (B / G, 1)
+    return torch.where(equal, 0.0, x - x.mean(1, keepdim=True))  # (B / G, G)
 
 
 def equal_groups(scores, group_size):
@@ -473,8 +494,8 @@ def train(cfg):
             returns = reinforce_pp_returns(seq_adv, kl if kl_reward else torch.zeros_like(kl), mask, beta)  # (b, R)
             advantages = M.masked_whiten(returns, mask, world=world)
         else:
-            seq_rewards = scores - beta * kl.sum(1) if kl_reward else scores  # RLOO's sequence-level penalty
-            advantages = group_advantages(seq_rewards, G, cfg.advantage, cfg.adv_eps)[:, None] * mask  # (b, R)
+            kl_penalty = beta * kl.sum(1) if kl_reward else None  # (b,) RLOO's sequence-level penalty beta K_i
+            advantages = group_advantages(scores, G, cfg.advantage, cfg.adv_eps, kl_penalty)[:, None] * mask  # (b, R)
         loss_mask = mask * (~equal).float()[:, None] if cfg.drop_equal_groups else mask  # (b, R)
         seq_sums = torch.stack([raw_scores.float(), scores.float(), kl1.sum(1), kl.sum(1), mask.sum(1), ended.float(),
                                 equal.float(), (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)]).sum(1)  # (8,)

@@ -59,6 +59,28 @@ def test_equal_groups_get_exactly_zero_when_fp32_sums_are_not_exact():
     assert torch.equal(grpo.group_advantages(tenths, 6, "grpo"), torch.zeros(6, dtype=torch.float64))
 
 
+def test_kl_penalty_keeps_beta_in_equal_groups():
+    # equal task rewards, summed KL [3, 5, 4, 8, 6, 2, 7, 5]: dividing R - beta K by its own std gives
+    # the same advantages at every beta (the std scales with beta); grpo divides the task part only
+    scores, K = torch.full((8,), 0.5), torch.tensor([3.0, 5, 4, 8, 6, 2, 7, 5])
+    whole = [grpo.group_advantages(scores - beta * K, 8, "grpo") for beta in (0.001, 0.01, 0.1)]
+    assert torch.allclose(whole[0], whole[1], atol=1e-3) and torch.allclose(whole[1], whole[2], atol=1e-3)  # the risk
+    got = {beta: grpo.group_advantages(scores, 8, "grpo", kl_penalty=beta * K) for beta in (0.001, 0.01, 0.1)}
+    for beta, adv in got.items():
+        assert torch.allclose(adv, -beta * (K - 5.0), atol=1e-7), beta  # mean K = 5: the KL part enters unscaled
+    # a group with spread task rewards: (R - mean R) / (std R + eps) - beta (K - mean K)
+    R = torch.tensor([1.0, 2.0, 2.0, 5.0])
+    K4 = torch.tensor([4.0, 0.0, 1.0, 3.0])
+    expect = (R - 2.5) / (math.sqrt(3) + 1e-6) - 0.1 * (K4 - 2.0)
+    assert torch.allclose(grpo.group_advantages(R, 4, "grpo", kl_penalty=0.1 * K4), expect, atol=1e-6)
+    # the baselines without a std are linear: the same as the baseline of R - beta K
+    for kind in ("dr_grpo", "rloo"):
+        assert torch.allclose(grpo.group_advantages(R, 4, kind, kl_penalty=0.1 * K4),
+                              grpo.group_advantages(R - 0.1 * K4, 4, kind), atol=1e-6), kind
+    with pytest.raises(ValueError, match="per token"):
+        grpo.group_advantages(R, 4, "reinforce_pp", kl_penalty=K4)
+
+
 def test_group_of_one():
     scores = torch.tensor([0.7, -2.0])
     for kind in ("grpo", "dr_grpo", "reinforce_pp_baseline"):
