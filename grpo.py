@@ -142,9 +142,9 @@ class Config:
     adv_eps: float = 1e-6  # GRPO's eps in (R - mean) / (std + eps)
     kl_coef: float = 0.04  # beta (DeepSeekMath: 0.04); 0 = no KL term and no reference model loaded
     kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
-    kl_in: str = "loss"  # "loss" (GRPO) or "reward" (RLOO, REINFORCE++)
+    kl_in: str = "loss"  # "loss" (GRPO; k2 or k3: k1's expected gradient there is 0) or "reward" (RLOO, REINFORCE++)
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
-    drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted)
+    drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted); not with reinforce_pp
     ent_coef: float = 0.0  # - ent_coef H_t in each token's loss: > 0 a bonus, < 0 a penalty; 0: H logged without a graph
     # PPO-ptx (InstructGPT Eq. 2); 0 = off
     ptx_coef: float = 0.0  # weight of the pretraining negative log-likelihood in each minibatch loss
@@ -322,6 +322,16 @@ def check_config(cfg, world):
                                 ("loss_agg", cfg.loss_agg, LOSS_AGGS)):
         if value not in allowed:
             raise M.ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.kl_in == "loss" and cfg.kl_estimator == "k1" and cfg.kl_coef > 0:
+        raise M.ConfigError("kl_in = 'loss' with kl_estimator = 'k1' pulls nothing toward the reference: as a loss term "
+                            "k1 = log pi - log pi_ref has gradient grad log pi, whose expected gradient is 0 under pi "
+                            "(Schulman 2020). Use kl_estimator k2 (its expected gradient is that of KL(pi || pi_ref)) "
+                            "or k3 in the loss, or k1 with kl_in = 'reward'")
+    if cfg.drop_equal_groups and cfg.advantage == "reinforce_pp":
+        raise M.ConfigError("drop_equal_groups with advantage = 'reinforce_pp': an equal group's advantages are not 0 "
+                            "there (no group baseline: the batch whitening gives its answers the sign of R_i against the "
+                            "batch mean), so dropping it throws away signal. Use advantage reinforce_pp_baseline (the group "
+                            "mean subtracted first), grpo, dr_grpo or rloo, or drop_equal_groups false")
     B, G = cfg.rollout_batch_size, cfg.group_size
     if G < 1 or B % G:
         raise M.ConfigError(f"rollout_batch_size {B} must be a whole number of groups of group_size {G}")

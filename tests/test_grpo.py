@@ -495,7 +495,10 @@ def test_config_errors_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_pat
            (["--gold", "true", "--prompts", str(other)], "not the built-in world's prompts"),
            (["--template", "nope"], "template = 'nope'"), (["--ptx_coef", "1"], "missing --ptx_data"),
            (["--ptx_coef", "1", "--ptx_data", "no/such.txt"], "no/such.txt"),
-           (["--ptx_coef", "1", "--ptx_data", str(world / "pretrain.txt"), "--ptx_len", "96"], "ptx_len 96 \\+ 1 > the block_size 96")]
+           (["--ptx_coef", "1", "--ptx_data", str(world / "pretrain.txt"), "--ptx_len", "96"], "ptx_len 96 \\+ 1 > the block_size 96"),
+           (["--kl_in", "loss", "--kl_estimator", "k1"], "kl_in = 'loss' with kl_estimator = 'k1'.*expected gradient is 0.*k2"),
+           (["--drop_equal_groups", "true", "--advantage", "reinforce_pp"],
+            "drop_equal_groups with advantage = 'reinforce_pp'.*not 0 there.*reinforce_pp_baseline")]
     for extra, msg in bad:
         with pytest.raises(M.ConfigError, match=msg):
             run(world, tiny_ckpt, tiny_rm, tmp_path / "run", *extra)
