@@ -63,9 +63,10 @@ Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implemen
 dropout is off in every model (item 2); Adam eps 1e-5 (item 15). With ent_coef = 0 the entropy H is logged
 only, computed without gradients, so no (B, R, V) fp32 graph is kept for it.
 
-Precision, as in ppo.py: the reference keeps the policy's fp32 weights and runs through the same
-autocast path as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16
-copy of the reference under a policy autocast from fp32 weights is not the same function). The
+Precision, as in ppo.py: the reference is a copy of the policy's start (fp32 weights; an SFT
+checkpoint's LoRA adapters merged in both) and runs through the same autocast path as the policy,
+so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16 copy of the reference under
+a policy autocast from fp32 weights is not the same function, nor are unmerged adapters). The
 reward model, which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17);
 its gain and bias stay fp32. With compile, the rollout's old log-probs, the reference's and the
 update's all go through compiled modules (the policy's old and new log-probs through the same one),
@@ -97,6 +98,7 @@ Run:
   one GPU:   python grpo.py --config configs/grpo_world.toml --device cuda
 """
 
+import copy
 import dataclasses
 import math
 import time
@@ -400,7 +402,9 @@ def train(cfg):
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     policy = M.adapt(policy, cfg)
     use_ref = cfg.kl_coef > 0  # a KL term: the reference's log-probs are computed
-    ref = M.load_gpt(cfg.policy, device)[0] if use_ref and not cfg.lora_rank else None  # LoRA: the policy, adapters off
+    # the reference is the policy's start: a copy of it (so an SFT checkpoint's LoRA adapters are merged in
+    # both, and step-0 KL is exactly 0), or with LoRA the policy itself with its adapters off
+    ref = copy.deepcopy(policy) if use_ref and not cfg.lora_rank else None
     rm = None
     if cfg.reward == "rm":
         rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")

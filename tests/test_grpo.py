@@ -372,6 +372,17 @@ def test_lora_steps_change_only_the_adapters_and_the_reference_is_the_base(world
     assert set(trained) - set(base) == {k for k in trained if ".lora_" in k} and all(v.abs().sum() > 0 for v in lora_b)
 
 
+@pytest.mark.parametrize("lora_rank", ["0", "4"])
+def test_reference_is_the_start_from_a_lora_sft_checkpoint(world, tiny_lora_sft, tiny_rm, tmp_path, monkeypatch, lora_rank):
+    # the SFT checkpoint holds unmerged adapters; the policy merges them (model.adapt), so must the
+    # reference: W x + s B (A x) and (W + s B A) x differ by float rounding, and step-0 KL was not 0
+    real, seen = grpo.rollout_forward, []
+    monkeypatch.setattr(grpo, "rollout_forward", lambda *a: seen.append(real(*a)) or seen[-1])
+    run(world, tiny_lora_sft, tiny_rm, tmp_path, "--total_episodes", "8", "--kl_coef", "0.1", "--lora_rank", lora_rank)
+    assert torch.equal(seen[0]["logprobs"], seen[0]["ref_logprobs"])  # max |logp - logp_ref| = 0 exactly
+    assert rows(tmp_path)[0]["kl"] == 0.0
+
+
 @pytest.mark.parametrize("ent_coef", ["0", "-0.01"])
 def test_entropy_has_a_graph_only_when_it_is_in_the_loss(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch, ent_coef):
     seen = spy_entropy_graphs(monkeypatch)
