@@ -464,6 +464,66 @@ def test_two_processes_equal_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
                                              "entropy", "approx_kl", "clipfrac", "grad_norm", "gold"])
 
 
+def by_hand_advantages(advantage, kl_in, scores, logprobs, ref_logprobs, mask, beta, G):
+    """The advantages of a rollout straight from the docstring's formulas, row by row (B, R)."""
+    l = (logprobs - ref_logprobs) * mask  # (B, R) k1 per token
+    K = l.sum(1)  # (B,)
+    if advantage == "reinforce_pp":
+        r = -beta * l if kl_in == "reward" else torch.zeros_like(l)  # (B, R)
+        for b in range(len(r)):
+            r[b, int(mask[b].sum()) - 1] += scores[b]
+        returns = torch.stack([r[:, t:].sum(1) for t in range(r.size(1))], 1) * mask  # sum_{s >= t} r_s
+        return M.masked_whiten(returns, mask)
+    A = torch.zeros(len(scores))
+    for g in range(0, len(scores), G):
+        R, Kg = scores[g:g + G].double(), K[g:g + G].double()
+        if advantage == "grpo":
+            a = (R - R.mean()) / (R.std() + 1e-6) - (beta * (Kg - Kg.mean()) if kl_in == "reward" else 0)
+        else:  # rloo: leave-one-out baseline of R - beta K
+            Rp = R - beta * Kg if kl_in == "reward" else R
+            a = torch.stack([Rp[i] - (Rp.sum() - Rp[i]) / (G - 1) for i in range(G)])
+        A[g:g + G] = a.float()
+    return A[:, None] * mask
+
+
+@pytest.mark.parametrize("advantage,kl_in,estimator", [("grpo", "reward", "k1"), ("rloo", "reward", "k1"),
+                                                       ("reinforce_pp", "reward", "k1"), ("grpo", "loss", "k3")])
+def test_kl_wiring_inside_train(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch, advantage, kl_in, estimator):
+    # the advantages and KL terms that reach grpo_losses, against the formulas applied by hand to the
+    # rollout's scores and log-probs: catches a flipped sign of beta K, zeros as REINFORCE++'s KL, the
+    # KL loss's reference left out. One minibatch of one epoch: one loss call per rollout, all its rows
+    real_fwd, real_losses, fwd, calls = grpo.rollout_forward, grpo.grpo_losses, [], []
+
+    def spy_fwd(policy, ref, rm, seq, full_mask, P, *a):
+        out = real_fwd(policy, ref, rm, seq, full_mask, P, *a)
+        fwd.append({**out, "mask": full_mask[:, P:].float()})
+        return out
+
+    def spy_losses(new, old, adv, mask, clip_low, clip_high, ref=None, kl_coef=0.0, kl_estimator="k3", *a):
+        calls.append((old, adv, ref, kl_coef, kl_estimator))
+        return real_losses(new, old, adv, mask, clip_low, clip_high, ref, kl_coef, kl_estimator, *a)
+
+    monkeypatch.setattr(grpo, "rollout_forward", spy_fwd)
+    monkeypatch.setattr(grpo, "grpo_losses", spy_losses)
+    beta = 0.5
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "16", "--num_minibatches", "1", "--update_epochs", "1",
+        "--advantage", advantage, "--kl_in", kl_in, "--kl_estimator", estimator, "--kl_coef", str(beta),
+        "--loss_agg", "token_mean", "--lr", "3e-3")
+    assert len(fwd) == len(calls) == 2
+    for it, (f, (old, adv, ref, kl_coef, est)) in enumerate(zip(fwd, calls)):
+        rows_of = {tuple(r): i for i, r in enumerate(f["logprobs"].tolist())}
+        perm = [rows_of[tuple(r)] for r in old.tolist()]  # the minibatch's order of the rollout's rows
+        assert sorted(perm) == list(range(8))
+        expect = by_hand_advantages(advantage, kl_in, f["scores"], f["logprobs"], f["ref_logprobs"], f["mask"], beta, 4)
+        assert torch.allclose(adv, expect[perm], atol=1e-5), (it, adv, expect[perm])
+        if kl_in == "loss":  # the KL term of the loss: the reference's log-probs of the same rows, beta, the estimator
+            assert ref is not None and torch.equal(ref, f["ref_logprobs"][perm]) and kl_coef == beta and est == estimator
+        else:
+            assert ref is None
+    k = ((fwd[1]["logprobs"] - fwd[1]["ref_logprobs"]) * fwd[1]["mask"]).sum(1)
+    assert k.abs().min() > 1e-3  # the second rollout's KL is not 0, so each check above can fail
+
+
 def test_resume_after_kill_equals_uninterrupted_run(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
     extra = ("--total_episodes", "32", "--ckpt_interval", "2", "--advantage", "rloo", "--kl_in", "reward",
              "--kl_estimator", "k1", "--loss_agg", "seq_mean_token_sum_norm")
