@@ -451,15 +451,20 @@ def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
 
 
-def test_two_processes_equal_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
+@pytest.mark.parametrize("advantage,kl_in,estimator,loss_agg", [
+    ("reinforce_pp_baseline", "reward", "k1", "token_mean"),
+    ("grpo", "loss", "k3", "seq_mean_token_mean"),
+    ("dr_grpo", "reward", "k1", "seq_mean_token_sum_norm")])
+def test_two_processes_equal_one_process(world, tiny_ckpt, tiny_rm, tmp_path, advantage, kl_in, estimator, loss_agg):
     # 16 answers = 4 groups of 4 in 2 shards; minibatches of 8 rows in micro-batches of 4 fall unevenly
-    # on the processes; token_mean and REINFORCE++'s whitening both need the sums over processes
+    # on the processes; token_mean and REINFORCE++'s whitening need the token sums over processes, the
+    # two sequence means the answer count over processes
     policy = eos_prone(tiny_ckpt, tmp_path / "policy")
     a = ["--policy", policy, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
          "--rollout_batch_size", "16", "--group_size", "4", "--rollout_shards", "2", "--num_minibatches", "2",
          "--grad_accum", "2", "--update_epochs", "2", "--total_episodes", "32", "--max_new_tokens", "12", "--lr", "1e-3",
-         "--advantage", "reinforce_pp_baseline", "--kl_in", "reward", "--kl_estimator", "k1", "--kl_coef", "0.1",
-         "--loss_agg", "token_mean", "--sample_interval", "100", "--device", "cpu"]
+         "--advantage", advantage, "--kl_in", kl_in, "--kl_estimator", estimator, "--kl_coef", "0.1",
+         "--loss_agg", loss_agg, "--sample_interval", "100", "--device", "cpu"]
     assert_same_run(tmp_path, "grpo.py", a, ["score", "kl", "resp_len", "eos_frac", "equal_groups", "adv_mean", "pg_loss",
                                              "entropy", "approx_kl", "clipfrac", "grad_norm", "gold"])
 
