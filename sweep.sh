@@ -11,8 +11,9 @@
 # grpo_k1_reward, the ones the README ranks against PPO; any name of GRPO_RUNS works) with the same
 # seeds (the critic-free section's runs are seed 0), all evaluated like train.sh (5 answers per
 # held-out prompt) and pooled with seed 0 prompt by prompt (eval.py --pool). NS, KLS, BETAS,
-# GRPO_RUNS, SEEDS and GRPO_SEED_RUNS choose the points; an empty value skips its section. A point whose eval JSON exists is not
-# run again, so instances with disjoint sections can run side by side, e.g. with one thread each:
+# GRPO_RUNS, SEEDS and GRPO_SEED_RUNS choose the points; an empty value skips its section. A point
+# whose eval JSON exists is not run again, so instances with disjoint sections can run side by
+# side, e.g. with one thread each:
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" SEEDS="" bash sweep.sh &    # the critic-free family
 #   OMP_NUM_THREADS=1 GRPO_RUNS="" SEEDS="" bash sweep.sh &             # best-of-n, PPO, DPO
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" GRPO_RUNS="" bash sweep.sh  # the seeds
