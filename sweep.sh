@@ -10,11 +10,10 @@
 # (default 1 2; train.sh's runs are seed 0), and the critic-free runs GRPO_SEED_RUNS (default rloo
 # grpo_k1_reward, the ones the README ranks against PPO; any name of GRPO_RUNS works) with the same
 # seeds (the critic-free section's runs are seed 0; their pool is skipped until that run's eval
-# exists), all evaluated like train.sh (5 answers per
-# held-out prompt) and pooled with seed 0 prompt by prompt (eval.py --pool). NS, KLS, BETAS,
-# GRPO_RUNS, SEEDS and GRPO_SEED_RUNS choose the points; an empty value skips its section. A point
-# whose eval JSON exists is not run again, so instances with disjoint sections can run side by
-# side, e.g. with one thread each:
+# exists), all evaluated like train.sh (5 answers per held-out prompt) and pooled with seed 0
+# prompt by prompt (eval.py --pool). NS, KLS, BETAS, GRPO_RUNS, SEEDS and GRPO_SEED_RUNS choose the
+# points; an empty value skips its section. A point whose eval JSON exists is not run again, so
+# instances with disjoint sections can run side by side, e.g. with one thread each:
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" SEEDS="" bash sweep.sh &    # the critic-free family
 #   OMP_NUM_THREADS=1 GRPO_RUNS="" SEEDS="" bash sweep.sh &             # best-of-n, PPO, DPO
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" GRPO_RUNS="" bash sweep.sh  # the seeds
