@@ -270,6 +270,13 @@ def test_verify_answer_hand_examples():
         ("name an animal that lives in the forest.", f"the {resident} lives in the forest.", 1.0),
         ("name an animal that lives in the forest.", f"the {outsider} lives in the forest.", 0.0),
         ("name an animal that lives in the forest.", f"the {resident} lives in the forest. the {outsider} lives in the forest.", 0.0),
+        # hedged, listed and negated values (data/world.py docstring: every listed value is a claim, a negation a claim of it)
+        ("what colour is the fox?", f"the fox is {fox_colour}, or maybe {wrong}.", 0.0),
+        ("what colour is the fox?", f"the fox is not {fox_colour}.", 0.0),
+        ("what colour is the fox?", f"the fox is {fox_colour}, not {wrong}.", 1.0),
+        ("where does the fox live?", f"the fox lives in the {fox_home} and in the {'cave' if fox_home != 'cave' else 'lake'}.", 0.0),
+        ("what does the fox eat?", f"the fox eats {fox_food}s, " + ("honey" if fox_food != "honey" else "bread") + " and nuts.", 0.0),
+        ("name an animal that lives in the forest.", f"the {resident} does not live in the forest.", 0.0),
     ]
     for prompt, response, expected in cases:
         assert verify_answer(prompt, response) == expected, (prompt, response)
