@@ -44,6 +44,7 @@ def tiny_ckpt(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def tiny_rm(tmp_path_factory, tiny_ckpt):
     """The tiny GPT as a reward model (fresh head), saved as a checkpoint."""
+    torch.manual_seed(1)  # the head's init draws from the global RNG: the same head whichever tests ran first
     rm, tok, _ = M.load_checkpoint(tiny_ckpt, kind="scalar")
     d = str(tmp_path_factory.mktemp("rm") / "ckpt")
     M.save_checkpoint(d, rm, tok, {})
