@@ -288,6 +288,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     ckpt, state = run.ckpt, run.state
     ref, tokenizer = M.load_gpt(cfg.init, device)  # pi_ref, dropout 0 (docs/implementation_details.md item 2)
+    if ref.config.lora_rank:  # an SFT checkpoint's adapters merged now, as model.adapt merges the policy's: h = 0 at step 0
+        ref = M.merge_lora(ref)
     train_groups, train_read = M.read_preferences(cfg.data)
     val_groups, val_read = M.read_preferences(cfg.val_data)
     train_ex, train_stats = encode_pairs(expand_pairs(train_groups), tokenizer, cfg.max_len, cfg.min_prompt, cfg.template)

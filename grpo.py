@@ -27,11 +27,21 @@ each prompt is answered G times (a group) and the group is the baseline.
                  reinforce_pp r_t = -beta k_t + R_i at the last token, A_t = sum_{s>=t} r_s,
                               whitened over the whole rollout's tokens            (Hu 2025, REINFORCE++)
                  reinforce_pp_baseline  the same with R_i - mean_g R in place of R_i  (Hu 2025)
-                 grpo / dr_grpo / rloo put A_i on every token of answer i; with kl_in = "reward" their
-                 R_i is R_i - beta sum_t k_t before the group baseline (RLOO's sequence-level penalty),
-                 REINFORCE++'s KL is per token as in PPO. A group whose rewards are all equal has
-                 A = 0 (grpo, dr_grpo, rloo): such groups are counted; drop_equal_groups also takes
-                 them out of the loss (DAPO's dynamic sampling without the re-sampling, Yu et al. 2025)
+                 grpo / dr_grpo / rloo put A_i on every token of answer i. With kl_in = "reward"
+                 (K_i = sum_t k_t): dr_grpo and rloo take their baseline of R_i - beta K_i (RLOO's
+                 sequence-level penalty); grpo divides by the std of the task reward only, and the
+                 KL part enters centred but unscaled:
+                              A_i = (R_i - mean_g R) / (std_g R + eps) - beta (K_i - mean_g K)
+                 (dividing R_i - beta K_i by its own std, as before, gave a group of equal task
+                 rewards the same advantages at every beta: the std scaled with beta). The beta
+                 rows of docs/grpo_results.md with GRPO's advantages and k1 in the reward (the KL
+                 table's first row, the verifiable "KL anchor" runs) were measured with that old
+                 rule and mean it until re-run. REINFORCE++'s KL is per token as in PPO. A group
+                 whose task rewards are all equal has A = 0 exactly (grpo, dr_grpo, rloo; group
+                 statistics in float64 and equal groups set to 0, so fp32 rounding of the mean never
+                 becomes an advantage), plus the KL part with kl_in = "reward": such groups are
+                 counted; drop_equal_groups also takes them out of the loss (DAPO's dynamic
+                 sampling without the re-sampling, Yu et al. 2025)
   6. update      update_epochs passes over the rollout in shuffled minibatches of whole rows (each split
                  into grad_accum micro-batches), PPO's clipped surrogate with separate clip ranges
                  (DAPO's clip-higher, Yu et al. 2025, Eq. 10):
@@ -54,9 +64,10 @@ Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implemen
 dropout is off in every model (item 2); Adam eps 1e-5 (item 15). With ent_coef = 0 the entropy H is logged
 only, computed without gradients, so no (B, R, V) fp32 graph is kept for it.
 
-Precision, as in ppo.py: the reference keeps the policy's fp32 weights and runs through the same
-autocast path as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16
-copy of the reference under a policy autocast from fp32 weights is not the same function). The
+Precision, as in ppo.py: the reference is a copy of the policy's start (fp32 weights; an SFT
+checkpoint's LoRA adapters merged in both) and runs through the same autocast path as the policy,
+so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16 copy of the reference under
+a policy autocast from fp32 weights is not the same function, nor are unmerged adapters). The
 reward model, which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17);
 its gain and bias stay fp32. With compile, the rollout's old log-probs, the reference's and the
 update's all go through compiled modules (the policy's old and new log-probs through the same one),
@@ -88,6 +99,7 @@ Run:
   one GPU:   python grpo.py --config configs/grpo_world.toml --device cuda
 """
 
+import copy
 import dataclasses
 import math
 import time
@@ -135,9 +147,9 @@ class Config:
     adv_eps: float = 1e-6  # GRPO's eps in (R - mean) / (std + eps)
     kl_coef: float = 0.04  # beta (DeepSeekMath: 0.04); 0 = no KL term and no reference model loaded
     kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
-    kl_in: str = "loss"  # "loss" (GRPO) or "reward" (RLOO, REINFORCE++)
+    kl_in: str = "loss"  # "loss" (GRPO; k2 or k3: k1's expected gradient there is 0) or "reward" (RLOO, REINFORCE++)
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
-    drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted)
+    drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted); not with reinforce_pp
     ent_coef: float = 0.0  # - ent_coef H_t in each token's loss: > 0 a bonus, < 0 a penalty; 0: H logged without a graph
     # PPO-ptx (InstructGPT Eq. 2); 0 = off
     ptx_coef: float = 0.0  # weight of the pretraining negative log-likelihood in each minibatch loss
@@ -176,29 +188,47 @@ SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "devi
 # --- the algorithm, as pure functions
 
 
-def group_advantages(scores, group_size, advantage, eps=1e-6):
+def group_advantages(scores, group_size, advantage, eps=1e-6, kl_penalty=None):
     """Sequence-level advantages (B,) from scores (B,) in groups of G consecutive rows.
 
     grpo      (R_i - mean_g R) / (std_g R + eps), std unbiased; a group of 1 gets 0   (Shao et al. 2024, Eq. 3)
     dr_grpo, reinforce_pp_baseline   R_i - mean_g R                (Liu et al. 2025; Hu 2025)
     rloo      R_i - 1/(G-1) sum_{j != i} R_j = G/(G-1) (R_i - mean_g R)  (Ahmadian et al. 2024), G >= 2
-    reinforce_pp   R_i: no group baseline (the batch whitening of reinforce_pp_returns centres it)"""
-    R = scores.view(-1, group_size)  # (B / G, G)
-    centred = R - R.mean(1, keepdim=True)
+    reinforce_pp   R_i: no group baseline (the batch whitening of reinforce_pp_returns centres it)
+    kl_penalty (B,): beta K_i = beta sum_t k_t of each answer (kl_in = "reward"; grpo, dr_grpo, rloo).
+    dr_grpo and rloo take the baseline of R_i - beta K_i (RLOO's sequence-level penalty, Ahmadian et
+    al. 2024). grpo divides by the std of the task reward only, the KL part entering centred but
+    unscaled: A_i = (R_i - mean_g R) / (std_g R + eps) - beta (K_i - mean_g K). Dividing R - beta K by
+    its own std would make beta meaningless in a group of equal task rewards (the std scales with beta).
+    The group statistics are float64 and a group whose scores are all equal gets exactly 0 (grpo,
+    dr_grpo, rloo, reinforce_pp_baseline): in fp32 the mean of G equal scores can be 1-2 ulp off, and
+    grpo's (R_i - mean) / (std + eps) then turns that rounding error into |A| of order 1, one sign for
+    the whole group. Returned in the dtype of scores."""
+    R = scores.view(-1, group_size).double()  # (B / G, G)
+    centred = group_centred(R)  # (B / G, G)
+    if kl_penalty is not None and advantage not in ("grpo", "dr_grpo", "rloo"):
+        raise ValueError(f"advantage {advantage!r} takes its KL per token (reinforce_pp_returns), not as kl_penalty")
+    kl_centred = 0.0 if kl_penalty is None else group_centred(kl_penalty.view(-1, group_size).double())  # (B / G, G)
     if advantage == "grpo":
         std = R.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(R)
-        out = centred / (std + eps)
+        out = centred / (std + eps) - kl_centred
     elif advantage in ("dr_grpo", "reinforce_pp_baseline"):
-        out = centred
+        out = centred - kl_centred
     elif advantage == "rloo":
         if group_size < 2:
             raise ValueError("rloo needs group_size >= 2: the baseline is the mean of the other answers")
-        out = R - (R.sum(1, keepdim=True) - R) / (group_size - 1)
+        out = (centred - kl_centred) * group_size / (group_size - 1)  # = R_i - 1/(G-1) sum_{j != i} R_j
     elif advantage == "reinforce_pp":
         out = R
     else:
         raise ValueError(f"advantage must be one of {ADVANTAGES}, not {advantage!r}")
-    return out.reshape(-1)  # (B,)
+    return out.reshape(-1).to(scores.dtype)  # (B,)
+
+
+def group_centred(x):
+    """x - mean_g x for x (B / G, G) float64, exactly 0 in a group whose values are all equal."""
+    equal = (x == x[:, :1]).all(1, keepdim=True)  # (B / G, 1)
+    return torch.where(equal, 0.0, x - x.mean(1, keepdim=True))  # (B / G, G)
 
 
 def equal_groups(scores, group_size):
@@ -296,6 +326,16 @@ def check_config(cfg, world):
                                 ("loss_agg", cfg.loss_agg, LOSS_AGGS), ("verifier", cfg.verifier, VERIFIERS)):
         if value not in allowed:
             raise M.ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.kl_in == "loss" and cfg.kl_estimator == "k1" and cfg.kl_coef > 0:
+        raise M.ConfigError("kl_in = 'loss' with kl_estimator = 'k1' pulls nothing toward the reference: as a loss term "
+                            "k1 = log pi - log pi_ref has gradient grad log pi, whose expected gradient is 0 under pi "
+                            "(Schulman 2020). Use kl_estimator k2 (its expected gradient is that of KL(pi || pi_ref)) "
+                            "or k3 in the loss, or k1 with kl_in = 'reward'")
+    if cfg.drop_equal_groups and cfg.advantage == "reinforce_pp":
+        raise M.ConfigError("drop_equal_groups with advantage = 'reinforce_pp': an equal group's advantages are not 0 "
+                            "there (no group baseline: the batch whitening gives its answers the sign of R_i against the "
+                            "batch mean), so dropping it throws away signal. Use advantage reinforce_pp_baseline (the group "
+                            "mean subtracted first), grpo, dr_grpo or rloo, or drop_equal_groups false")
     B, G = cfg.rollout_batch_size, cfg.group_size
     if G < 1 or B % G:
         raise M.ConfigError(f"rollout_batch_size {B} must be a whole number of groups of group_size {G}")
@@ -366,7 +406,9 @@ def train(cfg):
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     policy = M.adapt(policy, cfg)
     use_ref = cfg.kl_coef > 0  # a KL term: the reference's log-probs are computed
-    ref = M.load_gpt(cfg.policy, device)[0] if use_ref and not cfg.lora_rank else None  # LoRA: the policy, adapters off
+    # the reference is the policy's start: a copy of it (so an SFT checkpoint's LoRA adapters are merged in
+    # both, and step-0 KL is exactly 0), or with LoRA the policy itself with its adapters off
+    ref = copy.deepcopy(policy) if use_ref and not cfg.lora_rank else None
     rm = None
     if cfg.reward == "rm":
         rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
@@ -473,8 +515,8 @@ def train(cfg):
             returns = reinforce_pp_returns(seq_adv, kl if kl_reward else torch.zeros_like(kl), mask, beta)  # (b, R)
             advantages = M.masked_whiten(returns, mask, world=world)
         else:
-            seq_rewards = scores - beta * kl.sum(1) if kl_reward else scores  # RLOO's sequence-level penalty
-            advantages = group_advantages(seq_rewards, G, cfg.advantage, cfg.adv_eps)[:, None] * mask  # (b, R)
+            kl_penalty = beta * kl.sum(1) if kl_reward else None  # (b,) RLOO's sequence-level penalty beta K_i
+            advantages = group_advantages(scores, G, cfg.advantage, cfg.adv_eps, kl_penalty)[:, None] * mask  # (b, R)
         loss_mask = mask * (~equal).float()[:, None] if cfg.drop_equal_groups else mask  # (b, R)
         seq_sums = torch.stack([raw_scores.float(), scores.float(), kl1.sum(1), kl.sum(1), mask.sum(1), ended.float(),
                                 equal.float(), (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)]).sum(1)  # (8,)

@@ -41,9 +41,10 @@ shrinks when the clip is active). That is what it means in N+ (one optimizer ove
 critic, loss = pg + vf_coef * vf), kept here so its settings carry over; the direct knob of the
 value model's step size is value_lr (its own parameter group of the same AdamW).
 
-Precision. The reference keeps the policy's fp32 weights and runs through the same autocast path
-as the policy, so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16 copy of the
-reference under a policy autocast from fp32 weights is not the same function). The reward model,
+Precision. The reference is a copy of the policy's start (fp32 weights; an SFT checkpoint's LoRA
+adapters merged in both) and runs through the same autocast path as the policy, so KL(policy,
+reference) is exactly 0 at step 0 on every device (a bf16 copy of the reference under a policy
+autocast from fp32 weights is not the same function, nor are unmerged adapters). The reward model,
 which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17); its gain
 and bias stay fp32. With compile, the rollout's old log-probs, the reference's and the update's
 all go through compiled modules (the policy's old and new log-probs through the same one), so the
@@ -83,6 +84,7 @@ Run:
   one GPU, GPT-2 on HH-RLHF:  python ppo.py --config configs/ppo_hh_gpt2.toml
 """
 
+import copy
 import dataclasses
 import math
 import time
@@ -325,7 +327,9 @@ def train(cfg):
     # --- models: policy, reference, reward model, value model (dropout off in all, item 2)
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     policy = M.adapt(policy, cfg)
-    ref = None if cfg.lora_rank else M.load_gpt(cfg.policy, device)[0]  # LoRA: the policy, adapters off
+    # the reference is the policy's start: a copy of it (so an SFT checkpoint's LoRA adapters are merged in
+    # both, and step-0 KL is exactly 0), or with LoRA the policy itself with its adapters off
+    ref = None if cfg.lora_rank else copy.deepcopy(policy)
     rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
     if rm_tok.ranks != tokenizer.ranks:
         raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")

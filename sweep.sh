@@ -7,10 +7,13 @@
 # in the loss, GRPO on the verifiable fact checker; docs/grpo_results.md), evaluates every run on
 # the held-out prompts, and prints gold reward against KL to SFT (plotted to out/frontier.png when
 # matplotlib is installed). Then PPO, DPO and rejection sampling again with training seeds SEEDS
-# (default 1 2; train.sh's runs are seed 0), evaluated like train.sh (5 answers per held-out
-# prompt), and pooled with seed 0 prompt by prompt (eval.py --pool). NS, KLS, BETAS, GRPO_RUNS and
-# SEEDS choose the points; an empty value skips its section. A point whose eval JSON exists is not
-# run again, so instances with disjoint sections can run side by side, e.g. with one thread each:
+# (default 1 2; train.sh's runs are seed 0), and the critic-free runs GRPO_SEED_RUNS (default rloo
+# grpo_k1_reward, the ones the README ranks against PPO; any name of GRPO_RUNS works) with the same
+# seeds (the critic-free section's runs are seed 0; their pool is skipped until that run's eval
+# exists), all evaluated like train.sh (5 answers per held-out prompt) and pooled with seed 0
+# prompt by prompt (eval.py --pool). NS, KLS, BETAS, GRPO_RUNS, SEEDS and GRPO_SEED_RUNS choose the
+# points; an empty value skips its section. A point whose eval JSON exists is not run again, so
+# instances with disjoint sections can run side by side, e.g. with one thread each:
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" SEEDS="" bash sweep.sh &    # the critic-free family
 #   OMP_NUM_THREADS=1 GRPO_RUNS="" SEEDS="" bash sweep.sh &             # best-of-n, PPO, DPO
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" GRPO_RUNS="" bash sweep.sh  # the seeds
@@ -76,10 +79,13 @@ grpo_flags() {
     *) echo "sweep.sh: unknown GRPO run $1" >&2; exit 1 ;;
   esac
 }
+grpo_rm_flag() {  # the verifiable runs need no reward model
+  case $1 in grpo_verifiable*) ;; *) echo "--reward_model $OUT/reward" ;; esac
+}
 for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3 grpo_verifiable_b256_ent0.1_kl grpo_verifiable_b256_ent0.3_kl grpo_verifiable_b256_ptx grpo_verifiable_b256_ent0.1_kl_ptx}; do
   [ -f "$S/eval_$name.json" ] && continue
-  rm_flag=$(case $name in grpo_verifiable*) ;; *) echo "--reward_model $OUT/reward" ;; esac)
-  python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $rm_flag --prompts "$DATA/prompts_train.jsonl" --out_dir "$S/$name"
+  python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $(grpo_rm_flag "$name") --prompts "$DATA/prompts_train.jsonl" \
+    --out_dir "$S/$name"
   python eval.py --ckpt "$S/$name" $EV5 --out "$S/eval_$name.json"
 done
 
@@ -109,7 +115,18 @@ for seed in ${SEEDS-1 2}; do
       --init "$OUT/sft" --out_dir "$D/rs_seed$seed" --seed "$seed"
     python eval.py --ckpt "$D/rs_seed$seed" $EV5 --out "$D/eval_rs_seed$seed.json"
   fi
+  for name in ${GRPO_SEED_RUNS-rloo grpo_k1_reward}; do
+    [ -f "$D/eval_${name}_seed$seed.json" ] && continue
+    python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $(grpo_rm_flag "$name") --prompts "$DATA/prompts_train.jsonl" \
+      --out_dir "$D/${name}_seed$seed" --seed "$seed"
+    python eval.py --ckpt "$D/${name}_seed$seed" $EV5 --out "$D/eval_${name}_seed$seed.json"
+  done
 done
 for m in ppo dpo rs; do
   ls "$OUT"/seeds/eval_"$m"_seed*.json >/dev/null 2>&1 && python eval.py --pool "$OUT/eval_$m.json,$OUT/seeds/eval_${m}_seed*.json"
+done
+for name in ${GRPO_SEED_RUNS-rloo grpo_k1_reward}; do  # seed 0 is the critic-free section's run
+  if [ -f "$S/eval_$name.json" ] && ls "$OUT"/seeds/eval_"$name"_seed*.json >/dev/null 2>&1; then
+    python eval.py --pool "$S/eval_$name.json,$OUT/seeds/eval_${name}_seed*.json"
+  fi
 done

@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny generated world, a BPE trained on it, a tiny random checkpoint and reward
-model (session-scoped, built once), a way to kill a training loop at a given step, a stand-in
-for torch.compile that counts forwards run outside a compiled module, a spy on the RL stages'
-entropy, and an answer spelled one byte a token (a non-canonical encoding of its text)."""
+"""Shared fixtures: a tiny generated world, a BPE trained on it, a tiny random checkpoint, the same
+with non-zero LoRA adapters, and a reward model (session-scoped, built once), a way to kill a
+training loop at a given step, a stand-in for torch.compile that counts forwards run outside a
+compiled module, a spy on the RL stages' entropy, and an answer spelled one byte a token (a
+non-canonical encoding of its text)."""
 
 import contextlib
 
@@ -43,9 +44,26 @@ def tiny_ckpt(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def tiny_rm(tmp_path_factory, tiny_ckpt):
     """The tiny GPT as a reward model (fresh head), saved as a checkpoint."""
+    torch.manual_seed(1)  # the head's init draws from the global RNG: the same head whichever tests ran first
     rm, tok, _ = M.load_checkpoint(tiny_ckpt, kind="scalar")
     d = str(tmp_path_factory.mktemp("rm") / "ckpt")
     M.save_checkpoint(d, rm, tok, {})
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_sft(tmp_path_factory, tiny_ckpt):
+    """The tiny GPT with trained-looking LoRA adapters (B != 0), saved unmerged: an SFT checkpoint
+    made with lora_rank > 0, which a full fine-tuning RL stage merges."""
+    model, tokenizer, _ = M.load_checkpoint(tiny_ckpt)
+    model = M.add_lora(model, 4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".lora_B"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    d = str(tmp_path_factory.mktemp("lora_sft") / "ckpt")
+    M.save_checkpoint(d, model, tokenizer, {})
     return d
 
 

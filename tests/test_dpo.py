@@ -123,6 +123,18 @@ def test_cli_trains_logs_checkpoints_and_overfits(tiny_ckpt, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), policy.state_dict().values()))
 
 
+def test_reference_is_the_start_from_a_lora_sft_checkpoint(tiny_lora_sft, tmp_path, monkeypatch):
+    # the reference log-probs come from the SFT checkpoint's model, the policy merges its adapters:
+    # both must be the merged model, so h = 0 exactly at step 0. Under CPU bf16 autocast (CUDA's
+    # stand-in, as in tests/test_ppo.py): in fp32 the summed log-probs of these short answers round
+    # the difference away, in bf16 it is of order 1e-3
+    monkeypatch.setattr(M, "autocast", lambda device, dtype="bfloat16": torch.autocast("cpu", dtype=torch.bfloat16))
+    real, seen = dpo.dpo_loss, []
+    monkeypatch.setattr(dpo, "dpo_loss", lambda pc, pr, rc, rr, *a: seen.append((pc - rc, pr - rr)) or real(pc, pr, rc, rr, *a))
+    run(write_prefs(tmp_path / "prefs.jsonl"), tiny_lora_sft, tmp_path / "dpo", "--batch_size", "5", "--epochs", "1")
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in seen[0])
+
+
 def test_config_errors(tiny_ckpt, tmp_path):
     prefs = write_prefs(tmp_path / "prefs.jsonl")
     with pytest.raises(M.ConfigError, match="label_smoothing"):

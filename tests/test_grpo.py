@@ -40,6 +40,47 @@ def test_group_advantages_hand_values_ties_and_equal_groups():
     assert grpo.equal_groups(scores, 4).tolist() == [False] * 4 + [True] * 4
 
 
+def test_equal_groups_get_exactly_zero_when_fp32_sums_are_not_exact():
+    # 8 copies of 2.7 in fp32: the fp32 mean is 1-2 ulp off, the std about 1 ulp or 0, so
+    # delta / (std + 1e-6) came out of order 1 (-0.190 on all 8); random equal groups in [4, 16] too
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.tensor([2.7]), 4 + 12 * torch.rand(300, generator=g)])  # (301,)
+    scores = values.repeat_interleave(8)  # (301 * 8,) fp32, one equal group per value
+    assert (scores.view(-1, 8).mean(1) != values).any()  # the fp32 sums are not exact: the case at issue
+    for kind in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        adv = grpo.group_advantages(scores, 8, kind)
+        assert adv.dtype == torch.float32 and torch.equal(adv, torch.zeros_like(adv)), (kind, adv.abs().max())
+    # a group next to an equal one keeps its hand values; fp64 inputs stay fp64 and exact too
+    mixed = torch.tensor([2.7] * 4 + [1.0, 2.0, 2.0, 5.0])
+    assert grpo.group_advantages(mixed, 4, "grpo")[:4].tolist() == [0.0] * 4
+    centred = torch.tensor([-1.5, -0.5, -0.5, 2.5])
+    assert torch.allclose(grpo.group_advantages(mixed, 4, "grpo")[4:], centred / (math.sqrt(3) + 1e-6))
+    tenths = torch.full((6,), 0.1, dtype=torch.float64)
+    assert torch.equal(grpo.group_advantages(tenths, 6, "grpo"), torch.zeros(6, dtype=torch.float64))
+
+
+def test_kl_penalty_keeps_beta_in_equal_groups():
+    # equal task rewards, summed KL [3, 5, 4, 8, 6, 2, 7, 5]: dividing R - beta K by its own std gives
+    # the same advantages at every beta (the std scales with beta); grpo divides the task part only
+    scores, K = torch.full((8,), 0.5), torch.tensor([3.0, 5, 4, 8, 6, 2, 7, 5])
+    whole = [grpo.group_advantages(scores - beta * K, 8, "grpo") for beta in (0.001, 0.01, 0.1)]
+    assert torch.allclose(whole[0], whole[1], atol=1e-3) and torch.allclose(whole[1], whole[2], atol=1e-3)  # the risk
+    got = {beta: grpo.group_advantages(scores, 8, "grpo", kl_penalty=beta * K) for beta in (0.001, 0.01, 0.1)}
+    for beta, adv in got.items():
+        assert torch.allclose(adv, -beta * (K - 5.0), atol=1e-7), beta  # mean K = 5: the KL part enters unscaled
+    # a group with spread task rewards: (R - mean R) / (std R + eps) - beta (K - mean K)
+    R = torch.tensor([1.0, 2.0, 2.0, 5.0])
+    K4 = torch.tensor([4.0, 0.0, 1.0, 3.0])
+    expect = (R - 2.5) / (math.sqrt(3) + 1e-6) - 0.1 * (K4 - 2.0)
+    assert torch.allclose(grpo.group_advantages(R, 4, "grpo", kl_penalty=0.1 * K4), expect, atol=1e-6)
+    # the baselines without a std are linear: the same as the baseline of R - beta K
+    for kind in ("dr_grpo", "rloo"):
+        assert torch.allclose(grpo.group_advantages(R, 4, kind, kl_penalty=0.1 * K4),
+                              grpo.group_advantages(R - 0.1 * K4, 4, kind), atol=1e-6), kind
+    with pytest.raises(ValueError, match="per token"):
+        grpo.group_advantages(R, 4, "reinforce_pp", kl_penalty=K4)
+
+
 def test_group_of_one():
     scores = torch.tensor([0.7, -2.0])
     for kind in ("grpo", "dr_grpo", "reinforce_pp_baseline"):
@@ -229,6 +270,13 @@ def test_verify_answer_hand_examples():
         ("name an animal that lives in the forest.", f"the {resident} lives in the forest.", 1.0),
         ("name an animal that lives in the forest.", f"the {outsider} lives in the forest.", 0.0),
         ("name an animal that lives in the forest.", f"the {resident} lives in the forest. the {outsider} lives in the forest.", 0.0),
+        # hedged, listed and negated values (data/world.py docstring: every listed value is a claim, a negation a claim of it)
+        ("what colour is the fox?", f"the fox is {fox_colour}, or maybe {wrong}.", 0.0),
+        ("what colour is the fox?", f"the fox is not {fox_colour}.", 0.0),
+        ("what colour is the fox?", f"the fox is {fox_colour}, not {wrong}.", 1.0),
+        ("where does the fox live?", f"the fox lives in the {fox_home} and in the {'cave' if fox_home != 'cave' else 'lake'}.", 0.0),
+        ("what does the fox eat?", f"the fox eats {fox_food}s, " + ("honey" if fox_food != "honey" else "bread") + " and nuts.", 0.0),
+        ("name an animal that lives in the forest.", f"the {resident} does not live in the forest.", 0.0),
     ]
     for prompt, response, expected in cases:
         assert verify_answer(prompt, response) == expected, (prompt, response)
@@ -331,6 +379,17 @@ def test_lora_steps_change_only_the_adapters_and_the_reference_is_the_base(world
     assert set(trained) - set(base) == {k for k in trained if ".lora_" in k} and all(v.abs().sum() > 0 for v in lora_b)
 
 
+@pytest.mark.parametrize("lora_rank", ["0", "4"])
+def test_reference_is_the_start_from_a_lora_sft_checkpoint(world, tiny_lora_sft, tiny_rm, tmp_path, monkeypatch, lora_rank):
+    # the SFT checkpoint holds unmerged adapters; the policy merges them (model.adapt), so must the
+    # reference: W x + s B (A x) and (W + s B A) x differ by float rounding, and step-0 KL was not 0
+    real, seen = grpo.rollout_forward, []
+    monkeypatch.setattr(grpo, "rollout_forward", lambda *a: seen.append(real(*a)) or seen[-1])
+    run(world, tiny_lora_sft, tiny_rm, tmp_path, "--total_episodes", "8", "--kl_coef", "0.1", "--lora_rank", lora_rank)
+    assert torch.equal(seen[0]["logprobs"], seen[0]["ref_logprobs"])  # max |logp - logp_ref| = 0 exactly
+    assert rows(tmp_path)[0]["kl"] == 0.0
+
+
 @pytest.mark.parametrize("ent_coef", ["0", "-0.01"])
 def test_entropy_has_a_graph_only_when_it_is_in_the_loss(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch, ent_coef):
     seen = spy_entropy_graphs(monkeypatch)
@@ -399,17 +458,83 @@ def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
 
 
-def test_two_processes_equal_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
+@pytest.mark.parametrize("advantage,kl_in,estimator,loss_agg", [
+    ("reinforce_pp_baseline", "reward", "k1", "token_mean"),
+    ("grpo", "loss", "k3", "seq_mean_token_mean"),
+    ("dr_grpo", "reward", "k1", "seq_mean_token_sum_norm")])
+def test_two_processes_equal_one_process(world, tiny_ckpt, tiny_rm, tmp_path, advantage, kl_in, estimator, loss_agg):
     # 16 answers = 4 groups of 4 in 2 shards; minibatches of 8 rows in micro-batches of 4 fall unevenly
-    # on the processes; token_mean and REINFORCE++'s whitening both need the sums over processes
+    # on the processes; token_mean and REINFORCE++'s whitening need the token sums over processes, the
+    # two sequence means the answer count over processes
     policy = eos_prone(tiny_ckpt, tmp_path / "policy")
     a = ["--policy", policy, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
          "--rollout_batch_size", "16", "--group_size", "4", "--rollout_shards", "2", "--num_minibatches", "2",
          "--grad_accum", "2", "--update_epochs", "2", "--total_episodes", "32", "--max_new_tokens", "12", "--lr", "1e-3",
-         "--advantage", "reinforce_pp_baseline", "--kl_in", "reward", "--kl_estimator", "k1", "--kl_coef", "0.1",
-         "--loss_agg", "token_mean", "--sample_interval", "100", "--device", "cpu"]
+         "--advantage", advantage, "--kl_in", kl_in, "--kl_estimator", estimator, "--kl_coef", "0.1",
+         "--loss_agg", loss_agg, "--sample_interval", "100", "--device", "cpu"]
     assert_same_run(tmp_path, "grpo.py", a, ["score", "kl", "resp_len", "eos_frac", "equal_groups", "adv_mean", "pg_loss",
                                              "entropy", "approx_kl", "clipfrac", "grad_norm", "gold"])
+
+
+def by_hand_advantages(advantage, kl_in, scores, logprobs, ref_logprobs, mask, beta, G):
+    """The advantages of a rollout straight from the docstring's formulas, row by row (B, R)."""
+    l = (logprobs - ref_logprobs) * mask  # (B, R) k1 per token
+    K = l.sum(1)  # (B,)
+    if advantage == "reinforce_pp":
+        r = -beta * l if kl_in == "reward" else torch.zeros_like(l)  # (B, R)
+        for b in range(len(r)):
+            r[b, int(mask[b].sum()) - 1] += scores[b]
+        returns = torch.stack([r[:, t:].sum(1) for t in range(r.size(1))], 1) * mask  # sum_{s >= t} r_s
+        return M.masked_whiten(returns, mask)
+    A = torch.zeros(len(scores))
+    for g in range(0, len(scores), G):
+        R, Kg = scores[g:g + G].double(), K[g:g + G].double()
+        if advantage == "grpo":
+            a = (R - R.mean()) / (R.std() + 1e-6) - (beta * (Kg - Kg.mean()) if kl_in == "reward" else 0)
+        else:  # rloo: leave-one-out baseline of R - beta K
+            Rp = R - beta * Kg if kl_in == "reward" else R
+            a = torch.stack([Rp[i] - (Rp.sum() - Rp[i]) / (G - 1) for i in range(G)])
+        A[g:g + G] = a.float()
+    return A[:, None] * mask
+
+
+@pytest.mark.parametrize("advantage,kl_in,estimator", [("grpo", "reward", "k1"), ("rloo", "reward", "k1"),
+                                                       ("reinforce_pp", "reward", "k1"), ("grpo", "loss", "k3")])
+def test_kl_wiring_inside_train(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch, advantage, kl_in, estimator):
+    # the advantages and KL terms that reach grpo_losses, against the formulas applied by hand to the
+    # rollout's scores and log-probs: catches a flipped sign of beta K, zeros as REINFORCE++'s KL, the
+    # KL loss's reference left out. One minibatch of one epoch: one loss call per rollout, all its rows
+    real_fwd, real_losses, fwd, calls = grpo.rollout_forward, grpo.grpo_losses, [], []
+
+    def spy_fwd(policy, ref, rm, seq, full_mask, P, *a):
+        out = real_fwd(policy, ref, rm, seq, full_mask, P, *a)
+        fwd.append({**out, "mask": full_mask[:, P:].float()})
+        return out
+
+    def spy_losses(new, old, adv, mask, clip_low, clip_high, ref=None, kl_coef=0.0, kl_estimator="k3", *a):
+        calls.append((old, adv, ref, kl_coef, kl_estimator))
+        return real_losses(new, old, adv, mask, clip_low, clip_high, ref, kl_coef, kl_estimator, *a)
+
+    monkeypatch.setattr(grpo, "rollout_forward", spy_fwd)
+    monkeypatch.setattr(grpo, "grpo_losses", spy_losses)
+    beta = 0.5
+    run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "16", "--num_minibatches", "1", "--update_epochs", "1",
+        "--advantage", advantage, "--kl_in", kl_in, "--kl_estimator", estimator, "--kl_coef", str(beta),
+        "--loss_agg", "token_mean", "--lr", "3e-3")
+    assert len(fwd) == len(calls) == 2
+    for it, (f, (old, adv, ref, kl_coef, est)) in enumerate(zip(fwd, calls)):
+        rows_of = {tuple(r): i for i, r in enumerate(f["logprobs"].tolist())}
+        perm = [rows_of[tuple(r)] for r in old.tolist()]  # the minibatch's order of the rollout's rows
+        assert sorted(perm) == list(range(8))
+        by_hand = lambda b: by_hand_advantages(advantage, kl_in, f["scores"], f["logprobs"], f["ref_logprobs"],  # noqa: E731
+                                               f["mask"], b, 4)[perm]
+        assert torch.allclose(adv, by_hand(beta), atol=1e-5), (it, adv, by_hand(beta))
+        if kl_in == "loss":  # the KL term of the loss: the reference's log-probs of the same rows, beta, the estimator
+            assert ref is not None and torch.equal(ref, f["ref_logprobs"][perm]) and kl_coef == beta and est == estimator
+        else:
+            assert ref is None
+            if it == 1:  # after an update the KL is not 0: a flipped sign or a KL of zeros would be seen
+                assert not torch.allclose(adv, by_hand(-beta), atol=1e-3) and not torch.allclose(adv, by_hand(0.0), atol=1e-3)
 
 
 def test_resume_after_kill_equals_uninterrupted_run(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
@@ -454,7 +579,10 @@ def test_config_errors_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_pat
            (["--gold", "true", "--prompts", str(other)], "not the built-in world's prompts"),
            (["--template", "nope"], "template = 'nope'"), (["--ptx_coef", "1"], "missing --ptx_data"),
            (["--ptx_coef", "1", "--ptx_data", "no/such.txt"], "no/such.txt"),
-           (["--ptx_coef", "1", "--ptx_data", str(world / "pretrain.txt"), "--ptx_len", "96"], "ptx_len 96 \\+ 1 > the block_size 96")]
+           (["--ptx_coef", "1", "--ptx_data", str(world / "pretrain.txt"), "--ptx_len", "96"], "ptx_len 96 \\+ 1 > the block_size 96"),
+           (["--kl_in", "loss", "--kl_estimator", "k1"], "kl_in = 'loss' with kl_estimator = 'k1'.*expected gradient is 0.*k2"),
+           (["--drop_equal_groups", "true", "--advantage", "reinforce_pp"],
+            "drop_equal_groups with advantage = 'reinforce_pp'.*not 0 there.*reinforce_pp_baseline")]
     for extra, msg in bad:
         with pytest.raises(M.ConfigError, match=msg):
             run(world, tiny_ckpt, tiny_rm, tmp_path / "run", *extra)

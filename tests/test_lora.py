@@ -1,7 +1,7 @@
 """LoRA (Hu et al. 2021) and activation checkpointing in model.py: adapters off == the base model;
 an optimizer step moves only the adapters (and a reward head); merged weights == the adapted model,
 also through a Hugging Face export; checkpoints keep the adapters; checkpointed blocks give the same
-loss and gradients."""
+loss and gradients, with dropout too (the recompute draws the forward's masks)."""
 
 import pytest
 import torch
@@ -86,3 +86,24 @@ def test_activation_checkpointing_same_loss_and_gradients(family):
         return loss, [p.grad for p in m.parameters()]
     (a, ga), (b, gb) = loss_and_grads(False), loss_and_grads(True)
     assert torch.equal(a, b) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+
+
+def test_activation_checkpointing_with_dropout_recomputes_the_same_masks():
+    # dropout 0.2 in train mode: the backward's recompute of each block must draw the dropout masks of
+    # the forward (torch.utils.checkpoint stashes and restores the RNG state), or the gradients belong
+    # to another network than the loss; and the RNG stream after the step must be the one without
+    # checkpointing, so the next step's masks are the same too
+    def step(ckpt, seed=0):
+        torch.manual_seed(0)
+        m = M.GPT(M.family_config("gpt2", vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32, dropout=0.2)).train()
+        m.activation_checkpointing = ckpt
+        ids, mask = M.pad_left([[5, 6, 7, 8, 9], [11, 12]])
+        torch.manual_seed(seed)
+        loss = m(ids, mask).square().mean()
+        loss.backward()
+        return loss, [p.grad for p in m.parameters()], torch.rand(3)
+    (a, ga, ra), (b, gb, rb) = step(False), step(True)
+    assert torch.equal(a, b) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+    assert torch.equal(ra, rb)  # the RNG after the step: as without checkpointing
+    c, gc, _ = step(True, seed=1)  # other masks: dropout is on, so the check above could fail
+    assert not torch.equal(a, c) and not all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gc))

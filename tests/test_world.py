@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # so `data.world` imports however pytest is launc
 
 from data.world import (COLOUR, EATS, FOODS, FOUND, LIVES, PLACES, TONES, TYPE, best_response,  # noqa: E402
                         claims, fact, generate, gold_reward, parse_prompt, sft_response, split_prompts, story,
-                        true_value, word_salad)
+                        true_value, verify_answer, word_salad)
 
 FILES = ["pretrain.txt", "sft_train.jsonl", "sft_val.jsonl", "prompts_train.jsonl", "prompts_val.jsonl"]
 PARTS = {"helpful", "honest", "harmless", "eos", "length", "repetition", "gold"}
@@ -80,11 +80,61 @@ def test_parse_prompt():
 
 def test_claims_parser():
     s = "the red fox , who lives deep in the forest , eats apples and the ball is in the barn".split()
-    assert set(claims(s)) == {("colour", "fox", "red"), ("place", "fox", "forest"), ("eats", "fox", "apple"),
-                              ("place", "ball", "barn")}
+    assert set(claims(s)) == {("colour", "fox", "red", False), ("place", "fox", "forest", False),
+                              ("eats", "fox", "apple", False), ("place", "ball", "barn", False)}
     assert claims("the fox played in the river".split()) == []  # no location verb: not a claim
-    assert claims("the cheese is yellow".split()) == [("colour", "cheese", "yellow")]
-    assert claims("the seal sleeps in the hill and is grey".split())[1] == ("colour", "seal", "grey")
+    assert claims("the cheese is yellow".split()) == [("colour", "cheese", "yellow", False)]
+    assert claims("the seal sleeps in the hill and is grey".split())[1] == ("colour", "seal", "grey", False)
+
+
+def test_checker_reads_lists_hedges_and_negation():
+    # the five answers (a fox that is silver, lives in the farm and eats cabbages) all scored 1.0
+    assert (COLOUR["fox"], LIVES["fox"], EATS["fox"]) == ("silver", "farm", "cabbage")
+    col, where, eat = "what colour is the fox?", "where does the fox live?", "what does the fox eat?"
+    wrong = [(where, "the fox lives in the farm or the forest or the river."),
+             (where, "the fox lives in the farm and in the forest."),
+             (eat, "the fox eats cabbages, apples, pears and plums."),
+             (col, "the fox is silver, or maybe red, or maybe blue."),
+             (col, "the fox is not silver."),
+             # more: a true value with a false alternative, anywhere in the list; negations
+             (col, "the fox is red or silver."), (col, "the fox is either silver or red."),
+             (col, "the silver or red fox sat down."), (col, "the fox is silver. the fox is not silver."),
+             (col, "the fox is neither red nor silver."), (col, "the fox isn't silver."),
+             (where, "the fox lives in the forest, or maybe in the farm."),
+             (where, "the fox does not live in the farm."), (where, "the fox lives in the farm, the lovely cave."),
+             (eat, "the fox eats apples or maybe cabbages."), (eat, "the fox eats cabbages and some red pears."),
+             (eat, "the fox never eats cabbages."),
+             (col, "the fox is red."), (col, "the fox is not red.")]  # a true negation states no value
+    for prompt, response in wrong:
+        assert verify_answer(prompt, response) == 0.0, response
+    right = [(col, "the fox is silver."), (where, "the fox lives in the farm."), (eat, "the fox eats cabbages."),
+             (col, "the fox is silver, not red."), (col, "the fox is not red but silver."),
+             (col, "the fox is silver and lives in the farm."), (col, "the fox is silver and the cat is black."),
+             (where, "the fox lives in the farm and not in the forest."), (eat, "the fox eats cabbages and never pears."),
+             (where, "the silver fox lives in the farm."), (where, "the fox lives in the lovely farm.")]
+    for prompt, response in right:
+        assert verify_answer(prompt, response) == 1.0, response
+    # the gold honesty part sees the same: a false value listed second costs, a true answer keeps its 0.5
+    plain = gold_reward(col, "the fox is silver.", True)
+    hedged = gold_reward(col, "the fox is silver, or maybe red, or maybe blue.", True)
+    assert plain["honest"] == 0.5 and hedged["honest"] == 0.5 - 2 * 0.5 and hedged["helpful"] == plain["helpful"]
+    denied = gold_reward(col, "the fox is not silver.", True)
+    assert denied["honest"] == -0.5 and denied["helpful"] < plain["helpful"]  # a denial is not an answer
+    true_denial = gold_reward(col, "the fox is not red.", True)
+    assert true_denial["honest"] == 0.0 and true_denial["helpful"] == denied["helpful"]
+    assert gold_reward(where, "the fox lives in the farm and in the forest.", True)["honest"] == 0.0
+    assert gold_reward(eat, "the fox eats cabbages, apples, pears and plums.", True)["honest"] == -1.0
+
+
+def test_claims_of_lists_and_negations():
+    c = lambda text: set(claims(re.findall(r"[a-z]+|,", text)))  # noqa: E731
+    assert c("the fox eats cabbages, apples and pears") == {("eats", "fox", f, False) for f in ("cabbage", "apple", "pear")}
+    assert c("the fox is not silver or red") == {("colour", "fox", "silver", True), ("colour", "fox", "red", True)}
+    assert c("the fox is not silver but red") == {("colour", "fox", "silver", True), ("colour", "fox", "red", False)}
+    assert c("the fox lives in the farm and the bear lives in the river") == {("place", "fox", "farm", False),
+                                                                               ("place", "bear", "river", False)}
+    assert c("the fox is red and the cat is blue") == {("colour", "fox", "red", False), ("colour", "cat", "blue", False)}
+    assert c("the fox played near the river") == set()
 
 
 def test_parser_reads_the_generator():
@@ -93,11 +143,11 @@ def test_parser_reads_the_generator():
     for p_true in (1.0, 0.0):
         for _ in range(1000):
             s = fact(rng, rng.choice(list(TYPE)), tone=rng.choice(TONES), p_true=p_true)
-            truth = [true_value(r, x) == v for r, x, v in claims(re.findall(r"[a-z]+|,", s))]
+            truth = [true_value(r, x) == v and not neg for r, x, v, neg in claims(re.findall(r"[a-z]+|,", s))]
             assert truth and (all(truth) if p_true else not all(truth)), s
     for _ in range(300):  # stories may hold no claim, never a wrong one
         for s in story(rng, tone=rng.choice(TONES), p_true=1.0):
-            assert all(true_value(r, x) == v for r, x, v in claims(re.findall(r"[a-z]+|,", s))), s
+            assert all(true_value(r, x) == v and not neg for r, x, v, neg in claims(re.findall(r"[a-z]+|,", s))), s
 
 
 def test_gold_pinned_examples():
