@@ -31,14 +31,19 @@ def test_config_parses(path):
 
 
 def test_every_rl_config_has_its_chain():
-    # each task with a PPO or DPO config has the SFT and reward-model configs its chain starts from,
-    # and the built-in task has every stage (train.sh runs them all)
-    names = {os.path.basename(p)[:-len(".toml")] for p in CONFIGS}
-    for name in names:
+    # every checkpoint a config starts from or scores with is written by another config (its out_dir), or is
+    # a model from outside (a Hugging Face name, a models/ directory, a packaged GGUF); a PPO config's task
+    # has its SFT and reward-model configs; the built-in task has every stage (train.sh runs them all)
+    values = {os.path.basename(p)[:-len(".toml")]: tomllib.load(open(p, "rb")) for p in CONFIGS}
+    written = {v["out_dir"] for v in values.values() if "out_dir" in v}
+    for name, v in values.items():
+        for key in ("init", "reward_model", "ref"):
+            if str(v.get(key, "")).startswith("out/"):
+                assert v[key] in written, f"{name}: {key} = {v[key]!r} is no config's out_dir"
         stage, task = name.split("_", 1)
-        if stage in ("ppo", "dpo"):
-            assert {f"sft_{task}", f"reward_{task}"} <= names, name
-    assert {f"{s}_world" for s in ("pretrain", "sft", "reward", "ppo", "dpo")} <= names
+        if stage == "ppo":
+            assert {f"sft_{task}", f"reward_{task}"} <= set(values), name
+    assert {f"{s}_world" for s in ("pretrain", "sft", "reward", "ppo", "dpo")} <= set(values)
 
 
 def readme_block(title):
