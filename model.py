@@ -5,7 +5,8 @@ Contents
   1. GPTConfig, GPT         one config-driven class: GPT-2, and Llama / Qwen2 / Qwen3 / Pythia as
                             FAMILIES of GPTConfig values (RMSNorm, RoPE, SwiGLU, grouped-query
                             attention, QK-norm, parallel residual, untied head); LoRALinear;
-                            left-padded batches; hidden states and logits
+                            left-padded batches; hidden states and logits; GPT.from_pretrained
+                            and save_pretrained (the format readers are in section 5)
   2. KVCache, GPT.generate  batched sampling with a key/value cache, stopping each row at EOS;
                             finished rows leave the batch, a group of answers shares its prompt's
                             prefill, an optional compiled static-shape decode step;
@@ -20,9 +21,10 @@ Contents
                             kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref);
                             (4b) masked mean/var/whiten, entropy, the missing-EOS penalty;
                             (4c) PPO-ptx's pretraining windows and loss
-  5. Hugging Face           GPT.from_pretrained / save_pretrained for GPT2LMHeadModel, and (5b)
-                            LlamaForCausalLM, Qwen2/Qwen3ForCausalLM, GPTNeoXForCausalLM; safetensors
-                            (single or sharded) read and written by hand
+  ---- the plumbing every stage shares: sections 1-4 are the network, 5-8 what surrounds it ----
+  5. Hugging Face, GGUF     GPT2LMHeadModel, and (5b) LlamaForCausalLM, Qwen2/Qwen3ForCausalLM,
+                            GPTNeoXForCausalLM, safetensors (single or sharded) read and written
+                            by hand; (5c) llama.cpp's GGUF files, through the optional gguf package
   6. Tokenizer              tiktoken BPE (gpt2, a ranks file we trained, or a Hugging Face
                             tokenizer.json) and the chat templates (hh, chatml, llama3);
                             reencode, rm_rows: a sampled answer as the reward model reads it
@@ -335,6 +337,31 @@ class GPT(nn.Module):
     def num_params(self):
         wpe = self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
         return sum(p.numel() for p in self.parameters()) - wpe
+
+    @staticmethod
+    def from_pretrained(path_or_name, dropout=0.0):
+        """A GPT from a Hugging Face directory of any supported family, a GPT-2 name, a GGUF file or a
+        GGUF_PACKAGES name, with the vocabulary as stored (load_gpt cuts padded rows, as the stages
+        need). The readers are in the Hugging Face and GGUF sections below."""
+        if is_gguf(path_or_name):
+            return load_gguf(path_or_name, dropout)
+        cfg = os.path.join(path_or_name, "config.json")
+        if os.path.isdir(path_or_name) and os.path.exists(cfg):
+            with open(cfg) as f:
+                model_type = json.load(f).get("model_type", "gpt2")
+            if model_type != "gpt2":
+                return load_hf(path_or_name, dropout)
+        return load_hf_gpt2(path_or_name, dropout)
+
+    def save_pretrained(self, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
+        """Export to the Hugging Face layout of the model's family (GPT2LMHeadModel for GPT-2);
+        LoRA adapters are merged into the weights first."""
+        model = merge_lora(self) if self.config.lora_rank else self
+        if model.config.family == "gpt2":
+            if dtype is not None or max_shard_bytes is not None:
+                raise ValueError("GPT-2 export writes one fp32 model.safetensors")
+            return save_hf_gpt2(model, out_dir, tokenizer)
+        return save_hf(model, out_dir, tokenizer, dtype, max_shard_bytes)
 
     def rope(self, pos):
         """(cos, sin) of RoPE at positions pos (B, T): (B, 1, T, Dr) each, fp32."""
@@ -885,6 +912,12 @@ def load_ptx(path, tokenizer, ptx_len):
     return torch.tensor(ids, dtype=torch.long)
 
 
+# =====================================================================================================
+# The plumbing. Everything above is the network; everything below serves the stages around it:
+# weight formats, tokenizers and templates, checkpoints, config and CLI, distributed, metrics, data.
+# =====================================================================================================
+
+
 # --- 5. Hugging Face GPT-2 import/export (no transformers needed)
 
 HF_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -1384,35 +1417,6 @@ def load_gguf(path_or_name, dropout=0.0):
         raise KeyError(f"{reader.data.filename}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     return model
 
-
-def from_pretrained(path_or_name, dropout=0.0):
-    """A GPT from a Hugging Face directory of any supported family, a GPT-2 name, a GGUF file or a
-    GGUF_PACKAGES name, with the vocabulary as stored (load_gpt cuts padded rows, as the stages need)."""
-    if is_gguf(path_or_name):
-        return load_gguf(path_or_name, dropout)
-    cfg = os.path.join(path_or_name, "config.json")
-    if os.path.isdir(path_or_name) and os.path.exists(cfg):
-        with open(cfg) as f:
-            model_type = json.load(f).get("model_type", "gpt2")
-        if model_type != "gpt2":
-            return load_hf(path_or_name, dropout)
-    return load_hf_gpt2(path_or_name, dropout)
-
-
-def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
-    """Export to the Hugging Face layout of the model's family (GPT2LMHeadModel for GPT-2);
-    LoRA adapters are merged into the weights first."""
-    if model.config.lora_rank:
-        model = merge_lora(model)
-    if model.config.family == "gpt2":
-        if dtype is not None or max_shard_bytes is not None:
-            raise ValueError("GPT-2 export writes one fp32 model.safetensors")
-        return save_hf_gpt2(model, out_dir, tokenizer)
-    return save_hf(model, out_dir, tokenizer, dtype, max_shard_bytes)
-
-
-GPT.from_pretrained = staticmethod(from_pretrained)
-GPT.save_pretrained = save_pretrained
 
 # --- 6. tokenizer and chat template
 
@@ -2025,7 +2029,7 @@ def load_gpt(init, device="cpu", dropout=0.0):
     """(GPT, tokenizer) from one of our checkpoints, a Hugging Face directory, a GPT-2 name or a GGUF file (or name)."""
     is_hf = any(os.path.exists(os.path.join(init, f)) for f in HF_WEIGHT_FILES)
     if is_hf or init in HF_NAMES or is_gguf(init):
-        model, tokenizer = from_pretrained(init, dropout), load_tokenizer(init)
+        model, tokenizer = GPT.from_pretrained(init, dropout), load_tokenizer(init)
         if tokenizer.n_vocab < model.config.vocab_size:  # rows padded for speed (Qwen, Pythia): no token, never sampled
             model = trim_vocab(model, tokenizer.n_vocab)
         return model.to(device), tokenizer

@@ -152,7 +152,7 @@ def test_logits_equal_transformers_gguf_loader_and_the_source(family, tmp_path):
         logits = ours(x)
     assert (logits - hf_logits(quant, x)).abs().max() < 1e-4  # the same dequantized weights as transformers'
     assert (logits - model(x)).abs().max() > 1e-4  # and they are quantized (the test would not see a mix-up)
-    M.save_pretrained(ours, str(tmp_path / "hf"))  # our export loads in transformers with the same logits
+    ours.save_pretrained(str(tmp_path / "hf"))  # our export loads in transformers with the same logits
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert (back(x).logits - logits).abs().max() < 1e-4
@@ -323,7 +323,7 @@ def test_real_smollm2_logits_greedy_tokenizer_template(smollm2, world):
 @real
 def test_real_smollm2_export_loads_in_transformers(smollm2, tmp_path):
     ours, tok, _, _ = smollm2
-    M.save_pretrained(ours, str(tmp_path / "hf"), tok)
+    ours.save_pretrained(str(tmp_path / "hf"), tok)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     back_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     x = torch.tensor([M.encode_chat(tok, "What is 12 + 7?", "12 + 7 = 19.", template="smollm2")[0]])
