@@ -60,22 +60,14 @@ each prompt is answered G times (a group) and the group is the baseline.
                  loss also gets ptx_coef times the mean next-token negative log-likelihood of random
                  windows of pretraining text (ptx_data): InstructGPT's PPO-ptx (Ouyang et al. 2022, Eq. 2),
                  which keeps what pretraining taught while RL moves the policy.
-Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md, item 16);
-dropout is off in every model (item 2); Adam eps 1e-5 (item 15). With ent_coef = 0 the entropy H is logged
-only, computed without gradients, so no (B, R, V) fp32 graph is kept for it.
+Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md,
+item 16); dropout is off in every model (item 2); Adam eps 1e-5 (item 15). With
+ent_coef = 0 the entropy H is logged only, computed without gradients, so no (B, R, V) fp32 graph is
+kept for it.
 
-Precision, as in ppo.py: the reference is a copy of the policy's start (fp32 weights; an SFT
-checkpoint's LoRA adapters merged in both) and runs through the same autocast path as the policy,
-so KL(policy, reference) is exactly 0 at step 0 on every device (a bf16 copy of the reference under
-a policy autocast from fp32 weights is not the same function, nor are unmerged adapters). The
-reward model, which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17);
-its gain and bias stay fp32. With compile, the rollout's old log-probs, the reference's and the
-update's all go through compiled modules (the policy's old and new log-probs through the same one),
-so the step-0 ratio is exactly 1.
-
-Scores and tokenization, as in ppo.py: a sampled answer's ids need not be the canonical encoding of
-its text (BPE can spell a word in several ways), so the reward model scores prompt +
-encode(decode(answer)) (+ EOS if it ended), the ids it saw for that text in training (model.rm_rows).
+Models, as in ppo.py without the value model: the policy, the frozen reference (the policy's start,
+in the policy's precision: item 19) and, with reward = "rm", the frozen reward model, which scores
+the re-encoded text of each answer (item 20).
 
 Departures: the KL loss term is weighted by the detached importance ratio pi_theta / pi_old, so that
 on later minibatches (ratio != 1) its expected gradient is still the estimator's on-policy one
@@ -85,11 +77,9 @@ full forward after sampling, and the gold reward of the built-in task (and its f
 only on the world's own prompts (gold = auto), never trained on.
 
 Several GPUs: torchrun --nproc_per_node N grpo.py --config ... (data parallel, no DDP wrapper), as
-ppo.py: every process takes the same prompts and samples, scores and computes advantages for its own
-contiguous share of whole groups (a group is never split across processes, so its baseline is
-local); REINFORCE++'s whitening and every logged mean are over the whole rollout; minibatch losses
-are normalised by the whole minibatch's answers or tokens and gradients are summed over processes,
-so N processes take the step one process takes (tests/test_grpo.py).
+ppo.py (item 21: several processes take the step one process takes): each process owns whole groups,
+so a group's baseline is local; REINFORCE++'s whitening and every logged mean are over the whole
+rollout (tests/test_grpo.py).
 
 Run:
   CPU, built-in task:  python grpo.py --config configs/grpo_world.toml
@@ -101,6 +91,7 @@ Run:
 
 import copy
 import dataclasses
+import importlib
 import math
 import time
 from contextlib import nullcontext
@@ -357,12 +348,34 @@ def check_config(cfg, world):
     return B, G, minibatch, minibatch // cfg.grad_accum, shards
 
 
+def check_inputs(cfg):
+    """Every input before anything loads: the paths exist and hold what each key takes (a policy, a
+    reward model unless the reward is verifiable), the chat template resolves, prompt and answer fit
+    the block size. Returns whether the built-in world's gold reward is logged."""
+    rm_path = cfg.reward_model if cfg.reward == "rm" else ""  # the verifiable reward needs no reward model
+    M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"), *["ptx_data"] * (cfg.ptx_coef > 0))
+    M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts,
+                  ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(rm_path, "reward_model"))
+    cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
+    M.check_rl_lengths(cfg)
+    return M.gold_on(cfg.gold, cfg.prompts)
+
+
+def load_verifier(cfg, gold):
+    """The checker's verify_answer(prompt, answer) -> 1.0, 0.0 or None (not its question): the reward when
+    reward = "verifiable", the world's fact checker as a metric when the gold reward is on, else None."""
+    if cfg.reward == "verifiable" or gold:
+        return importlib.import_module(VERIFIERS[cfg.verifier if cfg.reward == "verifiable" else "facts"]).verify_answer
+    return None
+
+
 # --- training
 
 
 @torch.no_grad()
 def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=None):
-    """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17).
+    """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17: memory).
     policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1;
     ref None with kl_coef > 0: the reference is the policy with its LoRA adapters off;
     rm_ids (B, T') are the reward model's rows (model.rm_rows), None without a reward model."""
@@ -380,35 +393,15 @@ def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=
     return {k: torch.cat(v) if v else None for k, v in outs.items()}
 
 
-def train(cfg):
-    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
-    rm_path = cfg.reward_model if cfg.reward == "rm" else ""  # the verifiable reward needs no reward model
-    M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"), *["ptx_data"] * (cfg.ptx_coef > 0))
-    M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts,
-                  ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
-    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(rm_path, "reward_model"))
-    cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
-    gold = M.gold_on(cfg.gold, cfg.prompts)
-    M.check_rl_lengths(cfg)
-    rank, world, device = M.ddp_setup(cfg.device)
-    master = rank == 0  # only rank 0 writes files and logs
-    # --- derived sizes and the batch hierarchy (item 14); every config error before a model loads
-    B, G, minibatch, micro, shards = check_config(cfg, world)
-    share, shard_size = B // world, B // shards
-    lo = rank * share  # this process owns rows lo .. lo + share - 1 (whole groups), shards lo // shard_size ..
-    my_shards = range(lo // shard_size, (lo + share) // shard_size)
-    iterations = cfg.total_episodes // B
-    run = M.start_run(cfg, SAFE_KEYS, master)
-    if run.finished:
-        return M.load_checkpoint(run.ckpt, device)[0]
-    torch.manual_seed(cfg.seed)
-    # --- models: policy, reference (kl_coef > 0), reward model (reward = "rm"); dropout off (item 2)
+def load_models(cfg, device, ctx):
+    """The policy, its frozen reference (kl_coef > 0) and the frozen reward model (reward = "rm"), all
+    with dropout off (item 2). The reference is the policy's start (item 19): a copy of it (an SFT
+    checkpoint's LoRA adapters merged in both, so step-0 KL is exactly 0), or with LoRA None: the
+    policy itself with its adapters off. Under bf16 autocast the reward model is stored in bf16, its
+    gain and bias fp32 (item 17); the reference stays in the policy's precision path."""
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     policy = M.adapt(policy, cfg)
-    use_ref = cfg.kl_coef > 0  # a KL term: the reference's log-probs are computed
-    # the reference is the policy's start: a copy of it (so an SFT checkpoint's LoRA adapters are merged in
-    # both, and step-0 KL is exactly 0), or with LoRA the policy itself with its adapters off
-    ref = copy.deepcopy(policy) if use_ref and not cfg.lora_rank else None
+    ref = copy.deepcopy(policy) if cfg.kl_coef > 0 and not cfg.lora_rank else None
     rm = None
     if cfg.reward == "rm":
         rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
@@ -416,28 +409,42 @@ def train(cfg):
             raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
     for frozen in (m for m in (ref, rm) if m is not None):
         frozen.eval().requires_grad_(False)
-    ctx = M.autocast(device, cfg.dtype)
     if rm is not None and isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
-        # the reward model in bf16: half the memory, scores cast to fp32, gain and bias kept fp32.
-        # The reference stays in fp32 like the policy: the same autocast path, so step-0 KL is exactly 0
         rm.backbone.to(torch.bfloat16)
         rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
-    if gold:
-        from data.world import gold_reward  # the task's oracle: a metric only
-    if gold or cfg.reward == "verifiable":  # the checker: the verifiable reward, or (world) a metric
-        import importlib
-        verify_answer = importlib.import_module(VERIFIERS[cfg.verifier if cfg.reward == "verifiable" else "facts"]).verify_answer
+    return policy, tokenizer, ref, rm
+
+
+def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
+    B, G, minibatch, micro, shards = check_config(cfg, M.process_count())  # option errors before path errors
+    gold = check_inputs(cfg)
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
+    lo, share, shard_size, my_shards = M.process_rows(B, shards, world, rank)  # rows lo .. lo + share - 1: whole groups
+    iterations = cfg.total_episodes // B
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
+    torch.manual_seed(cfg.seed)
+    ctx = M.autocast(device, cfg.dtype)
+    policy, tokenizer, ref, rm = load_models(cfg, device, ctx)
+    use_ref = cfg.kl_coef > 0  # a KL term: the reference's log-probs are computed
+    verify_answer = load_verifier(cfg, gold)
     prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template,
                                                        verify_answer if cfg.reward == "verifiable" else None)
     ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
+    if gold:
+        from data.world import gold_reward  # the task's oracle: a metric only
 
     opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     it = 0
     ckpt, state = run.ckpt, run.state
     if state is not None:  # every process resumes from the same checkpoint
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
-        opt.load_state_dict(state["optimizer"])
+        M.load_optimizer_state(opt, state["optimizer"], ckpt)
         M.set_rng_state(state["rng"])
         it = state["iteration"]
     if master:
@@ -452,48 +459,33 @@ def train(cfg):
     fwd_policy = torch.compile(policy) if cfg.compile else policy  # old AND new log-probs go through it
     fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0
     gen, ptx_gen = torch.Generator(device=device), torch.Generator(device=device)
-    stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"]  # token-weighted means
-    log_keys = stat_keys + ["ptx_loss"] * (ptx is not None)
+    stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"] + ["ptx_loss"] * (ptx is not None)
     t0, start = time.time(), it
     bar = tqdm(total=iterations, initial=it, desc=cfg.advantage, dynamic_ncols=True, disable=not master)
     while it < iterations:
-        lr = M.lr_at(it, iterations, cfg.lr, min_lr_frac=0.0, schedule="linear") if cfg.anneal_lr else cfg.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
+        frac = M.lr_at(it, iterations, 1.0, min_lr_frac=0.0, schedule="linear") if cfg.anneal_lr else 1.0  # linear to 0
+        for group, base_lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = base_lr * frac
 
         t_start = M.clock(device)  # phase times: time_gen (1), time_fwd (2), time_update (6), time_iter
-        # 1. rollout: G answers to each left-padded prompt, one shared prefill per prompt; this process's
-        #    shards only, each with its own generator (exact resume; the same rows whatever the process count)
+        # 1. rollout: G answers to each of B / G prompts (one shared prefill per prompt), this process's shards only
         idx = M.prompt_batch(it, len(prompts), B // G, cfg.seed)  # the same B / G prompts on every process
-        P = max(len(prompt_ids[i]) for i in idx)  # one prompt width for all shards
-        seqs, masks = [], []
-        for k in my_shards:
-            p_ids, p_mask = M.pad_left([prompt_ids[i] for i in idx[k * shard_size // G:(k + 1) * shard_size // G]], P)
-            p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-            gen.manual_seed(M.rng_seed(cfg.seed, it, "sample", k))
-            with ctx:
-                s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
-                                          eos_id=tokenizer.eot_id, generator=gen, num_samples=G)
-            seqs.append(s)
-            masks.append(torch.cat([p_mask.repeat_interleave(G, 0), m], 1))
-        T = max(s.size(1) for s in seqs)  # shards stop at their own longest answer: right-pad to the longest
-        seq = torch.cat([F.pad(s, (0, T - s.size(1)), value=M.PAD_ID) for s in seqs])  # (b, P + R) b = share
-        full_mask = torch.cat([F.pad(m, (0, T - m.size(1))) for m in masks])  # (b, P + R)
+        seq, full_mask, P = M.sample_rollout(policy, prompt_ids, idx, my_shards, shard_size, G, cfg, it, tokenizer.eot_id,
+                                             gen, ctx, device)  # (b, P + R) b = share
         responses = seq[:, P:]  # (b, R)
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
-        my_idx = [idx[r // G] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
-        my_prompts = [prompts[i] for i in my_idx]
+        my_prompts = [prompts[idx[r // G]] for r in range(lo, lo + share)]
         texts = [tokenizer.decode(r) for r in responses.tolist()]
 
         # 2. forward: old and reference log-probs, reward-model scores (of the re-encoded text)
         t_gen = M.clock(device)
-        rm_ids = None if rm is None else M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses,
-                                                   rm.config.block_size).to(device)  # (b, T')
+        rm_ids = None if rm is None else M.rm_rows(tokenizer, [prompt_ids[idx[r // G]] for r in range(lo, lo + share)],
+                                                   responses, rm.config.block_size).to(device)  # (b, T')
         out = rollout_forward(fwd_policy, fwd_ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
         t_fwd = M.clock(device)
         old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
 
-        # 3. score: the reward model or the fact checker; answers without EOS get the fixed penalty (item 9)
+        # 3. score: the reward model or the checker; answers without EOS get the fixed penalty (item 9)
         if cfg.reward == "rm":
             raw_scores = out["scores"]
         else:
@@ -537,7 +529,7 @@ def train(cfg):
                 mb_seqs, mb_tokens = M.ddp_sum(torch.stack([(lens > 0).sum().float(), lens.sum()]), world, device).tolist()
                 if mb_tokens == 0:  # every answer of it dropped (drop_equal_groups): no step, on every process
                     continue
-                mb_stats = torch.zeros(len(log_keys), device=device)
+                mb_stats = torch.zeros(len(stat_keys), device=device)
                 for a in range(cfg.grad_accum):
                     i = [g - lo for g in mb_idx[a * micro:(a + 1) * micro] if lo <= g < lo + share]
                     if not i:  # none of this micro-batch's rows is ours
@@ -554,7 +546,7 @@ def train(cfg):
                                             kl_loss_ref, beta, cfg.kl_estimator, entropy, cfg.ent_coef)
                     loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)
                     s["loss"] = losses.detach()
-                    row = [(s[k] * mb_mask).sum().float() / mb_tokens for k in stat_keys]
+                    row = [(s[k] * mb_mask).sum().float() / mb_tokens for k in stat_keys if k != "ptx_loss"]
                     if ptx is not None:  # PPO-ptx on random windows (per process), weighted by these rows' share of the minibatch
                         x = M.ptx_windows(ptx, cfg.ptx_len, cfg.ptx_batch_size, ptx_gen).to(device)  # (b, L + 1)
                         with ctx:
@@ -563,44 +555,30 @@ def train(cfg):
                         row.append(ptx_nll.detach() * len(i) / minibatch)
                     loss.backward()
                     mb_stats += torch.stack(row)
-                mb_stats = dict(zip(log_keys, M.ddp_sum(mb_stats, world, device).tolist()))
-                if not all(math.isfinite(v) for v in mb_stats.values()):
-                    raise FloatingPointError(f"iteration {it} epoch {epoch} minibatch {mb}: non-finite {mb_stats}; "
-                                             f"last good checkpoint is in {ckpt}")
-                M.all_reduce_grads(policy, world)
+                mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))  # token-weighted means
                 where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
-                mb_stats["grad_norm"] = M.clip_grad_checked(policy.parameters(), cfg.max_grad_norm, where)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                mb_stats["grad_norm"] = M.optimizer_step(opt, (policy,), mb_stats, cfg.max_grad_norm, world, where)
                 stats.append(mb_stats)
         t_update = M.clock(device) - t_update
         it += 1
         bar.update(1)
 
-        # 7. metrics (every process joins the sums), samples, checkpoint (rank 0)
+        # then metrics (every process joins the sums), samples, checkpoint (rank 0)
         if it % cfg.log_interval == 0 or it == iterations:
             metrics = {"step": it, "episodes": it * B, "score": score, "score_used": score_used, "kl": seq_kl,
                        "kl_est": seq_kl_est, "kl_coef": beta, "resp_len": resp_len, "eos_frac": eos_frac,
-                       "equal_groups": equal_frac * B / G, "adv_mean": adv_mean, "lr": lr}
+                       "equal_groups": equal_frac * B / G, "adv_mean": adv_mean, "lr": cfg.lr * frac}
             if stats:
                 metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
                 metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
             if gold:
-                golds = [gold_reward(p, t, bool(e)) for p, t, e in zip(my_prompts, texts, ended.tolist())]
-                checks = [verify_answer(p, t) for p, t in zip(my_prompts, texts)]
-                parts = torch.tensor([list(g.values()) + [c or 0.0, c is not None] for g, c in zip(golds, checks)],
-                                     dtype=torch.float64)  # (b, parts + 2)
-                sums = M.ddp_sum(parts.sum(0), world, device).tolist()
-                for k, v in zip(golds[0], sums):
-                    metrics[k if k == "gold" else f"gold_{k}"] = v / B
-                if sums[-1]:  # verify_answer's accuracy over the rollout's fact questions
-                    metrics["fact_acc"] = sums[-2] / sums[-1]
+                metrics.update(M.gold_metrics(gold_reward, my_prompts, texts, ended, world, device, B, verify_answer))
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
             metrics.update(time_gen=t_gen - t_start, time_fwd=t_fwd - t_gen, time_update=t_update,
                            time_iter=M.clock(device) - t_start)  # this iteration's; the rest: steps 3-5, gold
             if master:
                 M.log_metrics(cfg.out_dir, metrics)
-        if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first (item 18)
+        if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first
             for r in range(0, min(cfg.n_show * G, len(texts)), G):  # the first answer of the first groups
                 tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
         if master and (it % cfg.ckpt_interval == 0 or it == iterations):

@@ -2307,7 +2307,7 @@ def ddp_setup(device="auto"):
     device = get_device(device)
     if "RANK" not in os.environ:
         return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), process_count()
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -2332,7 +2332,8 @@ def ddp_sum(x, world, device):
     return t.item() if t.dim() == 0 else t.cpu()
 
 
-# RL rollouts (ppo.py, grpo.py): which prompts, which random streams, gradients over processes
+# RL rollouts (ppo.py, grpo.py): which prompts and rows, which random streams, the sampling step,
+# the optimizer step over processes, the gold metrics
 
 
 def prompt_batch(iteration, n, batch_size, seed):
@@ -2364,6 +2365,85 @@ def all_reduce_grads(model, world):
         p.grad = g.view_as(p)
 
 
+def process_count():
+    """How many processes this run has (torchrun's WORLD_SIZE; 1 without torchrun), readable before
+    ddp_setup joins the process group, so the RL stages check their batch sizes before anything loads."""
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
+
+
+def process_rows(B, shards, world, rank):
+    """The rows of a rollout of B answers that process `rank` of `world` owns: the contiguous share
+    lo .. lo + B / world - 1, sampled by its shards (of B / shards rows each). Returns (lo, share,
+    shard_size, the shard indices)."""
+    share, shard_size = B // world, B // shards
+    lo = rank * share
+    return lo, share, shard_size, range(lo // shard_size, (lo + share) // shard_size)
+
+
+def sample_rollout(policy, prompt_ids, idx, shards, shard_size, group, cfg, it, eos_id, gen, ctx, device):
+    """Step 1 of ppo.py and grpo.py: `group` answers to each prompt of idx in this process's shards,
+    sampled with the KV cache from left-padded prompts (one prefill per prompt). Shard k draws from
+    its own generator seeded by (seed, iteration, k), so a resumed run and any process count sample
+    the same rows. Returns seq (b, P + R), right-padded with PAD to the longest answer of all
+    shards, its attention mask (b, P + R), and P, one prompt width for every shard."""
+    P = max(len(prompt_ids[i]) for i in idx)
+    per_shard = shard_size // group  # prompts in a shard
+    seqs, masks = [], []
+    for k in shards:
+        p_ids, p_mask = pad_left([prompt_ids[i] for i in idx[k * per_shard:(k + 1) * per_shard]], P)
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+        gen.manual_seed(rng_seed(cfg.seed, it, "sample", k))
+        with ctx:
+            s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
+                                      eos_id=eos_id, generator=gen, num_samples=group)
+        seqs.append(s)
+        masks.append(torch.cat([p_mask.repeat_interleave(group, 0), m], 1))
+    T = max(s.size(1) for s in seqs)  # shards stop at their own longest answer: right-pad to the longest
+    seq = torch.cat([F.pad(s, (0, T - s.size(1)), value=PAD_ID) for s in seqs])  # (b, P + R)
+    full_mask = torch.cat([F.pad(m, (0, T - m.size(1))) for m in masks])  # (b, P + R)
+    return seq, full_mask, P
+
+
+def optimizer_step(opt, models, stats, max_grad_norm, world, where):
+    """The end of an RL minibatch: non-finite statistics stop the run (saying where, and which
+    checkpoint is the last good one), the gradients are summed over processes and clipped jointly
+    over `models`, one optimizer step is taken. Returns the gradient norm before clipping."""
+    if not all(math.isfinite(v) for v in stats.values()):
+        raise FloatingPointError(f"{where}: non-finite {stats}")
+    for model in models:
+        all_reduce_grads(model, world)
+    norm = clip_grad_checked([p for model in models for p in model.parameters()], max_grad_norm, where)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def load_optimizer_state(opt, state, ckpt):
+    """Resume an optimizer; a checkpoint whose optimizer has other parameter groups (written by an
+    older version of the stage) is an error naming it, not a torch error."""
+    if len(state["param_groups"]) != len(opt.param_groups):
+        raise ConfigError(f"{ckpt}: its optimizer has {len(state['param_groups'])} parameter groups and this version "
+                          f"builds {len(opt.param_groups)}; resume it with the code that wrote it, or start afresh "
+                          f"with --overwrite true")
+    opt.load_state_dict(state)
+
+
+def gold_metrics(gold_reward, prompts, texts, ended, world, device, B, verify=None):
+    """The built-in task's gold reward of a rollout, as metrics (never a reward): the mean of gold and
+    of each of its parts (gold_helpful, ...) over all B answers, and with `verify` (the fact checker)
+    fact_acc, its accuracy over the rollout's fact questions."""
+    golds = [gold_reward(p, t, bool(e)) for p, t, e in zip(prompts, texts, ended.tolist())]
+    rows = [list(g.values()) for g in golds]
+    if verify is not None:
+        checks = [verify(p, t) for p, t in zip(prompts, texts)]
+        rows = [r + [c or 0.0, c is not None] for r, c in zip(rows, checks)]
+    sums = ddp_sum(torch.tensor(rows, dtype=torch.float64).sum(0), world, device).tolist()  # (parts [+ 2],)
+    metrics = {k if k == "gold" else f"gold_{k}": v / B for k, v in zip(golds[0], sums)}
+    if verify is not None and sums[-1]:
+        metrics["fact_acc"] = sums[-2] / sums[-1]
+    return metrics
+
+
 def ddp_cleanup(world):
     """Leave the process group together: rank 0 may still be writing its last checkpoint, and a
     rank that tears gloo down while another still talks to it can abort at exit."""
@@ -2379,11 +2459,15 @@ def autocast(device, dtype="bfloat16"):
     return nullcontext()
 
 
-def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-5, device="cpu"):
-    """AdamW with weight decay on matrices only; fused on CUDA. eps 1e-5 (docs/implementation_details.md, item 15)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-5, device="cpu", extra=()):
+    """AdamW with weight decay on matrices only; fused on CUDA; eps 1e-5 (docs/implementation_details.md,
+    item 15: PyTorch adds eps after the bias correction). extra: (model, lr) pairs trained by the same
+    optimizer at their own learning rate (ppo.py's value model: one optimizer over policy and critic, N+)."""
+    groups = []
+    for m, m_lr in [(model, lr), *extra]:
+        params = [p for p in m.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": m_lr},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": m_lr}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.startswith("cuda"))
 
 

@@ -14,12 +14,10 @@ as a token-level RL problem: the state is prompt + response so far, the action t
                  eos_trick false scores cut answers as they are (fixed-length continuations: IMDb)
   4. rewards     kl_t = log pi_old(y_t) - log pi_ref(y_t)          (k1 estimator, per token)
                  r_t = -beta * kl_t, plus s at the last response token (the EOS)
-  5. KL control  beta fixed, or adaptive (Ziegler et al. 2019, Sec. 2.2):
-                 e = clip(KL / target_kl - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon)
-  6. advantages  GAE (Schulman et al. 2016, Eq. 16) over response tokens, V = 0 after the last:
+  5. advantages  GAE (Schulman et al. 2016, Eq. 16) over response tokens, V = 0 after the last:
                  delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1}
                  returns G_t = A_t + V_t (before whitening); then A whitened over real tokens
-  7. update      update_epochs passes over the rollout in shuffled minibatches (each split into
+  6. update      update_epochs passes over the rollout in shuffled minibatches (each split into
                  grad_accum micro-batches), clipped surrogate (Schulman et al. 2017, Eq. 7):
                  ratio = exp(logp - logp_old), L_pg = mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps)))
                  clipped value loss (as in OpenAI baselines / lm-human-preferences):
@@ -28,10 +26,12 @@ as a token-level RL problem: the state is prompt + response so far, the action t
                  one AdamW step over the policy AND the value model (N+: one optimizer over policy
                  and critic), the gradient norm clipped over both jointly (as cleanrl's PPO clips
                  its one agent's)
-Means are over real response tokens of the minibatch (docs/implementation_details.md, item 13). Log-prob, KL and
-loss arithmetic is fp32 even under bf16 autocast (item 16). Dropout is off in all four models
-(item 2). Adam eps 1e-5 (item 15). The entropy H is computed without gradients (for the log only)
-when ent_coef is 0, so no (B, R, V) fp32 graph is kept for it.
+  7. KL control  beta fixed, or adaptive (Ziegler et al. 2019, Sec. 2.2), from this rollout's KL:
+                 e = clip(KL / target_kl - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon)
+Means are over real response tokens of the minibatch (docs/implementation_details.md, item 13:
+masked statistics). Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (item 16).
+Dropout is off in all four models (item 2). Adam eps 1e-5 (item 15). The entropy H is computed
+without gradients (for the log only) when ent_coef is 0, so no (B, R, V) fp32 graph is kept for it.
 
 What vf_coef does. Policy and value model are separate networks, so vf_coef scales only the value
 model's gradients, and Adam's update m / (sqrt(v) + eps) is invariant to a constant scale of a
@@ -39,44 +39,22 @@ parameter's gradients: vf_coef acts only through eps and through the joint gradi
 larger vf_coef makes the value gradients a larger share of the clipped norm, so the policy's step
 shrinks when the clip is active). That is what it means in N+ (one optimizer over policy and
 critic, loss = pg + vf_coef * vf), kept here so its settings carry over; the direct knob of the
-value model's step size is value_lr (its own parameter group of the same AdamW).
+value model's step size is value_lr (its own parameter groups of the same AdamW).
 
-Precision. The reference is a copy of the policy's start (fp32 weights; an SFT checkpoint's LoRA
-adapters merged in both) and runs through the same autocast path as the policy, so KL(policy,
-reference) is exactly 0 at step 0 on every device (a bf16 copy of the reference under a policy
-autocast from fp32 weights is not the same function, nor are unmerged adapters). The reward model,
-which has no such identity to keep, is stored in bf16 when autocast is bf16 (item 17); its gain
-and bias stay fp32. With compile, the rollout's old log-probs, the reference's and the update's
-all go through compiled modules (the policy's old and new log-probs through the same one), so the
-step-0 ratio is exactly 1.
+Models: the policy (from SFT), the frozen reference (the policy's start, in the policy's precision:
+item 19), the frozen reward model, which scores the re-encoded text of each answer (item 20), and a
+separate value model. value_init = "reward": the value model is initialised from the reward model
+(InstructGPT, Stiennon et al. 2020, N+), with the reward normalisation folded into its head
+(w <- gain w, b <- gain b + bias) so its values start in the units of the normalised scores, and of
+the returns; "policy": from the SFT trunk with a zero-initialised head (lm-human-preferences
+initialises its value head to zero).
 
-Scores and tokenization. The reward model was trained on answers encoded from text, but a
-sampled answer's ids need not be the canonical encoding of its text (BPE can spell a word in
-several ways). The reward model therefore scores prompt + encode(decode(answer)) (+ EOS if it
-ended), the ids it would have seen for that text in training (model.reencode).
+Departures: old log-probs are recomputed by a full forward after sampling (item 19, so that the
+step-0 ratio is exactly 1); the gold reward of the built-in task is logged as a metric (data/world.py), never used for training.
 
-Models: the policy (from SFT), the frozen reference (the same SFT weights), the frozen reward
-model, and a separate value model. value_init = "reward": the value model is initialised from
-the reward model (InstructGPT, Stiennon et al. 2020, N+), with the reward normalisation folded
-into its head (w <- gain w, b <- gain b + bias) so its values start in the units of the
-normalised scores, and of the returns; "policy": from the SFT trunk with a zero-initialised head
-(lm-human-preferences initialises its value head to zero).
-
-Departures: old log-probs are recomputed by a full forward after sampling (the sampler's own
-log-probs agree to float error; recomputing makes step 0 exact whatever the sampler's batch
-shape); the gold reward of the built-in task is logged as a metric (data/world.py), never
-used for training.
-
-Several GPUs: torchrun --nproc_per_node N ppo.py --config ... (data parallel, no DDP wrapper).
-rollout_batch_size stays global. Every process takes the same prompts and owns a contiguous
-share of B/N rows: it samples, scores and runs GAE for those rows only (generation is never
-duplicated). Whitening, the KL of the controller and every logged mean are over the whole
-rollout (sums all-reduced). Every process walks the same shuffled minibatches of global row
-indices, runs the rows it owns of each micro-batch with the loss weighted by their real tokens /
-the minibatch's real tokens over all processes, and the gradients are summed over processes
-before clipping, so every process takes the step one process would take. Shard k's sampling
-depends on (seed, iteration, k) only: one process with --rollout_shards N samples the same
-answers as N processes and follows the same run (tests/test_ddp.py).
+Several GPUs: torchrun --nproc_per_node N ppo.py --config ... (data parallel, no DDP wrapper): each
+process samples, scores and runs GAE for its own share of the rollout, and takes the step one
+process would take (item 21: several processes take the step one process takes; tests/test_ddp.py).
 
 Run:
   CPU, built-in task:  python ppo.py --config configs/ppo_world.toml
@@ -270,14 +248,50 @@ def init_value_model(value_init, policy, reward_model, device):
     return value_model
 
 
+# --- several processes
+
+
+def check_config(cfg, world):
+    """Every option error before any path is checked or model loads; returns the derived sizes."""
+    if cfg.value_init not in ("reward", "policy"):
+        raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
+    B = cfg.rollout_batch_size
+    minibatch = B // max(cfg.num_minibatches, 1)
+    if cfg.num_minibatches < 1 or cfg.grad_accum < 1 or B % cfg.num_minibatches or minibatch % cfg.grad_accum:
+        raise M.ConfigError(f"rollout_batch_size {B} must split into num_minibatches {cfg.num_minibatches} "
+                            f"of grad_accum {cfg.grad_accum} equal micro-batches")
+    shards = cfg.rollout_shards or world
+    if cfg.rollout_shards < 0 or (world > 1 and shards != world):
+        raise M.ConfigError(f"rollout_shards {cfg.rollout_shards}: must be 0 (one shard per process) or, "
+                            f"with {world} processes, {world}")
+    if B % shards:
+        raise M.ConfigError(f"rollout_batch_size {B} must split into {shards} equal shards "
+                            f"(rollout_shards {cfg.rollout_shards}, {world} processes)")
+    return B, minibatch, minibatch // cfg.grad_accum, shards
+
+
+def check_inputs(cfg):
+    """Every input before anything loads: the paths exist and hold what each key takes (a policy, a
+    reward model), the chat template resolves, prompt and answer fit the block size. Returns whether
+    the built-in world's gold reward is logged."""
+    M.require(cfg, "policy", "reward_model", "prompts", *["ptx_data"] * (cfg.ptx_coef > 0))
+    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts,
+                  ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(cfg.reward_model, "reward_model"))
+    cfg.template = M.resolve_template(cfg.template, cfg.policy, cfg.reward_model)
+    M.check_rl_lengths(cfg)
+    return M.gold_on(cfg.gold, cfg.prompts)
+
+
 # --- training
 
 
 @torch.no_grad()
 def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids):
-    """Old/ref log-probs, values and scores of a rollout, in chunks of `micro` rows (item 17).
-    policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1;
-    rm_ids (B, T') are the reward model's rows (model.rm_rows)."""
+    """Old/ref log-probs, values and scores of a rollout, in chunks of `micro` rows (item 17: memory).
+    policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1; ref
+    None: the reference is the policy with its LoRA adapters off; rm_ids (B, T') are the reward
+    model's rows (model.rm_rows)."""
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for i in range(0, seq.size(0), micro):
         s, m, r = seq[i:i + micro], full_mask[i:i + micro], rm_ids[i:i + micro]
@@ -290,75 +304,57 @@ def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro,
     return {k: torch.cat(v) for k, v in outs.items()}
 
 
-def train(cfg):
-    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
-    M.require(cfg, "policy", "reward_model", "prompts", *["ptx_data"] * (cfg.ptx_coef > 0))
-    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
-    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(cfg.reward_model, "reward_model"))
-    cfg.template = M.resolve_template(cfg.template, cfg.policy, cfg.reward_model)
-    gold = M.gold_on(cfg.gold, cfg.prompts)
-    M.check_rl_lengths(cfg)
-    rank, world, device = M.ddp_setup(cfg.device)
-    master = rank == 0  # only rank 0 writes files and logs
-    # --- derived sizes and the batch hierarchy (item 14)
-    B = cfg.rollout_batch_size
-    minibatch = B // cfg.num_minibatches
-    micro = minibatch // cfg.grad_accum
-    if B % cfg.num_minibatches or minibatch % cfg.grad_accum:
-        raise M.ConfigError(f"rollout_batch_size {B} must split into num_minibatches {cfg.num_minibatches} "
-                            f"of grad_accum {cfg.grad_accum} equal micro-batches")
-    shards = cfg.rollout_shards or world
-    if cfg.rollout_shards < 0 or (world > 1 and shards != world):
-        raise M.ConfigError(f"rollout_shards {cfg.rollout_shards}: must be 0 (one shard per process) or, "
-                            f"with {world} processes, {world}")
-    if B % shards:
-        raise M.ConfigError(f"rollout_batch_size {B} must split into {shards} equal shards "
-                            f"(rollout_shards {cfg.rollout_shards}, {world} processes)")
-    share, shard_size = B // world, B // shards
-    lo = rank * share  # this process owns the rollout's rows lo .. lo + share - 1, shards lo // shard_size ..
-    my_shards = range(lo // shard_size, (lo + share) // shard_size)
-    iterations = cfg.total_episodes // B
-    if cfg.value_init not in ("reward", "policy"):
-        raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
-    run = M.start_run(cfg, SAFE_KEYS, master)
-    if run.finished:
-        return M.load_checkpoint(run.ckpt, device)[0]
-    torch.manual_seed(cfg.seed)
-    # --- models: policy, reference, reward model, value model (dropout off in all, item 2)
+def load_models(cfg, device, ctx):
+    """The policy (from SFT), its frozen reference, the frozen reward model and the value model, all
+    with dropout off (item 2). The reference is the policy's start (item 19): a copy of it (an SFT
+    checkpoint's LoRA adapters merged in both, so step-0 KL is exactly 0), or with LoRA None: the
+    policy itself with its adapters off. Under bf16 autocast the reward model is stored in bf16, its
+    gain and bias fp32 (item 17); the reference stays in the policy's precision path."""
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     policy = M.adapt(policy, cfg)
-    # the reference is the policy's start: a copy of it (so an SFT checkpoint's LoRA adapters are merged in
-    # both, and step-0 KL is exactly 0), or with LoRA the policy itself with its adapters off
     ref = None if cfg.lora_rank else copy.deepcopy(policy)
     rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
     if rm_tok.ranks != tokenizer.ranks:
         raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
     value_model = M.adapt(init_value_model(cfg.value_init, policy, cfg.reward_model, device), cfg)
-    for frozen in [m for m in (ref, rm) if m is not None]:
+    for frozen in (m for m in (ref, rm) if m is not None):
         frozen.eval().requires_grad_(False)
-    ctx = M.autocast(device, cfg.dtype)
     if isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
-        # the reward model in bf16: half the memory, scores cast to fp32, gain and bias kept fp32.
-        # The reference stays in fp32 like the policy: the same autocast path, so step-0 KL is exactly 0
         rm.backbone.to(torch.bfloat16)
         rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
     value_model.eval()
+    return policy, tokenizer, ref, rm, value_model
+
+
+def train(cfg):
+    M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
+    B, minibatch, micro, shards = check_config(cfg, M.process_count())  # option errors before path errors
+    gold = check_inputs(cfg)
+    rank, world, device = M.ddp_setup(cfg.device)
+    master = rank == 0  # only rank 0 writes files and logs
+    lo, share, shard_size, my_shards = M.process_rows(B, shards, world, rank)  # this process owns rows lo .. lo + share - 1
+    iterations = cfg.total_episodes // B
+    run = M.start_run(cfg, SAFE_KEYS, master)
+    if run.finished:
+        return M.load_checkpoint(run.ckpt, device)[0]
+    torch.manual_seed(cfg.seed)
+    ctx = M.autocast(device, cfg.dtype)
+    policy, tokenizer, ref, rm, value_model = load_models(cfg, device, ctx)
     prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template)
     ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
     if gold:
         from data.world import gold_reward  # the task's oracle: a metric only
 
-    # one AdamW over both models (N+), eps 1e-5 (item 15); the value model is its own group for value_lr
-    opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
-                             {"params": list(value_model.parameters()), "lr": cfg.value_lr}],
-                            betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0, fused=device.startswith("cuda"))
+    # one AdamW over both models (N+: one optimizer over policy and critic), the value model at value_lr
+    opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device, extra=[(value_model, cfg.value_lr)])
+    base_lrs = [group["lr"] for group in opt.param_groups]
     kl_coef, it = cfg.kl_coef, 0
     ckpt, state = run.ckpt, run.state
     if state is not None:  # every process resumes from the same checkpoint
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
         value_model.load_state_dict(state["value_model"])
-        opt.load_state_dict(state["optimizer"])
+        M.load_optimizer_state(opt, state["optimizer"], ckpt)
         M.set_rng_state(state["rng"])
         # the controller's current beta when adaptive; a fixed beta is the config's (a deliberate change wins)
         kl_coef, it = state["kl_coef"] if cfg.adaptive_kl else cfg.kl_coef, state["iteration"]
@@ -375,64 +371,54 @@ def train(cfg):
     t0, start = time.time(), it
     bar = tqdm(total=iterations, initial=it, desc="ppo", dynamic_ncols=True, disable=not master)
     while it < iterations:
-        frac = 1.0 - it / iterations if cfg.anneal_lr else 1.0
-        for group, lr in zip(opt.param_groups, (cfg.lr, cfg.value_lr)):
-            group["lr"] = lr * frac
+        frac = M.lr_at(it, iterations, 1.0, min_lr_frac=0.0, schedule="linear") if cfg.anneal_lr else 1.0  # N+: linear to 0
+        for group, base_lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = base_lr * frac
 
         t_start = M.clock(device)  # phase times: time_gen (1), time_fwd (2), time_update (6), time_iter
-        # 1. rollout: sample answers to left-padded prompts with the KV cache, this process's shards
-        #    only, each with its own generator (exact resume; the same rows whatever the process count)
+        # 1. rollout: one answer to each of B prompts, this process's shards only
         idx = M.prompt_batch(it, len(prompts), B, cfg.seed)  # the same B prompts on every process
-        P = max(len(prompt_ids[i]) for i in idx)  # one prompt width for all shards
-        seqs, masks = [], []
-        for k in my_shards:
-            p_ids, p_mask = M.pad_left([prompt_ids[i] for i in idx[k * shard_size:(k + 1) * shard_size]], P)
-            p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-            gen.manual_seed(M.rng_seed(cfg.seed, it, "sample", k))
-            with ctx:
-                s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
-                                          eos_id=tokenizer.eot_id, generator=gen)
-            seqs.append(s)
-            masks.append(torch.cat([p_mask, m], 1))
-        T = max(s.size(1) for s in seqs)  # shards stop at their own longest answer: right-pad to the longest
-        seq = torch.cat([F.pad(s, (0, T - s.size(1)), value=M.PAD_ID) for s in seqs])  # (b, P + R) b = share
-        full_mask = torch.cat([F.pad(m, (0, T - m.size(1))) for m in masks])  # (b, P + R)
+        seq, full_mask, P = M.sample_rollout(policy, prompt_ids, idx, my_shards, shard_size, 1, cfg, it, tokenizer.eot_id,
+                                             gen, ctx, device)  # (b, P + R) b = share
         responses = seq[:, P:]  # (b, R)
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
+        my_prompts = [prompts[i] for i in idx[lo:lo + share]]
+        texts = [tokenizer.decode(r) for r in responses.tolist()]
 
         # 2. forward: old and reference log-probs, values, reward-model scores (of the re-encoded text)
         t_gen = M.clock(device)
         rm_ids = M.rm_rows(tokenizer, [prompt_ids[i] for i in idx[lo:lo + share]], responses, rm.config.block_size).to(device)
         out = rollout_forward(fwd_policy, fwd_ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
         t_fwd = M.clock(device)
-        old_logprobs, ref_logprobs, scores = out["logprobs"], out["ref_logprobs"], out["scores"]
+        old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
         old_values = out["values"] * mask  # padded values zeroed (item 13)
 
         # 3. score: answers without EOS get the fixed penalty (item 9), checked on the response only
-        rm_scores = scores
-        scores, ended = M.penalise_missing_eos(rm_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
+        raw_scores = out["scores"]
+        scores, ended = M.penalise_missing_eos(raw_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
         if not cfg.eos_trick:  # continuations cut at max_new_tokens by design (IMDb): scored as they are
-            scores = rm_scores
+            scores = raw_scores
 
-        # 4. rewards: -beta * kl per token, the score at the last response token
+        # 4. KL in the reward: -beta * kl per token, the score at the last response token
         beta = kl_coef  # the coefficient of this rollout's rewards
         rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
         if cfg.whiten_rewards:
             rewards = M.masked_whiten(rewards, mask, shift_mean=False, world=world)
         # means over the rollout's sequences: this process's sums, summed over processes
-        seq_sums = torch.stack([rm_scores, scores, kl.sum(1), mask.sum(1), ended.float()]).sum(1)  # (5,)
+        seq_sums = torch.stack([raw_scores, scores, kl.sum(1), mask.sum(1), ended.float()]).sum(1)  # (5,)
         score, score_used, seq_kl, resp_len, eos_frac = (M.ddp_sum(seq_sums, world, device) / B).tolist()
         # seq_kl is objective/kl: the mean over sequences of the summed per-token KL
-        score_std = max(M.ddp_sum((rm_scores.double() ** 2).sum().item(), world, device) / B - score ** 2, 0.0) ** 0.5
+        score_std = max(M.ddp_sum((raw_scores.double() ** 2).sum().item(), world, device) / B - score ** 2, 0.0) ** 0.5
 
         # 5. advantages and returns (GAE), then whitened advantages, over the whole rollout's tokens
         advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
-        adv_stats = (M.masked_mean(advantages, mask, world).item(), M.masked_var(advantages, mask, world).sqrt().item())
+        adv_mean = M.masked_mean(advantages, mask, world).item()
+        adv_std = M.masked_var(advantages, mask, world).sqrt().item()
         if cfg.norm_adv:
             advantages = M.masked_whiten(advantages, mask, world=world)
 
-        # 6. PPO update: update_epochs over shuffled minibatches, grad_accum micro-batches each. The order
-        #    is the same on every process; each runs the rows it owns and the gradients are summed
+        # 6. update: update_epochs over shuffled minibatches, grad_accum micro-batches each. The order is
+        #    the same on every process; each runs the rows it owns and the gradients are summed
         order = torch.Generator().manual_seed(M.rng_seed(cfg.seed, it, "order"))
         ptx_gen.manual_seed(M.rng_seed(cfg.seed, it, "ptx", rank))
         stats, t_update = [], M.clock(device)
@@ -469,33 +455,24 @@ def train(cfg):
                     s.update(pg_loss=pg_loss, vf_loss=vf_loss, entropy=entropy)
                     mb_stats += torch.stack([s[k].detach().float() for k in stat_keys]) * w
                 mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))  # token-weighted means
-                if not all(math.isfinite(v) for v in mb_stats.values()):
-                    raise FloatingPointError(f"iteration {it} epoch {epoch} minibatch {mb}: non-finite {mb_stats}; "
-                                             f"last good checkpoint is in {ckpt}")
-                M.all_reduce_grads(policy, world)
-                M.all_reduce_grads(value_model, world)
                 where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
-                both = [p for m in (policy, value_model) for p in m.parameters()]
-                mb_stats["grad_norm"] = M.clip_grad_checked(both, cfg.max_grad_norm, where)  # one norm over both models
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                mb_stats["grad_norm"] = M.optimizer_step(opt, (policy, value_model), mb_stats, cfg.max_grad_norm, world, where)
                 stats.append(mb_stats)
-
         t_update = M.clock(device) - t_update
-        # 7. adaptive KL controller (Ziegler et al. 2019), from this rollout's KL
+
+        # 7. KL control: the adaptive controller (Ziegler et al. 2019) from this rollout's KL, or beta fixed
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_update(kl_coef, seq_kl, cfg.target_kl, B, cfg.kl_horizon)
         it += 1
         bar.update(1)
 
-        # 8. metrics (every process joins the sums), samples, checkpoint (rank 0)
-        texts = [tokenizer.decode(r) for r in responses.tolist()]  # this process's rows lo ..
+        # then metrics (every process joins the sums), samples, checkpoint (rank 0)
         if it % cfg.log_interval == 0 or it == iterations:
             metrics = {"step": it, "episodes": it * B, "score": score, "score_used": score_used, "kl": seq_kl,
                        "kl_coef": beta, "non_score_reward": -beta * seq_kl, "rlhf_reward": score_used - beta * seq_kl,
                        "resp_len": resp_len, "eos_frac": eos_frac,
                        "explained_var": explained_variance(old_values, returns, mask, world),
-                       "adv_mean": adv_stats[0], "adv_std": adv_stats[1], "score_std": score_std, "lr": cfg.lr * frac,
+                       "adv_mean": adv_mean, "adv_std": adv_std, "score_std": score_std, "lr": cfg.lr * frac,
                        "return_mean": M.masked_mean(returns, mask, world).item(),
                        "return_std": M.masked_var(returns, mask, world).sqrt().item(),
                        "value_mean": M.masked_mean(old_values, mask, world).item()}
@@ -503,18 +480,15 @@ def train(cfg):
             # every rollout's first minibatch of its first epoch runs the policy that sampled it: 0 (item 3)
             metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]
             if gold:
-                golds = [gold_reward(prompts[i], t, bool(e)) for i, t, e in zip(idx[lo:lo + share], texts, ended.tolist())]
-                parts = torch.tensor([list(g.values()) for g in golds], dtype=torch.float64)  # (b, parts)
-                for k, v in zip(golds[0], (M.ddp_sum(parts.sum(0), world, device) / B).tolist()):
-                    metrics[k if k == "gold" else f"gold_{k}"] = v
+                metrics.update(M.gold_metrics(gold_reward, my_prompts, texts, ended, world, device, B))
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
             metrics.update(time_gen=t_gen - t_start, time_fwd=t_fwd - t_gen, time_update=t_update,
                            time_iter=M.clock(device) - t_start)  # this iteration's; the rest: steps 3-5, 7, gold
             if master:
                 M.log_metrics(cfg.out_dir, metrics)
-        if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first (item 18)
-            for i in range(min(cfg.n_show, len(texts))):
-                tqdm.write(f"  > {prompts[idx[i]]}\n    {texts[i]!r} score {scores[i].item():+.2f}")
+        if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first
+            for r in range(min(cfg.n_show, len(texts))):
+                tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
         if master and (it % cfg.ckpt_interval == 0 or it == iterations):
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
                               state={"iteration": it, "kl_coef": kl_coef, "value_model": value_model.state_dict(),

@@ -252,7 +252,9 @@ def test_vf_coef_acts_through_the_joint_clip(world, tiny_ckpt, tiny_rm, tmp_path
         weights.append(M.load_checkpoint(str(tmp_path / vf_coef))[0].state_dict())
     assert not all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
     state = M.load_train_state(str(tmp_path / "10"))
-    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-3, 1e-3]  # anneal: lr * (1 - 0 / 1) at the one step
+    # the policy's matrices and vectors, then the value model's (configure_optimizer's extra group pair);
+    # anneal: lr * (1 - 0 / 1) at the one step
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-3] * 4
 
 
 def test_bf16_path_keeps_step0_kl_zero_and_reward_gain_fp32(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
@@ -311,3 +313,15 @@ def test_reward_model_reads_the_canonical_ids_of_a_sampled_answer(tokenizer, tin
     with torch.no_grad():  # the sampled ids themselves would score differently
         raw = rm.score(torch.tensor([prompt + spelled]))
     assert raw.item() != s[0].item()
+
+
+def test_resuming_an_optimizer_of_another_layout_is_a_clear_error():
+    # ppo.py's optimizer: the policy's and the value model's matrices and vectors, four groups; a checkpoint
+    # written with two (an older ppo.py's) is refused with a message, not torch's ValueError
+    policy, value = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    opt = M.configure_optimizer(policy, 1e-3, extra=[(value, 3e-4)])
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, 3e-4, 3e-4]
+    old = torch.optim.AdamW([{"params": list(policy.parameters())}, {"params": list(value.parameters())}])
+    with pytest.raises(M.ConfigError, match="out/ppo/ckpt: its optimizer has 2 parameter groups"):
+        M.load_optimizer_state(opt, old.state_dict(), "out/ppo/ckpt")
+    M.load_optimizer_state(opt, opt.state_dict(), "out/ppo/ckpt")
