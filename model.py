@@ -44,6 +44,7 @@ attention mask (left padding) or causality (right padding), plus the loss masks 
 import atexit
 import base64
 import dataclasses
+import difflib
 import glob
 import hashlib
 import inspect
@@ -2148,6 +2149,17 @@ def print_help(cls):
         print(f"  {left:36s} {comment}" if len(left) < 37 else f"  {left}\n  {'':36s} {comment}")
 
 
+def toml_key_lines(path):
+    """{key: line number} for the `key = value` lines of a flat TOML file (tomllib keeps no positions)."""
+    lines = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            m = re.match(r"\s*([\"']?)([\w-]+)\1\s*=", line)
+            if m:
+                lines.setdefault(m[2], n)
+    return lines
+
+
 def parse_config(cls, argv=None):
     """Dataclass defaults < --config file.toml (or an earlier run's config.json) < --key value.
     --help or -h prints every key with its type, default and comment, and exits."""
@@ -2156,12 +2168,13 @@ def parse_config(cls, argv=None):
         print_help(cls)
         raise SystemExit(0)
     hints = typing.get_type_hints(cls)
-    valid = ", ".join(hints)
     cfg = cls()
 
     def set_key(key, value, where, from_cli=False):
         if key not in hints:
-            raise ConfigError(f"{where}: unknown key {key!r}. Valid keys: {valid} (--help describes each)")
+            close = difflib.get_close_matches(key, hints, n=3)  # a typo's nearest keys, not all of them
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "no key is close to it, --help lists the keys"
+            raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
         setattr(cfg, key, _coerce(value, hints[key], key, where, from_cli))
 
     pairs = []
@@ -2188,8 +2201,9 @@ def parse_config(cls, argv=None):
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: {e}") from None
         values = values.get("train", values) if path.endswith(".json") else values  # a checkpoint's config.json
+        lines = {} if path.endswith(".json") else toml_key_lines(path)
         for key, value in values.items():
-            set_key(key, value, path)
+            set_key(key, value, f"{path}:{lines[key]}" if key in lines else path)
     for key, value in pairs:
         if key != "config":
             set_key(key, value, f"--{key}", from_cli=True)
