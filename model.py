@@ -2245,12 +2245,14 @@ def interrupted(cfg):
 
 def require(cfg, *keys):
     """Keys that have no default (data paths, input checkpoints): missing ones are one error naming
-    each with its description, before anything loads."""
+    each, then a line per key with its comment, before anything loads."""
     docs = dict(field_docs(type(cfg)))
     missing = [k for k in keys if not getattr(cfg, k)]
     if missing:
-        raise ConfigError("missing " + "; ".join(f"--{k} ({docs.get(k) or 'required'})" for k in missing) +
-                          ". Set them on the command line or in a --config file (--help lists every key)")
+        # the comment as written: it opens with "(required ...)", so no parentheses around it
+        lines = "".join(f"\n  --{k}: {docs.get(k) or '(required)'}" for k in missing)
+        raise ConfigError(f"missing {', '.join('--' + k for k in missing)}: set them on the command line or in a "
+                          f"--config file (--help lists every key){lines}")
 
 
 def print_config(cfg):

@@ -539,6 +539,20 @@ def test_config_file_errors(tmp_path):
         M.parse_config(Cfg, ["--config", str(tmp_path / "missing.toml")])
 
 
+def test_missing_keys_are_named_once_each_with_its_comment():
+    @dataclasses.dataclass
+    class C:
+        data: str = ""  # (required) the pairs; one per line
+        ref: str = ""  # (required when beta > 0) the reference
+        out: str = "x"  # where to write
+        extra: str = ""
+    with pytest.raises(M.ConfigError) as e:
+        M.require(C(), "data", "ref", "out", "extra")
+    assert str(e.value) == ("missing --data, --ref, --extra: set them on the command line or in a --config file "
+                            "(--help lists every key)\n  --data: (required) the pairs; one per line\n"
+                            "  --ref: (required when beta > 0) the reference\n  --extra: (required)")
+
+
 def test_read_jsonl_errors_name_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
