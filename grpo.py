@@ -388,7 +388,8 @@ def train(cfg):
                   ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
     M.check_roles(policy=(cfg.policy, "policy"), reward_model=(rm_path, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
-    gold = M.gold_on(cfg.gold, cfg.prompts)
+    from data.world import gold_on, gold_reward  # the task's oracle: a metric only, on the world's own prompts
+    gold = gold_on(cfg.gold, cfg.prompts)
     M.check_rl_lengths(cfg)
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
@@ -423,8 +424,6 @@ def train(cfg):
         rm.backbone.to(torch.bfloat16)
         rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
-    if gold:
-        from data.world import gold_reward  # the task's oracle: a metric only
     if gold or cfg.reward == "verifiable":  # the checker: the verifiable reward, or (world) a metric
         import importlib
         verify_answer = importlib.import_module(VERIFIERS[cfg.verifier if cfg.reward == "verifiable" else "facts"]).verify_answer

@@ -2650,41 +2650,7 @@ def _decide_run(cfg, safe_keys, write):
     return Run(out, ckpt, state)
 
 
-# --- 8c. the built-in world's gold reward, only on the world's prompts
-
-WORLD_MARKER = "world.json"  # written by data/world.py beside its files: {file name: sha256}
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def is_world_file(path):
-    """True when path is a file data/world.py wrote, unchanged (its hash is in the marker beside it)."""
-    marker = os.path.join(os.path.dirname(os.path.abspath(path)), WORLD_MARKER)
-    if not os.path.isfile(path) or not os.path.exists(marker):
-        return False
-    with open(marker) as f:
-        return json.load(f).get(os.path.basename(path)) == file_sha256(path)
-
-
-def gold_on(setting, prompts):
-    """Whether to score with the built-in world's gold reward: "auto" = when the prompts are the
-    world's; "true" = the same, but other prompts are an error; "false" = never."""
-    if setting not in ("auto", "true", "false"):
-        raise ConfigError(f"gold = {setting!r}: expected 'auto', 'true' or 'false'")
-    world = is_world_file(prompts)
-    if setting == "true" and not world:
-        raise ConfigError(f"--gold true: {prompts} are not the built-in world's prompts (no matching "
-                          f"{WORLD_MARKER} beside them); its gold reward means nothing on other prompts")
-    return world if setting == "auto" else setting == "true"
-
-
-# --- 8d. the chat template of a run, from the checkpoints it starts from
+# --- 8c. the chat template of a run, from the checkpoints it starts from
 
 
 def checkpoint_template(path):

@@ -296,7 +296,8 @@ def train(cfg):
     M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
     M.check_roles(policy=(cfg.policy, "policy"), reward_model=(cfg.reward_model, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.policy, cfg.reward_model)
-    gold = M.gold_on(cfg.gold, cfg.prompts)
+    from data.world import gold_on, gold_reward  # the task's oracle: a metric only, on the world's own prompts
+    gold = gold_on(cfg.gold, cfg.prompts)
     M.check_rl_lengths(cfg)
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
@@ -346,8 +347,6 @@ def train(cfg):
     value_model.eval()
     prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template)
     ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
-    if gold:
-        from data.world import gold_reward  # the task's oracle: a metric only
 
     # one AdamW over both models (N+), eps 1e-5 (item 15); the value model is its own group for value_lr
     opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
