@@ -11,7 +11,7 @@ import torch
 
 import dpo
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 

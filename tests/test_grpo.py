@@ -17,7 +17,7 @@ import torch
 
 import grpo
 import model as M
-from conftest import byte_spelled, count_compiled_forwards, killed_at_step, spy_entropy_graphs
+from helpers import byte_spelled, count_compiled_forwards, killed_at_step, spy_entropy_graphs
 from data.world import ANIMALS, COLOUR, EATS, FOUND, LIVES, verify_answer
 from test_ddp import assert_same_run, eos_prone
 

@@ -10,7 +10,7 @@ import torch
 
 import model as M
 import ppo
-from conftest import byte_spelled, count_compiled_forwards, spy_entropy_graphs
+from helpers import byte_spelled, count_compiled_forwards, spy_entropy_graphs
 
 
 def slow_gae(rewards, values, lengths, gamma, lam):

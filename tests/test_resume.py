@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 import dpo
 import eval as evaluate
 import grpo

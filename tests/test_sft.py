@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 import sft
 
 
