@@ -4,7 +4,8 @@ exactly on a small categorical distribution, grouped sampling with a shared pref
 checker, reward-model scores of re-encoded answers, gradient accumulation and 2 processes against one,
 gradients on response tokens only, the step-0 identities of a real CLI run (also under bf16 autocast,
 with compile and with LoRA), PPO-ptx (its gradient alone, its weights over micro-batches), exact resume
-after a kill, config errors before any model loads."""
+after a kill, config errors before any model loads.
+Run: python -m pytest -q tests/test_grpo.py"""
 
 import json
 import math

@@ -1,5 +1,6 @@
 """Tests of model.py: attention masks and positions, KV cache, log-prob shift, reward index,
-Hugging Face import/export, tokenizer, checkpoints and config parsing."""
+Hugging Face import/export, tokenizer, checkpoints and config parsing.
+Run: python -m pytest -q tests/test_model.py"""
 
 import dataclasses
 import json

@@ -1,6 +1,7 @@
 """Tests of ppo.py: GAE against a slow loop, masked statistics, rewards, losses against hand
 computation, the KL controller, the step-0 identities of a real run, exact resume, the shard
-checks (several processes: tests/test_ddp.py)."""
+checks (several processes: tests/test_ddp.py).
+Run: python -m pytest -q tests/test_ppo.py"""
 
 import json
 import math

@@ -1,4 +1,5 @@
-"""Tests of pretrain.py: token files, batches, the real CLI, exact resume after a kill."""
+"""Tests of pretrain.py: token files, batches, the real CLI, exact resume after a kill.
+Run: python -m pytest -q tests/test_pretrain.py"""
 
 import json
 import os

@@ -1,6 +1,7 @@
 """Runs a researcher can trust: --help, no accidental runs, a resume that refuses changed settings,
 no world defaults on other data, chat templates, checks before loading, and a metrics.jsonl that
-survives a real SIGKILL at any moment (model.py section 8, each stage's preamble)."""
+survives a real SIGKILL at any moment (model.py section 8, data/world.py's marker, each stage's preamble).
+Run: python -m pytest -q tests/test_runs.py"""
 
 import dataclasses
 import importlib

@@ -1,5 +1,6 @@
 """Tests of sft.py: the loss mask (response + EOS only), the loss against a hand computation,
-gradients only through response positions, data formats and truncation, the CLI, resume."""
+gradients only through response positions, data formats and truncation, the CLI, resume.
+Run: python -m pytest -q tests/test_sft.py"""
 
 import json
 
