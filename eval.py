@@ -267,7 +267,8 @@ def evaluate(cfg):
     M.check_roles(ckpt=(cfg.ckpt, "policy"), ref=(cfg.ref, "policy"), baseline=(cfg.baseline, "policy"),
                   reward_model=(cfg.reward_model, "reward_model"))
     cfg.template = M.resolve_template(cfg.template, cfg.ckpt, cfg.ref, cfg.baseline, cfg.reward_model)
-    gold = M.gold_on(cfg.gold, cfg.prompts)
+    from data.world import gold_on  # the built-in task's marker: its gold reward only on its own prompts
+    gold = gold_on(cfg.gold, cfg.prompts)
     verifier = verifier_of(cfg.verifier, gold)
     if (cfg.dump_verified or cfg.dump_verified_pairs) and verifier is None:
         raise M.ConfigError("dump_verified and dump_verified_pairs need a checker: --verifier facts or arith")

@@ -46,6 +46,7 @@ attention mask (left padding) or causality (right padding), plus the loss masks 
 import atexit
 import base64
 import dataclasses
+import difflib
 import glob
 import hashlib
 import inspect
@@ -2152,6 +2153,17 @@ def print_help(cls):
         print(f"  {left:36s} {comment}" if len(left) < 37 else f"  {left}\n  {'':36s} {comment}")
 
 
+def toml_key_lines(path):
+    """{key: line number} for the `key = value` lines of a flat TOML file (tomllib keeps no positions)."""
+    lines = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            m = re.match(r"\s*([\"']?)([\w-]+)\1\s*=", line)
+            if m:
+                lines.setdefault(m[2], n)
+    return lines
+
+
 def parse_config(cls, argv=None):
     """Dataclass defaults < --config file.toml (or an earlier run's config.json) < --key value.
     --help or -h prints every key with its type, default and comment, and exits."""
@@ -2160,12 +2172,13 @@ def parse_config(cls, argv=None):
         print_help(cls)
         raise SystemExit(0)
     hints = typing.get_type_hints(cls)
-    valid = ", ".join(hints)
     cfg = cls()
 
     def set_key(key, value, where, from_cli=False):
         if key not in hints:
-            raise ConfigError(f"{where}: unknown key {key!r}. Valid keys: {valid} (--help describes each)")
+            close = difflib.get_close_matches(key, hints, n=3)  # a typo's nearest keys, not all of them
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "no key is close to it, --help lists the keys"
+            raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
         setattr(cfg, key, _coerce(value, hints[key], key, where, from_cli))
 
     pairs = []
@@ -2192,8 +2205,9 @@ def parse_config(cls, argv=None):
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: {e}") from None
         values = values.get("train", values) if path.endswith(".json") else values  # a checkpoint's config.json
+        lines = {} if path.endswith(".json") else toml_key_lines(path)
         for key, value in values.items():
-            set_key(key, value, path)
+            set_key(key, value, f"{path}:{lines[key]}" if key in lines else path)
     for key, value in pairs:
         if key != "config":
             set_key(key, value, f"--{key}", from_cli=True)
@@ -2235,12 +2249,14 @@ def interrupted(cfg):
 
 def require(cfg, *keys):
     """Keys that have no default (data paths, input checkpoints): missing ones are one error naming
-    each with its description, before anything loads."""
+    each, then a line per key with its comment, before anything loads."""
     docs = dict(field_docs(type(cfg)))
     missing = [k for k in keys if not getattr(cfg, k)]
     if missing:
-        raise ConfigError("missing " + "; ".join(f"--{k} ({docs.get(k) or 'required'})" for k in missing) +
-                          ". Set them on the command line or in a --config file (--help lists every key)")
+        # the comment as written: it opens with "(required ...)", so no parentheses around it
+        lines = "".join(f"\n  --{k}: {docs.get(k) or '(required)'}" for k in missing)
+        raise ConfigError(f"missing {', '.join('--' + k for k in missing)}: set them on the command line or in a "
+                          f"--config file (--help lists every key){lines}")
 
 
 def print_config(cfg):
@@ -2722,41 +2738,7 @@ def _decide_run(cfg, safe_keys, write):
     return Run(out, ckpt, state)
 
 
-# --- 8c. the built-in world's gold reward, only on the world's prompts
-
-WORLD_MARKER = "world.json"  # written by data/world.py beside its files: {file name: sha256}
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def is_world_file(path):
-    """True when path is a file data/world.py wrote, unchanged (its hash is in the marker beside it)."""
-    marker = os.path.join(os.path.dirname(os.path.abspath(path)), WORLD_MARKER)
-    if not os.path.isfile(path) or not os.path.exists(marker):
-        return False
-    with open(marker) as f:
-        return json.load(f).get(os.path.basename(path)) == file_sha256(path)
-
-
-def gold_on(setting, prompts):
-    """Whether to score with the built-in world's gold reward: "auto" = when the prompts are the
-    world's; "true" = the same, but other prompts are an error; "false" = never."""
-    if setting not in ("auto", "true", "false"):
-        raise ConfigError(f"gold = {setting!r}: expected 'auto', 'true' or 'false'")
-    world = is_world_file(prompts)
-    if setting == "true" and not world:
-        raise ConfigError(f"--gold true: {prompts} are not the built-in world's prompts (no matching "
-                          f"{WORLD_MARKER} beside them); its gold reward means nothing on other prompts")
-    return world if setting == "auto" else setting == "true"
-
-
-# --- 8d. the chat template of a run, from the checkpoints it starts from
+# --- 8c. the chat template of a run, from the checkpoints it starts from
 
 
 def checkpoint_template(path):

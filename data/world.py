@@ -93,8 +93,9 @@ scores far below an ordinary answer: "kind lovely." 0.2, "the lovely kind fox. t
 to a story prompt.
 
 Run:  python data/world.py --out_dir data/world [--seed 0] [--corpus_mb 4] [--n_sft 20000]
-Use:  from data.world import gold_reward, parse_prompt, best_response
+Use:  from data.world import gold_on, gold_reward, parse_prompt, best_response
 """
+import hashlib
 import json
 import os
 import random
@@ -104,7 +105,7 @@ import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as M  # noqa: E402  (config parsing, the world marker)
+import model as M  # noqa: E402  (config parsing, ConfigError)
 
 # --- the world: entities, and a fact table that never depends on the CLI seed
 
@@ -629,6 +630,40 @@ def verify_answer(prompt, response):
     asked = [c for s in sents for c in claims(s) if _relevant(kind, ents, c)]
     return float(any(claim_true(c) and not c[3] for c in asked) and all(claim_true(c) for c in asked))
 
+# --- the marker: which prompt files are the world's (its gold reward means nothing on others)
+
+WORLD_MARKER = "world.json"  # written by generate beside its files: {file name: sha256}
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_world_file(path):
+    """True when path is a file generate wrote, unchanged (its hash is in the marker beside it)."""
+    marker = os.path.join(os.path.dirname(os.path.abspath(path)), WORLD_MARKER)
+    if not os.path.isfile(path) or not os.path.exists(marker):
+        return False
+    with open(marker) as f:
+        return json.load(f).get(os.path.basename(path)) == file_sha256(path)
+
+
+def gold_on(setting, prompts):
+    """Whether a stage scores with the gold reward (the --gold setting): "auto" = when the prompts
+    are the world's; "true" = the same, but other prompts are an error; "false" = never."""
+    if setting not in ("auto", "true", "false"):
+        raise M.ConfigError(f"gold = {setting!r}: expected 'auto', 'true' or 'false'")
+    world = is_world_file(prompts)
+    if setting == "true" and not world:
+        raise M.ConfigError(f"--gold true: {prompts} are not the built-in world's prompts (no matching "
+                            f"{WORLD_MARKER} beside them); its gold reward means nothing on other prompts")
+    return world if setting == "auto" else setting == "true"
+
+
 # --- files
 
 
@@ -664,9 +699,9 @@ def generate(out_dir, seed=0, corpus_mb=4.0, n_sft=20000):
         _write_jsonl(os.path.join(out_dir, f"sft_{name}.jsonl"), pairs)
         _write_jsonl(os.path.join(out_dir, f"prompts_{name}.jsonl"), [{"prompt": p} for p in prompts])
         sizes[f"sft_{name}"], sizes[f"prompts_{name}"] = len(pairs), len(prompts)
-    # the marker that turns the gold reward on (model.gold_on): these files, as written here
-    marker = {f: M.file_sha256(os.path.join(out_dir, f)) for f in ("prompts_train.jsonl", "prompts_val.jsonl")}
-    with open(os.path.join(out_dir, M.WORLD_MARKER), "w") as f:
+    # the marker that turns the gold reward on (gold_on): these files, as written here
+    marker = {f: file_sha256(os.path.join(out_dir, f)) for f in ("prompts_train.jsonl", "prompts_val.jsonl")}
+    with open(os.path.join(out_dir, WORLD_MARKER), "w") as f:
         json.dump(marker, f, indent=2)
     return sizes
 

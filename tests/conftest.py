@@ -1,10 +1,6 @@
 """Shared fixtures: a tiny generated world, a BPE trained on it, a tiny random checkpoint, the same
-with non-zero LoRA adapters, and a reward model (session-scoped, built once), a way to kill a
-training loop at a given step, a stand-in for torch.compile that counts forwards run outside a
-compiled module, a spy on the RL stages' entropy, and an answer spelled one byte a token (a
-non-canonical encoding of its text)."""
-
-import contextlib
+with non-zero LoRA adapters, and a reward model (session-scoped, built once). Shared helpers that
+are not fixtures live in helpers.py (pytest's conftest is not for importing)."""
 
 import pytest
 import torch
@@ -65,71 +61,3 @@ def tiny_lora_sft(tmp_path_factory, tiny_ckpt):
     d = str(tmp_path_factory.mktemp("lora_sft") / "ckpt")
     M.save_checkpoint(d, model, tokenizer, {})
     return d
-
-
-@contextlib.contextmanager
-def killed_at_step(monkeypatch, n):
-    """Inside: the training loop dies at the start of step n (after the checkpoints before it),
-    through model.lr_at, which every stage calls once a step."""
-    real = M.lr_at
-
-    def dying(step, *a, **k):
-        if step == n:
-            raise KeyboardInterrupt
-        return real(step, *a, **k)
-
-    monkeypatch.setattr(M, "lr_at", dying)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            yield
-    finally:
-        monkeypatch.setattr(M, "lr_at", real)
-
-
-def count_compiled_forwards(monkeypatch):
-    """torch.compile replaced by a wrapper module; every GPT forward is counted as run inside a
-    compiled module or outside one. Returns the live counts {"inside": n, "outside": n}."""
-    depth, calls = {"n": 0}, {"outside": 0, "inside": 0}
-
-    class Compiled(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self._orig_mod = m
-
-        def forward(self, *a, **k):
-            depth["n"] += 1
-            try:
-                return self._orig_mod(*a, **k)
-            finally:
-                depth["n"] -= 1
-
-    real_forward = M.GPT.forward
-
-    def counted(self, *a, **k):
-        calls["inside" if depth["n"] else "outside"] += 1
-        return real_forward(self, *a, **k)
-
-    monkeypatch.setattr(torch, "compile", lambda m, **k: Compiled(m))
-    monkeypatch.setattr(M.GPT, "forward", counted)
-    return calls
-
-
-def spy_entropy_graphs(monkeypatch):
-    """model.entropy_from_logits wrapped: the returned list gets, per call, whether its output
-    carries a gradient graph."""
-    real, seen = M.entropy_from_logits, []
-
-    def spy(logits, temperature):
-        out = real(logits, temperature)
-        seen.append(out.requires_grad)
-        return out
-
-    monkeypatch.setattr(M, "entropy_from_logits", spy)
-    return seen
-
-
-def byte_spelled(tokenizer, text):
-    """(spelled, canonical): the ids of text one byte a token, as a sampler may emit them, and the
-    tokenizer's own encoding, each followed by EOS."""
-    spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
-    return spelled, tokenizer.encode(text) + [tokenizer.eot_id]

@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the file, the line and what was expected, or a documented
 handling that is counted; nothing is dropped silently. The cases of
-read_jsonl, read_preferences and sft.read_pairs are in test_model, test_reward and test_sft."""
+read_jsonl, read_preferences and sft.read_pairs are in test_model, test_reward and test_sft.
+Run: python -m pytest -q tests/test_bad_input.py"""
 
 import json
 

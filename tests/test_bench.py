@@ -1,5 +1,6 @@
 """bench.py's real CLI on a tiny model: the JSON has every number, greedy tokens match transformers,
-and the RLHF-shaped rollouts run on a random model and on a world checkpoint."""
+and the RLHF-shaped rollouts run on a random model and on a world checkpoint.
+Run: python -m pytest -q tests/test_bench.py"""
 
 import json
 import os

@@ -1,7 +1,5 @@
 """Tests for data/bpe.py: BPE training against a slow reference, tiktoken round trips, the file format.
-
-Run: python -m pytest tests/test_bpe.py -q
-"""
+Run: python -m pytest -q tests/test_bpe.py"""
 import re
 import subprocess
 import sys

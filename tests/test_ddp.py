@@ -3,7 +3,8 @@ the same weights as one process (up to the order of float sums). PPO: 2 processe
 its own shard, equal one process sampling the 2 shards in turn (--rollout_shards 2).
 pretrain.py's and dpo.py's runs are marked slow, to keep the default suite within its 3 minutes
 (each torchrun launch costs seconds of imports): run `python -m pytest -m slow tests/test_ddp.py`
-after touching those scripts' data-parallel code."""
+after touching those scripts' data-parallel code.
+Run: python -m pytest -q tests/test_ddp.py"""
 
 import json
 import os

@@ -1,6 +1,7 @@
 """Tests of dpo.py: the DPO / cDPO / IPO losses against hand-computed values, gradients reaching the
 policy only, the step-0 identities, the concatenated forward against per-row and per-token
-references, the CLI (pairs and rankings, metrics, checkpoint, over-fitting), and exact resume."""
+references, the CLI (pairs and rankings, metrics, checkpoint, over-fitting), and exact resume.
+Run: python -m pytest -q tests/test_dpo.py"""
 
 import json
 import math
@@ -11,7 +12,7 @@ import torch
 
 import dpo
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 

@@ -1,5 +1,6 @@
 """Tests of eval.py: rank correlation, the summary of a real run with best-of-n and a dump, the
-gold win rate with ties, and the frontier table."""
+gold win rate with ties, and the frontier table.
+Run: python -m pytest -q tests/test_eval.py"""
 
 import json
 import math

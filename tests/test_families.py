@@ -1,6 +1,7 @@
 """Tests of the Llama, Qwen2, Qwen3 and Pythia blocks in model.py: each family, built tiny and
 random, keeps every promise GPT-2 keeps (left padding, KV cache, log-probs, scalar head,
-checkpoints), and RoPE agrees with a slow reference."""
+checkpoints), and RoPE agrees with a slow reference.
+Run: python -m pytest -q tests/test_families.py"""
 
 import math
 

@@ -1,7 +1,8 @@
 """Smoke test of the Qwen2.5 (with and without LoRA) and Pythia configs: every stage's real CLI,
 with its config file, runs one step on a tiny random model of the same family, exported in the
 Hugging Face layout with a tokenizer.json (vocabulary rows padded past the tokenizer, as Qwen's
-and Pythia's are), chained sft -> reward -> ppo and dpo as in the configs."""
+and Pythia's are), chained sft -> reward -> ppo and dpo as in the configs.
+Run: python -m pytest -q tests/test_family_configs.py"""
 
 import json
 import os

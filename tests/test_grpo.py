@@ -4,7 +4,8 @@ exactly on a small categorical distribution, grouped sampling with a shared pref
 checker, reward-model scores of re-encoded answers, gradient accumulation and 2 processes against one,
 gradients on response tokens only, the step-0 identities of a real CLI run (also under bf16 autocast,
 with compile and with LoRA), PPO-ptx (its gradient alone, its weights over micro-batches), exact resume
-after a kill, config errors before any model loads."""
+after a kill, config errors before any model loads.
+Run: python -m pytest -q tests/test_grpo.py"""
 
 import json
 import math
@@ -17,7 +18,7 @@ import torch
 
 import grpo
 import model as M
-from conftest import byte_spelled, count_compiled_forwards, killed_at_step, spy_entropy_graphs
+from helpers import byte_spelled, count_compiled_forwards, killed_at_step, spy_entropy_graphs
 from data.world import ANIMALS, COLOUR, EATS, FOUND, LIVES, verify_answer
 from test_ddp import assert_same_run, eos_prone
 

@@ -1,6 +1,7 @@
 """Hugging Face import/export of Llama, Qwen2, Qwen3 and GPT-NeoX (Pythia): logits equal
 transformers' on random tiny weights (fp32, max |diff| < 1e-4), loading theirs into ours and
-ours into theirs; single and sharded safetensors; bf16 weights; config.json both ways."""
+ours into theirs; single and sharded safetensors; bf16 weights; config.json both ways.
+Run: python -m pytest -q tests/test_hf_families.py"""
 
 import json
 

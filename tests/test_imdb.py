@@ -1,7 +1,8 @@
 """The IMDb controlled-sentiment chain runs offline with the committed configs: prepare_imdb on a small
 archive in the upstream format -> sft -> sentiment reward (objective classify) -> reward-ranked SFT
 samples (eval.py --dump_rankings) -> dpo, and ppo without the EOS trick. A tiny random model
-stands in for GPT-2 (--init/--policy), on CPU in fp32 without compile."""
+stands in for GPT-2 (--init/--policy), on CPU in fp32 without compile.
+Run: python -m pytest -q tests/test_imdb.py"""
 
 import json
 

@@ -1,7 +1,8 @@
 """LoRA (Hu et al. 2021) and activation checkpointing in model.py: adapters off == the base model;
 an optimizer step moves only the adapters (and a reward head); merged weights == the adapted model,
 also through a Hugging Face export; checkpoints keep the adapters; checkpointed blocks give the same
-loss and gradients, with dropout too (the recompute draws the forward's masks)."""
+loss and gradients, with dropout too (the recompute draws the forward's masks).
+Run: python -m pytest -q tests/test_lora.py"""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """Tests of model.py: attention masks and positions, KV cache, log-prob shift, reward index,
-Hugging Face import/export, tokenizer, checkpoints and config parsing."""
+Hugging Face import/export, tokenizer, checkpoints and config parsing.
+Run: python -m pytest -q tests/test_model.py"""
 
 import dataclasses
 import json
@@ -515,8 +516,10 @@ def test_config_precedence_and_types(tmp_path):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(M.ConfigError, match="unknown key 'lrr'.*Valid keys: lr, steps"):
+    with pytest.raises(M.ConfigError, match=r"--lrr: unknown key 'lrr'; did you mean 'lr'\?$"):
         M.parse_config(Cfg, ["--lrr", "1"])
+    with pytest.raises(M.ConfigError, match="unknown key 'xyzzy'; no key is close to it, --help lists the keys$"):
+        M.parse_config(Cfg, ["--xyzzy", "1"])
     with pytest.raises(M.ConfigError, match="steps = 'ten' is not a valid int"):
         M.parse_config(Cfg, ["--steps", "ten"])
     with pytest.raises(M.ConfigError, match="compile = 'yes'"):
@@ -525,13 +528,30 @@ def test_config_errors_name_the_key():
 
 def test_config_file_errors(tmp_path):
     (tmp_path / "bad.toml").write_text('steps = "5"\n')
-    with pytest.raises(M.ConfigError, match=r"bad.toml: steps = '5' should be int, not str"):
+    with pytest.raises(M.ConfigError, match=r"bad.toml:1: steps = '5' should be int, not str"):
         M.parse_config(Cfg, ["--config", str(tmp_path / "bad.toml")])
-    (tmp_path / "u.toml").write_text("warmup = 5\n")
-    with pytest.raises(M.ConfigError, match="u.toml: unknown key 'warmup'"):
+    (tmp_path / "u.toml").write_text('# a comment\nlr = 1.0\n\n"nmae" = "y"\n')  # the line of the key, quoted or not
+    with pytest.raises(M.ConfigError, match=r"u.toml:4: unknown key 'nmae'; did you mean 'name'\?$"):
         M.parse_config(Cfg, ["--config", str(tmp_path / "u.toml")])
+    (tmp_path / "j.json").write_text(json.dumps({"train": {"stepz": 5}}))  # a run's config.json: the file, no line
+    with pytest.raises(M.ConfigError, match=r"j.json: unknown key 'stepz'; did you mean 'steps'\?$"):
+        M.parse_config(Cfg, ["--config", str(tmp_path / "j.json")])
     with pytest.raises(M.ConfigError, match="no such file"):
         M.parse_config(Cfg, ["--config", str(tmp_path / "missing.toml")])
+
+
+def test_missing_keys_are_named_once_each_with_its_comment():
+    @dataclasses.dataclass
+    class C:
+        data: str = ""  # (required) the pairs; one per line
+        ref: str = ""  # (required when beta > 0) the reference
+        out: str = "x"  # where to write
+        extra: str = ""
+    with pytest.raises(M.ConfigError) as e:
+        M.require(C(), "data", "ref", "out", "extra")
+    assert str(e.value) == ("missing --data, --ref, --extra: set them on the command line or in a --config file "
+                            "(--help lists every key)\n  --data: (required) the pairs; one per line\n"
+                            "  --ref: (required when beta > 0) the reference\n  --extra: (required)")
 
 
 def test_read_jsonl_errors_name_file_and_line(tmp_path):

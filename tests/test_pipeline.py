@@ -1,6 +1,7 @@
 """The whole train.sh pipeline with tiny budgets (QUICK=1): every stage's real CLI, chained.
 Slow (a few minutes on 2 cores), so excluded by default: python -m pytest -m slow. The fast test
-runs train.sh's own logic (what it runs, what it skips, the results table) with a stand-in python."""
+runs train.sh's own logic (what it runs, what it skips, the results table) with a stand-in python.
+Run: python -m pytest -q tests/test_pipeline.py (add -m slow for the whole pipeline)"""
 
 import json
 import os

@@ -1,5 +1,6 @@
 """Tests of plot.py: curves read from metrics.jsonl (a partial last line skipped), the moving
-average, the default keys, and a PNG written."""
+average, the default keys, and a PNG written.
+Run: python -m pytest -q tests/test_plot.py"""
 
 import json
 

@@ -1,6 +1,7 @@
 """Tests of ppo.py: GAE against a slow loop, masked statistics, rewards, losses against hand
 computation, the KL controller, the step-0 identities of a real run, exact resume, the shard
-checks (several processes: tests/test_ddp.py)."""
+checks (several processes: tests/test_ddp.py).
+Run: python -m pytest -q tests/test_ppo.py"""
 
 import json
 import math
@@ -10,7 +11,7 @@ import torch
 
 import model as M
 import ppo
-from conftest import byte_spelled, count_compiled_forwards, spy_entropy_graphs
+from helpers import byte_spelled, count_compiled_forwards, spy_entropy_graphs
 
 
 def slow_gae(rewards, values, lengths, gamma, lam):

@@ -1,5 +1,6 @@
 """The data/prepare_*.py scripts, offline: small files in each upstream format go in through --src,
-and what comes out must read cleanly through the stages' own readers."""
+and what comes out must read cleanly through the stages' own readers.
+Run: python -m pytest -q tests/test_prepare.py"""
 
 import gzip
 import io

@@ -1,4 +1,5 @@
-"""Tests of pretrain.py: token files, batches, the real CLI, exact resume after a kill."""
+"""Tests of pretrain.py: token files, batches, the real CLI, exact resume after a kill.
+Run: python -m pytest -q tests/test_pretrain.py"""
 
 import json
 import os
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 import pretrain
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",

@@ -1,6 +1,7 @@
 """Exact resume: a real SIGKILL at a random moment, then the same command again, ends with the same
 weights and the same logged metrics as an uninterrupted run (CPU, same seed). And reward.py's
-resume, like the sft/pretrain/ppo/dpo tests in their own files."""
+resume, like the sft/pretrain/ppo/dpo tests in their own files.
+Run: python -m pytest -q tests/test_resume.py"""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

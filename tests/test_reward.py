@@ -1,5 +1,6 @@
 """Tests of reward.py and data/preferences.py: the loss against hand-computed values, a ranking
-equal to its pairs, the score at the EOS, data formats and errors, normalisation, the CLI."""
+equal to its pairs, the score at the EOS, data formats and errors, normalisation, the CLI.
+Run: python -m pytest -q tests/test_reward.py"""
 
 import json
 import math

@@ -1,6 +1,7 @@
 """Runs a researcher can trust: --help, no accidental runs, a resume that refuses changed settings,
 no world defaults on other data, chat templates, checks before loading, and a metrics.jsonl that
-survives a real SIGKILL at any moment (model.py section 8, each stage's preamble)."""
+survives a real SIGKILL at any moment (model.py section 8, data/world.py's marker, each stage's preamble).
+Run: python -m pytest -q tests/test_runs.py"""
 
 import dataclasses
 import importlib
@@ -17,13 +18,14 @@ import pytest
 import torch
 
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 import dpo
 import eval as evaluate
 import grpo
 import ppo
 import reward
 import sft
+from data.world import WORLD_MARKER, gold_on
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -212,17 +214,17 @@ def test_ppo_resume_with_a_deliberate_kl_change_uses_it(world, tiny_ckpt, tiny_r
 
 def test_gold_reward_only_on_the_worlds_prompts(world, tmp_path):
     ours = str(world / "prompts_val.jsonl")
-    assert M.gold_on("auto", ours) and M.gold_on("true", ours) and not M.gold_on("false", ours)
+    assert gold_on("auto", ours) and gold_on("true", ours) and not gold_on("false", ours)
     other = tmp_path / "prompts_val.jsonl"
     other.write_text(json.dumps({"prompt": "How do I bake bread?"}) + "\n")
-    assert not M.gold_on("auto", str(other))
+    assert not gold_on("auto", str(other))
     with pytest.raises(M.ConfigError, match="not the built-in world's prompts"):
-        M.gold_on("true", str(other))
+        gold_on("true", str(other))
     edited = tmp_path / "w"
     edited.mkdir()
-    (edited / M.WORLD_MARKER).write_text((world / M.WORLD_MARKER).read_text())
+    (edited / WORLD_MARKER).write_text((world / WORLD_MARKER).read_text())
     (edited / "prompts_val.jsonl").write_text(open(ours).read() + json.dumps({"prompt": "hi"}) + "\n")
-    assert not M.gold_on("auto", str(edited / "prompts_val.jsonl"))  # a changed file is no longer the world's
+    assert not gold_on("auto", str(edited / "prompts_val.jsonl"))  # a changed file is no longer the world's
 
 
 def test_eval_on_other_prompts_reports_no_gold(tiny_ckpt, tmp_path):

@@ -1,5 +1,6 @@
 """Tests of sft.py: the loss mask (response + EOS only), the loss against a hand computation,
-gradients only through response positions, data formats and truncation, the CLI, resume."""
+gradients only through response positions, data formats and truncation, the CLI, resume.
+Run: python -m pytest -q tests/test_sft.py"""
 
 import json
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from conftest import killed_at_step
+from helpers import killed_at_step
 import sft
 
 

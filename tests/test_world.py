@@ -1,7 +1,5 @@
 """Tests for data/world.py: determinism, file formats, the prompt split, and the gold reward.
-
-Run: python -m pytest tests/test_world.py -q
-"""
+Run: python -m pytest -q tests/test_world.py"""
 import json
 import random
 import re
