@@ -70,6 +70,7 @@ def test_bench_matches_transformers(results):
     assert results["train_loss_ours"] == pytest.approx(results["train_loss_hf"], rel=1e-5)  # same weights, same loss
 
 
+@pytest.mark.slow  # ~10 s of page-fault counting in child processes: behind -m slow to keep the default suite within 3 minutes
 def test_malloc_keep_removes_the_page_faults_of_freshly_mapped_memory(tmp_path):
     # (4, 64, 50304) fp32 logits are 51 MB, above glibc's largest mmap threshold: without malloc_keep
     # they (and their gradient) are mapped afresh every step, about 12.5k faults each; with it, few.
