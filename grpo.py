@@ -334,18 +334,8 @@ def check_config(cfg, world):
         raise M.ConfigError("advantage 'rloo' needs group_size >= 2 (its baseline is the other answers' mean)")
     if cfg.kl_coef < 0 or cfg.clip_low < 0 or cfg.clip_high < 0:
         raise M.ConfigError(f"kl_coef {cfg.kl_coef}, clip_low {cfg.clip_low}, clip_high {cfg.clip_high} must be >= 0")
-    minibatch = B // max(cfg.num_minibatches, 1)
-    if cfg.num_minibatches < 1 or cfg.grad_accum < 1 or B % cfg.num_minibatches or minibatch % cfg.grad_accum:
-        raise M.ConfigError(f"rollout_batch_size {B} must split into num_minibatches {cfg.num_minibatches} "
-                            f"of grad_accum {cfg.grad_accum} equal micro-batches")
-    shards = cfg.rollout_shards or world
-    if cfg.rollout_shards < 0 or (world > 1 and shards != world):
-        raise M.ConfigError(f"rollout_shards {cfg.rollout_shards}: must be 0 (one shard per process) or, "
-                            f"with {world} processes, {world}")
-    if B % (shards * G):
-        raise M.ConfigError(f"rollout_batch_size {B} must split into {shards} shards of whole groups of {G} "
-                            f"(rollout_shards {cfg.rollout_shards}, {world} processes): a group is never split")
-    return B, G, minibatch, minibatch // cfg.grad_accum, shards
+    minibatch, micro, shards = M.check_rollout_sizes(cfg, world, G)
+    return B, G, minibatch, micro, shards
 
 
 def check_inputs(cfg):

@@ -2387,6 +2387,27 @@ def process_count():
     return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
 
 
+def check_rollout_sizes(cfg, world, group=1):
+    """The batch hierarchy of both RL stages (docs/implementation_details.md, item 14), checked before
+    anything loads: rollout_batch_size answers split into num_minibatches minibatches of grad_accum
+    equal micro-batches, and into shards (one per process, or rollout_shards) of whole groups of
+    `group` answers, a group never split. Returns (minibatch, micro-batch, shards)."""
+    B = cfg.rollout_batch_size
+    minibatch = B // max(cfg.num_minibatches, 1)
+    if cfg.num_minibatches < 1 or cfg.grad_accum < 1 or B % cfg.num_minibatches or minibatch % cfg.grad_accum:
+        raise ConfigError(f"rollout_batch_size {B} must split into num_minibatches {cfg.num_minibatches} "
+                          f"of grad_accum {cfg.grad_accum} equal micro-batches")
+    shards = cfg.rollout_shards or world
+    if cfg.rollout_shards < 0 or (world > 1 and shards != world):
+        raise ConfigError(f"rollout_shards {cfg.rollout_shards}: must be 0 (one shard per process) or, "
+                          f"with {world} processes, {world}")
+    if B % (shards * group):
+        split = f"{shards} shards of whole groups of {group}" if group > 1 else f"{shards} equal shards"
+        raise ConfigError(f"rollout_batch_size {B} must split into {split} (rollout_shards {cfg.rollout_shards}, "
+                          f"{world} processes)" + (": a group is never split" if group > 1 else ""))
+    return minibatch, minibatch // cfg.grad_accum, shards
+
+
 def process_rows(B, shards, world, rank):
     """The rows of a rollout of B answers that process `rank` of `world` owns: the contiguous share
     lo .. lo + B / world - 1, sampled by its shards (of B / shards rows each). Returns (lo, share,

@@ -255,19 +255,8 @@ def check_config(cfg, world):
     """Every option error before any path is checked or model loads; returns the derived sizes."""
     if cfg.value_init not in ("reward", "policy"):
         raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
-    B = cfg.rollout_batch_size
-    minibatch = B // max(cfg.num_minibatches, 1)
-    if cfg.num_minibatches < 1 or cfg.grad_accum < 1 or B % cfg.num_minibatches or minibatch % cfg.grad_accum:
-        raise M.ConfigError(f"rollout_batch_size {B} must split into num_minibatches {cfg.num_minibatches} "
-                            f"of grad_accum {cfg.grad_accum} equal micro-batches")
-    shards = cfg.rollout_shards or world
-    if cfg.rollout_shards < 0 or (world > 1 and shards != world):
-        raise M.ConfigError(f"rollout_shards {cfg.rollout_shards}: must be 0 (one shard per process) or, "
-                            f"with {world} processes, {world}")
-    if B % shards:
-        raise M.ConfigError(f"rollout_batch_size {B} must split into {shards} equal shards "
-                            f"(rollout_shards {cfg.rollout_shards}, {world} processes)")
-    return B, minibatch, minibatch // cfg.grad_accum, shards
+    minibatch, micro, shards = M.check_rollout_sizes(cfg, world)
+    return cfg.rollout_batch_size, minibatch, micro, shards
 
 
 def check_inputs(cfg):
