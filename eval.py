@@ -453,6 +453,7 @@ def method_of(summary):
     if summary.get("best_of_n", 1) > 1:
         return "best-of-n"
     name = os.path.basename(summary["ckpt"].rstrip("/").removesuffix("/ckpt"))
+    name = re.sub(r"_seed\d+$", "", name)  # sweep.sh's seeds of a run are the same method
     return next((m for m in ("ppo", "dpo", "sft") if m in name), name)
 
 

@@ -121,13 +121,15 @@ def test_frontier_table(tmp_path, capsys):
     rows = [{"ckpt": "out/sft", "gold": 0.5, "kl": 0.0, "best_of_n": 1},
             {"ckpt": "out/sft", "gold": 1.0, "best_of_n": 8, "kl_best_of_n": math.log(8) - 7 / 8},
             {"ckpt": "out/sweep/ppo_kl0.1", "gold": 1.2, "kl": 3.0, "win_rate": 0.8},
-            {"ckpt": "out/dpo/ckpt", "gold": 0.9, "kl": 2.0}]
+            {"ckpt": "out/dpo/ckpt", "gold": 0.9, "kl": 2.0},
+            {"ckpt": "out/sweep/rloo", "gold": 1.1, "kl": 4.0}, {"ckpt": "out/seeds/rloo_seed1", "gold": 1.3, "kl": 5.0}]
     for i, r in enumerate(rows):
         (tmp_path / f"eval_{i}.json").write_text(json.dumps(r))
     cfg = M.parse_config(evaluate.Config, ["--frontier", str(tmp_path / "eval_*.json"), "--plot", str(tmp_path / "f.png")])
     got = evaluate.frontier(cfg)
     assert [(m, round(kl, 3), g) for m, kl, g, _, _ in got] == [
-        ("best-of-n", round(math.log(8) - 7 / 8, 3), 1.0), ("dpo", 2.0, 0.9), ("ppo", 3.0, 1.2), ("sft", 0.0, 0.5)]
+        ("best-of-n", round(math.log(8) - 7 / 8, 3), 1.0), ("dpo", 2.0, 0.9), ("ppo", 3.0, 1.2),
+        ("rloo", 4.0, 1.1), ("rloo", 5.0, 1.3), ("sft", 0.0, 0.5)]  # a run's seeds are one method
     assert "ppo" in capsys.readouterr().out
 
 
