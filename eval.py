@@ -432,7 +432,8 @@ def pool(cfg):
     """One method over several seeds: each prompt's value averaged over the runs, then the mean over
     prompts with its bootstrap interval; the per-run means show the spread between seeds."""
     import glob
-    paths = sorted({p for pattern in cfg.pool.split(",") for p in glob.glob(pattern.strip())})
+    # in the order given (each pattern's matches sorted), so the per-run values read as the seeds named
+    paths = list(dict.fromkeys(p for pattern in cfg.pool.split(",") for p in sorted(glob.glob(pattern.strip()))))
     runs = [json.load(open(p)) for p in paths]
     if not runs or any(r["per_prompt"]["prompt"] != runs[0]["per_prompt"]["prompt"] for r in runs):
         raise M.ConfigError(f"--pool {cfg.pool!r}: needs eval JSONs of the same prompts ({len(runs)} found)")

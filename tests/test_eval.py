@@ -164,6 +164,9 @@ def test_pool_averages_seeds_prompt_by_prompt(tmp_path):
     out = evaluate.pool(M.parse_config(evaluate.Config, ["--pool", str(tmp_path / "eval_*.json")]))
     assert out["gold"] == pytest.approx(0.25) and out["gold_per_run"] == [0.5, 0.0]
     assert out["win_rate"] == pytest.approx(0.5) and "kl" not in out
+    # the runs in the order named (sweep.sh names seed 0's file first, wherever it sorts), each once
+    out = evaluate.pool(M.parse_config(evaluate.Config, ["--pool", f"{tmp_path / 'eval_1.json'},{tmp_path / 'eval_*.json'}"]))
+    assert out["gold_per_run"] == [0.0, 0.5] and out["runs"] == [str(tmp_path / "eval_1.json"), str(tmp_path / "eval_0.json")]
     (tmp_path / "eval_2.json").write_text(json.dumps({"per_prompt": {"prompt": ["p"], "gold": [1.0]}}))
     with pytest.raises(M.ConfigError):
         evaluate.pool(M.parse_config(evaluate.Config, ["--pool", str(tmp_path / "eval_*.json")]))
