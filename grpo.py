@@ -307,7 +307,7 @@ def load_prompts(path, tokenizer, max_len, template="hh", verify=None):
     return rows, [x[-max_len:] for x in ids], cut, n_other
 
 
-# --- several processes
+# --- checks, before anything loads
 
 
 def check_config(cfg, world):

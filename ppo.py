@@ -50,7 +50,8 @@ the returns; "policy": from the SFT trunk with a zero-initialised head (lm-human
 initialises its value head to zero).
 
 Departures: old log-probs are recomputed by a full forward after sampling (item 19, so that the
-step-0 ratio is exactly 1); the gold reward of the built-in task is logged as a metric (data/world.py), never used for training.
+step-0 ratio is exactly 1); the gold reward of the built-in task is logged as a metric
+(data/world.py), never used for training.
 
 Several GPUs: torchrun --nproc_per_node N ppo.py --config ... (data parallel, no DDP wrapper): each
 process samples, scores and runs GAE for its own share of the rollout, and takes the step one
@@ -248,7 +249,7 @@ def init_value_model(value_init, policy, reward_model, device):
     return value_model
 
 
-# --- several processes
+# --- checks, before anything loads
 
 
 def check_config(cfg, world):
