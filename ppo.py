@@ -373,12 +373,13 @@ def train(cfg):
                                              gen, ctx, device)  # (b, P + R) b = share
         responses = seq[:, P:]  # (b, R)
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
-        my_prompts = [prompts[i] for i in idx[lo:lo + share]]
+        my_idx = idx[lo:lo + share]  # the prompt of each of this process's rows
+        my_prompts = [prompts[i] for i in my_idx]
         texts = [tokenizer.decode(r) for r in responses.tolist()]
 
         # 2. forward: old and reference log-probs, values, reward-model scores (of the re-encoded text)
         t_gen = M.clock(device)
-        rm_ids = M.rm_rows(tokenizer, [prompt_ids[i] for i in idx[lo:lo + share]], responses, rm.config.block_size).to(device)
+        rm_ids = M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses, rm.config.block_size).to(device)
         out = rollout_forward(fwd_policy, fwd_ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
         t_fwd = M.clock(device)
         old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
