@@ -1,21 +1,27 @@
 """
-grpo.py: the critic-free policy gradients sampled in groups (GRPO, Dr. GRPO, RLOO, REINFORCE++), beside ppo.py.
+grpo.py: the critic-free policy gradients sampled in groups (GRPO, Dr. GRPO, RLOO, REINFORCE++, with GSPO,
+CISPO and DAPO's objectives), beside ppo.py, and a lab for the mismatch between the sampler and the trainer.
 
 Objective: the same as PPO's (maximise E[R(x, y)] - beta KL(pi || pi_ref)), but with no value model:
 each prompt is answered G times (a group) and the group is the baseline.
   1. rollout     P prompts x G answers (group_size) with the KV cache; each prompt's prefill runs once
                  and its cache is copied to its G samples. Temperature T, no top-k/top-p, at most
                  max_new_tokens, each row stopping at EOS
-  2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of logits / T;
-                 no reference model at all when kl_coef = 0); with LoRA (lora_rank > 0) pi_ref is the
-                 policy with its adapters switched off
-  3. score       R_i: reward = "rm": the reward-model score of the re-encoded answer (normalised by its
+  2. score       R_i: reward = "rm": the reward-model score of the re-encoded answer (normalised by its
                  gain/bias), an answer without EOS scoring missing_eos_penalty instead (Stiennon et al.
                  2020, N+ "EOS trick");
                  reward = "verifiable": 1 if the answer states the true value of what a fact question
                  asks and no false one, else 0 (data/world.py verify_answer; RL from verifiable rewards),
                  or with verifier = "arith" 1 if it states a + b and no other result (data/arith.py);
-                 training prompts are filtered to the checker's questions (counted)
+                 training prompts are filtered to the checker's questions (counted).
+                 With overlong_buffer > 0, DAPO's soft overlong penalty is added (Yu et al. 2025, Eq. 13):
+                 0 up to max_new_tokens - overlong_buffer tokens, then linearly down to -overlong_penalty.
+                 With dynamic_sampling (DAPO, Yu et al. 2025, Sec. 3.2), steps 1-2 repeat on fresh prompts
+                 (at most max_sample_rounds rounds) until this process holds its share of groups whose
+                 scores are not all equal; equal groups fill what is still missing (logged dyn_filled)
+  3. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of logits / T;
+                 no reference model at all when kl_coef = 0); with LoRA (lora_rank > 0) pi_ref is the
+                 policy with its adapters switched off
   4. KL          k_t = kl_estimator(log pi_old(y_t) - log pi_ref(y_t)) (Schulman 2020):
                  k1 = l, k2 = l^2 / 2, k3 = exp(-l) - 1 + l.  kl_in = "reward": a penalty on the reward,
                  kl_in = "loss": beta * k_t(pi_theta) added to the per-token loss (the KL section of
@@ -44,9 +50,13 @@ each prompt is answered G times (a group) and the group is the baseline.
                  sampling without the re-sampling, Yu et al. 2025)
   6. update      update_epochs passes over the rollout in shuffled minibatches of whole rows (each split
                  into grad_accum micro-batches), PPO's clipped surrogate with separate clip ranges
-                 (DAPO's clip-higher, Yu et al. 2025, Eq. 10):
-                 l_t = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - clip_low, 1 + clip_high))
-                       + [kl_in = loss] beta * ratio_t.detach() * k_t
+                 (DAPO's clip-higher, Yu et al. 2025, Eq. 10), r_t = pi_theta / pi_old:
+                 l_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high))
+                       + [kl_in = loss] beta * r_t.detach() * k_t
+                 or with policy_loss = "gspo" the sequence ratio s_i = exp(1/L_i sum_t log r_t) in place
+                 of r_t (Zheng et al. 2025, GSPO, Eq. 5-7; whole answers clipped), or "cispo"
+                 -sg[clip(r_t, 1 - clip_low, 1 + clip_high)] A_t log pi_theta(y_t) (MiniMax 2025, CISPO,
+                 Eq. 4-5; no token's gradient clipped away), both in grpo_losses' docstring;
                  aggregated over the minibatch by loss_agg (L_i the length of answer i, N answers):
                  seq_mean_token_mean      1/N sum_i 1/L_i sum_t l_t          (GRPO, Shao et al. 2024, Eq. 3)
                  token_mean               1/sum_i L_i sum_i sum_t l_t         (DAPO, Yu et al. 2025, Eq. 8)
@@ -60,6 +70,17 @@ each prompt is answered G times (a group) and the group is the baseline.
                  loss also gets ptx_coef times the mean next-token negative log-likelihood of random
                  windows of pretraining text (ptx_data): InstructGPT's PPO-ptx (Ouyang et al. 2022, Eq. 2),
                  which keeps what pretraining taught while RL moves the policy.
+The sampler-trainer mismatch lab: the rollout of step 1 drawn from mu, a chosen dose away from the
+trainer's pi_old: sampler_dtype (the sampler in bf16 autocast, on CPU too), sampler_top_p (its
+nucleus against the trainer's full softmax), staleness k (the policy's weights of k iterations back:
+asynchronous RL; kept in the checkpoint, so resume stays exact). log mu(y_t) is the sampler's own
+full forward in its own precision and nucleus, so with no dose w_t = pi_old(y_t) / mu(y_t) is exactly 1.
+Logged: mis_ratio_mean, mis_out_0.1 (share of tokens outside [0.9, 1.1]), mis_ratio_max, _min,
+mis_kept. Corrections (is_correction; mismatch_correction's docstring): none, tis (each token's loss
+times min(w_t, is_cap): truncated IS, Yao et al. 2025), token_mask (tokens with w_t outside
+[is_low, is_high] left out of the loss: IcePop), seq_mask (answers whose geometric-mean w leaves
+the band left out). docs/grpo_results.md, sections 4-5, has what they measured.
+
 Log-prob, KL and loss arithmetic is fp32 even under bf16 autocast (docs/implementation_details.md,
 item 16); dropout is off in every model (item 2); Adam eps 1e-5 (item 15). With
 ent_coef = 0 the entropy H is logged only, computed without gradients, so no (B, R, V) fp32 graph is
@@ -86,9 +107,11 @@ Run:
   Dr. GRPO:  python grpo.py --config configs/grpo_world.toml --advantage dr_grpo --loss_agg seq_mean_token_sum_norm --out_dir out/dr_grpo
   RLOO:      python grpo.py --config configs/grpo_world.toml --advantage rloo --kl_in reward --kl_estimator k1 --out_dir out/rloo
   verifiable rewards:  python grpo.py --config configs/grpo_world_verifiable.toml
+  GSPO, CISPO, DAPO, the mismatch lab: sweep.sh's gspo, cispo, dapo, stale4, bf16, topp0.9 runs (their flags there)
   one GPU:   python grpo.py --config configs/grpo_world.toml --device cuda
 """
 
+import collections
 import copy
 import dataclasses
 import importlib
@@ -106,6 +129,8 @@ import model as M
 VERIFIERS = {"facts": "data.world", "arith": "data.arith"}  # reward = "verifiable": the module whose verify_answer scores
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+POLICY_LOSSES = ("ppo_clip", "gspo", "cispo")
+CORRECTIONS = ("none", "tis", "token_mask", "seq_mask")
 
 # --- config
 
@@ -141,7 +166,20 @@ class Config:
     kl_in: str = "loss"  # "loss" (GRPO; k2 or k3: k1's expected gradient there is 0) or "reward" (RLOO, REINFORCE++)
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted); not with reinforce_pp
+    dynamic_sampling: bool = False  # DAPO: sample more groups until this process's rollout holds only groups of unequal rewards
+    max_sample_rounds: int = 4  # dynamic_sampling: at most this many rounds per iteration; equal groups fill what is left (counted)
+    policy_loss: str = "ppo_clip"  # ppo_clip (clipped token ratio) | gspo (clipped sequence ratio) | cispo (clipped IS weight on every token)
+    overlong_buffer: int = 0  # DAPO's soft overlong penalty: 0 up to max_new_tokens - this, then down to -overlong_penalty; 0 = off
+    overlong_penalty: float = 1.0  # DAPO's overlong penalty at max_new_tokens
     ent_coef: float = 0.0  # - ent_coef H_t in each token's loss: > 0 a bonus, < 0 a penalty; 0: H logged without a graph
+    # the sampler-trainer mismatch lab: the rollout drawn from mu, a dose away from the trainer's pi_old
+    sampler_dtype: str = "same"  # same (the trainer's) | bfloat16 (autocast, on CPU too) | float32
+    sampler_top_p: float = 1.0  # < 1: the sampler's nucleus; the trainer keeps the full softmax
+    staleness: int = 0  # k: every rollout sampled by the policy of k iterations back (asynchronous RL)
+    is_correction: str = "none"  # none | tis (token weight min(pi_old / mu, is_cap)) | token_mask | seq_mask (ratio outside [is_low, is_high])
+    is_cap: float = 2.0  # tis: the cap C (>= 1)
+    is_low: float = 0.5  # token_mask, seq_mask: the smallest ratio kept (<= 1)
+    is_high: float = 2.0  # token_mask, seq_mask: the largest ratio kept (>= 1)
     # PPO-ptx (InstructGPT Eq. 2); 0 = off
     ptx_coef: float = 0.0  # weight of the pretraining negative log-likelihood in each minibatch loss
     ptx_data: str = ""  # plain text, documents separated by a blank line (required when ptx_coef > 0)
@@ -262,28 +300,121 @@ def aggregate_loss(losses, mask, loss_agg, n_seqs=None, n_tokens=None, norm=None
 
 
 def grpo_losses(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs=None,
-                kl_coef=0.0, kl_estimator="k3", entropy=None, ent_coef=0.0):
-    """Per-token losses (B, R): the clipped surrogate with clip-higher (Schulman et al. 2017, Eq. 7;
-    Yu et al. 2025, Eq. 10), plus, when ref_logprobs is given (kl_in = "loss"), beta times the KL
-    estimator of the current policy, weighted by the detached ratio pi_theta / pi_old (so that its
-    expected gradient is the on-policy one on every minibatch), minus ent_coef times the entropy H_t
-    of the current policy at each position (Schulman et al. 2017, Eq. 9). All inputs (B, R).
+                kl_coef=0.0, kl_estimator="k3", entropy=None, ent_coef=0.0, policy_loss="ppo_clip"):
+    """Per-token losses (B, R): the policy-gradient term of policy_loss, plus, when ref_logprobs is
+    given (kl_in = "loss"), beta times the KL estimator of the current policy, weighted by the detached
+    token ratio pi_theta / pi_old (so that its expected gradient is the on-policy one on every
+    minibatch), minus ent_coef times the entropy H_t of the current policy at each position
+    (Schulman et al. 2017, Eq. 9). All inputs (B, R). The policy-gradient terms, r_t = pi_theta / pi_old:
+      ppo_clip  max(-A r_t, -A clip(r_t, 1 - clip_low, 1 + clip_high))
+                (Schulman et al. 2017, Eq. 7; clip-higher: Yu et al. 2025, Eq. 10)
+      gspo      the same with the sequence ratio s_i = exp(1/L_i sum_t log r_t) in place of r_t, so a
+                whole answer is clipped or not (Zheng et al. 2025, GSPO, Eq. 5-7), written as GSPO-token
+                (Eq. 13-14): token t carries sg[s_i] pi_theta(y_t) / sg[pi_theta(y_t)], whose value is s_i
+                and whose gradient is s_i grad log pi_theta(y_t); averaged over the answer's tokens
+                (loss_agg seq_mean_token_mean) that is grad s_i, GSPO's own gradient
+      cispo     -sg[clip(r_t, 1 - clip_low, 1 + clip_high)] A log pi_theta(y_t): REINFORCE on every token,
+                weighted by the clipped, stop-gradient ratio, so no token's gradient is ever clipped away
+                (MiniMax 2025, CISPO, Eq. 4-5). Written as -A sg[w_t] pi_theta / sg[pi_theta] (the same
+                gradient), so its value is -A w_t, on PPO's scale
     Returns the per-token losses (aggregate them with aggregate_loss) and a dict of per-token stats."""
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)  # (B, R)
-    pg1 = -advantages * ratio
-    pg2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    pg = torch.max(pg1, pg2)  # (B, R)
+    ratio = torch.exp(log_ratio)  # (B, R) the token ratio
+    unit = torch.exp(logprobs - logprobs.detach())  # (B, R) value 1, gradient grad log pi_theta
+    if policy_loss == "cispo":
+        weight = torch.clamp(ratio, 1 - clip_low, 1 + clip_high).detach()  # (B, R)
+        pg = -advantages * weight * unit
+        clipped = weight != ratio
+    else:
+        if policy_loss == "gspo":
+            seq_log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+            r = torch.exp(seq_log_ratio).detach() * unit  # (B, R) value s_i
+        elif policy_loss == "ppo_clip":
+            r = ratio
+        else:
+            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, not {policy_loss!r}")
+        pg1 = -advantages * r
+        pg2 = -advantages * torch.clamp(r, 1 - clip_low, 1 + clip_high)
+        pg = torch.max(pg1, pg2)  # (B, R)
+        clipped = pg2 > pg1
     kl = M.kl_estimate(logprobs, ref_logprobs, kl_estimator) if ref_logprobs is not None else torch.zeros_like(pg)
     losses = pg + kl_coef * ratio.detach() * kl  # (B, R)
     if ent_coef != 0:
         losses = losses - ent_coef * entropy
     with torch.no_grad():
-        stats = {"approx_kl": 0.5 * log_ratio ** 2, "clipfrac": (pg2 > pg1).float(), "ratio": ratio, "pg_loss": pg,
+        stats = {"approx_kl": 0.5 * log_ratio ** 2, "clipfrac": clipped.float(), "ratio": ratio, "pg_loss": pg,
                  "kl_loss": kl}
         if entropy is not None:
             stats["entropy"] = entropy.detach()
     return losses, stats
+
+
+def overlong_penalty(lengths, max_len, buffer, penalty=1.0):
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), added to the task reward: 0 for an
+    answer of at most max_len - buffer tokens, then falling linearly to -penalty at max_len (EOS
+    counted; the sampler never goes past max_len, where the paper's -1 applies). lengths (B,) -> (B,)."""
+    return -penalty * ((lengths.float() - (max_len - buffer)).clamp(min=0) / buffer).clamp(max=1)
+
+
+def pick_groups(equal_rounds, n):
+    """Dynamic sampling's choice (DAPO, Yu et al. 2025, Sec. 3.2): from the groups of several sampling
+    rounds, equal_rounds[r] (groups,) bool (all of the group's scores equal), the first n groups
+    of unequal scores in sampling order, then, if there are fewer, the first equal groups to fill
+    the rollout. Returns [(round, group)] of length n and how many equal groups filled it."""
+    pairs = [(r, g) for r, eq in enumerate(equal_rounds) for g in range(len(eq))]
+    unequal = [p for p in pairs if not equal_rounds[p[0]][p[1]]]
+    fill = [p for p in pairs if equal_rounds[p[0]][p[1]]][:max(n - len(unequal), 0)]
+    return (unequal[:n] + fill), len(fill)
+
+
+def mismatch_correction(trainer_logprobs, sampler_logprobs, mask, correction, cap=2.0, low=0.5, high=2.0):
+    """The correction of a rollout sampled by mu and trained as if from pi_old. w_t = pi_old(y_t) / mu(y_t),
+    exactly 1 where the two log-probs agree and on padding. Inputs (B, R); returns (weights, keep, w),
+    each (B, R): the per-token loss is multiplied by weights and counted only where keep is 1.
+      none        weights 1, keep = mask: the mismatch ignored
+      tis         weights min(w_t, cap): truncated importance sampling (Yao et al. 2025; Ionides 2008)
+      token_mask  keep the tokens with low <= w_t <= high (IcePop, Ling Team 2025: masked, not reweighted)
+      seq_mask    keep the answers whose geometric-mean ratio exp(1/L sum_t log w_t) lies in [low, high]
+                  (sequence-level masked IS; the length-normalised form, so its bounds read as token ones)"""
+    log_w = (trainer_logprobs - sampler_logprobs) * mask  # (B, R)
+    w = torch.exp(log_w)
+    ones = torch.ones_like(w)
+    if correction == "none":
+        return ones, mask, w
+    if correction == "tis":
+        return w.clamp(max=cap), mask, w
+    if correction == "token_mask":
+        return ones, mask * ((w >= low) & (w <= high)).float(), w
+    if correction == "seq_mask":
+        g = torch.exp(log_w.sum(1) / mask.sum(1).clamp(min=1))  # (B,)
+        return ones, mask * ((g >= low) & (g <= high)).float()[:, None], w
+    raise ValueError(f"is_correction must be one of {CORRECTIONS}, not {correction!r}")
+
+
+def mismatch_stats(w, mask, keep, world, device):
+    """The logged sampler-trainer ratio w = pi_old / mu over the rollout's tokens (all processes): its
+    mean, the share outside [0.9, 1.1], its max and min, and the share of tokens the correction keeps."""
+    on = mask > 0
+    sums = M.ddp_sum(torch.stack([(w * mask).sum(), (((w < 0.9) | (w > 1.1)) & on).sum().float(), keep.sum(), mask.sum()]),
+                     world, device).tolist()
+    ext = torch.stack([w[on].max(), -w[on].min()]) if on.any() else torch.full((2,), -math.inf)
+    if world > 1:
+        ext = ext.to(device)
+        torch.distributed.all_reduce(ext, op=torch.distributed.ReduceOp.MAX)
+    n = max(sums[3], 1.0)
+    return {"mis_ratio_mean": sums[0] / n, "mis_out_0.1": sums[1] / n, "mis_ratio_max": ext[0].item(),
+            "mis_ratio_min": -ext[1].item(), "mis_kept": sums[2] / n}
+
+
+def merge_rounds(parts):
+    """Rows of several sampling rounds as one rollout: parts [(seq (b_r, P_r + R_r), full_mask, P_r)],
+    each left-padded to the widest prompt and right-padded to the longest answer (positions come from
+    the mask, item 7, so the padding changes no log-prob). Returns (seq, full_mask, P)."""
+    P = max(p for _, _, p in parts)
+    T = P + max(s.size(1) - p for s, _, p in parts)
+    seq = torch.cat([F.pad(s, (P - p, T - P - (s.size(1) - p)), value=M.PAD_ID) for s, _, p in parts])  # (b, P + R)
+    full_mask = torch.cat([F.pad(m, (P - p, T - P - (m.size(1) - p))) for _, m, p in parts])  # (b, P + R)
+    return seq, full_mask, P
 
 
 # --- data
@@ -314,7 +445,9 @@ def check_config(cfg, world):
     """Every option error before any model loads; returns the derived sizes."""
     for key, value, allowed in (("reward", cfg.reward, ("rm", "verifiable")), ("advantage", cfg.advantage, ADVANTAGES),
                                 ("kl_estimator", cfg.kl_estimator, ("k1", "k2", "k3")), ("kl_in", cfg.kl_in, ("reward", "loss")),
-                                ("loss_agg", cfg.loss_agg, LOSS_AGGS), ("verifier", cfg.verifier, VERIFIERS)):
+                                ("loss_agg", cfg.loss_agg, LOSS_AGGS), ("verifier", cfg.verifier, VERIFIERS),
+                                ("policy_loss", cfg.policy_loss, POLICY_LOSSES), ("is_correction", cfg.is_correction, CORRECTIONS),
+                                ("sampler_dtype", cfg.sampler_dtype, ("same", "bfloat16", "float32"))):
         if value not in allowed:
             raise M.ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
     if cfg.kl_in == "loss" and cfg.kl_estimator == "k1" and cfg.kl_coef > 0:
@@ -327,6 +460,24 @@ def check_config(cfg, world):
                             "there (no group baseline: the batch whitening gives its answers the sign of R_i against the "
                             "batch mean), so dropping it throws away signal. Use advantage reinforce_pp_baseline (the group "
                             "mean subtracted first), grpo, dr_grpo or rloo, or drop_equal_groups false")
+    if cfg.dynamic_sampling and cfg.advantage == "reinforce_pp":
+        raise M.ConfigError("dynamic_sampling with advantage = 'reinforce_pp': it re-samples equal groups away, and "
+                            "their advantages are not 0 there (no group baseline). Use reinforce_pp_baseline, grpo, "
+                            "dr_grpo or rloo")
+    if cfg.dynamic_sampling and cfg.max_sample_rounds < 1:
+        raise M.ConfigError(f"max_sample_rounds {cfg.max_sample_rounds} must be >= 1")
+    if cfg.policy_loss == "gspo" and cfg.loss_agg != "seq_mean_token_mean":
+        raise M.ConfigError(f"policy_loss = 'gspo' with loss_agg {cfg.loss_agg!r}: GSPO's objective is a mean over "
+                            "answers of the sequence-ratio term (Zheng et al. 2025, Eq. 5), which its token form gives "
+                            "only averaged over each answer's tokens: use loss_agg seq_mean_token_mean")
+    if not 0 <= cfg.overlong_buffer <= cfg.max_new_tokens or cfg.overlong_penalty < 0:
+        raise M.ConfigError(f"overlong_buffer {cfg.overlong_buffer} must be in [0, max_new_tokens {cfg.max_new_tokens}] "
+                            f"and overlong_penalty {cfg.overlong_penalty} >= 0")
+    if not 0 < cfg.sampler_top_p <= 1 or cfg.staleness < 0:
+        raise M.ConfigError(f"sampler_top_p {cfg.sampler_top_p} must be in (0, 1] and staleness {cfg.staleness} >= 0")
+    if cfg.is_cap < 1 or not 0 <= cfg.is_low <= 1 <= cfg.is_high:
+        raise M.ConfigError(f"is_cap {cfg.is_cap} must be >= 1 and is_low {cfg.is_low} <= 1 <= is_high {cfg.is_high}, "
+                            "so that a rollout without mismatch (every ratio 1) is left as it is")
     B, G = cfg.rollout_batch_size, cfg.group_size
     if G < 1 or B % G:
         raise M.ConfigError(f"rollout_batch_size {B} must be a whole number of groups of group_size {G}")
@@ -365,12 +516,13 @@ def load_verifier(cfg, gold):
 
 
 @torch.no_grad()
-def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=None):
-    """Old/ref log-probs and reward-model scores of a rollout, in chunks of `micro` rows (item 17: memory).
+def rollout_forward(policy, ref, seq, full_mask, P, cfg, micro, ctx, sampler=None, sampler_ctx=None):
+    """Old, reference and sampler log-probs of a rollout, in chunks of `micro` rows (item 17: memory).
     policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1;
     ref None with kl_coef > 0: the reference is the policy with its LoRA adapters off;
-    rm_ids (B, T') are the reward model's rows (model.rm_rows), None without a reward model."""
-    outs = {"logprobs": [], "ref_logprobs": [], "scores": []}
+    sampler (the mismatch lab; None: mu is pi_old): log mu(y_t) from the sampler's own full forward,
+    with its weights, under sampler_ctx (its precision), of its nucleus (sampler_top_p) at temperature T."""
+    outs = {"logprobs": [], "ref_logprobs": [], "sampler_logprobs": []}
     for i in range(0, seq.size(0), micro):
         s, m = seq[i:i + micro], full_mask[i:i + micro]
         with ctx:
@@ -378,10 +530,49 @@ def rollout_forward(policy, ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids=
             if cfg.kl_coef > 0:
                 with M.adapters_off(policy) if ref is None else nullcontext():
                     outs["ref_logprobs"].append(M.response_logprobs(policy if ref is None else ref, s, m, P, cfg.temperature))
-            if rm is not None:
-                r = rm_ids[i:i + micro]
-                outs["scores"].append(rm.score(r, r != M.PAD_ID).float())
+        if sampler is not None:
+            with sampler_ctx:
+                logits = M.response_logits(sampler, s, m, P)  # (b, R, V)
+            if cfg.sampler_top_p < 1:
+                logits, T = M.top_p_filter(logits.float() / cfg.temperature, cfg.sampler_top_p), 1.0
+            else:
+                T = cfg.temperature
+            outs["sampler_logprobs"].append(M.logprobs_from_logits(logits, s[:, P:], T))
     return {k: torch.cat(v) if v else None for k, v in outs.items()}
+
+
+@torch.no_grad()
+def rm_scores(rm, rm_ids, micro, ctx):
+    """Reward-model scores (b,) of its rows rm_ids (b, T') (model.rm_rows: the re-encoded answers), in
+    chunks of `micro` rows."""
+    outs = []
+    for i in range(0, rm_ids.size(0), micro):
+        r = rm_ids[i:i + micro]
+        with ctx:
+            outs.append(rm.score(r, r != M.PAD_ID).float())
+    return torch.cat(outs)
+
+
+def sampler_context(cfg, device, ctx):
+    """The sampler's precision in the mismatch lab: the trainer's (ctx), bf16 autocast (on CPU too), or fp32."""
+    if cfg.sampler_dtype == "same":
+        return ctx
+    if cfg.sampler_dtype == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def pick_rollout(rounds, n, G):
+    """Dynamic sampling: this process's rollout of n groups from the sampling rounds (dicts of
+    per-row tensors and lists, rows in groups of G), by pick_groups; seq and full_mask merged by
+    merge_rounds. Returns the rollout and how many equal groups filled it."""
+    chosen, filled = pick_groups([r["equal"].view(-1, G)[:, 0] for r in rounds], n)
+    rows = [(rounds[r], range(g * G, (g + 1) * G)) for r, g in chosen]
+    out = {k: [x for rd, rs in rows for x in (rd[k][i] for i in rs)] for k in ("my_idx", "texts")}
+    out.update({k: torch.cat([rd[k][rs.start:rs.stop] for rd, rs in rows]) for k in ("raw_scores", "scores", "ended", "equal")})
+    out["seq"], out["full_mask"], out["P"] = merge_rounds([(rd["seq"][rs.start:rs.stop], rd["full_mask"][rs.start:rs.stop], rd["P"])
+                                                           for rd, rs in rows])
+    return out, filled
 
 
 def load_models(cfg, device, ctx):
@@ -438,6 +629,11 @@ def train(cfg):
         M.load_optimizer_state(opt, state["optimizer"], ckpt)
         M.set_rng_state(state["rng"])
         it = state["iteration"]
+    # the mismatch lab: the sampler's precision, nucleus and weights (a copy of the policy k iterations back)
+    lab = cfg.sampler_dtype != "same" or cfg.sampler_top_p < 1 or cfg.staleness > 0 or cfg.is_correction != "none"
+    sampler_ctx, top_p = sampler_context(cfg, device, ctx), cfg.sampler_top_p if cfg.sampler_top_p < 1 else None
+    stale = copy.deepcopy(policy).requires_grad_(False) if cfg.staleness else None
+    versions = collections.deque(state.get("versions", []) if state else [], maxlen=cfg.staleness + 1)  # the last k + 1 starts
     if master:
         M.print_config(cfg)
         ref_note = "loaded" if ref is not None else "the policy, adapters off" if use_ref else "not loaded (kl_coef 0)"
@@ -451,6 +647,29 @@ def train(cfg):
     fwd_ref = torch.compile(ref) if cfg.compile and ref is not None else ref  # the same path as the policy's: step-0 KL is 0
     gen, ptx_gen = torch.Generator(device=device), torch.Generator(device=device)
     stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"] + ["ptx_loss"] * (ptx is not None)
+
+    def sample_round(idx, stream):
+        """Steps 1-2 for the prompts idx: this process's rows of the rollout, sampled from the generator
+        stream `stream` and scored (the score used, shaped, and whether each row's group is equal)."""
+        seq, full_mask, P = M.sample_rollout(policy if stale is None else stale, prompt_ids, idx, my_shards, shard_size, G,
+                                             cfg, it, tokenizer.eot_id, gen, sampler_ctx, device, top_p, stream)  # (b, P + R)
+        responses = seq[:, P:]  # (b, R)
+        my_idx = [idx[r // G] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
+        texts = [tokenizer.decode(r) for r in responses.tolist()]
+        if rm is not None:  # the reward model scores the re-encoded text (item 20)
+            rm_ids = M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses, rm.config.block_size).to(device)  # (b, T')
+            raw_scores = rm_scores(rm, rm_ids, micro, ctx)
+        else:
+            raw_scores = torch.tensor([verify_answer(prompts[i], t) for i, t in zip(my_idx, texts)], device=device)
+        scores, ended = M.penalise_missing_eos(raw_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
+        if not cfg.eos_trick:
+            scores = raw_scores
+        if cfg.overlong_buffer:
+            lengths = full_mask[:, P:].sum(1)  # (b,) EOS counted
+            scores = scores + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        return {"seq": seq, "full_mask": full_mask, "P": P, "my_idx": my_idx, "texts": texts, "raw_scores": raw_scores,
+                "scores": scores, "ended": ended, "equal": equal_groups(scores, G)}  # equal: before any KL enters
+
     t0, start = time.time(), it
     bar = tqdm(total=iterations, initial=it, desc=cfg.advantage, dynamic_ncols=True, disable=not master)
     while it < iterations:
@@ -458,33 +677,37 @@ def train(cfg):
         for group, base_lr in zip(opt.param_groups, base_lrs):
             group["lr"] = base_lr * frac
 
-        t_start = M.clock(device)  # phase times: time_gen (1), time_fwd (2), time_update (6), time_iter
-        # 1. rollout: G answers to each of B / G prompts (one shared prefill per prompt), this process's shards only
+        t_start = M.clock(device)  # phase times: time_gen (1-2), time_fwd (3), time_update (6), time_iter
+        # 1. rollout: G answers to each of B / G prompts (one shared prefill per prompt), this process's shards only,
+        #    by the sampler: the policy, or in the mismatch lab its weights of `staleness` iterations back
+        if stale is not None:
+            versions.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
+            stale.load_state_dict(versions[0])  # the policy at the start of iteration max(it - staleness, 0)
         idx = M.prompt_batch(it, len(prompts), B // G, cfg.seed)  # the same B / G prompts on every process
-        seq, full_mask, P = M.sample_rollout(policy, prompt_ids, idx, my_shards, shard_size, G, cfg, it, tokenizer.eot_id,
-                                             gen, ctx, device)  # (b, P + R) b = share
+        rounds = [sample_round(idx, "sample")]
+        # 2. (in sample_round) score: the reward model or the checker, the EOS penalty (item 9), DAPO's overlong
+        #    penalty. Dynamic sampling: fresh prompts, round after round, until this process's groups are unequal
+        while (cfg.dynamic_sampling and len(rounds) < cfg.max_sample_rounds
+               and sum(int((~r["equal"]).sum()) for r in rounds) < share):
+            draw = torch.Generator().manual_seed(M.rng_seed(cfg.seed, it, "dynamic", len(rounds)))
+            rounds.append(sample_round(torch.randint(len(prompts), (B // G,), generator=draw).tolist(),
+                                       f"sample/round{len(rounds)}"))
+        roll, filled = pick_rollout(rounds, share // G, G) if cfg.dynamic_sampling else (rounds[0], 0)
+        seq, full_mask, P, my_idx, texts = (roll[k] for k in ("seq", "full_mask", "P", "my_idx", "texts"))
+        raw_scores, scores, ended, equal = (roll[k] for k in ("raw_scores", "scores", "ended", "equal"))  # (b,) each
+        my_prompts = [prompts[i] for i in my_idx]
         responses = seq[:, P:]  # (b, R)
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
-        my_idx = [idx[r // G] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
-        my_prompts = [prompts[i] for i in my_idx]
-        texts = [tokenizer.decode(r) for r in responses.tolist()]
 
-        # 2. forward: old and reference log-probs, reward-model scores (of the re-encoded text)
+        # 3. forward: old and reference log-probs; in the mismatch lab the sampler's own, log mu
         t_gen = M.clock(device)
-        rm_ids = None if rm is None else M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx],
-                                                   responses, rm.config.block_size).to(device)  # (b, T')
-        out = rollout_forward(fwd_policy, fwd_ref, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
+        out = rollout_forward(fwd_policy, fwd_ref, seq, full_mask, P, cfg, micro, ctx,
+                              (fwd_policy if stale is None else stale) if lab else None, sampler_ctx)
         t_fwd = M.clock(device)
         old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
-
-        # 3. score: the reward model or the checker; answers without EOS get the fixed penalty (item 9)
-        if cfg.reward == "rm":
-            raw_scores = out["scores"]
-        else:
-            raw_scores = torch.tensor([verify_answer(p, t) for p, t in zip(my_prompts, texts)], device=device)
-        scores, ended = M.penalise_missing_eos(raw_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
-        if not cfg.eos_trick:
-            scores = raw_scores
+        if lab:  # w = pi_old / mu and the correction's token weights and kept tokens
+            is_weights, is_keep, w = mismatch_correction(old_logprobs, out["sampler_logprobs"], mask, cfg.is_correction,
+                                                         cfg.is_cap, cfg.is_low, cfg.is_high)
 
         # 4. KL of the sampled tokens to the reference (0 without one); in the reward or later in the loss
         beta = cfg.kl_coef
@@ -493,7 +716,6 @@ def train(cfg):
         kl_reward = cfg.kl_in == "reward" and use_ref
 
         # 5. advantages: the group baseline (grpo, dr_grpo, rloo), or REINFORCE++'s whitened returns-to-go
-        equal = equal_groups(scores, G)  # (b,) counted before any KL enters the reward
         if cfg.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
             seq_adv = group_advantages(scores, G, cfg.advantage, cfg.adv_eps)  # (b,) R_i or R_i - mean_g R
             returns = reinforce_pp_returns(seq_adv, kl if kl_reward else torch.zeros_like(kl), mask, beta)  # (b, R)
@@ -502,6 +724,8 @@ def train(cfg):
             kl_penalty = beta * kl.sum(1) if kl_reward else None  # (b,) RLOO's sequence-level penalty beta K_i
             advantages = group_advantages(scores, G, cfg.advantage, cfg.adv_eps, kl_penalty)[:, None] * mask  # (b, R)
         loss_mask = mask * (~equal).float()[:, None] if cfg.drop_equal_groups else mask  # (b, R)
+        if lab:
+            loss_mask = loss_mask * is_keep  # the correction's masked tokens count in no denominator
         seq_sums = torch.stack([raw_scores.float(), scores.float(), kl1.sum(1), kl.sum(1), mask.sum(1), ended.float(),
                                 equal.float(), (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)]).sum(1)  # (8,)
         score, score_used, seq_kl, seq_kl_est, resp_len, eos_frac, equal_frac, adv_mean = (M.ddp_sum(seq_sums, world, device) / B).tolist()
@@ -535,7 +759,9 @@ def train(cfg):
                         entropy = M.entropy_from_logits(logits, cfg.temperature)  # (b, R)
                     kl_loss_ref = ref_logprobs[i] if use_ref and cfg.kl_in == "loss" else None
                     losses, s = grpo_losses(new_logprobs, old_logprobs[i], advantages[i], mb_mask, cfg.clip_low, cfg.clip_high,
-                                            kl_loss_ref, beta, cfg.kl_estimator, entropy, cfg.ent_coef)
+                                            kl_loss_ref, beta, cfg.kl_estimator, entropy, cfg.ent_coef, cfg.policy_loss)
+                    if lab:
+                        losses = losses * is_weights[i]  # tis: the truncated weight pi_old / mu on every token's loss
                     loss = aggregate_loss(losses, mb_mask, cfg.loss_agg, mb_seqs, mb_tokens, cfg.max_new_tokens)
                     s["loss"] = losses.detach()
                     row = [(s[k] * mb_mask).sum().float() / mb_tokens for k in stat_keys if k != "ptx_loss"]
@@ -563,6 +789,11 @@ def train(cfg):
             if stats:
                 metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
                 metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
+            if cfg.dynamic_sampling:  # rounds sampled (mean over processes), equal groups that filled the rollout
+                metrics.update(zip(("dyn_rounds", "dyn_filled"), M.ddp_sum(torch.tensor([len(rounds) / world, filled]),
+                                                                           world, device).tolist()))
+            if lab:
+                metrics.update(mismatch_stats(w, mask, is_keep, world, device))
             if gold:
                 metrics.update(M.gold_metrics(gold_reward, my_prompts, texts, ended, world, device, B, verify_answer))
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
@@ -576,7 +807,7 @@ def train(cfg):
         if master and (it % cfg.ckpt_interval == 0 or it == iterations):
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
                               state={"iteration": it, "optimizer": opt.state_dict(), "rng": M.rng_state(),
-                                     "finished": it == iterations})
+                                     "finished": it == iterations, **({"versions": list(versions)} if stale is not None else {})})
     bar.close()
     M.ddp_cleanup(world)
     return policy

@@ -570,10 +570,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits = top_p_filter(logits, top_p)
     logp = F.log_softmax(logits, dim=-1)  # (B, V)
     if u is None:
         u = torch.rand(logits.size(0), generator=generator, device=logits.device)  # (B,)
@@ -582,6 +579,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     tok = torch.searchsorted(cdf, (u.to(dt) * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (B,)
     tok = tok.clamp(max=logits.size(-1) - 1)  # u * total < total already; rounding cannot step past the end
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus truncation (Holtzman et al. 2020): logits (..., V) with every token outside the smallest
+    set whose probability reaches top_p set to -inf (the most likely token always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (..., V)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
 class KVCache:
@@ -2417,11 +2423,13 @@ def process_rows(B, shards, world, rank):
     return lo, share, shard_size, range(lo // shard_size, (lo + share) // shard_size)
 
 
-def sample_rollout(policy, prompt_ids, idx, shards, shard_size, group, cfg, it, eos_id, gen, ctx, device):
+def sample_rollout(policy, prompt_ids, idx, shards, shard_size, group, cfg, it, eos_id, gen, ctx, device,
+                   top_p=None, stream="sample"):
     """Step 1 of ppo.py and grpo.py: `group` answers to each prompt of idx in this process's shards,
     sampled with the KV cache from left-padded prompts (one prefill per prompt). Shard k draws from
-    its own generator seeded by (seed, iteration, k), so a resumed run and any process count sample
-    the same rows. Returns seq (b, P + R), right-padded with PAD to the longest answer of all
+    its own generator seeded by (seed, iteration, stream, k), so a resumed run and any process count
+    sample the same rows (grpo.py's dynamic sampling draws its extra rounds from other streams).
+    top_p: nucleus sampling (grpo.py's mismatch lab; the RL default is None, item 1). Returns seq (b, P + R), right-padded with PAD to the longest answer of all
     shards, its attention mask (b, P + R), and P, one prompt width for every shard."""
     P = max(len(prompt_ids[i]) for i in idx)
     per_shard = shard_size // group  # prompts in a shard
@@ -2429,9 +2437,9 @@ def sample_rollout(policy, prompt_ids, idx, shards, shard_size, group, cfg, it, 
     for k in shards:
         p_ids, p_mask = pad_left([prompt_ids[i] for i in idx[k * per_shard:(k + 1) * per_shard]], P)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        gen.manual_seed(rng_seed(cfg.seed, it, "sample", k))
+        gen.manual_seed(rng_seed(cfg.seed, it, stream, k))
         with ctx:
-            s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, attention_mask=p_mask,
+            s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, top_p=top_p, attention_mask=p_mask,
                                       eos_id=eos_id, generator=gen, num_samples=group)
         seqs.append(s)
         masks.append(torch.cat([p_mask.repeat_interleave(group, 0), m], 1))

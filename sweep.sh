@@ -55,7 +55,9 @@ done
 #     (32 prompts x 8, the same 256 iterations and optimizer steps) and with DAPO's equal-group drop
 #     on top, or with a KL anchor (k1 in the reward, the RM runs' 0.1), and with 8x the answers per
 #     step on the 4x run's answers (half its iterations), with an entropy penalty, and with PPO-ptx on the
-#     pretraining text (docs/grpo_results.md, section 3). GRPO_RUNS picks the runs.
+#     pretraining text (docs/grpo_results.md, section 3); GSPO, CISPO and DAPO, and the sampler-trainer
+#     mismatch lab: the RLOO run with a stale, a bf16 or a top-p sampler, without and with a correction
+#     (sections 4-5). GRPO_RUNS picks the runs.
 EV5="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 --n_show 0"
 grpo_flags() {
   case $1 in
@@ -76,13 +78,27 @@ grpo_flags() {
     grpo_verifiable_b256_ent0.3_kl) echo "$(grpo_flags grpo_verifiable_b256_kl) --ent_coef -0.3" ;;
     grpo_verifiable_b256_ptx) echo "$(grpo_flags grpo_verifiable_b256) --ptx_coef 1 --ptx_data $DATA/pretrain.txt" ;;
     grpo_verifiable_b256_ent0.1_kl_ptx) echo "$(grpo_flags grpo_verifiable_b256_ent0.1_kl) --ptx_coef 1 --ptx_data $DATA/pretrain.txt" ;;
+    # the 2025-26 objectives (docs/grpo_results.md, section 4), each one change (two for GSPO, whose mean over
+    # answers needs its aggregation) from the rloo run, on its budget; dapo_verifiable on the checker
+    gspo) echo "$(grpo_flags rloo) --policy_loss gspo --loss_agg seq_mean_token_mean --clip_low 3e-4 --clip_high 4e-4" ;;
+    cispo) echo "$(grpo_flags rloo) --policy_loss cispo --clip_low 1 --clip_high 0.28" ;;
+    dapo) echo "$(grpo_flags rloo) --advantage grpo --clip_high 0.28 --overlong_buffer 16 --dynamic_sampling true" ;;
+    dapo_verifiable) echo "$(grpo_flags grpo_verifiable_b256) --clip_high 0.28 --loss_agg token_mean --overlong_buffer 16 --dynamic_sampling true" ;;
+    # the mismatch lab (section 5): the rloo run with its sampler a dose away, without and with a correction
+    stale4) echo "$(grpo_flags rloo) --staleness 4" ;;
+    stale4_tis) echo "$(grpo_flags stale4) --is_correction tis" ;;
+    stale4_mask) echo "$(grpo_flags stale4) --is_correction token_mask" ;;
+    bf16) echo "$(grpo_flags rloo) --sampler_dtype bfloat16" ;;
+    bf16_tis) echo "$(grpo_flags bf16) --is_correction tis" ;;
+    topp0.9) echo "$(grpo_flags rloo) --sampler_top_p 0.9" ;;
+    topp0.9_tis) echo "$(grpo_flags topp0.9) --is_correction tis" ;;
     *) echo "sweep.sh: unknown GRPO run $1" >&2; exit 1 ;;
   esac
 }
 grpo_rm_flag() {  # the verifiable runs need no reward model
-  case $1 in grpo_verifiable*) ;; *) echo "--reward_model $OUT/reward" ;; esac
+  case $1 in grpo_verifiable*|dapo_verifiable) ;; *) echo "--reward_model $OUT/reward" ;; esac
 }
-for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3 grpo_verifiable_b256_ent0.1_kl grpo_verifiable_b256_ent0.3_kl grpo_verifiable_b256_ptx grpo_verifiable_b256_ent0.1_kl_ptx}; do
+for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3 grpo_verifiable_b256_ent0.1_kl grpo_verifiable_b256_ent0.3_kl grpo_verifiable_b256_ptx grpo_verifiable_b256_ent0.1_kl_ptx gspo cispo dapo dapo_verifiable stale4 stale4_tis stale4_mask bf16 bf16_tis topp0.9 topp0.9_tis}; do
   [ -f "$S/eval_$name.json" ] && continue
   python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $(grpo_rm_flag "$name") --prompts "$DATA/prompts_train.jsonl" \
     --out_dir "$S/$name"

@@ -298,13 +298,12 @@ def test_reward_model_scores_the_canonical_ids_of_a_sampled_answer(tokenizer, ti
     responses = M.pad_right([spelled, canonical])  # (2, R) as sampled, right-padded
     seq = torch.cat([torch.tensor([prompt, prompt]), responses], 1)  # (2, P + R)
     full_mask = (seq != M.PAD_ID).long()
-    cfg = grpo.Config(kl_coef=0.0)
     rm_ids = M.rm_rows(tokenizer, [prompt, prompt], responses, rm.config.block_size)
-    out = grpo.rollout_forward(rm.backbone, None, rm, seq, full_mask, len(prompt), cfg, 2, torch.no_grad(), rm_ids)
-    assert out["scores"][0].item() == out["scores"][1].item()
-    raw = grpo.rollout_forward(rm.backbone, None, rm, seq, full_mask, len(prompt), cfg, 2, torch.no_grad(), seq)
-    assert raw["scores"][0].item() != raw["scores"][1].item()  # the sampled ids themselves score differently
-    assert raw["scores"][1].item() == pytest.approx(out["scores"][1].item(), abs=1e-6)
+    out = grpo.rm_scores(rm, rm_ids, 2, torch.no_grad())
+    assert out[0].item() == out[1].item()
+    raw = grpo.rm_scores(rm, seq, 2, torch.no_grad())
+    assert raw[0].item() != raw[1].item()  # the sampled ids themselves score differently
+    assert raw[1].item() == pytest.approx(out[1].item(), abs=1e-6)
 
 
 # --- real runs
@@ -343,13 +342,9 @@ def test_bf16_path_keeps_step0_kl_zero_ratio_one_and_reward_gain_fp32(world, tin
     # CPU bf16 autocast stands in for CUDA's (as in tests/test_ppo.py): the reward model is then stored in bf16
     bf16 = lambda device, dtype="bfloat16": torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     monkeypatch.setattr(M, "autocast", bf16)
-    real, seen = grpo.rollout_forward, {}
-
-    def spy(policy, ref, rm, *a):
-        seen.update(ref=ref, rm=rm)
-        return real(policy, ref, rm, *a)
-
-    monkeypatch.setattr(grpo, "rollout_forward", spy)
+    real_fwd, real_rm, seen = grpo.rollout_forward, grpo.rm_scores, {}
+    monkeypatch.setattr(grpo, "rollout_forward", lambda policy, ref, *a: seen.update(ref=ref) or real_fwd(policy, ref, *a))
+    monkeypatch.setattr(grpo, "rm_scores", lambda rm, *a: seen.update(rm=rm) or real_rm(rm, *a))
     # one minibatch of one epoch: every logged update statistic is step 0's
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8", "--kl_coef", "0.1", "--update_epochs", "1",
         "--num_minibatches", "1")
@@ -505,11 +500,11 @@ def test_kl_wiring_inside_train(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch
     # the advantages and KL terms that reach grpo_losses, against the formulas applied by hand to the
     # rollout's scores and log-probs: catches a flipped sign of beta K, zeros as REINFORCE++'s KL, the
     # KL loss's reference left out. One minibatch of one epoch: one loss call per rollout, all its rows
-    real_fwd, real_losses, fwd, calls = grpo.rollout_forward, grpo.grpo_losses, [], []
+    real_fwd, real_rm, real_losses, fwd, calls, scores = grpo.rollout_forward, grpo.rm_scores, grpo.grpo_losses, [], [], []
 
-    def spy_fwd(policy, ref, rm, seq, full_mask, P, *a):
-        out = real_fwd(policy, ref, rm, seq, full_mask, P, *a)
-        fwd.append({**out, "mask": full_mask[:, P:].float()})
+    def spy_fwd(policy, ref, seq, full_mask, P, *a):
+        out = real_fwd(policy, ref, seq, full_mask, P, *a)
+        fwd.append({**out, "mask": full_mask[:, P:].float(), "scores": scores[-1]})
         return out
 
     def spy_losses(new, old, adv, mask, clip_low, clip_high, ref=None, kl_coef=0.0, kl_estimator="k3", *a):
@@ -517,6 +512,7 @@ def test_kl_wiring_inside_train(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch
         return real_losses(new, old, adv, mask, clip_low, clip_high, ref, kl_coef, kl_estimator, *a)
 
     monkeypatch.setattr(grpo, "rollout_forward", spy_fwd)
+    monkeypatch.setattr(grpo, "rm_scores", lambda *a: scores.append(real_rm(*a)) or scores[-1])
     monkeypatch.setattr(grpo, "grpo_losses", spy_losses)
     beta = 0.5
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "16", "--num_minibatches", "1", "--update_epochs", "1",
