@@ -387,6 +387,14 @@ def test_cli_online_dpo_step0_fresh_reference_and_exact_resume(tiny_ckpt, tiny_r
         h = [(c - r) - (rc - rr) for ids, mask in batches
              for (c, r), (rc, rr) in [(dpo.concatenated_logps(one, ids, mask), dpo.concatenated_logps(start, ids, mask))]]
     assert len(batches) == 2 and torch.cat(h).mean() > 0.05  # 4 pairs in micro-batches of 3 and 1
+    # and the chosen row of each pair is the one the reward model scores higher
+    rm, tok, _ = M.load_checkpoint(tiny_rm, kind="scalar")
+    for ids, mask in batches:
+        rows = [(ids[i][:mask[i].argmax()].tolist(), ids[i][mask[i].bool()][None]) for i in range(ids.size(0))]
+        with torch.no_grad():
+            s = torch.cat([rm.score(M.rm_rows(tok, [p], r, rm.config.block_size)) for p, r in rows])  # (2B,)
+        B = ids.size(0) // 2
+        assert (s[:B] > s[B:]).all()
 
 
 def test_online_ties_are_skipped_and_counted(tiny_ckpt, tiny_rm, tmp_path):
