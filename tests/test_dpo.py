@@ -387,6 +387,13 @@ def test_cli_online_dpo_step0_fresh_reference_and_exact_resume(tiny_ckpt, tiny_r
         h = [(c - r) - (rc - rr) for ids, mask in batches
              for (c, r), (rc, rr) in [(dpo.concatenated_logps(one, ids, mask), dpo.concatenated_logps(start, ids, mask))]]
     assert len(batches) == 2 and torch.cat(h).mean() > 0.05  # 4 pairs in micro-batches of 3 and 1
+    # the step's loss is the mean over its pairs: its gradient norm, recomputed here from the start
+    pol, n = M.load_checkpoint(tiny_ckpt)[0], sum(ids.size(0) // 2 for ids, _ in batches)
+    for ids, mask in batches:
+        c, r = dpo.concatenated_logps(pol, ids, mask)
+        (dpo.dpo_loss(c, r, c.detach(), r.detach(), 0.1)[0].sum() / n).backward()
+    norm = torch.cat([p.grad.flatten() for p in pol.parameters()]).norm().item()
+    assert json.loads(open(tmp_path / "c" / "metrics.jsonl").readline())["grad_norm"] == pytest.approx(norm, rel=1e-4)
     # and the chosen row of each pair is the one the reward model scores higher
     rm, tok, _ = M.load_checkpoint(tiny_rm, kind="scalar")
     for ids, mask in batches:
