@@ -24,6 +24,13 @@ with --family llama), it measures:
   4. MFU          the machine's matmul peak (an n x n @ n x n matmul, 2 n^3 FLOPs, timed between
                   the train steps) and the model FLOPs utilization of our train step (nanoGPT/PaLM
                   formula, see below).
+  5. RL update    (--sections rl) the policy's forward + backward of the clipped surrogate on
+                  rl_rows rows of rl_prompt_len + rl_resp tokens with random advantages, its log-probs
+                  and entropy (logged only, as at ent_coef 0) fused (GPT.forward(logprobs=True): ppo.py,
+                  grpo.py and dpo.py's path, no (B, R, V) logits) against the logits path they replaced
+                  (response_logits, then logprobs_from_logits and entropy_from_logits), both ours, on
+                  the benchmark model and on the world's SFT model: time (ratio > 1: fused faster) and the
+                  bytes autograd saves for backward (the step's activation memory beyond the weights).
 The two contenders are timed back to back in every repeat (who goes first alternates), so load
 from other jobs lands on both alike: tokens/s are medians over repeats, a ratio is the median of
 the per-repeat ratios, ours / transformers in speed (> 1: ours is faster). Rollouts seed both
@@ -109,7 +116,11 @@ class Config:
     # real weights: every section on a pretrained model instead of random weights (sizes come from it)
     init: str = ""  # a GGUF file or name (smollm2-135m-instruct), a Hugging Face directory or one of our checkpoints; "" = random weights
     init_prompts: str = "data/arith/prompts_val.jsonl"  # the real model's rollout prompts, in its own chat template
-    sections: str = "gen,rollout,train"  # which parts to run (MFU comes with train)
+    sections: str = "gen,rollout,train"  # which parts to run (MFU comes with train; rl on request)
+    # RL update step (section rl): fused log-probs against the logits path
+    rl_rows: int = 16  # rows of a micro-batch (ppo_world / grpo_world: 64 answers in minibatches of 16)
+    rl_prompt_len: int = 32  # prompt tokens of each row
+    rl_resp: int = 48  # response tokens of each row (ppo_world's max_new_tokens)
     # training
     train_batch: int = 8  # rows per train step
     train_seq: int = 256  # tokens per row
@@ -284,6 +295,57 @@ def prompt_rollout(name, model, tok, hf, prompts_path, template, cfg, device, ct
             print(f"{name} greedy answers (left-padded, EOS) match transformers: {res[f'{name}_greedy_match']}")
 
 
+def saved_bytes(fn):
+    """Bytes of the distinct tensors autograd saves for backward while fn runs (its activations)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def rl_update_race(name, model, cfg, device, ctx, res):
+    """Section 5 on one model: the fused log-probs against the logits path, timed back to back."""
+    V, P, R = model.config.vocab_size, cfg.rl_prompt_len, cfg.rl_resp
+    gen = torch.Generator().manual_seed(cfg.seed)
+    seq = torch.randint(V, (cfg.rl_rows, P + R), generator=gen).to(device)  # (B, P + R)
+    mask = torch.ones_like(seq)
+    adv = torch.randn(cfg.rl_rows, R, generator=gen).to(device)  # (B, R)
+    model.train()
+
+    def step(fused):
+        with ctx:
+            if fused:
+                lp, entropy = M.response_logprobs(model, seq, mask, P, 1.0, entropy=True)  # (B, R) each
+                entropy = entropy.detach()
+            else:
+                logits = M.response_logits(model, seq, mask, P)  # (B, R, V)
+                lp = M.logprobs_from_logits(logits, seq[:, P:])
+                with torch.no_grad():
+                    entropy = M.entropy_from_logits(logits, 1.0)
+        ratio = torch.exp(lp - lp.detach())  # (B, R) 1, with the gradient of log pi
+        loss = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean() + 0 * entropy.mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return cfg.rl_rows * R
+
+    times, _ = race([("fused", lambda: step(True)), ("logits", lambda: step(False))], cfg.repeats, device)
+    pairs = [b / a for a, b in zip(times["fused"], times["logits"])]  # > 1: fused faster
+    r = {"fused_s": times["fused"], "logits_s": times["logits"], "ratio": statistics.median(pairs),
+         "ratio_mean_ci": [statistics.mean(pairs), *M.bootstrap_ci(pairs)] if len(pairs) > 1 else None,
+         "fused_saved_bytes": saved_bytes(lambda: step(True)), "logits_saved_bytes": saved_bytes(lambda: step(False))}
+    res[f"rl_{name}"] = r
+    ci = r["ratio_mean_ci"]
+    print(f"rl update {name:6s} | fused {statistics.median(times['fused']):.3f} s, logits {statistics.median(times['logits']):.3f} s | "
+          f"speed ratio {r['ratio']:.3f}" + (f" (mean {ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}])" if ci else "")
+          + f" | saved for backward {r['fused_saved_bytes'] / 2**20:.1f} MiB against {r['logits_saved_bytes'] / 2**20:.1f} MiB"
+          + f" | {cfg.rl_rows} x ({P} + {R}) tokens, V = {V}")
+
+
 def report(res, cfg):
     """The summary table, and the numbers as JSON in cfg.out."""
     sections = cfg.sections.split(",")
@@ -311,11 +373,11 @@ def report(res, cfg):
 def check_lengths(cfg):
     """Each section's lengths against block_size, before any model is built (not after two sections)."""
     sections = cfg.sections.split(",")
-    if set(sections) - {"gen", "rollout", "train"}:
-        raise M.ConfigError(f"sections={cfg.sections!r}: a comma-separated subset of gen,rollout,train")
+    if set(sections) - {"gen", "rollout", "train", "rl"}:
+        raise M.ConfigError(f"sections={cfg.sections!r}: a comma-separated subset of gen,rollout,train,rl")
     for section, key, n in (("gen", "prompt_len + new_tokens", cfg.prompt_len + cfg.new_tokens),
                             ("rollout", "rollout_prompt_len + rollout_new_tokens", cfg.rollout_prompt_len + cfg.rollout_new_tokens),
-                            ("train", "train_seq", cfg.train_seq)):
+                            ("train", "train_seq", cfg.train_seq), ("rl", "rl_prompt_len + rl_resp", cfg.rl_prompt_len + cfg.rl_resp)):
         if section in sections and n > cfg.block_size:
             raise M.ConfigError(f"{key} = {n} > block_size {cfg.block_size} (section {section}): raise --block_size "
                                 f"or shorten the section's lengths")
@@ -427,6 +489,12 @@ def main(cfg):
                            "hh", cfg, device, ctx, res)
         else:
             print(f"rollout world | skipped: no checkpoint at world_sft={cfg.world_sft!r}")
+
+    # --- 5. RL update step: fused log-probs against the logits path (ours both), benchmark model and world SFT
+    if "rl" in sections:
+        rl_update_race("model", model, cfg, device, ctx, res)
+        if not cfg.init and cfg.world_sft and os.path.exists(cfg.world_sft):
+            rl_update_race("world", M.load_gpt(cfg.world_sft, device)[0], cfg, device, ctx, res)
 
     # --- 3. train step: forward + backward + AdamW, next-token cross entropy on random tokens
 

@@ -1,8 +1,6 @@
 """
-dpo.py: preference optimisation without RL. Direct Preference Optimization: the policy learns from
-preference pairs directly, with no reward model and no sampling (Rafailov et al. 2023), with its
-IPO and conservative variants, the reference-free SimPO, KTO on unpaired answers, and online DPO,
-which samples its pairs from the current policy and ranks them by a reward model.
+dpo.py: preference optimisation without RL: DPO (Rafailov et al. 2023) and its IPO and conservative
+variants, the reference-free SimPO, KTO on unpaired answers, and online DPO on the policy's own samples.
 
 Objective. For a prompt x with a preferred answer y_w and a dispreferred one y_l, the policy pi
 (initialised from SFT) and the frozen reference pi_ref (the same SFT weights):

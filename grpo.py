@@ -530,14 +530,14 @@ def rollout_forward(policy, ref, seq, full_mask, P, cfg, micro, ctx, sampler=Non
             if cfg.kl_coef > 0:
                 with M.adapters_off(policy) if ref is None else nullcontext():
                     outs["ref_logprobs"].append(M.response_logprobs(policy if ref is None else ref, s, m, P, cfg.temperature))
-        if sampler is not None:
+        if sampler is not None and cfg.sampler_top_p < 1:  # the nucleus needs the whole (b, R, V) distribution
             with sampler_ctx:
                 logits = M.response_logits(sampler, s, m, P)  # (b, R, V)
-            if cfg.sampler_top_p < 1:
-                logits, T = M.top_p_filter(logits.float() / cfg.temperature, cfg.sampler_top_p), 1.0
-            else:
-                T = cfg.temperature
-            outs["sampler_logprobs"].append(M.logprobs_from_logits(logits, s[:, P:], T))
+            logits = M.top_p_filter(logits.float() / cfg.temperature, cfg.sampler_top_p)
+            outs["sampler_logprobs"].append(M.logprobs_from_logits(logits, s[:, P:]))
+        elif sampler is not None:  # the trainer's own path: no dose, the same numbers
+            with sampler_ctx:
+                outs["sampler_logprobs"].append(M.response_logprobs(sampler, s, m, P, cfg.temperature))
     return {k: torch.cat(v) if v else None for k, v in outs.items()}
 
 
@@ -752,11 +752,11 @@ def train(cfg):
                         continue
                     i = torch.tensor(i, device=device)
                     mb_seq, mb_full, mb_mask = seq[i], full_mask[i], loss_mask[i]
-                    with ctx:
-                        logits = M.response_logits(fwd_policy, mb_seq, mb_full, P)  # (b, R, V)
-                    new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
-                    with torch.set_grad_enabled(cfg.ent_coef != 0):  # logged only at 0: no (b, R, V) fp32 graph
-                        entropy = M.entropy_from_logits(logits, cfg.temperature)  # (b, R)
+                    with ctx:  # fused LM head: no (b, R, V) logits (model.linear_logprobs)
+                        new_logprobs, entropy = M.response_logprobs(fwd_policy, mb_seq, mb_full, P, cfg.temperature,
+                                                                    entropy=True)  # (b, R) fp32 each
+                    if cfg.ent_coef == 0:
+                        entropy = entropy.detach()  # logged only: no gradient work for it
                     kl_loss_ref = ref_logprobs[i] if use_ref and cfg.kl_in == "loss" else None
                     losses, s = grpo_losses(new_logprobs, old_logprobs[i], advantages[i], mb_mask, cfg.clip_low, cfg.clip_high,
                                             kl_loss_ref, beta, cfg.kl_estimator, entropy, cfg.ent_coef, cfg.policy_loss)

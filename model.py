@@ -18,6 +18,8 @@ Contents
                             place where logits and tokens are shifted against each other;
                             linear_cross_entropy: the LM head and cross entropy fused in row
                             chunks (GPT.forward(targets=...), the pretraining and SFT loss);
+                            linear_logprobs: the LM head, per-token log-probs and entropy fused
+                            (GPT.forward(logprobs=True), the RL and DPO log-probs);
                             kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref);
                             (4b) masked mean/var/whiten, entropy, the missing-EOS penalty;
                             (4c) PPO-ptx's pretraining windows and loss
@@ -412,17 +414,23 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, attention_mask=None, kv_cache=None, logits_start=0, targets=None, weights=None):
+    def forward(self, idx, attention_mask=None, kv_cache=None, logits_start=0, targets=None, weights=None,
+                logprobs=False, temperature=1.0):
         """Logits for positions logits_start.. (all by default): (B, T - logits_start, V).
 
         Skipping the prompt positions saves the (B, P, V) LM-head work; going through forward
         (not hidden) keeps torch.compile and DDP wrappers in the path. With targets (B, T) (the next
         token of each position) it returns instead the summed negative log-likelihood
         sum_t weights_t * -log p(targets_t) (weights (B, T), default 1), a () fp32 scalar computed by
-        linear_cross_entropy without the (B, T, V) logits: the pretraining and SFT loss."""
+        linear_cross_entropy without the (B, T, V) logits: the pretraining and SFT loss. With
+        logprobs=True and targets (B, T'') (the next token of the first T'' positions from
+        logits_start) it returns (log p(targets_t), entropy_t) at temperature, each (B, T'') fp32,
+        by linear_logprobs, also without the logits: the RL stages' and DPO's log-probs."""
         h = self.hidden(idx, attention_mask, kv_cache)[:, logits_start:]  # (B, T', C)
         if targets is None:
             return self.lm_head(h)
+        if logprobs:
+            return linear_logprobs(h[:, :targets.size(1)], self.lm_head.weight, targets, temperature)
         weights = torch.ones(targets.shape, device=h.device) if weights is None else weights
         return linear_cross_entropy(h, self.lm_head.weight, targets, weights)
 
@@ -753,14 +761,20 @@ def logprobs_from_logits(logits, tokens, temperature=1.0):
     return out.masked_fill(tokens == PAD_ID, 0.0)
 
 
-def response_logprobs(model, seq, attention_mask=None, start=1, temperature=1.0):
-    """log p(seq[:, t] | seq[:, :t]) for t >= start: (B, T - start), fp32, 0 at PAD_ID.
+def response_logprobs(model, seq, attention_mask=None, start=1, temperature=1.0, entropy=False):
+    """log p(seq[:, t] | seq[:, :t]) for t >= start: (B, T - start), fp32, 0 at PAD_ID; with entropy,
+    also the entropy of each of those positions' distributions, (B, T - start) fp32.
 
     Pass start = P for a left-padded prompt of P columns followed by a response; start = 1 for
     right-padded prompt+response rows, then mask with the loss mask shifted the same way.
     Divide by the sampling temperature so the log-probs are of the distribution sampled (item 1).
+    Through GPT.forward(logprobs=True): linear_logprobs, so no (B, T, V) logits tensor exists; the
+    values are logprobs_from_logits(response_logits(...)) and entropy_from_logits' up to float rounding.
     """
-    return logprobs_from_logits(response_logits(model, seq, attention_mask, start), seq[:, start:], temperature)
+    assert start >= 1
+    logp, ent = model(seq, attention_mask, logits_start=start - 1, targets=seq[:, start:], logprobs=True,
+                      temperature=temperature)  # (B, T - start) each
+    return (logp, ent) if entropy else logp
 
 
 CE_CHUNK_BYTES = 2 ** 26  # fp32 logits of at most this size exist at once in linear_cross_entropy (64 MiB)
@@ -815,6 +829,71 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
                 None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None)
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """Per row t: log softmax(h_t W^T / T)[y_t] and the entropy H_t of softmax(h_t W^T / T), with
+    their gradients, in row chunks, so the (N, V) logits never exist at once (the RL stages' and DPO's
+    log-probs; LinearCrossEntropy is the pretraining and SFT loss). The upstream gradients g (of
+    log p) and g_H (of H) are known only in backward, so backward makes each chunk's logits again
+    (one more matmul than the logits path) and forms dlogits = [g (onehot(y) - p) - g_H p (log p + H)] / T
+    in place, then dh = dlogits W and dW = dlogits^T h. An entropy that no loss uses gets no gradient
+    work (g_H is None). Logits, softmax and entropy in fp32; the matmuls in the ambient autocast dtype.
+    h (N, C), weight (V, C), targets (N,) long in [0, V), temperature float -> logp (N,), H (N,) fp32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature):
+        N, V = h.size(0), weight.size(0)
+        rows = max(1, CE_CHUNK_BYTES // (4 * V))
+        cast = torch.is_autocast_enabled(h.device.type)
+        dtype = torch.get_autocast_dtype(h.device.type) if cast else h.dtype  # the matmuls' dtype
+        logp = torch.empty(N, device=h.device)
+        ent, lse = torch.empty_like(logp), torch.empty_like(logp)
+        for i in range(0, N, rows):
+            z = F.linear(h[i:i + rows].to(dtype), weight.to(dtype)).float().div_(temperature)  # (n, V)
+            lse[i:i + rows] = lse_c = torch.logsumexp(z, dim=-1)  # (n,)
+            logp[i:i + rows] = z.gather(1, targets[i:i + rows, None]).squeeze(1) - lse_c
+            ent[i:i + rows] = lse_c - (z - lse_c[:, None]).exp().mul_(z).sum(-1)  # H = lse - sum_v p_v z_v
+        ctx.save_for_backward(h, weight, targets, lse, ent)
+        ctx.temperature, ctx.dtype, ctx.rows = temperature, dtype, rows
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, targets, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        if g_logp is None and g_ent is None:
+            return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+        w_cast, rows = weight.to(ctx.dtype), ctx.rows
+        for i in range(0, h.size(0), rows):
+            hc = h[i:i + rows].to(ctx.dtype)  # (n, C)
+            logq = F.linear(hc, w_cast).float().div_(ctx.temperature).sub_(lse[i:i + rows, None])  # (n, V) log p
+            p = logq.exp()
+            g = torch.zeros_like(p)
+            if g_logp is not None:  # g (onehot(y) - p)
+                gl = g_logp[i:i + rows, None].float()
+                g.sub_(p * gl).scatter_add_(1, targets[i:i + rows, None], gl)
+            if g_ent is not None:  # dH/dz_v = -p_v (log p_v + H)
+                g.sub_(p.mul_(logq.add_(ent[i:i + rows, None])).mul_(g_ent[i:i + rows, None].float()))
+            g = g.div_(ctx.temperature).to(ctx.dtype)  # (n, V) dlogits
+            if need_h:
+                grad_h[i:i + rows] = (g @ w_cast).to(h.dtype)  # (n, C)
+            if need_w:
+                grad_w += (g.t() @ hc).float()  # (V, C)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def linear_logprobs(h, weight, targets, temperature=1.0):
+    """log p(targets_t) and the entropy of each position's distribution, softmax(h_t W^T / temperature),
+    without the (..., V) logits: h (..., C), weight (V, C), targets (...) ids -> (...), (...) fp32;
+    PAD_ID targets get log-prob 0 (as logprobs_from_logits gives them). The values and gradients are
+    those of logprobs_from_logits and entropy_from_logits on h W^T (tests/test_fused_logprobs.py)."""
+    shape = targets.shape
+    logp, ent = LinearLogprobs.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1).clamp(min=0), temperature)
+    return logp.view(shape).masked_fill(targets == PAD_ID, 0.0), ent.view(shape)
 
 
 def linear_cross_entropy(h, weight, targets, weights):

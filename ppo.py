@@ -429,14 +429,13 @@ def train(cfg):
                     i = torch.tensor(i, device=device)
                     mb_seq, mb_full, mb_mask = seq[i], full_mask[i], mask[i]
                     w = mb_mask.sum() / mb_tokens  # these rows' share of the minibatch mean
-                    with ctx:
-                        logits = M.response_logits(fwd_policy, mb_seq, mb_full, P)  # (b, R, V)
+                    with ctx:  # fused LM head: no (b, R, V) logits (model.linear_logprobs)
+                        new_logprobs, entropy = M.response_logprobs(fwd_policy, mb_seq, mb_full, P, cfg.temperature,
+                                                                    entropy=True)  # (b, R) fp32 each
                         vpred = value_model(mb_seq, mb_full)[:, P - 1:-1].float()  # (b, R)
-                    new_logprobs = M.logprobs_from_logits(logits, responses[i], cfg.temperature)  # (b, R) fp32
                     pg_loss, vf_loss, s = ppo_losses(new_logprobs, old_logprobs[i], advantages[i], vpred, old_values[i],
                                                      returns[i], mb_mask, cfg.clip_coef, cfg.vf_clip)
-                    with torch.set_grad_enabled(cfg.ent_coef != 0):  # logged only at 0: no (b, R, V) fp32 graph
-                        entropy = M.masked_mean(M.entropy_from_logits(logits, cfg.temperature), mb_mask)
+                    entropy = M.masked_mean(entropy if cfg.ent_coef != 0 else entropy.detach(), mb_mask)  # 0: logged only
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                     if ptx is not None:  # PPO-ptx: pretraining log-likelihood on random windows (per process)
                         x = M.ptx_windows(ptx, cfg.ptx_len, cfg.ptx_batch_size, ptx_gen).to(device)  # (b, L + 1)

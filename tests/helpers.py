@@ -1,6 +1,7 @@
 """Shared test helpers (plain functions, imported as `from helpers import ...`): a way to kill a
 training loop at a given step, a stand-in for torch.compile that counts forwards run outside a
-compiled module, a spy on the RL stages' entropy, and an answer spelled one byte a token (a
+compiled module, a spy on the RL stages' entropy gradient, a stand-in model of one next-token
+distribution, and an answer spelled one byte a token (a
 non-canonical encoding of its text). The fixtures are in conftest.py."""
 
 import contextlib
@@ -59,17 +60,27 @@ def count_compiled_forwards(monkeypatch):
 
 
 def spy_entropy_graphs(monkeypatch):
-    """model.entropy_from_logits wrapped: the returned list gets, per call, whether its output
-    carries a gradient graph."""
-    real, seen = M.entropy_from_logits, []
+    """model.LinearLogprobs.backward wrapped (the fused log-probs and entropy): the returned list gets,
+    per backward, whether a gradient of the entropy reached it (a loss used the entropy)."""
+    real, seen = M.LinearLogprobs.backward, []
 
-    def spy(logits, temperature):
-        out = real(logits, temperature)
-        seen.append(out.requires_grad)
-        return out
+    def spy(ctx, g_logp, g_ent):
+        seen.append(g_ent is not None)
+        return real(ctx, g_logp, g_ent)
 
-    monkeypatch.setattr(M, "entropy_from_logits", spy)
+    monkeypatch.setattr(M.LinearLogprobs, "backward", staticmethod(spy))
     return seen
+
+
+def same_distribution_model(probs):
+    """A stand-in for a GPT whose next-token distribution is `probs` at every position: hidden state 1,
+    LM head the log-probs, through model.linear_logprobs as GPT.forward(logprobs=True) computes them."""
+    head = torch.log(torch.tensor(probs))[:, None]  # (V, C = 1)
+
+    def model(seq, mask=None, logits_start=0, targets=None, logprobs=False, temperature=1.0):
+        return M.linear_logprobs(torch.ones(seq.size(0), targets.size(1), 1), head, targets, temperature)
+
+    return model
 
 
 def byte_spelled(tokenizer, text):

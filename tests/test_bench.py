@@ -116,3 +116,15 @@ def test_lengths_are_checked_before_any_model_is_built(monkeypatch):
         bench.main(M.parse_config(bench.Config, ["--block_size", "128", "--device", "cpu"]))
     with pytest.raises(M.ConfigError, match=r"prompt_len \+ new_tokens = 96 > block_size 64 \(section gen\)"):
         bench.main(M.parse_config(bench.Config, ["--block_size", "64", "--sections", "gen", "--device", "cpu"]))
+
+
+def test_rl_section_times_both_paths_and_the_fused_one_saves_less(tmp_path, tiny_ckpt):
+    out = tmp_path / "rl.json"
+    subprocess.run([sys.executable, "bench.py", *TINY, "--sections", "rl", "--rl_rows", "4", "--rl_prompt_len", "8",
+                    "--rl_resp", "8", "--world_sft", tiny_ckpt, "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    res = json.load(open(out))
+    for name in ("model", "world"):
+        r = res[f"rl_{name}"]
+        assert r["ratio"] > 0 and len(r["fused_s"]) == len(r["logits_s"]) == 1
+        assert 0 < r["fused_saved_bytes"] < r["logits_saved_bytes"], r  # the (B, R, V) logits are not kept

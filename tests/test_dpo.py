@@ -12,7 +12,7 @@ import torch
 
 import dpo
 import model as M
-from helpers import killed_at_step
+from helpers import killed_at_step, same_distribution_model
 
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 
@@ -184,8 +184,7 @@ def test_chosen_and_rejected_share_one_truncated_prompt(tokenizer):
 
 def test_ipo_average_uses_per_token_log_probs():
     # a stand-in model whose next-token distribution is log-probs [log 0.5, log 0.25, log 0.25] everywhere
-    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
-    model = lambda seq, mask=None, logits_start=0: logits.expand(seq.size(0), seq.size(1) - logits_start, 3)  # noqa: E731
+    model = same_distribution_model([0.5, 0.25, 0.25])
     # chosen: prompt [0], answer [0, 1, 2] (3 tokens); rejected: prompt [0], answer [1] (1 token)
     ids, mask = dpo.collate([(([0, 0, 1, 2], 1), ([0, 1], 1))])
     chosen, rejected = dpo.concatenated_logps(model, ids, mask)

@@ -11,7 +11,7 @@ import torch
 
 import model as M
 import ppo
-from helpers import byte_spelled, count_compiled_forwards, spy_entropy_graphs
+from helpers import byte_spelled, count_compiled_forwards, same_distribution_model, spy_entropy_graphs
 
 
 def slow_gae(rewards, values, lengths, gamma, lam):
@@ -208,8 +208,7 @@ def test_ptx_windows_and_loss_hand_computed():
     stream = torch.arange(100, 200)
     x = M.ptx_windows(stream, 5, 3, torch.Generator().manual_seed(0))  # (3, 6): contiguous slices of the stream
     assert x.shape == (3, 6) and all((row - row[0] == torch.arange(6)).all() and row[-1] < 200 for row in x)
-    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))  # a stand-in model with the same next-token distribution everywhere
-    model = lambda seq, mask=None, logits_start=0: logits.expand(seq.size(0), seq.size(1) - logits_start, 3)  # noqa: E731
+    model = same_distribution_model([0.5, 0.25, 0.25])  # the same next-token distribution everywhere
     loss = M.ptx_loss(model, torch.tensor([[0, 1, 2, 0], [2, 2, 2, 2]]))  # targets 1, 2, 0 and 2, 2, 2
     assert loss.item() == pytest.approx(-(2 * math.log(0.25) + math.log(0.5) + 3 * math.log(0.25)) / 6)
 
