@@ -256,16 +256,6 @@ def encode_unpaired(rows, tokenizer, max_len, min_prompt, template="hh", seed=0)
     return out, torch.tensor([d for _, _, d in rows]), stats
 
 
-def load_prompts(path, tokenizer, max_len, template="hh"):
-    """Online DPO's prompts: the texts and their templated ids, cut to their last max_len tokens (counted)."""
-    rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
-    for n, p in enumerate(rows, 1):
-        if not isinstance(p, str) or not p.strip():
-            raise M.DataError(f"{path}: row {n}: empty prompt")
-    ids = [M.encode_chat(tokenizer, p, template=template) for p in rows]
-    return rows, [x[-max_len:] for x in ids], sum(len(x) > max_len for x in ids)
-
-
 def collate(examples):
     """B pairs -> ONE right-padded batch: ids (2B, T), rows [0, B) chosen, [B, 2B) rejected, and
     mask (2B, T), 1 on response tokens and the EOS only (not the prompt, not the padding)."""
@@ -723,7 +713,7 @@ def train_online(cfg):
     rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
     if rm_tok.ranks != tokenizer.ranks:
         raise M.ConfigError(f"{cfg.reward_model} and {cfg.init} use different tokenizers")
-    prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_len - cfg.max_new_tokens, cfg.template)
+    prompts, prompt_ids, n_cut = M.load_prompts(cfg.prompts, tokenizer, cfg.max_len - cfg.max_new_tokens, cfg.template)
     model = copy.deepcopy(ref) if state is None else M.load_checkpoint(ckpt, device)[0]
     model = M.adapt(model, cfg, resumed=state is not None)
     for frozen in (ref, rm):

@@ -3010,3 +3010,14 @@ def read_jsonl(path, required=()):
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def load_prompts(path, tokenizer, max_len, template="hh"):
+    """The RL stages' and online DPO's prompts: (texts, templated ids cut to their last max_len tokens,
+    how many were cut). An empty prompt is an error naming its row."""
+    rows = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    for n, p in enumerate(rows, 1):
+        if not isinstance(p, str) or not p.strip():
+            raise DataError(f"{path}: row {n}: empty prompt")
+    ids = [encode_chat(tokenizer, p, template=template) for p in rows]
+    return rows, [x[-max_len:] for x in ids], sum(len(x) > max_len for x in ids)

@@ -224,18 +224,7 @@ def explained_variance(values, returns, mask, world=1):
     return (1 - M.masked_var(returns - values, mask, world) / var_r).item() if var_r > 0 else float("nan")
 
 
-# --- data
-
-
-def load_prompts(path, tokenizer, max_len, template="hh"):
-    """Templated prompt ids, cut to their last max_len tokens (counted)."""
-    rows = [r["prompt"] for r in M.read_jsonl(path, ("prompt",))]
-    for n, p in enumerate(rows, 1):
-        if not isinstance(p, str) or not p.strip():
-            raise M.DataError(f"{path}: row {n}: empty prompt")
-    ids = [M.encode_chat(tokenizer, p, template=template) for p in rows]
-    cut = sum(len(x) > max_len for x in ids)
-    return rows, [x[-max_len:] for x in ids], cut
+# --- models
 
 
 def init_value_model(value_init, policy, reward_model, device):
@@ -332,7 +321,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     ctx = M.autocast(device, cfg.dtype)
     policy, tokenizer, ref, rm, value_model = load_models(cfg, device, ctx)
-    prompts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template)
+    prompts, prompt_ids, n_cut = M.load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template)
     ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
     if gold:
         from data.world import gold_reward  # the task's oracle: a metric only

@@ -10,7 +10,6 @@ import torch
 
 import eval as evaluate
 import model as M
-import ppo
 import pretrain
 
 
@@ -28,12 +27,12 @@ def test_ppo_prompts_errors_and_cut_counted(tmp_path, tokenizer):
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"prompt": "what colour is the fox?"}) + "\n" + json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl:2: missing key\(s\) \['prompt'\]"):
-        ppo.load_prompts(str(p), tokenizer, 64)
+        M.load_prompts(str(p), tokenizer, 64)
     p.write_text(json.dumps({"prompt": "what colour is the fox?"}) + "\n" + json.dumps({"prompt": ""}) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl: row 2: empty prompt"):
-        ppo.load_prompts(str(p), tokenizer, 64)
+        M.load_prompts(str(p), tokenizer, 64)
     p.write_text(json.dumps({"prompt": "tell me about the fox. " * 30}) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
-    prompts, ids, cut = ppo.load_prompts(str(p), tokenizer, 32)
+    prompts, ids, cut = M.load_prompts(str(p), tokenizer, 32)
     assert cut == 1 and len(ids[0]) == 32 and ids[0][-3:] == M.encode_chat(tokenizer, "x")[-3:]  # keeps "Assistant:"
 
 

@@ -271,7 +271,7 @@ def test_template_travels_from_sft_to_the_next_stage(world, tiny_ckpt, tmp_path)
     dpo.train(cfg)
     assert json.load(open(tmp_path / "dpo" / "config.json"))["template"] == "none"
     tok = M.load_tokenizer(str(world / "tokenizer.tiktoken"))
-    _, ids, _ = ppo.load_prompts(str(prefs), tok, 64, "none")
+    _, ids, _ = M.load_prompts(str(prefs), tok, 64, "none")
     assert ids == [tok.encode("the fox")]
 
 
