@@ -19,7 +19,7 @@ For a policy checkpoint it reports, over the prompts:
              (each instruction's difficulty, fitted across the many models of its leaderboard), with lengths
              in characters: ours has no instruction term, lengths in tokens, and a ridge of 1e-4 that keeps
              the fit finite when every answer wins.
-             win_rate_lc_coef is b, len_diff the mean d, len_diff_sd the scale sd(d)
+             win_rate_lc_coef is b (with win_rate_lc_coef_ci), len_diff the mean d, len_diff_sd the scale sd(d)
   pass_at_<k> (--pass_at_k K) for k = 1, 2, 4, ..., K: pass@k on the checker's questions, from
              --pass_samples n >= K answers each (an answer cut before EOS is wrong), by the unbiased
              estimator of Chen et al. 2021, Eq. 1: the mean over questions of 1 - C(n - c, k) / C(n, k)
@@ -329,7 +329,7 @@ def length_controlled_win_rate(wins, len_diff, repeats, n_boot=2000, level=0.95,
     for, x = 0 and the fit is the raw rate. wins, len_diff: N = prompts * repeats answers, each prompt's
     repeats consecutive. The interval: the percentile bootstrap over prompts (all answers of a prompt
     resampled together, the draws of model.bootstrap_ci), one refit per resample, sd(d) kept at the
-    full data's. Returns (lc, [lo, hi], b, sd)."""
+    full data's. Returns (lc, [lo, hi], b, [lo_b, hi_b], sd): the length slope b with its interval too."""
     y, d = torch.tensor(wins, dtype=torch.float64), torch.tensor(len_diff, dtype=torch.float64)  # (N,)
     sd = d.std(correction=0).item()
     x = torch.tanh(d / sd) if sd > 0 else torch.zeros_like(d)  # (N,)
@@ -337,9 +337,9 @@ def length_controlled_win_rate(wins, len_diff, repeats, n_boot=2000, level=0.95,
     n = len(wins) // repeats
     idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))  # (n_boot, n) as bootstrap_ci
     counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
-    a_boot, _ = fit_win_logistic(x, y, counts.repeat_interleave(repeats, 1))  # (n_boot,) a prompt's answers together
+    a_boot, b_boot = fit_win_logistic(x, y, counts.repeat_interleave(repeats, 1))  # (n_boot,) a prompt's answers together
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    return torch.sigmoid(a).item(), torch.quantile(torch.sigmoid(a_boot), q).tolist(), b.item(), sd
+    return torch.sigmoid(a).item(), torch.quantile(torch.sigmoid(a_boot), q).tolist(), b.item(), torch.quantile(b_boot, q).tolist(), sd
 
 
 def pass_at_k(n, c, k):
@@ -494,8 +494,8 @@ def evaluate(cfg):
         summary["baseline_gold"] = mean(b["gold"] for b in base_gold)
         # the length-controlled win rate: the win rate the fit predicts at zero length difference
         len_diff = [len(r) - len(b[0]) for r, b in zip(responses, base_ans)]  # tokens, EOS counted
-        lc, lc_ci, coef, sd = length_controlled_win_rate(wins, len_diff, cfg.repeats)
-        summary.update(win_rate_lc=lc, win_rate_lc_ci=lc_ci, win_rate_lc_coef=coef, len_diff=mean(len_diff),
+        lc, lc_ci, coef, coef_ci, sd = length_controlled_win_rate(wins, len_diff, cfg.repeats)
+        summary.update(win_rate_lc=lc, win_rate_lc_ci=lc_ci, win_rate_lc_coef=coef, win_rate_lc_coef_ci=coef_ci, len_diff=mean(len_diff),
                        len_diff_sd=sd, baseline_resp_tokens=mean(len(b[0]) for b in base_ans))
 
     # 4b. pass@k on the checker's questions: n answers each, pass@k by Chen et al.'s unbiased estimator

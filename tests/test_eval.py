@@ -205,17 +205,17 @@ def test_prompt_stride_spreads_a_small_sample_over_every_prompt_kind(tiny_ckpt, 
 def test_lc_win_rate_removes_a_length_effect_and_keeps_a_win_rate_independent_of_length():
     # wins from length alone: every longer answer wins, every equal one ties, every shorter one loses
     wins, d = [1.0] * 80 + [0.5] * 10 + [0.0] * 10, [5] * 80 + [0] * 10 + [-5] * 10
-    lc, (lo, hi), coef, _ = evaluate.length_controlled_win_rate(wins, d, 1)
+    lc, (lo, hi), coef, _, _ = evaluate.length_controlled_win_rate(wins, d, 1)
     assert sum(wins) / 100 == 0.85 and lc == pytest.approx(0.5, abs=1e-3) and lo <= lc <= hi and coef > 5
     # the expected win indicator a logistic function of the length feature alone: recovered exactly
     d = [12, 9, 7, 7, 5, 3, 2, 1, 0, -1, -4, 6, 8, 10, 15, 4]
     sd = torch.tensor(d, dtype=torch.float64).std(correction=0)
     y = torch.sigmoid(2.0 * torch.tanh(torch.tensor(d) / sd)).tolist()
-    lc, _, coef, _ = evaluate.length_controlled_win_rate(y, d, 1)
+    lc, _, coef, _, _ = evaluate.length_controlled_win_rate(y, d, 1)
     assert sum(y) / len(y) > 0.7 and lc == pytest.approx(0.5, abs=1e-4) and coef == pytest.approx(2.0, abs=1e-3)
     # 7 wins in 10 at every length difference: the length explains nothing, LC = the raw rate
     wins, d = ([1.0] * 7 + [0.0] * 3) * 10, [5] * 40 + [0] * 20 + [-5] * 40
-    lc, _, coef, _ = evaluate.length_controlled_win_rate(wins, d, 1)
+    lc, _, coef, _, _ = evaluate.length_controlled_win_rate(wins, d, 1)
     assert lc == pytest.approx(0.7, abs=1e-4) and coef == pytest.approx(0.0, abs=1e-6)
 
 
@@ -248,15 +248,15 @@ def test_win_logistic_fit_closed_form_brute_force_and_ties_as_half_a_win():
 
 
 def test_lc_win_rate_degenerate_inputs():
-    lc, ci, _, _ = evaluate.length_controlled_win_rate([1.0] * 20, list(range(20)), 2)  # every answer wins
+    lc, ci, _, _, _ = evaluate.length_controlled_win_rate([1.0] * 20, list(range(20)), 2)  # every answer wins
     assert 0.999 < lc < 1 and all(math.isfinite(v) for v in ci)
-    lc, ci, _, _ = evaluate.length_controlled_win_rate([0.0] * 20, [3, -3] * 10, 2)  # every answer loses
+    lc, ci, _, _, _ = evaluate.length_controlled_win_rate([0.0] * 20, [3, -3] * 10, 2)  # every answer loses
     assert 0 < lc < 1e-3
-    lc, ci, coef, _ = evaluate.length_controlled_win_rate([0.5] * 20, list(range(20)), 2)  # every answer ties
+    lc, ci, coef, _, _ = evaluate.length_controlled_win_rate([0.5] * 20, list(range(20)), 2)  # every answer ties
     assert lc == 0.5 and ci == [0.5, 0.5] and coef == 0.0
     wins = [1.0, 0.0, 1.0, 1.0, 0.5, 0.0] * 5
     for d in ([0] * 30, [4] * 30):  # no spread of length differences: nothing to control for, LC = the raw rate
-        lc, ci, coef, sd = evaluate.length_controlled_win_rate(wins, d, 3)
+        lc, ci, coef, _, sd = evaluate.length_controlled_win_rate(wins, d, 3)
         assert sd == 0.0 and coef == 0.0 and lc == pytest.approx(sum(wins) / 30, abs=1e-5)
 
 
@@ -266,7 +266,7 @@ def test_lc_interval_resamples_the_answers_of_a_prompt_together():
     g = torch.Generator().manual_seed(1)
     wins = (torch.rand(40, generator=g) < 0.3).double().repeat_interleave(4)  # 40 prompts x 4 equal repeats
     wins = wins.tolist()
-    lc, ci, _, _ = evaluate.length_controlled_win_rate(wins, [0] * 160, 4)
+    lc, ci, _, _, _ = evaluate.length_controlled_win_rate(wins, [0] * 160, 4)
     want = M.bootstrap_ci(evaluate.per_prompt(wins, 4))
     assert ci == pytest.approx(want, abs=1e-5) and lc == pytest.approx(sum(wins) / 160, abs=1e-5)
 
