@@ -9,6 +9,22 @@ For a policy checkpoint it reports, over the prompts:
   kl         KL(pi || pi_ref) to --ref, the sampled estimate E_y~pi [sum_t log pi(y_t) - log pi_ref(y_t)]
              (per sequence, nats), with both log-probs at the sampling temperature
   win_rate   gold win rate against --baseline, one answer each per prompt, ties count half
+  win_rate_lc  the length-controlled win rate (Dubois et al. 2024, "Length-Controlled AlpacaEval"): the win
+             indicator (ties 0.5) regressed by logistic regression on x = tanh(d / sd(d)), d the answer's
+             length minus the baseline answer's in tokens, P(win) = sigmoid(a + b x), fitted by Newton's
+             method; win_rate_lc = sigmoid(a), the win rate predicted at zero length difference (0.5 for a
+             win rate that comes from length alone). A tie enters the Bernoulli log-likelihood as target
+             0.5, half a win and half a loss. Simpler than AlpacaEval's GLM, which has the same intercept
+             and tanh-scaled length term for a model against its baseline, but also an instruction term
+             (each instruction's difficulty, fitted across the many models of its leaderboard), with lengths
+             in characters: ours has no instruction term, lengths in tokens, and a ridge of 1e-4 that keeps
+             the fit finite when every answer wins.
+             win_rate_lc_coef is b (with win_rate_lc_coef_ci), len_diff the mean d, len_diff_sd the scale sd(d)
+  pass_at_<k> (--pass_at_k K) for k = 1, 2, 4, ..., K: pass@k on the checker's questions, from
+             --pass_samples n >= K answers each (an answer cut before EOS is wrong), by the unbiased
+             estimator of Chen et al. 2021, Eq. 1: the mean over questions of 1 - C(n - c, k) / C(n, k)
+             (c correct of n), computed as a product; with its interval over questions. The per-question
+             counts c are saved in pass_per_question
   fact_acc   the share of answers to the world's fact questions that state the true value and no
              false one (data/world.py verify_answer: grpo.py's verifiable reward); arith_acc the same
              for the addition questions of data/arith.py (--verifier arith). An answer cut before its
@@ -28,7 +44,8 @@ all n answers of each prompt are written as a ranking by reward-model score, pre
 labelled by a reward model: the DPO paper's IMDb pairs (4 SFT samples per prefix, ranked by the
 sentiment classifier; Rafailov et al. 2023, section 6.1), ready for dpo.py or reward.py.
 Uncertainty: every mean over prompts (gold, win rate, KL) comes with a 95% percentile-bootstrap
-interval over prompts (the repeats of one prompt are resampled together), in `<key>_ci`; the
+interval over prompts (the repeats of one prompt are resampled together), in `<key>_ci` (win_rate_lc:
+the fit repeated on each resample; pass@k: over questions); the
 per-prompt values are saved in `per_prompt`, so --pool can average runs of several seeds prompt by
 prompt and bootstrap that. The gold reward is the task's oracle: eval.py and ppo.py's metrics import it from data/world.py;
 no training loss ever sees it. It is on only for the world's own prompts (--gold auto, the default).
@@ -42,6 +59,7 @@ Run:
   python eval.py --ckpt out/sft --prompts data/world/prompts_val.jsonl --reward_model out/reward --best_of_n 16 --dump out/bon16.jsonl
   python eval.py --ckpt out/imdb_sft --reward_model out/imdb_reward --prompts data/imdb/imdb_prompts_train.jsonl \
       --best_of_n 4 --max_new_tokens 48 --dump_rankings data/imdb/imdb_prefs_train.jsonl
+  python eval.py --ckpt out/sft --prompts data/world/prompts_val.jsonl --pass_at_k 64 --pass_samples 64 --out out/pass_sft.json
   python eval.py --frontier "out/sweep/eval_*.json" --plot out/frontier.png
   python eval.py --pool "out/seed*/eval_ppo.json"
 """
@@ -53,6 +71,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import model as M
 
@@ -76,6 +95,8 @@ class Config:
     verifier: str = "auto"  # checker of verifiable answers: facts (the built-in world's fact questions; auto = when gold is on), arith (data/arith.py), none
     dump_verified: str = ""  # write each prompt's distinct correct answers (checker 1, EOS) as {"prompt", "response"} JSONL
     dump_verified_pairs: str = ""  # write {"prompt", "chosen", "rejected"} pairs of a correct and a wrong answer per prompt
+    pass_at_k: int = 0  # > 0: pass@k for k = 1, 2, 4, ..., pass_at_k on the checker's questions (Chen et al. 2021); 0 = off
+    pass_samples: int = 64  # n answers per checker question for pass@k (n >= pass_at_k)
     temperature: float = 1.0  # sampling temperature (also of the KL's log-probs)
     max_new_tokens: int = 96  # above the longest SFT answer of the built-in task (75 tokens): the cap cuts no normal answer
     batch_size: int = 64  # sequences per generation batch
@@ -257,6 +278,89 @@ def best_of_n_kl(scores, answers, n):
     return kl
 
 
+def fit_win_logistic(x, y, weights=None, ridge=1e-4, steps=100):
+    """Logistic regression of a win indicator on one feature, P(win) = sigmoid(a + b x), by Newton's
+    method (with step halving) on the Bernoulli log-likelihood with a small ridge penalty,
+      l(a, b) = sum_i w_i [y_i log p_i + (1 - y_i) log(1 - p_i)] - ridge / 2 (a^2 + b^2),  p_i = sigmoid(a + b x_i),
+    gradient X^T w (y - p) - ridge theta, Hessian -(X^T diag(w p (1 - p)) X + ridge I), X = [1, x].
+    y in [0, 1]: a tie enters as y = 0.5, half a win and half a loss; l stays concave and the fit
+    still makes sum_i w_i (y_i - p_i) = ridge a (~0), so ties count half, as in win_rate. The ridge
+    keeps the fit finite where the maximum likelihood is at infinity (every answer wins, or the longer
+    answer always wins) and moves a fitted win rate by less than 1e-5 here (hundreds of answers).
+    x, y (N,); weights (n, N) or None (all 1): n fits at once, one per row (the bootstrap's resamples).
+    Returns (a, b), each (n,) float64."""
+    X = torch.stack([torch.ones_like(x), x], 1).double()  # (N, 2)
+    XX = (X[:, :, None] * X[:, None, :]).reshape(len(x), 4)  # (N, 4) the outer products x_i x_i^T
+    y = y.double()
+    W = torch.ones(1, len(x), dtype=torch.float64) if weights is None else weights.double()  # (n, N)
+    theta = torch.zeros(W.size(0), 2, dtype=torch.float64)  # (n, 2) = (a, b)
+
+    def objective(th):  # (n,) the penalised log-likelihood
+        z = th @ X.T  # (n, N)
+        return (W * (y * F.logsigmoid(z) + (1 - y) * F.logsigmoid(-z))).sum(1) - 0.5 * ridge * (th ** 2).sum(1)
+
+    obj = objective(theta)
+    for _ in range(steps):
+        p = torch.sigmoid(theta @ X.T)  # (n, N)
+        grad = (W * (y - p)) @ X - ridge * theta  # (n, 2)
+        H = ((W * p * (1 - p)) @ XX).view(-1, 2, 2) + ridge * torch.eye(2, dtype=torch.float64)  # (n, 2, 2) minus the Hessian
+        step = torch.linalg.solve(H, grad[..., None])[..., 0]  # (n, 2) Newton's step
+        t = torch.ones(W.size(0), 1, dtype=torch.float64)  # (n, 1) step sizes, halved where the objective would fall
+        for _ in range(30):
+            new_obj = objective(theta + t * step)
+            worse = new_obj < obj - 1e-12 * obj.abs()  # a fall beyond rounding
+            if not worse.any():
+                break
+            t = torch.where(worse[:, None], t / 2, t)
+        t = torch.where(worse[:, None], 0.0, t)  # still worse after 30 halvings: stay
+        theta = theta + t * step
+        obj = objective(theta)
+        if step.abs().max() < 1e-10:
+            break
+    return theta[:, 0], theta[:, 1]
+
+
+def length_controlled_win_rate(wins, len_diff, repeats, n_boot=2000, level=0.95, seed=0):
+    """The length-controlled win rate (Dubois et al. 2024, "Length-Controlled AlpacaEval"), simplified:
+    the win indicator (1, 0.5 for a tie, 0) regressed on x = tanh(d / sd(d)), d the policy answer's
+    length minus the baseline answer's (tokens, EOS counted), by fit_win_logistic, and the predicted
+    win rate at zero length difference, sigmoid(a). A win rate that comes from length alone goes to 0.5;
+    one independent of length stays the raw rate. Every d equal (sd 0): no length difference to control
+    for, x = 0 and the fit is the raw rate. wins, len_diff: N = prompts * repeats answers, each prompt's
+    repeats consecutive. The interval: the percentile bootstrap over prompts (all answers of a prompt
+    resampled together, the draws of model.bootstrap_ci), one refit per resample, sd(d) kept at the
+    full data's. Returns (lc, [lo, hi], b, [lo_b, hi_b], sd): the length slope b with its interval too."""
+    y, d = torch.tensor(wins, dtype=torch.float64), torch.tensor(len_diff, dtype=torch.float64)  # (N,)
+    sd = d.std(correction=0).item()
+    x = torch.tanh(d / sd) if sd > 0 else torch.zeros_like(d)  # (N,)
+    a, b = fit_win_logistic(x, y)
+    n = len(wins) // repeats
+    idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))  # (n_boot, n) as bootstrap_ci
+    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+    a_boot, b_boot = fit_win_logistic(x, y, counts.repeat_interleave(repeats, 1))  # (n_boot,) a prompt's answers together
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return torch.sigmoid(a).item(), torch.quantile(torch.sigmoid(a_boot), q).tolist(), b.item(), torch.quantile(b_boot, q).tolist(), sd
+
+
+def pass_at_k(n, c, k):
+    """pass@k of one question from n sampled answers of which c are correct: the unbiased estimator of
+    Chen et al. 2021 ("Evaluating Large Language Models Trained on Code", Eq. 1), 1 - C(n - c, k) / C(n, k),
+    the chance that k answers drawn without replacement from the n hold a correct one. Computed as their
+    stable product, C(n - c, k) / C(n, k) = prod_{i = n - c + 1}^{n} (1 - k / i), with no huge binomials."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} from {n} answers: the unbiased estimator needs 1 <= k <= n (draw more answers)")
+    if not 0 <= c <= n:
+        raise ValueError(f"{c} correct answers of {n}")
+    if n - c < k:  # every k-subset holds a correct answer
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_ks(k_max):
+    """The k of pass@k reported: 1, 2, 4, ... up to k_max, and k_max itself."""
+    return sorted({2 ** j for j in range(k_max.bit_length()) if 2 ** j <= k_max} | {k_max})
+
+
 # --- main
 
 
@@ -272,6 +376,11 @@ def evaluate(cfg):
     verifier = verifier_of(cfg.verifier, gold)
     if (cfg.dump_verified or cfg.dump_verified_pairs) and verifier is None:
         raise M.ConfigError("dump_verified and dump_verified_pairs need a checker: --verifier facts or arith")
+    if cfg.pass_at_k and verifier is None:
+        raise M.ConfigError("pass_at_k needs a checker of the answers: --verifier facts or arith")
+    if cfg.pass_at_k < 0 or cfg.pass_at_k > cfg.pass_samples:
+        raise M.ConfigError(f"pass_at_k {cfg.pass_at_k} with pass_samples {cfg.pass_samples}: the unbiased estimator "
+                            f"(Chen et al. 2021) needs k <= n answers per question; raise --pass_samples")
     if cfg.prompt_stride < 1:
         raise M.ConfigError(f"prompt_stride {cfg.prompt_stride}: expected 1 (every prompt) or more")
     if cfg.baseline and not gold:  # the win rate is judged by the gold reward: without it --baseline would do nothing
@@ -383,6 +492,30 @@ def evaluate(cfg):
         pp["win"] = per_prompt(wins, cfg.repeats)
         summary["win_rate_ci"] = M.bootstrap_ci(pp["win"])
         summary["baseline_gold"] = mean(b["gold"] for b in base_gold)
+        # the length-controlled win rate: the win rate the fit predicts at zero length difference
+        len_diff = [len(r) - len(b[0]) for r, b in zip(responses, base_ans)]  # tokens, EOS counted
+        lc, lc_ci, coef, coef_ci, sd = length_controlled_win_rate(wins, len_diff, cfg.repeats)
+        summary.update(win_rate_lc=lc, win_rate_lc_ci=lc_ci, win_rate_lc_coef=coef, win_rate_lc_coef_ci=coef_ci, len_diff=mean(len_diff),
+                       len_diff_sd=sd, baseline_resp_tokens=mean(len(b[0]) for b in base_ans))
+
+    # 4b. pass@k on the checker's questions: n answers each, pass@k by Chen et al.'s unbiased estimator
+    if cfg.pass_at_k:
+        verify = verifier[0]
+        questions = [p for p in prompts[::cfg.repeats] if verify(p, "") is not None]
+        n = cfg.pass_samples
+        if not questions:
+            raise M.ConfigError(f"pass_at_k: none of the prompts of {cfg.prompts} is one of the checker's questions")
+        flat_q = [q for q in questions for _ in range(n)]
+        q_answers = sample(policy, tokenizer, flat_q, cfg, device, cfg.seed + 3)
+        ok = [bool(e) and verify(q, tokenizer.decode(r)) == 1.0 for q, (r, e) in zip(flat_q, q_answers)]  # cut = wrong
+        correct = [sum(ok[i * n:(i + 1) * n]) for i in range(len(questions))]
+        for k in pass_ks(cfg.pass_at_k):
+            values = [pass_at_k(n, c, k) for c in correct]
+            summary[f"pass_at_{k}"], summary[f"pass_at_{k}_ci"] = mean(values), M.bootstrap_ci(values)
+        summary.update(pass_samples=n, pass_questions=len(questions))
+        summary["pass_per_question"] = {"prompt": questions, "correct": correct, "n": n}
+        print(f"pass@k over {len(questions)} questions, {n} answers each: " + " | ".join(
+            f"k={k} {summary[f'pass_at_{k}']:.3f} {fmt_ci(summary[f'pass_at_{k}_ci'])}" for k in pass_ks(cfg.pass_at_k)))
 
     # 5. a table of answers, the dump, the summary
     for p, t, e, g in list(zip(prompts, texts, ended, gold or [None] * len(prompts)))[:cfg.n_show]:
@@ -420,7 +553,7 @@ def evaluate(cfg):
     with open(out, "w") as f:
         json.dump(summary, f, indent=2)
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {fmt_ci(v)}" if k.endswith("_ci") else f"{k} {v}"
-                     for k, v in summary.items() if k != "per_prompt"))
+                     for k, v in summary.items() if k not in ("per_prompt", "pass_per_question")))
     return summary
 
 

@@ -9,7 +9,10 @@ each prompt is answered G times (a group) and the group is the baseline.
                  max_new_tokens, each row stopping at EOS
   2. score       R_i: reward = "rm": the reward-model score of the re-encoded answer (normalised by its
                  gain/bias), an answer without EOS scoring missing_eos_penalty instead (Stiennon et al.
-                 2020, N+ "EOS trick");
+                 2020, N+ "EOS trick"); several reward models (reward_model "a,b,c": an ensemble, e.g.
+                 reward.py run with --seed 1, 2, 3) score each answer with their own normalisation, combined by
+                 ensemble (model.combine_ensemble; Coste et al. 2023): mean, min (worst case), or uwo =
+                 mean - ensemble_lambda * Var (population variance over members); logged score_rm<j>, ensemble_std;
                  reward = "verifiable": 1 if the answer states the true value of what a fact question
                  asks and no false one, else 0 (data/world.py verify_answer; RL from verifiable rewards),
                  or with verifier = "arith" 1 if it states a + b and no other result (data/arith.py);
@@ -87,8 +90,8 @@ ent_coef = 0 the entropy H is logged only, computed without gradients, so no (B,
 kept for it.
 
 Models, as in ppo.py without the value model: the policy, the frozen reference (the policy's start,
-in the policy's precision: item 19) and, with reward = "rm", the frozen reward model, which scores
-the re-encoded text of each answer (item 20).
+in the policy's precision: item 19) and, with reward = "rm", the frozen reward model (or each member of
+an ensemble, all in bf16 under bf16 autocast), which scores the re-encoded text of each answer (item 20).
 
 Departures: the KL loss term is weighted by the detached importance ratio pi_theta / pi_old, so that
 on later minibatches (ratio != 1) its expected gradient is still the estimator's on-policy one
@@ -107,6 +110,8 @@ Run:
   Dr. GRPO:  python grpo.py --config configs/grpo_world.toml --advantage dr_grpo --loss_agg seq_mean_token_sum_norm --out_dir out/dr_grpo
   RLOO:      python grpo.py --config configs/grpo_world.toml --advantage rloo --kl_in reward --kl_estimator k1 --out_dir out/rloo
   verifiable rewards:  python grpo.py --config configs/grpo_world_verifiable.toml
+  RM ensemble (UWO):   python grpo.py --config configs/grpo_world.toml --reward_model out/reward_seed1,out/reward_seed2,out/reward_seed3 \
+                           --ensemble uwo --ensemble_lambda 0.5 --out_dir out/grpo_uwo
   GSPO, CISPO, DAPO, the mismatch lab: sweep.sh's gspo, cispo, dapo, stale4, bf16, topp0.9 runs (their flags there)
   one GPU:   python grpo.py --config configs/grpo_world.toml --device cuda
 """
@@ -140,7 +145,9 @@ class Config:
     policy: str = ""  # (required) SFT checkpoint: the policy's start and the frozen reference
     reward: str = "rm"  # "rm": reward_model's score; "verifiable": the verifier's 0/1 checker
     verifier: str = "facts"  # reward = "verifiable": facts (data/world.py's fact questions) or arith (data/arith.py's sums)
-    reward_model: str = ""  # (required when reward = "rm") reward-model checkpoint (reward.py)
+    reward_model: str = ""  # (required when reward = "rm") reward-model checkpoint (reward.py); several, comma-separated: an ensemble
+    ensemble: str = "mean"  # how an ensemble's members combine per answer: mean | min | uwo (mean - ensemble_lambda * variance)
+    ensemble_lambda: float = 0.5  # uwo's lambda (Coste et al. 2023), on normalised scores; a starting value, not tuned here
     prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
     out_dir: str = "out/grpo"  # checkpoint (ckpt/), config.json, metrics.jsonl
     template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the policy checkpoint's, else hh
@@ -485,6 +492,7 @@ def check_config(cfg, world):
         raise M.ConfigError("advantage 'rloo' needs group_size >= 2 (its baseline is the other answers' mean)")
     if cfg.kl_coef < 0 or cfg.clip_low < 0 or cfg.clip_high < 0:
         raise M.ConfigError(f"kl_coef {cfg.kl_coef}, clip_low {cfg.clip_low}, clip_high {cfg.clip_high} must be >= 0")
+    M.check_ensemble(cfg)
     minibatch, micro, shards = M.check_rollout_sizes(cfg, world, G)
     return B, G, minibatch, micro, shards
 
@@ -493,12 +501,13 @@ def check_inputs(cfg):
     """Every input before anything loads: the paths exist and hold what each key takes (a policy, a
     reward model unless the reward is verifiable), the chat template resolves, prompt and answer fit
     the block size. Returns whether the built-in world's gold reward is logged."""
-    rm_path = cfg.reward_model if cfg.reward == "rm" else ""  # the verifiable reward needs no reward model
+    rm_paths = M.reward_model_paths(cfg.reward_model) if cfg.reward == "rm" else []  # the verifiable reward needs none
     M.require(cfg, "policy", "prompts", *["reward_model"] * (cfg.reward == "rm"), *["ptx_data"] * (cfg.ptx_coef > 0))
-    M.check_paths(policy=cfg.policy, reward_model=rm_path, prompts=cfg.prompts,
-                  ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
-    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(rm_path, "reward_model"))
-    cfg.template = M.resolve_template(cfg.template, cfg.policy, rm_path)
+    M.check_paths(policy=cfg.policy, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    for path in rm_paths or [""]:  # every member of an ensemble
+        M.check_paths(reward_model=path)
+        M.check_roles(policy=(cfg.policy, "policy"), reward_model=(path, "reward_model"))
+    cfg.template = M.resolve_template(cfg.template, cfg.policy, *rm_paths)
     M.check_rl_lengths(cfg)
     from data.world import gold_on  # the built-in task's marker: its gold reward only on its own prompts
     return gold_on(cfg.gold, cfg.prompts)
@@ -569,33 +578,37 @@ def pick_rollout(rounds, n, G):
     chosen, filled = pick_groups([r["equal"].view(-1, G)[:, 0] for r in rounds], n)
     rows = [(rounds[r], range(g * G, (g + 1) * G)) for r, g in chosen]
     out = {k: [x for rd, rs in rows for x in (rd[k][i] for i in rs)] for k in ("my_idx", "texts")}
-    out.update({k: torch.cat([rd[k][rs.start:rs.stop] for rd, rs in rows]) for k in ("raw_scores", "scores", "ended", "equal")})
+    out.update({k: torch.cat([rd[k][rs.start:rs.stop] for rd, rs in rows])
+                for k in ("raw_scores", "member_scores", "scores", "ended", "equal")})
     out["seq"], out["full_mask"], out["P"] = merge_rounds([(rd["seq"][rs.start:rs.stop], rd["full_mask"][rs.start:rs.stop], rd["P"])
                                                            for rd, rs in rows])
     return out, filled
 
 
 def load_models(cfg, device, ctx):
-    """The policy, its frozen reference (kl_coef > 0) and the frozen reward model (reward = "rm"), all
-    with dropout off (item 2). The reference is the policy's start (item 19): a copy of it (an SFT
-    checkpoint's LoRA adapters merged in both, so step-0 KL is exactly 0), or with LoRA None: the
-    policy itself with its adapters off. Under bf16 autocast the reward model is stored in bf16, its
-    gain and bias fp32 (item 17); the reference stays in the policy's precision path."""
+    """The policy, its frozen reference (kl_coef > 0) and the frozen reward models (reward = "rm": one,
+    or each member of an ensemble), all with dropout off (item 2). The reference is the policy's start
+    (item 19): a copy of it (an SFT checkpoint's LoRA adapters merged in both, so step-0 KL is exactly
+    0), or with LoRA None: the policy itself with its adapters off. Under bf16 autocast every reward
+    model is stored in bf16, its gain and bias fp32 (item 17); the reference stays in the policy's
+    precision path. Returns (policy, tokenizer, ref, rms), rms the list of reward models ([] if none)."""
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     policy = M.adapt(policy, cfg)
     ref = copy.deepcopy(policy) if cfg.kl_coef > 0 and not cfg.lora_rank else None
-    rm = None
-    if cfg.reward == "rm":
-        rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
-        if rm_tok.ranks != tokenizer.ranks:
-            raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
-    for frozen in (m for m in (ref, rm) if m is not None):
+    rms = []
+    for path in M.reward_model_paths(cfg.reward_model) if cfg.reward == "rm" else []:
+        rm, rm_tok, _ = M.load_checkpoint(path, device, kind="scalar")
+        if rm_tok.ranks != tokenizer.ranks:  # every member reads the policy's answers re-encoded by the policy's tokenizer
+            raise M.ConfigError(f"{path} and {cfg.policy} use different tokenizers")
+        rms.append(rm)
+    for frozen in (m for m in (ref, *rms) if m is not None):
         frozen.eval().requires_grad_(False)
-    if rm is not None and isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
-        rm.backbone.to(torch.bfloat16)
-        rm.head.to(torch.bfloat16)
+    if isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
+        for rm in rms:
+            rm.backbone.to(torch.bfloat16)
+            rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
-    return policy, tokenizer, ref, rm
+    return policy, tokenizer, ref, rms
 
 
 def train(cfg):
@@ -611,7 +624,7 @@ def train(cfg):
         return M.load_checkpoint(run.ckpt, device)[0]
     torch.manual_seed(cfg.seed)
     ctx = M.autocast(device, cfg.dtype)
-    policy, tokenizer, ref, rm = load_models(cfg, device, ctx)
+    policy, tokenizer, ref, rms = load_models(cfg, device, ctx)
     use_ref = cfg.kl_coef > 0  # a KL term: the reference's log-probs are computed
     verify_answer = load_verifier(cfg, gold)
     prompts, prompt_ids, n_cut, n_other = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template,
@@ -656,11 +669,14 @@ def train(cfg):
         responses = seq[:, P:]  # (b, R)
         my_idx = [idx[r // G] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
         texts = [tokenizer.decode(r) for r in responses.tolist()]
-        if rm is not None:  # the reward model scores the re-encoded text (item 20)
-            rm_ids = M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses, rm.config.block_size).to(device)  # (b, T')
-            raw_scores = rm_scores(rm, rm_ids, micro, ctx)
+        if rms:  # each reward model scores the re-encoded text (item 20), cut to its own block size
+            rm_ids = {n: M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses, n).to(device)
+                      for n in {rm.config.block_size for rm in rms}}  # (b, T') per block size
+            member_scores = torch.stack([rm_scores(rm, rm_ids[rm.config.block_size], micro, ctx) for rm in rms])  # (k, b)
+            raw_scores = M.combine_ensemble(member_scores, cfg.ensemble, cfg.ensemble_lambda)  # (b,) k = 1: the member's
         else:
             raw_scores = torch.tensor([verify_answer(prompts[i], t) for i, t in zip(my_idx, texts)], device=device)
+            member_scores = raw_scores.new_zeros(0, len(raw_scores))  # (0, b): no reward model
         scores, ended = M.penalise_missing_eos(raw_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
         if not cfg.eos_trick:
             scores = raw_scores
@@ -668,7 +684,8 @@ def train(cfg):
             lengths = full_mask[:, P:].sum(1)  # (b,) EOS counted
             scores = scores + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
         return {"seq": seq, "full_mask": full_mask, "P": P, "my_idx": my_idx, "texts": texts, "raw_scores": raw_scores,
-                "scores": scores, "ended": ended, "equal": equal_groups(scores, G)}  # equal: before any KL enters
+                "member_scores": member_scores.T, "scores": scores, "ended": ended,  # member_scores (b, k)
+                "equal": equal_groups(scores, G)}  # equal: before any KL enters
 
     t0, start = time.time(), it
     bar = tqdm(total=iterations, initial=it, desc=cfg.advantage, dynamic_ncols=True, disable=not master)
@@ -695,6 +712,7 @@ def train(cfg):
         roll, filled = pick_rollout(rounds, share // G, G) if cfg.dynamic_sampling else (rounds[0], 0)
         seq, full_mask, P, my_idx, texts = (roll[k] for k in ("seq", "full_mask", "P", "my_idx", "texts"))
         raw_scores, scores, ended, equal = (roll[k] for k in ("raw_scores", "scores", "ended", "equal"))  # (b,) each
+        member_scores = roll["member_scores"].T  # (k, b) each reward model's score (k = 0: verifiable)
         my_prompts = [prompts[i] for i in my_idx]
         responses = seq[:, P:]  # (b, R)
         mask = full_mask[:, P:].float()  # (b, R) 1 on response tokens up to and including EOS
@@ -794,6 +812,8 @@ def train(cfg):
                                                                            world, device).tolist()))
             if lab:
                 metrics.update(mismatch_stats(w, mask, is_keep, world, device))
+            if len(rms) > 1:  # each member's mean score and their spread (std across members, mean over answers)
+                metrics.update(M.ensemble_metrics(member_scores, world, device, B))
             if gold:
                 metrics.update(M.gold_metrics(gold_reward, my_prompts, texts, ended, world, device, B, verify_answer))
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)

@@ -22,6 +22,7 @@ Contents
                             (GPT.forward(logprobs=True), the RL and DPO log-probs);
                             kl_estimate: the k1 / k2 / k3 estimators of KL(pi || pi_ref);
                             (4b) masked mean/var/whiten, entropy, the missing-EOS penalty;
+                            combine_ensemble: mean / min / uwo over reward-model members;
                             (4c) PPO-ptx's pretraining windows and loss
   ---- the plumbing every stage shares: sections 1-4 are the network, 5-8 what surrounds it ----
   5. Hugging Face, GGUF     GPT2LMHeadModel, and (5b) LlamaForCausalLM, Qwen2/Qwen3ForCausalLM,
@@ -968,6 +969,56 @@ def penalise_missing_eos(scores, responses, eos_id, penalty):
     responses (B, R) holds the sampled tokens only, so an EOS inside the prompt never counts."""
     ended = (responses == eos_id).any(1)  # (B,)
     return torch.where(ended, scores, torch.full_like(scores, penalty)), ended
+
+
+# --- 4b'. reward-model ensembles (ppo.py and grpo.py take a comma-separated reward_model): k members,
+# each scoring with its own normalisation, combined per answer into the one score the stage uses
+
+ENSEMBLE_RULES = ("mean", "min", "uwo")
+
+
+def combine_ensemble(scores, rule="mean", lam=0.0):
+    """One score per answer from k reward models: scores (k, B), each member's own normalised score
+    (ScalarModel.score), -> (B,). The three objectives of Coste et al. 2023 ("Reward Model Ensembles
+    Help Mitigate Overoptimization"), r_j the score of member j:
+      mean  1/k sum_j r_j                        mean optimisation
+      min   min_j r_j                            worst-case optimisation (WCO)
+      uwo   1/k sum_j r_j - lam Var_j(r_j)       uncertainty-weighted optimisation (UWO)
+    Var_j is the population variance over members, 1/k sum_j (r_j - mean_j r)^2 (not the sample
+    variance's 1/(k-1), which is undefined for one member), so an ensemble of one scores exactly as
+    its member under every rule; lam >= 0 (ensemble_lambda)."""
+    if rule == "mean":
+        return scores.mean(0)  # (B,)
+    if rule == "min":
+        return scores.min(0).values  # (B,)
+    if rule == "uwo":
+        mean = scores.mean(0)  # (B,)
+        var = ((scores - mean) ** 2).mean(0)  # (B,) population variance over the k members
+        return mean - lam * var
+    raise ValueError(f"ensemble must be one of {', '.join(ENSEMBLE_RULES)}, not {rule!r}")
+
+
+def reward_model_paths(value):
+    """The members of a reward_model setting: "a" -> ["a"], "a, b,c" -> ["a", "b", "c"]."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def check_ensemble(cfg):
+    """The ensemble keys of ppo.py and grpo.py, before anything loads."""
+    if cfg.ensemble not in ENSEMBLE_RULES:
+        raise ConfigError(f"ensemble must be one of {', '.join(ENSEMBLE_RULES)}, not {cfg.ensemble!r}")
+    if not cfg.ensemble_lambda >= 0:  # nan too
+        raise ConfigError(f"ensemble_lambda {cfg.ensemble_lambda} must be >= 0: uwo subtracts lambda times the "
+                          f"members' variance (a negative lambda would reward their disagreement)")
+
+
+def ensemble_metrics(scores, world, device, B):
+    """An ensemble's logged spread over a rollout (all processes): each member's mean score (score_rm0,
+    score_rm1, ...) and ensemble_std, the mean over answers of the population std across members.
+    scores (k, b): this process's rows; B the whole rollout's answers."""
+    sums = torch.cat([scores.sum(1), scores.std(0, correction=0).sum()[None]]).double()  # (k + 1,)
+    means = (ddp_sum(sums, world, device) / B).tolist()
+    return {**{f"score_rm{j}": v for j, v in enumerate(means[:-1])}, "ensemble_std": means[-1]}
 
 
 # --- 4c. PPO-ptx (InstructGPT Eq. 2): the pretraining log-likelihood that ppo.py and grpo.py can add

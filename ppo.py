@@ -9,7 +9,10 @@ as a token-level RL problem: the state is prompt + response so far, the action t
   2. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of
                  logits / T), values V(s_t), and the reward-model score s at the EOS; with LoRA
                  (lora_rank > 0) pi_ref is the policy with its adapters switched off
-  3. score       s = r(x, y), normalised by the RM's gain/bias; an answer without EOS gets the
+  3. score       s = r(x, y), normalised by the RM's gain/bias; with several reward models (reward_model
+                 "a,b,c": an ensemble) each member's own normalised score, combined per answer by ensemble
+                 (model.combine_ensemble; Coste et al. 2023): mean, min, or uwo = mean - ensemble_lambda * Var
+                 (population variance over members), logged score_rm<j> and ensemble_std; an answer without EOS gets the
                  fixed score missing_eos_penalty instead (Stiennon et al. 2020, N+ "EOS trick");
                  eos_trick false scores cut answers as they are (fixed-length continuations: IMDb)
   4. rewards     kl_t = log pi_old(y_t) - log pi_ref(y_t)          (k1 estimator, per token)
@@ -42,9 +45,10 @@ critic, loss = pg + vf_coef * vf), kept here so its settings carry over; the dir
 value model's step size is value_lr (its own parameter groups of the same AdamW).
 
 Models: the policy (from SFT), the frozen reference (the policy's start, in the policy's precision:
-item 19), the frozen reward model, which scores the re-encoded text of each answer (item 20), and a
-separate value model. value_init = "reward": the value model is initialised from the reward model
-(InstructGPT, Stiennon et al. 2020, N+), with the reward normalisation folded into its head
+item 19), the frozen reward model (or each member of an ensemble, all in bf16 under bf16 autocast),
+which scores the re-encoded text of each answer (item 20), and a separate value model. value_init =
+"reward": the value model is initialised from the reward model (an ensemble's first member;
+InstructGPT, Stiennon et al. 2020, N+), with the reward normalisation folded into its head
 (w <- gain w, b <- gain b + bias) so its values start in the units of the normalised scores, and of
 the returns; "policy": from the SFT trunk with a zero-initialised head (lm-human-preferences
 initialises its value head to zero).
@@ -60,6 +64,8 @@ process would take (item 21: several processes take the step one process takes; 
 Run:
   CPU, built-in task:  python ppo.py --config configs/ppo_world.toml
   no KL penalty (reward hacking):  python ppo.py --config configs/ppo_world.toml --kl_coef 0 --out_dir out/ppo_nokl
+  RM ensemble (worst case):  python ppo.py --config configs/ppo_world.toml --reward_model out/reward_seed1,out/reward_seed2,out/reward_seed3 \
+      --ensemble min --out_dir out/ppo_min
   one GPU, GPT-2 on HH-RLHF:  python ppo.py --config configs/ppo_hh_gpt2.toml
 """
 
@@ -82,8 +88,10 @@ import model as M
 @dataclass
 class Config:
     policy: str = ""  # (required) SFT checkpoint: the policy's start and the frozen reference
-    reward_model: str = ""  # (required) reward-model checkpoint (reward.py)
-    value_init: str = "reward"  # "reward" (InstructGPT, N+) or "policy" (SFT trunk, zero head)
+    reward_model: str = ""  # (required) reward-model checkpoint (reward.py); several, comma-separated: an ensemble
+    ensemble: str = "mean"  # how an ensemble's members combine per answer: mean | min | uwo (mean - ensemble_lambda * variance)
+    ensemble_lambda: float = 0.5  # uwo's lambda (Coste et al. 2023), on normalised scores; a starting value, not tuned here
+    value_init: str = "reward"  # "reward" (InstructGPT, N+; an ensemble's first member) or "policy" (SFT trunk, zero head)
     prompts: str = ""  # (required) JSONL of {"prompt": ...} rows
     out_dir: str = "out/ppo"  # checkpoint (ckpt/), config.json, metrics.jsonl
     template: str = "auto"  # chat template (model.CHAT_TEMPLATES); auto = the policy checkpoint's, else hh
@@ -245,6 +253,7 @@ def check_config(cfg, world):
     """Every option error before any path is checked or model loads; returns the derived sizes."""
     if cfg.value_init not in ("reward", "policy"):
         raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
+    M.check_ensemble(cfg)
     minibatch, micro, shards = M.check_rollout_sizes(cfg, world)
     return cfg.rollout_batch_size, minibatch, micro, shards
 
@@ -254,10 +263,12 @@ def check_inputs(cfg):
     reward model), the chat template resolves, prompt and answer fit the block size. Returns whether
     the built-in world's gold reward is logged."""
     M.require(cfg, "policy", "reward_model", "prompts", *["ptx_data"] * (cfg.ptx_coef > 0))
-    M.check_paths(policy=cfg.policy, reward_model=cfg.reward_model, prompts=cfg.prompts,
-                  ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
-    M.check_roles(policy=(cfg.policy, "policy"), reward_model=(cfg.reward_model, "reward_model"))
-    cfg.template = M.resolve_template(cfg.template, cfg.policy, cfg.reward_model)
+    M.check_paths(policy=cfg.policy, prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx_coef > 0 else "")
+    rm_paths = M.reward_model_paths(cfg.reward_model)
+    for path in rm_paths:  # every member of an ensemble
+        M.check_paths(reward_model=path)
+        M.check_roles(policy=(cfg.policy, "policy"), reward_model=(path, "reward_model"))
+    cfg.template = M.resolve_template(cfg.template, cfg.policy, *rm_paths)
     M.check_rl_lengths(cfg)
     from data.world import gold_on  # the built-in task's marker: its gold reward only on its own prompts
     return gold_on(cfg.gold, cfg.prompts)
@@ -267,44 +278,52 @@ def check_inputs(cfg):
 
 
 @torch.no_grad()
-def rollout_forward(policy, ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids):
+def rollout_forward(policy, ref, value_model, rms, seq, full_mask, P, cfg, micro, ctx, rm_ids):
     """Old/ref log-probs, values and scores of a rollout, in chunks of `micro` rows (item 17: memory).
     policy is the module the update calls (compiled or not), so the step-0 ratio is exactly 1; ref
-    None: the reference is the policy with its LoRA adapters off; rm_ids (B, T') are the reward
-    model's rows (model.rm_rows)."""
-    outs = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    None: the reference is the policy with its LoRA adapters off; rms the reward models (one, or an
+    ensemble's members) and rm_ids one (B, T') per member, its rows (model.rm_rows at its block size).
+    "member_scores" (B, k): each member's normalised score."""
+    outs = {"logprobs": [], "ref_logprobs": [], "values": [], "member_scores": []}
     for i in range(0, seq.size(0), micro):
-        s, m, r = seq[i:i + micro], full_mask[i:i + micro], rm_ids[i:i + micro]
+        s, m = seq[i:i + micro], full_mask[i:i + micro]
         with ctx:
             outs["logprobs"].append(M.response_logprobs(policy, s, m, P, cfg.temperature))
             with M.adapters_off(policy) if ref is None else nullcontext():
                 outs["ref_logprobs"].append(M.response_logprobs(policy if ref is None else ref, s, m, P, cfg.temperature))
             outs["values"].append(value_model(s, m)[:, P - 1:-1].float())  # V(s_t) read at the token before y_t
-            outs["scores"].append(rm.score(r, r != M.PAD_ID).float())
+            r = [ids[i:i + micro] for ids in rm_ids]
+            outs["member_scores"].append(torch.stack([rm.score(x, x != M.PAD_ID).float() for rm, x in zip(rms, r)], 1))  # (b, k)
     return {k: torch.cat(v) for k, v in outs.items()}
 
 
 def load_models(cfg, device, ctx):
-    """The policy (from SFT), its frozen reference, the frozen reward model and the value model, all
-    with dropout off (item 2). The reference is the policy's start (item 19): a copy of it (an SFT
-    checkpoint's LoRA adapters merged in both, so step-0 KL is exactly 0), or with LoRA None: the
-    policy itself with its adapters off. Under bf16 autocast the reward model is stored in bf16, its
-    gain and bias fp32 (item 17); the reference stays in the policy's precision path."""
+    """The policy (from SFT), its frozen reference, the frozen reward models (one, or each member of an
+    ensemble) and the value model, all with dropout off (item 2). The reference is the policy's start
+    (item 19): a copy of it (an SFT checkpoint's LoRA adapters merged in both, so step-0 KL is exactly
+    0), or with LoRA None: the policy itself with its adapters off. Under bf16 autocast every reward
+    model is stored in bf16, its gain and bias fp32 (item 17); the reference stays in the policy's
+    precision path. value_init = "reward" starts the value model from the first member. Returns
+    (policy, tokenizer, ref, rms, value_model), rms the list of reward models."""
     policy, tokenizer = M.load_gpt(cfg.policy, device)
     policy = M.adapt(policy, cfg)
     ref = None if cfg.lora_rank else copy.deepcopy(policy)
-    rm, rm_tok, _ = M.load_checkpoint(cfg.reward_model, device, kind="scalar")
-    if rm_tok.ranks != tokenizer.ranks:
-        raise M.ConfigError(f"{cfg.reward_model} and {cfg.policy} use different tokenizers")
-    value_model = M.adapt(init_value_model(cfg.value_init, policy, cfg.reward_model, device), cfg)
-    for frozen in (m for m in (ref, rm) if m is not None):
+    rm_paths, rms = M.reward_model_paths(cfg.reward_model), []
+    for path in rm_paths:
+        rm, rm_tok, _ = M.load_checkpoint(path, device, kind="scalar")
+        if rm_tok.ranks != tokenizer.ranks:  # every member reads the policy's answers re-encoded by the policy's tokenizer
+            raise M.ConfigError(f"{path} and {cfg.policy} use different tokenizers")
+        rms.append(rm)
+    value_model = M.adapt(init_value_model(cfg.value_init, policy, rm_paths[0], device), cfg)
+    for frozen in (m for m in (ref, *rms) if m is not None):
         frozen.eval().requires_grad_(False)
     if isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16:
-        rm.backbone.to(torch.bfloat16)
-        rm.head.to(torch.bfloat16)
+        for rm in rms:
+            rm.backbone.to(torch.bfloat16)
+            rm.head.to(torch.bfloat16)
     policy.eval()  # eval() = no dropout; gradients still flow
     value_model.eval()
-    return policy, tokenizer, ref, rm, value_model
+    return policy, tokenizer, ref, rms, value_model
 
 
 def train(cfg):
@@ -320,7 +339,7 @@ def train(cfg):
         return M.load_checkpoint(run.ckpt, device)[0]
     torch.manual_seed(cfg.seed)
     ctx = M.autocast(device, cfg.dtype)
-    policy, tokenizer, ref, rm, value_model = load_models(cfg, device, ctx)
+    policy, tokenizer, ref, rms, value_model = load_models(cfg, device, ctx)
     prompts, prompt_ids, n_cut = M.load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_len, cfg.template)
     ptx = M.load_ptx(cfg.ptx_data, tokenizer, cfg.ptx_len) if cfg.ptx_coef > 0 else None
     if gold:
@@ -368,14 +387,18 @@ def train(cfg):
 
         # 2. forward: old and reference log-probs, values, reward-model scores (of the re-encoded text)
         t_gen = M.clock(device)
-        rm_ids = M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses, rm.config.block_size).to(device)
-        out = rollout_forward(fwd_policy, fwd_ref, value_model, rm, seq, full_mask, P, cfg, micro, ctx, rm_ids)
+        rows = {n: M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses, n).to(device)
+                for n in {rm.config.block_size for rm in rms}}  # (b, T') per reward-model block size
+        out = rollout_forward(fwd_policy, fwd_ref, value_model, rms, seq, full_mask, P, cfg, micro, ctx,
+                              [rows[rm.config.block_size] for rm in rms])
         t_fwd = M.clock(device)
         old_logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]
         old_values = out["values"] * mask  # padded values zeroed (item 13)
 
-        # 3. score: answers without EOS get the fixed penalty (item 9), checked on the response only
-        raw_scores = out["scores"]
+        # 3. score: an ensemble's members combined per answer (k = 1: the one model's score); answers
+        #    without EOS get the fixed penalty (item 9), checked on the response only
+        member_scores = out["member_scores"].T  # (k, b)
+        raw_scores = M.combine_ensemble(member_scores, cfg.ensemble, cfg.ensemble_lambda)  # (b,)
         scores, ended = M.penalise_missing_eos(raw_scores, responses, tokenizer.eot_id, cfg.missing_eos_penalty)
         if not cfg.eos_trick:  # continuations cut at max_new_tokens by design (IMDb): scored as they are
             scores = raw_scores
@@ -459,6 +482,8 @@ def train(cfg):
             metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
             # every rollout's first minibatch of its first epoch runs the policy that sampled it: 0 (item 3)
             metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]
+            if len(rms) > 1:  # each member's mean score and their spread (std across members, mean over answers)
+                metrics.update(M.ensemble_metrics(member_scores, world, device, B))
             if gold:
                 metrics.update(M.gold_metrics(gold_reward, my_prompts, texts, ended, world, device, B))
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)

@@ -29,11 +29,21 @@ Data: rankings {"prompt", "responses": [best, ..., worst]}, pairs {"prompt", "ch
 or HH-RLHF transcripts {"chosen", "rejected"} (model.read_preferences); with objective "classify",
 {"prompt", "response", "label"} rows (read_labels).
 
+An ensemble for ppo.py and grpo.py (a comma-separated reward_model; Coste et al. 2023): k runs of this
+script that differ only in --seed, written to out/reward_seed<s>. The seed draws the head's initial
+weights and the order of the batches; the trunk starts from the same SFT checkpoint and every member
+sees the same data. That is Eisenstein et al. 2023's fine-tune ensemble ("Helping or Herding?"), the
+less diverse kind: members that share a pretrained trunk tend to make the same errors, so their spread
+understates the uncertainty (their pretrain ensembles, members pretrained from different seeds, disagree
+more). Each member fits its own normalisation (mean 0, std 1 on the SFT answers), so every member's
+score is on the same scale before they are combined.
+
 Several GPUs: torchrun --nproc_per_node N reward.py ... (PyTorch DDP; batch_size stays global,
 each process takes its share of the rankings of every micro-batch).
 
 Run:
   CPU, built-in task:  python reward.py --config configs/reward_world.toml
+  an ensemble of 3:    for s in 1 2 3; do python reward.py --config configs/reward_world.toml --seed $s --out_dir out/reward_seed$s; done
   one GPU, GPT-2 on HH-RLHF:  python reward.py --config configs/reward_hh_gpt2.toml
   one GPU, IMDb sentiment classifier:  python reward.py --config configs/reward_imdb_gpt2.toml
 """

@@ -88,3 +88,19 @@ def byte_spelled(tokenizer, text):
     tokenizer's own encoding, each followed by EOS."""
     spelled = [tokenizer.ranks[bytes([b])] for b in text.encode()] + [tokenizer.eot_id]
     return spelled, tokenizer.encode(text) + [tokenizer.eot_id]
+
+
+def other_reward_model(path, out, seed=0, swap_tokens=False):
+    """A second reward model beside the one at path, saved at out (returned): the same trunk with a head
+    re-drawn from seed (another member of an ensemble), or with swap_tokens the same weights under a
+    tokenizer whose two last merges trade ids (a member that reads other ids: refused)."""
+    rm, tokenizer, _ = M.load_checkpoint(path)
+    if swap_tokens:
+        (a, ra), (b, rb) = sorted(tokenizer.ranks.items(), key=lambda kv: kv[1])[-2:]
+        tokenizer = M.Tokenizer({**tokenizer.ranks, a: rb, b: ra}, name=tokenizer.name)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=g))
+    M.save_checkpoint(str(out), rm, tokenizer, {})
+    return str(out)

@@ -1,12 +1,17 @@
 """Tests of eval.py: rank correlation, the summary of a real run with best-of-n and a dump, the
-gold win rate with ties, and the frontier table.
+gold win rate with ties, the frontier table; the length-controlled win rate (a win that comes from
+length alone goes to 0.5, one independent of it stays the raw rate; the fit against a closed form and a
+brute-force likelihood maximum; degenerate inputs; its interval resamples prompts whole); pass@k
+against enumeration of every k-subset, its edges, and end to end.
 Run: python -m pytest -q tests/test_eval.py"""
 
+import itertools
 import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import eval as evaluate
 import model as M
@@ -115,6 +120,7 @@ def test_win_rate_counts_ties_half(world, tiny_ckpt, tmp_path):
     finally:
         evaluate.sample = real
     assert s["win_rate"] == 0.5 and s["baseline_gold"] == s["gold"]
+    assert s["win_rate_lc"] == 0.5 and s["win_rate_lc_ci"] == [0.5, 0.5] and s["len_diff"] == 0.0  # the same answers
 
 
 def test_frontier_table(tmp_path, capsys):
@@ -191,3 +197,122 @@ def test_prompt_stride_spreads_a_small_sample_over_every_prompt_kind(tiny_ckpt, 
     s = run("--prompt_stride", "7")
     assert s["prompts"] == 16 and s["fact_prompts"] > 0 and s["per_prompt"]["prompt"][1] == M.read_jsonl(
         str(world / "prompts_val.jsonl"))[7]["prompt"]
+
+
+# --- the length-controlled win rate
+
+
+def test_lc_win_rate_removes_a_length_effect_and_keeps_a_win_rate_independent_of_length():
+    # wins from length alone: every longer answer wins, every equal one ties, every shorter one loses
+    wins, d = [1.0] * 80 + [0.5] * 10 + [0.0] * 10, [5] * 80 + [0] * 10 + [-5] * 10
+    lc, (lo, hi), coef, _, _ = evaluate.length_controlled_win_rate(wins, d, 1)
+    assert sum(wins) / 100 == 0.85 and lc == pytest.approx(0.5, abs=1e-3) and lo <= lc <= hi and coef > 5
+    # the expected win indicator a logistic function of the length feature alone: recovered exactly
+    d = [12, 9, 7, 7, 5, 3, 2, 1, 0, -1, -4, 6, 8, 10, 15, 4]
+    sd = torch.tensor(d, dtype=torch.float64).std(correction=0)
+    y = torch.sigmoid(2.0 * torch.tanh(torch.tensor(d) / sd)).tolist()
+    lc, _, coef, _, _ = evaluate.length_controlled_win_rate(y, d, 1)
+    assert sum(y) / len(y) > 0.7 and lc == pytest.approx(0.5, abs=1e-4) and coef == pytest.approx(2.0, abs=1e-3)
+    # 7 wins in 10 at every length difference: the length explains nothing, LC = the raw rate
+    wins, d = ([1.0] * 7 + [0.0] * 3) * 10, [5] * 40 + [0] * 20 + [-5] * 40
+    lc, _, coef, _, _ = evaluate.length_controlled_win_rate(wins, d, 1)
+    assert lc == pytest.approx(0.7, abs=1e-4) and coef == pytest.approx(0.0, abs=1e-6)
+
+
+def test_win_logistic_fit_closed_form_brute_force_and_ties_as_half_a_win():
+    # no feature: the maximum is a = logit(mean y) (up to the ridge)
+    y = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5, 1.0, 0.0, 1.0])
+    a, b = evaluate.fit_win_logistic(torch.zeros(8), y)
+    assert a.item() == pytest.approx(math.log(0.6875 / 0.3125), abs=1e-4) and b.item() == 0.0
+    # a noisy sample: no point of a fine grid has a higher penalised log-likelihood
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(60, generator=g) * 2 - 1
+    y = (torch.rand(60, generator=g) < torch.sigmoid(0.4 + 1.5 * x)).double()
+    y[:6] = 0.5  # some ties
+    a, b = evaluate.fit_win_logistic(x, y)
+    grid = torch.linspace(-3, 3, 301, dtype=torch.float64)  # steps of 0.02
+    A, B = torch.meshgrid(grid, grid, indexing="ij")  # (301, 301)
+    z = A.reshape(-1, 1) + B.reshape(-1, 1) * x.double()  # (301^2, 60)
+    ll = (y * F.logsigmoid(z) + (1 - y) * F.logsigmoid(-z)).sum(1) - 0.5e-4 * (A.reshape(-1) ** 2 + B.reshape(-1) ** 2)
+    best = ll.argmax()
+    zf = a + b * x.double()
+    ll_fit = (y * F.logsigmoid(zf) + (1 - y) * F.logsigmoid(-zf)).sum() - 0.5e-4 * (a ** 2 + b ** 2)
+    assert ll_fit.item() >= ll[best].item() - 1e-12
+    assert a.item() == pytest.approx(A.reshape(-1)[best].item(), abs=0.021) and b.item() == pytest.approx(B.reshape(-1)[best].item(), abs=0.021)
+    # a tie (y = 0.5) is half a win and half a loss: the same fit as a win and a loss of weight 1/2 each
+    tie = y == 0.5
+    x2, y2 = torch.cat([x[~tie], x[tie], x[tie]]), torch.cat([y[~tie], torch.ones(6), torch.zeros(6)])
+    w2 = torch.cat([torch.ones(54), torch.full((12,), 0.5)])[None]
+    a2, b2 = evaluate.fit_win_logistic(x2, y2, w2)
+    assert a2.item() == pytest.approx(a.item(), abs=1e-9) and b2.item() == pytest.approx(b.item(), abs=1e-9)
+
+
+def test_lc_win_rate_degenerate_inputs():
+    lc, ci, _, _, _ = evaluate.length_controlled_win_rate([1.0] * 20, list(range(20)), 2)  # every answer wins
+    assert 0.999 < lc < 1 and all(math.isfinite(v) for v in ci)
+    lc, ci, _, _, _ = evaluate.length_controlled_win_rate([0.0] * 20, [3, -3] * 10, 2)  # every answer loses
+    assert 0 < lc < 1e-3
+    lc, ci, coef, _, _ = evaluate.length_controlled_win_rate([0.5] * 20, list(range(20)), 2)  # every answer ties
+    assert lc == 0.5 and ci == [0.5, 0.5] and coef == 0.0
+    wins = [1.0, 0.0, 1.0, 1.0, 0.5, 0.0] * 5
+    for d in ([0] * 30, [4] * 30):  # no spread of length differences: nothing to control for, LC = the raw rate
+        lc, ci, coef, _, sd = evaluate.length_controlled_win_rate(wins, d, 3)
+        assert sd == 0.0 and coef == 0.0 and lc == pytest.approx(sum(wins) / 30, abs=1e-5)
+
+
+def test_lc_interval_resamples_the_answers_of_a_prompt_together():
+    # with no length effect to fit, each resample's LC is its mean win: the interval is model.bootstrap_ci's
+    # of the per-prompt means (the same draws), which holds only if a prompt's repeats move together
+    g = torch.Generator().manual_seed(1)
+    wins = (torch.rand(40, generator=g) < 0.3).double().repeat_interleave(4)  # 40 prompts x 4 equal repeats
+    wins = wins.tolist()
+    lc, ci, _, _, _ = evaluate.length_controlled_win_rate(wins, [0] * 160, 4)
+    want = M.bootstrap_ci(evaluate.per_prompt(wins, 4))
+    assert ci == pytest.approx(want, abs=1e-5) and lc == pytest.approx(sum(wins) / 160, abs=1e-5)
+
+
+# --- pass@k
+
+
+def test_pass_at_k_equals_enumeration_of_every_k_subset():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            answers = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(answers, k))
+                want = sum(any(s) for s in subsets) / len(subsets)
+                assert evaluate.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12), (n, c, k)
+    assert evaluate.pass_at_k(64, 0, 64) == 0.0 and evaluate.pass_at_k(64, 64, 1) == 1.0 and evaluate.pass_at_k(64, 1, 64) == 1.0
+    # not the biased 1 - (1 - c/n)^k (sampling with replacement): 1 of 4 correct, k = 2 -> 1/2, not 7/16
+    assert evaluate.pass_at_k(4, 1, 2) == pytest.approx(0.5) and 1 - (1 - 1 / 4) ** 2 == 0.4375
+    assert evaluate.pass_at_k(200, 13, 100) == pytest.approx(1 - math.comb(187, 100) / math.comb(200, 100), rel=1e-12)
+    with pytest.raises(ValueError, match="pass@9 from 8 answers: the unbiased estimator needs 1 <= k <= n"):
+        evaluate.pass_at_k(8, 3, 9)
+    assert evaluate.pass_ks(64) == [1, 2, 4, 8, 16, 32, 64] and evaluate.pass_ks(12) == [1, 2, 4, 8, 12]
+
+
+def test_pass_at_k_end_to_end(tiny_ckpt, tmp_path, monkeypatch):
+    from data.arith import generate, parse_prompt
+    generate(str(tmp_path))
+    tok = M.load_tokenizer(M.checkpoint_dir(tiny_ckpt) + "/tokenizer.tiktoken")
+
+    def fake_sample(model, tokenizer, prompts, cfg, device, seed):  # of each 8 answers: 2 right, one of them cut
+        out = []
+        for j, p in enumerate(prompts):
+            a, b = parse_prompt(p)
+            out.append((tok.encode(f" {a + b if j % 4 == 0 else a + b + 1}") + [tok.eot_id] * (j % 8 != 4), j % 8 != 4))
+        return out
+
+    monkeypatch.setattr(evaluate, "sample", fake_sample)
+    run = lambda *a: evaluate.evaluate(M.parse_config(evaluate.Config, [  # noqa: E731
+        "--ckpt", tiny_ckpt, "--prompts", str(tmp_path / "prompts_val.jsonl"), "--n_prompts", "3", "--verifier", "arith",
+        "--max_new_tokens", "6", "--n_show", "0", "--out", str(tmp_path / "e.json"), *a]))
+    s = run("--pass_at_k", "8", "--pass_samples", "8")
+    assert s["pass_questions"] == 3 and s["pass_per_question"]["correct"] == [1, 1, 1]  # the cut right answer is wrong
+    for k in (1, 2, 4, 8):
+        assert s[f"pass_at_{k}"] == pytest.approx(k / 8) and s[f"pass_at_{k}_ci"] == pytest.approx([k / 8, k / 8])
+    assert json.load(open(tmp_path / "e.json"))["pass_at_8"] == 1.0
+    with pytest.raises(M.ConfigError, match="pass_at_k 16 with pass_samples 8: .* needs k <= n"):
+        run("--pass_at_k", "16", "--pass_samples", "8")
+    with pytest.raises(M.ConfigError, match="pass_at_k needs a checker"):
+        run("--pass_at_k", "4", "--verifier", "none")

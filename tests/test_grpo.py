@@ -4,7 +4,8 @@ exactly on a small categorical distribution, grouped sampling with a shared pref
 checker, reward-model scores of re-encoded answers, gradient accumulation and 2 processes against one,
 gradients on response tokens only, the step-0 identities of a real CLI run (also under bf16 autocast,
 with compile and with LoRA), PPO-ptx (its gradient alone, its weights over micro-batches), exact resume
-after a kill, config errors before any model loads.
+after a kill, config errors before any model loads; reward-model ensembles (one member, or two copies of one,
+equal the single model bit for bit; two members are each logged; a member with another tokenizer is refused).
 Run: python -m pytest -q tests/test_grpo.py"""
 
 import json
@@ -18,7 +19,7 @@ import torch
 
 import grpo
 import model as M
-from helpers import byte_spelled, count_compiled_forwards, killed_at_step, spy_entropy_graphs
+from helpers import byte_spelled, count_compiled_forwards, killed_at_step, other_reward_model, spy_entropy_graphs
 from data.world import ANIMALS, COLOUR, EATS, FOUND, LIVES, verify_answer
 from test_ddp import assert_same_run, eos_prone
 
@@ -579,8 +580,46 @@ def test_config_errors_before_any_model_loads(world, tiny_ckpt, tiny_rm, tmp_pat
            (["--ptx_coef", "1", "--ptx_data", str(world / "pretrain.txt"), "--ptx_len", "96"], "ptx_len 96 \\+ 1 > the block_size 96"),
            (["--kl_in", "loss", "--kl_estimator", "k1"], "kl_in = 'loss' with kl_estimator = 'k1'.*expected gradient is 0.*k2"),
            (["--drop_equal_groups", "true", "--advantage", "reinforce_pp"],
-            "drop_equal_groups with advantage = 'reinforce_pp'.*not 0 there.*reinforce_pp_baseline")]
+            "drop_equal_groups with advantage = 'reinforce_pp'.*not 0 there.*reinforce_pp_baseline"),
+           (["--ensemble", "max"], "ensemble must be one of mean, min, uwo"),
+           (["--ensemble", "uwo", "--ensemble_lambda", "-0.1"], "ensemble_lambda -0.1 must be >= 0"),
+           (["--reward_model", f"{tiny_rm},no/such/rm"], "no/such/rm"),
+           (["--reward_model", f"{tiny_rm},{tiny_ckpt}"], "--reward_model .* is a policy")]
     for extra, msg in bad:
         with pytest.raises(M.ConfigError, match=msg):
             run(world, tiny_ckpt, tiny_rm, tmp_path / "run", *extra)
     assert not (tmp_path / "run").exists()
+
+
+# --- reward-model ensembles
+
+
+def test_ensemble_of_one_or_of_two_copies_is_the_single_reward_model(world, tiny_ckpt, tiny_rm, tmp_path):
+    flags = ("--total_episodes", "16", "--kl_coef", "0.1", "--ensemble", "uwo", "--ensemble_lambda", "2")
+    single = run(world, tiny_ckpt, tiny_rm, tmp_path / "single", "--total_episodes", "16", "--kl_coef", "0.1")
+    one = run(world, tiny_ckpt, tiny_rm, tmp_path / "one", *flags)
+    two = run(world, tiny_ckpt, f"{tiny_rm}, {tiny_rm}", tmp_path / "two", *flags)
+    for other in (one, two):  # the same run: every weight bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(single.state_dict().values(), other.state_dict().values()))
+    assert rows(tmp_path / "one") == rows(tmp_path / "single")
+    for a, b in zip(rows(tmp_path / "single"), rows(tmp_path / "two")):
+        assert b["score_rm0"] == b["score_rm1"] == pytest.approx(a["score"]) and b["ensemble_std"] == 0.0
+        assert {k: v for k, v in b.items() if k not in ("score_rm0", "score_rm1", "ensemble_std")} == a
+
+
+def test_ensemble_members_are_each_scored_and_combined(world, tiny_ckpt, tiny_rm, tmp_path):
+    other = other_reward_model(tiny_rm, tmp_path / "rm2", seed=3)
+    for rule in ("mean", "min"):
+        run(world, tiny_ckpt, f"{tiny_rm},{other}", tmp_path / rule, "--total_episodes", "8", "--ensemble", rule)
+    mean, = rows(tmp_path / "mean")
+    low, = rows(tmp_path / "min")
+    assert mean["ensemble_std"] > 0 and mean["score_rm0"] != mean["score_rm1"]
+    assert mean["score"] == pytest.approx((mean["score_rm0"] + mean["score_rm1"]) / 2, abs=1e-5)
+    assert low["score_rm0"] == mean["score_rm0"] and low["score"] < min(low["score_rm0"], low["score_rm1"])
+
+
+def test_ensemble_member_with_another_tokenizer_is_refused(world, tiny_ckpt, tiny_rm, tmp_path):
+    odd = other_reward_model(tiny_rm, tmp_path / "odd", swap_tokens=True)
+    cfg = M.parse_config(grpo.Config, args(world, tiny_ckpt, f"{tiny_rm},{odd}", tmp_path / "run"))
+    with pytest.raises(M.ConfigError, match=f"{odd} and {tiny_ckpt} use different tokenizers"):
+        grpo.load_models(cfg, "cpu", torch.no_grad())

@@ -625,3 +625,20 @@ def test_the_empty_answer_is_eos_alone_in_training_and_in_scoring(tokenizer):
     assert M.reencode(tokenizer, tokenizer.encode(" ") + [eos]) == [eos]
     assert M.reencode(tokenizer, tokenizer.encode(" ") + [M.PAD_ID]) == []  # cut, not ended
     assert M.encode_chat(tokenizer, "q", "the fox.")[1] == tokenizer.encode(" the fox.") + [eos]  # others unchanged
+
+
+def test_combine_ensemble_hand_values_population_variance():
+    scores = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, 0.5], [2.0, -1.0, 0.5]])  # (k = 3 members, B = 3 answers)
+    assert M.combine_ensemble(scores, "mean").tolist() == [2.0, -1.0, 0.5]
+    assert M.combine_ensemble(scores, "min").tolist() == [1.0, -2.0, 0.5]
+    # population variance over members: (1 + 1 + 0) / 3 = 2/3 (the sample variance would be 1)
+    assert M.combine_ensemble(scores, "uwo", 1.5).tolist() == pytest.approx([2.0 - 1.0, -1.0 - 1.0, 0.5], abs=1e-6)
+    assert M.combine_ensemble(scores, "uwo", 0.0).tolist() == [2.0, -1.0, 0.5]  # lambda 0 is the mean
+    one = scores[:1]  # (1, B): an ensemble of one is its member, bit for bit, under every rule
+    for rule in M.ENSEMBLE_RULES:
+        assert torch.equal(M.combine_ensemble(one, rule, 3.0), scores[0])
+    with pytest.raises(ValueError, match="ensemble must be one of mean, min, uwo, not 'max'"):
+        M.combine_ensemble(scores, "max")
+    stats = M.ensemble_metrics(scores, 1, "cpu", 3)  # members' means, mean population std across members
+    assert stats["score_rm0"] == pytest.approx(-0.5 / 3) and stats["score_rm1"] == pytest.approx(3.5 / 3)
+    assert stats["ensemble_std"] == pytest.approx(2 * (2 / 3) ** 0.5 / 3)

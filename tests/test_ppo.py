@@ -1,6 +1,7 @@
 """Tests of ppo.py: GAE against a slow loop, masked statistics, rewards, losses against hand
 computation, the KL controller, the step-0 identities of a real run, exact resume, the shard
-checks (several processes: tests/test_ddp.py).
+checks (several processes: tests/test_ddp.py); reward-model ensembles (one member, or two copies of one, equal
+the single model bit for bit; their config errors; a member with another tokenizer is refused).
 Run: python -m pytest -q tests/test_ppo.py"""
 
 import json
@@ -11,7 +12,7 @@ import torch
 
 import model as M
 import ppo
-from helpers import byte_spelled, count_compiled_forwards, same_distribution_model, spy_entropy_graphs
+from helpers import byte_spelled, count_compiled_forwards, other_reward_model, same_distribution_model, spy_entropy_graphs
 
 
 def slow_gae(rewards, values, lengths, gamma, lam):
@@ -195,7 +196,7 @@ def test_values_are_read_at_the_token_before_each_response_token(tiny_rm):
     full_mask = (seq != M.PAD_ID).long()
     P, R = 3, 4
     cfg = ppo.Config(temperature=1.0)
-    out = ppo.rollout_forward(vm.backbone, vm.backbone, vm, vm, seq, full_mask, P, cfg, 2, torch.no_grad(), seq)
+    out = ppo.rollout_forward(vm.backbone, vm.backbone, vm, [vm], seq, full_mask, P, cfg, 2, torch.no_grad(), [seq])
     with torch.no_grad():
         for b in range(2):
             for t in range(R):
@@ -263,9 +264,9 @@ def test_bf16_path_keeps_step0_kl_zero_and_reward_gain_fp32(world, tiny_ckpt, ti
     monkeypatch.setattr(M, "autocast", bf16)
     real, seen = ppo.rollout_forward, {}
 
-    def spy(policy, ref, value_model, rm, *a):
-        seen.update(ref=ref, rm=rm)
-        return real(policy, ref, value_model, rm, *a)
+    def spy(policy, ref, value_model, rms, *a):
+        seen.update(ref=ref, rm=rms[0])
+        return real(policy, ref, value_model, rms, *a)
 
     monkeypatch.setattr(ppo, "rollout_forward", spy)
     run(world, tiny_ckpt, tiny_rm, tmp_path, "--total_episodes", "8")
@@ -325,3 +326,38 @@ def test_resuming_an_optimizer_of_another_layout_is_a_clear_error():
     with pytest.raises(M.ConfigError, match="out/ppo/ckpt: its optimizer has 2 parameter groups"):
         M.load_optimizer_state(opt, old.state_dict(), "out/ppo/ckpt")
     M.load_optimizer_state(opt, opt.state_dict(), "out/ppo/ckpt")
+
+
+def test_ensemble_of_one_or_of_two_copies_is_the_single_reward_model(world, tiny_ckpt, tiny_rm, tmp_path):
+    def metrics(d):
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time") and k != "s_per_it"}
+                for x in open(d / "metrics.jsonl")]
+    single = run(world, tiny_ckpt, tiny_rm, tmp_path / "single", "--total_episodes", "16")
+    one = run(world, tiny_ckpt, tiny_rm, tmp_path / "one", "--total_episodes", "16", "--ensemble", "min")
+    two = run(world, tiny_ckpt, f"{tiny_rm},{tiny_rm}", tmp_path / "two", "--total_episodes", "16", "--ensemble", "uwo",
+              "--ensemble_lambda", "1")
+    for other in (one, two):  # the same run: every weight bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(single.state_dict().values(), other.state_dict().values()))
+    assert metrics(tmp_path / "one") == metrics(tmp_path / "single")
+    for a, b in zip(metrics(tmp_path / "single"), metrics(tmp_path / "two")):
+        assert b.pop("score_rm0") == b.pop("score_rm1") == pytest.approx(a["score"]) and b.pop("ensemble_std") == 0.0
+        assert b == a
+    other = other_reward_model(tiny_rm, tmp_path / "rm2", seed=3)  # two members that disagree: each scored, then combined
+    run(world, tiny_ckpt, f"{tiny_rm},{other}", tmp_path / "mean", "--total_episodes", "8")
+    r = metrics(tmp_path / "mean")[0]
+    assert r["ensemble_std"] > 0 and r["score"] == pytest.approx((r["score_rm0"] + r["score_rm1"]) / 2, abs=1e-5)
+
+
+def test_ensemble_config_errors_and_a_member_with_another_tokenizer(world, tiny_ckpt, tiny_rm, tmp_path):
+    def cfg(*extra):
+        return M.parse_config(ppo.Config, ["--policy", tiny_ckpt, "--reward_model", tiny_rm, "--prompts",
+                                           str(world / "prompts_train.jsonl"), *extra])
+    with pytest.raises(M.ConfigError, match="ensemble must be one of mean, min, uwo, not 'avg'"):
+        ppo.check_config(cfg("--ensemble", "avg"), 1)
+    with pytest.raises(M.ConfigError, match="ensemble_lambda -1.0 must be >= 0"):
+        ppo.check_config(cfg("--ensemble_lambda", "-1"), 1)
+    with pytest.raises(M.ConfigError, match="no/such/rm"):
+        ppo.check_inputs(cfg("--reward_model", f"{tiny_rm},no/such/rm"))
+    odd = other_reward_model(tiny_rm, tmp_path / "odd", swap_tokens=True)
+    with pytest.raises(M.ConfigError, match=f"{odd} and {tiny_ckpt} use different tokenizers"):
+        ppo.load_models(cfg("--reward_model", f"{tiny_rm},{odd}"), "cpu", torch.no_grad())
