@@ -864,10 +864,10 @@ class LinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         h, weight, targets, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if need_h else None
+        if g_logp is None and g_ent is None:  # neither output reached a loss
+            return None, None, None, None
+        grad_h = torch.empty_like(h) if need_h else None  # every row is written below
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        if g_logp is None and g_ent is None:
-            return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
         w_cast, rows = weight.to(ctx.dtype), ctx.rows
         for i in range(0, h.size(0), rows):
             hc = h[i:i + rows].to(ctx.dtype)  # (n, C)
