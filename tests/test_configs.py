@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_configs.py"""
 import glob
 import re
 import os
+import subprocess
 import tomllib
 
 import pytest
@@ -77,3 +78,35 @@ def test_readme_stage_commands_start_from_the_data_they_make():
             made.add(cfg.out)
     pre = M.parse_config(pretrain.Config, ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_world.toml")])
     assert {pre.data, pre.tokenizer} <= made
+
+
+def sweep_grpo_runs():
+    """(name, flags) of every critic-free run sweep.sh trains by default, from its own grpo_flags."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "sweep.sh")).read()
+    names = re.search(r"for name in \$\{GRPO_RUNS-([^}]*)\}", text).group(1).split()
+    fn = re.search(r"^grpo_flags\(\) \{.*?^\}", text, re.S | re.M).group(0)
+    script = fn + "\n" + "".join(f"echo \"$(grpo_flags {n})\"\n" for n in names)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={"DATA": "data/world", "PATH": os.environ["PATH"]},
+                         cwd=os.path.join(os.path.dirname(__file__), ".."), check=True).stdout.splitlines()
+    return list(zip(names, out))
+
+
+def test_every_sweep_grpo_run_passes_check_config():
+    """A name sweep.sh runs has flags grpo.py accepts: a wrong pattern (a name caught by another case)
+    or a refused combination fails here, not an hour into a sweep."""
+    runs = sweep_grpo_runs()
+    assert len(runs) > 30
+    for name, flags in runs:
+        assert flags, name
+        cwd = os.getcwd()
+        os.chdir(os.path.join(os.path.dirname(__file__), ".."))
+        try:
+            cfg = M.parse_config(grpo.Config, flags.split())
+        finally:
+            os.chdir(cwd)
+        grpo.check_config(cfg, 1)
+        if name.startswith("stale") and name[5].isdigit():
+            assert cfg.staleness == int(re.match(r"stale(\d+)", name).group(1)), name
+        for suffix, correction in (("_tis", "tis"), ("_mask", "token_mask"), ("_seqmask", "seq_mask")):
+            if name.endswith(suffix):
+                assert cfg.is_correction == correction, name
