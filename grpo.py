@@ -20,8 +20,8 @@ each prompt is answered G times (a group) and the group is the baseline.
                  With overlong_buffer > 0, DAPO's soft overlong penalty is added (Yu et al. 2025, Eq. 13):
                  0 up to max_new_tokens - overlong_buffer tokens, then linearly down to -overlong_penalty.
                  With dynamic_sampling (DAPO, Yu et al. 2025, Sec. 3.2), steps 1-2 repeat on fresh prompts
-                 (at most max_sample_rounds rounds) until this process holds its share of groups whose
-                 scores are not all equal; equal groups fill what is still missing (logged dyn_filled)
+                 (at most max_sample_rounds rounds, each shard on its own) until each shard holds its
+                 groups of scores that are not all equal; equal groups fill what is still missing (logged dyn_filled)
   3. forward     old log-probs log pi_old(y_t), reference log-probs log pi_ref(y_t) (both of logits / T;
                  no reference model at all when kl_coef = 0); with LoRA (lora_rank > 0) pi_ref is the
                  policy with its adapters switched off
@@ -173,7 +173,7 @@ class Config:
     kl_in: str = "loss"  # "loss" (GRPO; k2 or k3: k1's expected gradient there is 0) or "reward" (RLOO, REINFORCE++)
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     drop_equal_groups: bool = False  # take groups whose rewards are all equal out of the loss (always counted); not with reinforce_pp
-    dynamic_sampling: bool = False  # DAPO: sample more groups until this process's rollout holds only groups of unequal rewards
+    dynamic_sampling: bool = False  # DAPO: sample more groups until each shard of the rollout holds only groups of unequal rewards
     max_sample_rounds: int = 4  # dynamic_sampling: at most this many rounds per iteration; equal groups fill what is left (counted)
     policy_loss: str = "ppo_clip"  # ppo_clip (clipped token ratio) | gspo (clipped sequence ratio) | cispo (clipped IS weight on every token)
     overlong_buffer: int = 0  # DAPO's soft overlong penalty: 0 up to max_new_tokens - this, then down to -overlong_penalty; 0 = off
@@ -571,12 +571,16 @@ def sampler_context(cfg, device, ctx):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def pick_rollout(rounds, n, G):
-    """Dynamic sampling: this process's rollout of n groups from the sampling rounds (dicts of
-    per-row tensors and lists, rows in groups of G), by pick_groups; seq and full_mask merged by
-    merge_rounds. Returns the rollout and how many equal groups filled it."""
-    chosen, filled = pick_groups([r["equal"].view(-1, G)[:, 0] for r in rounds], n)
-    rows = [(rounds[r], range(g * G, (g + 1) * G)) for r, g in chosen]
+def pick_rollout(shard_rounds, n, G):
+    """Dynamic sampling: this process's rollout from the sampling rounds of each of its shards
+    (shard_rounds[k][r]: dicts of per-row tensors and lists, rows in groups of G), n groups per shard
+    by pick_groups, in shard order; seq and full_mask merged by merge_rounds. Returns the rollout and
+    how many equal groups filled it."""
+    rows, filled = [], 0
+    for rounds in shard_rounds:
+        chosen, f = pick_groups([r["equal"].view(-1, G)[:, 0] for r in rounds], n)
+        rows += [(rounds[r], range(g * G, (g + 1) * G)) for r, g in chosen]
+        filled += f
     out = {k: [x for rd, rs in rows for x in (rd[k][i] for i in rs)] for k in ("my_idx", "texts")}
     out.update({k: torch.cat([rd[k][rs.start:rs.stop] for rd, rs in rows])
                 for k in ("raw_scores", "member_scores", "scores", "ended", "equal")})
@@ -661,13 +665,13 @@ def train(cfg):
     gen, ptx_gen = torch.Generator(device=device), torch.Generator(device=device)
     stat_keys = ["approx_kl", "clipfrac", "ratio", "pg_loss", "kl_loss", "entropy", "loss"] + ["ptx_loss"] * (ptx is not None)
 
-    def sample_round(idx, stream):
-        """Steps 1-2 for the prompts idx: this process's rows of the rollout, sampled from the generator
-        stream `stream` and scored (the score used, shaped, and whether each row's group is equal)."""
-        seq, full_mask, P = M.sample_rollout(policy if stale is None else stale, prompt_ids, idx, my_shards, shard_size, G,
+    def sample_round(idx, stream, shards_here):
+        """Steps 1-2 for the prompts idx: the rows of the rollout's shards shards_here, sampled from the
+        generator stream `stream` and scored (the score used, shaped, and whether each row's group is equal)."""
+        seq, full_mask, P = M.sample_rollout(policy if stale is None else stale, prompt_ids, idx, shards_here, shard_size, G,
                                              cfg, it, tokenizer.eot_id, gen, sampler_ctx, device, top_p, stream)  # (b, P + R)
         responses = seq[:, P:]  # (b, R)
-        my_idx = [idx[r // G] for r in range(lo, lo + share)]  # the prompt of each of this process's rows
+        my_idx = [idx[r // G] for k in shards_here for r in range(k * shard_size, (k + 1) * shard_size)]  # each row's prompt
         texts = [tokenizer.decode(r) for r in responses.tolist()]
         if rms:  # each reward model scores the re-encoded text (item 20), cut to its own block size
             rm_ids = {n: M.rm_rows(tokenizer, [prompt_ids[i] for i in my_idx], responses, n).to(device)
@@ -687,6 +691,18 @@ def train(cfg):
                 "member_scores": member_scores.T, "scores": scores, "ended": ended,  # member_scores (b, k)
                 "equal": equal_groups(scores, G)}  # equal: before any KL enters
 
+    def dynamic_rounds(idx, k):
+        """DAPO's dynamic sampling for shard k: its rows of the rollout, then round r's fresh prompts (one
+        draw of B / G from (seed, iteration, "dynamic", r), the shard's slice of it), until the shard holds
+        shard_size rows in unequal groups or max_sample_rounds rounds are sampled. Per shard, not per
+        process, so that any process count picks the same rows (item 14)."""
+        rounds = [sample_round(idx, "sample", [k])]
+        while len(rounds) < cfg.max_sample_rounds and sum(int((~r["equal"]).sum()) for r in rounds) < shard_size:
+            draw = torch.Generator().manual_seed(M.rng_seed(cfg.seed, it, "dynamic", len(rounds)))
+            rounds.append(sample_round(torch.randint(len(prompts), (B // G,), generator=draw).tolist(),
+                                       f"sample/round{len(rounds)}", [k]))
+        return rounds
+
     t0, start = time.time(), it
     bar = tqdm(total=iterations, initial=it, desc=cfg.advantage, dynamic_ncols=True, disable=not master)
     while it < iterations:
@@ -701,15 +717,14 @@ def train(cfg):
             versions.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
             stale.load_state_dict(versions[0])  # the policy at the start of iteration max(it - staleness, 0)
         idx = M.prompt_batch(it, len(prompts), B // G, cfg.seed)  # the same B / G prompts on every process
-        rounds = [sample_round(idx, "sample")]
         # 2. (in sample_round) score: the reward model or the checker, the EOS penalty (item 9), DAPO's overlong
-        #    penalty. Dynamic sampling: fresh prompts, round after round, until this process's groups are unequal
-        while (cfg.dynamic_sampling and len(rounds) < cfg.max_sample_rounds
-               and sum(int((~r["equal"]).sum()) for r in rounds) < share):
-            draw = torch.Generator().manual_seed(M.rng_seed(cfg.seed, it, "dynamic", len(rounds)))
-            rounds.append(sample_round(torch.randint(len(prompts), (B // G,), generator=draw).tolist(),
-                                       f"sample/round{len(rounds)}"))
-        roll, filled = pick_rollout(rounds, share // G, G) if cfg.dynamic_sampling else (rounds[0], 0)
+        #    penalty. Dynamic sampling: fresh prompts, round after round, until each shard's groups are unequal
+        if cfg.dynamic_sampling:
+            rounds = [dynamic_rounds(idx, k) for k in my_shards]  # [shard][round]
+            roll, filled = pick_rollout(rounds, shard_size // G, G)
+            n_rounds = sum(map(len, rounds))
+        else:
+            roll, filled = sample_round(idx, "sample", my_shards), 0
         seq, full_mask, P, my_idx, texts = (roll[k] for k in ("seq", "full_mask", "P", "my_idx", "texts"))
         raw_scores, scores, ended, equal = (roll[k] for k in ("raw_scores", "scores", "ended", "equal"))  # (b,) each
         member_scores = roll["member_scores"].T  # (k, b) each reward model's score (k = 0: verifiable)
@@ -807,8 +822,8 @@ def train(cfg):
             if stats:
                 metrics.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
                 metrics["approx_kl_first_mb"] = stats[0]["approx_kl"]  # first minibatch of the first epoch: 0 (item 3)
-            if cfg.dynamic_sampling:  # rounds sampled (mean over processes), equal groups that filled the rollout
-                metrics.update(zip(("dyn_rounds", "dyn_filled"), M.ddp_sum(torch.tensor([len(rounds) / world, filled]),
+            if cfg.dynamic_sampling:  # rounds sampled (mean over shards), equal groups that filled the rollout
+                metrics.update(zip(("dyn_rounds", "dyn_filled"), M.ddp_sum(torch.tensor([n_rounds / shards, filled]),
                                                                            world, device).tolist()))
             if lab:
                 metrics.update(mismatch_stats(w, mask, is_keep, world, device))

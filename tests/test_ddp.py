@@ -125,3 +125,21 @@ def test_distributed_whiten_equals_whiten_of_all_rows(tmp_path):
         assert torch.allclose(torch.cat([p[key] for p in parts]), expected, atol=1e-5), key
     ev = ppo.explained_variance(x * 0.5, x, mask)
     assert parts[0]["ev"] == pytest.approx(ev, rel=1e-5) and parts[1]["ev"] == pytest.approx(ev, rel=1e-5)
+
+
+def test_grpo_dynamic_sampling_ddp_equals_one_process(world, tiny_ckpt, tmp_path):
+    # DAPO's dynamic sampling is per shard: 2 processes pick the same rows as one process sampling
+    # its 2 shards in turn. The checker never says right, so the score is 0 for an answer that ends
+    # and -1 for one cut at the cap (the EOS penalty): pairs of answers are equal or not by chance,
+    # and the shards take different numbers of rounds
+    policy = eos_prone(tiny_ckpt, tmp_path / "policy")
+    args = ["--policy", policy, "--reward", "verifiable", "--prompts", str(world / "prompts_train.jsonl"),
+            "--kl_coef", "0", "--missing_eos_penalty", "-1", "--advantage", "dr_grpo", "--group_size", "2",
+            "--rollout_batch_size", "8", "--rollout_shards", "2", "--num_minibatches", "2", "--update_epochs", "1",
+            "--total_episodes", "24", "--max_new_tokens", "6", "--lr", "1e-3", "--log_interval", "1",
+            "--dynamic_sampling", "true", "--max_sample_rounds", "3", "--sample_interval", "100", "--device", "cpu"]
+    assert_same_run(tmp_path, "grpo.py", args, ["score", "dyn_rounds", "dyn_filled", "equal_groups", "resp_len",
+                                                "pg_loss", "approx_kl", "grad_norm"])
+    rows = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert any(r["dyn_rounds"] > 1 for r in rows)  # the re-sampling happened
+    assert len({r["dyn_rounds"] for r in rows}) > 1 or any(r["dyn_rounds"] % 1 for r in rows)  # shards differed
