@@ -76,16 +76,18 @@ grpo_flags() {
     grpo_verifiable_b256_ent0.3) echo "$(grpo_flags grpo_verifiable_b256) --ent_coef -0.3" ;;
     grpo_verifiable_b256_ent0.1_kl) echo "$(grpo_flags grpo_verifiable_b256_kl) --ent_coef -0.1" ;;
     grpo_verifiable_b256_ent0.3_kl) echo "$(grpo_flags grpo_verifiable_b256_kl) --ent_coef -0.3" ;;
+    grpo_verifiable_ptx) echo "$(grpo_flags grpo_verifiable) --ptx_coef 1 --ptx_data $DATA/pretrain.txt" ;;
     grpo_verifiable_b256_ptx) echo "$(grpo_flags grpo_verifiable_b256) --ptx_coef 1 --ptx_data $DATA/pretrain.txt" ;;
     grpo_verifiable_b256_ent0.1_kl_ptx) echo "$(grpo_flags grpo_verifiable_b256_ent0.1_kl) --ptx_coef 1 --ptx_data $DATA/pretrain.txt" ;;
     # the 2025-26 objectives (docs/grpo_results.md, section 4), each one change (two for GSPO, whose mean over
-    # answers needs its aggregation) from the rloo run, on its budget; dapo_verifiable on the checker
+    # answers needs its aggregation) from the rloo run, on its budget; on the checker dapo_verifiable (from the
+    # 4x run) and gspo_verifiable, cispo_verifiable (from grpo_verifiable, on its budget)
     gspo) echo "$(grpo_flags rloo) --policy_loss gspo --loss_agg seq_mean_token_mean --clip_low 3e-4 --clip_high 4e-4" ;;
     cispo) echo "$(grpo_flags rloo) --policy_loss cispo --clip_low 1 --clip_high 0.28" ;;
     dapo) echo "$(grpo_flags rloo) --advantage grpo --clip_high 0.28 --overlong_buffer 16 --dynamic_sampling true" ;;
     dapo_verifiable) echo "$(grpo_flags grpo_verifiable_b256) --clip_high 0.28 --loss_agg token_mean --overlong_buffer 16 --dynamic_sampling true" ;;
-    gspo_verifiable) echo "$(grpo_flags grpo_verifiable_b256) --policy_loss gspo --clip_low 3e-4 --clip_high 4e-4" ;;
-    cispo_verifiable) echo "$(grpo_flags grpo_verifiable_b256) --policy_loss cispo --clip_low 1 --clip_high 0.28" ;;
+    gspo_verifiable) echo "$(grpo_flags grpo_verifiable) --policy_loss gspo --clip_low 3e-4 --clip_high 4e-4" ;;
+    cispo_verifiable) echo "$(grpo_flags grpo_verifiable) --policy_loss cispo --clip_low 1 --clip_high 0.28" ;;
     # the mismatch lab (section 5): the rloo run with its sampler a dose away, without and with a correction
     stale[0-9]*_tis) echo "$(grpo_flags "${1%_tis}") --is_correction tis" ;;  # stale<k>: k iterations stale
     stale[0-9]*_seqmask) echo "$(grpo_flags "${1%_seqmask}") --is_correction seq_mask" ;;
@@ -101,7 +103,7 @@ grpo_flags() {
 grpo_rm_flag() {  # the verifiable runs need no reward model
   case $1 in *_verifiable*) ;; *) echo "--reward_model $OUT/reward" ;; esac
 }
-for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3 grpo_verifiable_b256_ent0.1_kl grpo_verifiable_b256_ent0.3_kl grpo_verifiable_b256_ptx grpo_verifiable_b256_ent0.1_kl_ptx gspo cispo dapo dapo_verifiable gspo_verifiable cispo_verifiable stale4 stale4_tis stale4_mask stale4_seqmask bf16 bf16_tis topp0.9 topp0.9_tis stale1 stale1_tis stale2 stale2_tis stale8 stale8_tis}; do
+for name in ${GRPO_RUNS-grpo dr_grpo rloo reinforce_pp grpo_k1_reward grpo_k2_loss grpo_verifiable grpo_verifiable_b256 grpo_verifiable_b256_drop grpo_verifiable_b256_kl grpo_verifiable_b512 grpo_verifiable_b256_ent0.1 grpo_verifiable_b256_ent0.3 grpo_verifiable_b256_ent0.1_kl grpo_verifiable_b256_ent0.3_kl grpo_verifiable_ptx grpo_verifiable_b256_ptx grpo_verifiable_b256_ent0.1_kl_ptx gspo cispo dapo dapo_verifiable gspo_verifiable cispo_verifiable stale4 stale4_tis stale4_mask stale4_seqmask bf16 bf16_tis topp0.9 topp0.9_tis stale1 stale1_tis stale2 stale2_tis stale8 stale8_tis}; do
   [ -f "$S/eval_$name.json" ] && continue
   python grpo.py $(grpo_flags "$name") --policy "$OUT/sft" $(grpo_rm_flag "$name") --prompts "$DATA/prompts_train.jsonl" \
     --out_dir "$S/$name"
