@@ -41,3 +41,18 @@ GRPO_KEYS = ["score", "kl", "resp_len", "eos_frac", "equal_groups", "adv_mean", 
 def test_grpo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
     policy = eos_prone(tiny_ckpt, tmp_path / "policy")
     assert_same_run(tmp_path, "grpo.py", grpo_args(world, policy, tiny_rm), GRPO_KEYS, ["--fsdp", "true"])
+
+
+PPO_KEYS = ["score", "kl", "kl_coef", "resp_len", "eos_frac", "explained_var", "adv_mean", "adv_std", "return_mean",
+            "value_mean", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm", "gold"]
+
+
+@pytest.mark.slow
+def test_ppo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
+    # the policy, its value model, the reference and the reward model all sharded; the one optimizer over two models
+    policy = eos_prone(tiny_ckpt, tmp_path / "policy")
+    args = ["--policy", policy, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
+            "--rollout_batch_size", "12", "--rollout_shards", "2", "--num_minibatches", "2", "--grad_accum", "2",
+            "--update_epochs", "2", "--total_episodes", "36", "--max_new_tokens", "12", "--lr", "1e-3", "--value_lr", "1e-3",
+            "--adaptive_kl", "true", "--whiten_rewards", "true", "--sample_interval", "100", "--device", "cpu"]
+    assert_same_run(tmp_path, "ppo.py", args, PPO_KEYS, ["--fsdp", "true"])
