@@ -7,6 +7,8 @@ SFT run and the in-process checks are in the default suite, the other stages beh
 (`python -m pytest -m slow tests/test_fsdp.py` after touching a stage's FSDP path).
 Run: python -m pytest -q tests/test_fsdp.py"""
 
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,16 @@ def test_ppo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
             "--update_epochs", "2", "--total_episodes", "36", "--max_new_tokens", "12", "--lr", "1e-3", "--value_lr", "1e-3",
             "--adaptive_kl", "true", "--whiten_rewards", "true", "--sample_interval", "100", "--device", "cpu"]
     assert_same_run(tmp_path, "ppo.py", args, PPO_KEYS, ["--fsdp", "true"])
+
+
+@pytest.mark.slow
+def test_dpo_fsdp_equals_one_process(tmp_path, tiny_ckpt):
+    # the reference log-probs from the model each process loaded whole, then the same model sharded as the policy
+    rows = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
+            {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}] * 3
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--data", str(tmp_path / "p.jsonl"), "--val_data", str(tmp_path / "p.jsonl"), "--init", tiny_ckpt,
+            "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "1", "--lr", "1e-3", "--log_interval", "1",
+            "--eval_interval", "100", "--n_samples", "1", "--max_new_tokens", "4", "--device", "cpu"]
+    assert_same_run(tmp_path, "dpo.py", args, ["loss", "rewards/margin", "rewards/accuracy", "grad_norm", "val_loss"],
+                    ["--fsdp", "true"])
