@@ -2556,6 +2556,15 @@ def gathered(model):
             m.set_reshard_after_forward(True, recurse=False)  # fully_shard's default; the root keeps its weights until backward
 
 
+def reshard(*models):
+    """Register the sharded parameters of FSDP models again (local, no communication): the root keeps
+    its gathered weights after a forward without a backward (an eval's), and a state dict or an
+    optimizer must see the shards the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in (m for model in models for m in model.modules() if isinstance(m, FSDPModule)):
+        m.reshard()
+
+
 def full_state_dict(model):
     """model's weights whole, on the CPU: its state_dict(), or under FSDP each DTensor all-gathered to
     rank 0 (torch.distributed.checkpoint's full state dict). Under FSDP a collective: every process
@@ -2563,6 +2572,7 @@ def full_state_dict(model):
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    reshard(model)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if torch.distributed.get_rank() == 0 else None
 
@@ -2574,6 +2584,7 @@ def optimizer_state(opt, *models):
     if not is_sharded(models[0]):
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    reshard(*models)
     holder = models[0] if len(models) == 1 else nn.ModuleList(models)  # ppo.py: one optimizer, two models
     osd = get_optimizer_state_dict(holder, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return osd if torch.distributed.get_rank() == 0 else None

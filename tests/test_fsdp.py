@@ -71,3 +71,23 @@ def test_dpo_fsdp_equals_one_process(tmp_path, tiny_ckpt):
             "--eval_interval", "100", "--n_samples", "1", "--max_new_tokens", "4", "--device", "cpu"]
     assert_same_run(tmp_path, "dpo.py", args, ["loss", "rewards/margin", "rewards/accuracy", "grad_norm", "val_loss"],
                     ["--fsdp", "true"])
+
+
+@pytest.mark.slow
+def test_reward_fsdp_equals_one_process(tmp_path, tiny_ckpt):
+    # a ScalarModel sharded: its blocks are its trunk's; the normalisation fitted at the end on every process
+    rows = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
+            {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}] * 4
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--data", str(tmp_path / "r.jsonl"), "--val_data", str(tmp_path / "r.jsonl"), "--init", tiny_ckpt,
+            "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "2", "--lr", "1e-3",
+            "--log_interval", "1", "--eval_interval", "100", "--device", "cpu"]
+    assert_same_run(tmp_path, "reward.py", args, ["loss", "acc", "grad_norm", "val_loss", "val_acc"], ["--fsdp", "true"])
+
+
+@pytest.mark.slow
+def test_pretrain_fsdp_equals_one_process(world, tmp_path):
+    args = ["--data", str(world / "pretrain.txt"), "--tokenizer", str(world / "tokenizer.tiktoken"), "--n_layer", "1",
+            "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4", "--grad_accum", "2",
+            "--max_steps", "3", "--log_interval", "1", "--eval_interval", "3", "--eval_iters", "1", "--device", "cpu"]
+    assert_same_run(tmp_path, "pretrain.py", args, ["loss", "grad_norm", "val_loss"], ["--fsdp", "true"])
