@@ -2565,6 +2565,20 @@ def reshard(*models):
         m.reshard()
 
 
+def held_bytes(models, opt=None):
+    """(parameter bytes, optimizer-state bytes) this process holds: of models' parameters (their local
+    shards under FSDP) and of opt's state (AdamW's two moments and step counts). ppo.py and grpo.py
+    log them under FSDP (param_mb, optim_mb)."""
+    def size(t):
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this process's shard
+        return t.numel() * t.element_size()
+    if is_sharded(models[0]):
+        reshard(*models)
+    params = sum(size(p) for m in models for p in m.parameters())
+    state = sum(size(v) for st in (opt.state.values() if opt is not None else []) for v in st.values() if torch.is_tensor(v))
+    return params, state
+
+
 def full_state_dict(model):
     """model's weights whole, on the CPU: its state_dict(), or under FSDP each DTensor all-gathered to
     rank 0 (torch.distributed.checkpoint's full state dict). Under FSDP a collective: every process

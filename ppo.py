@@ -499,6 +499,9 @@ def train(cfg):
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
             metrics.update(time_gen=t_gen - t_start, time_fwd=t_fwd - t_gen, time_update=t_update,
                            time_iter=M.clock(device) - t_start)  # this iteration's; the rest: steps 3-5, 7, gold
+            if cfg.fsdp:  # what this process holds of every model and of AdamW: about 1/world of it all
+                held = M.held_bytes([m for m in (policy, value_model, ref, *rms) if m is not None], opt)
+                metrics.update(param_mb=held[0] / 2**20, optim_mb=held[1] / 2**20)
             if master:
                 M.log_metrics(cfg.out_dir, metrics)
         if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first

@@ -40,9 +40,17 @@ GRPO_KEYS = ["score", "kl", "resp_len", "eos_frac", "equal_groups", "adv_mean", 
              "approx_kl", "clipfrac", "grad_norm", "gold"]
 
 
+def model_bytes(path):
+    return sum(p.numel() * p.element_size() for p in M.load_checkpoint(path)[0].parameters())
+
+
 def test_grpo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
     policy = eos_prone(tiny_ckpt, tmp_path / "policy")
-    assert_same_run(tmp_path, "grpo.py", grpo_args(world, policy, tiny_rm), GRPO_KEYS, ["--fsdp", "true"])
+    _, two = assert_same_run(tmp_path, "grpo.py", grpo_args(world, policy, tiny_rm), GRPO_KEYS, ["--fsdp", "true"])
+    # each process holds about half of the policy, the reference and the reward model, and of AdamW's two moments
+    whole = 2 * model_bytes(policy) + model_bytes(tiny_rm)
+    assert 0.45 < two[-1]["param_mb"] * 2**20 / whole < 0.55, (two[-1]["param_mb"], whole / 2**20)
+    assert 0.45 < two[-1]["optim_mb"] * 2**20 / (2 * model_bytes(policy)) < 0.55, two[-1]["optim_mb"]
 
 
 PPO_KEYS = ["score", "kl", "kl_coef", "resp_len", "eos_frac", "explained_var", "adv_mean", "adv_std", "return_mean",
