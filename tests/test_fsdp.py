@@ -12,7 +12,10 @@ import json
 import pytest
 import torch
 
+import dpo
+import grpo
 import model as M
+import ppo
 import sft
 from helpers import assert_same_run, eos_prone
 
@@ -21,6 +24,20 @@ def sft_args(world, tiny_ckpt):
     return ["--data", str(world / "sft_train.jsonl"), "--val_data", str(world / "sft_val.jsonl"), "--init", tiny_ckpt,
             "--max_len", "48", "--batch_size", "5", "--grad_accum", "2", "--epochs", "0.06", "--log_interval", "1",
             "--eval_interval", "100", "--n_samples", "1", "--max_new_tokens", "4", "--device", "cpu"]
+
+
+def test_fsdp_without_torchrun_or_with_what_it_cannot_run_is_a_config_error(world, tiny_ckpt, tiny_rm, monkeypatch, tmp_path):
+    for module, args in ((sft, sft_args(world, tiny_ckpt)), (grpo, grpo_args(world, tiny_ckpt, tiny_rm))):
+        with pytest.raises(M.ConfigError, match=r"--fsdp true shards the models over torchrun's processes"):
+            module.train(M.parse_config(module.Config, [*args, "--fsdp", "true", "--out_dir", str(tmp_path / "x")]))
+    monkeypatch.setenv("RANK", "0")  # as under torchrun, before the process group is joined
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for module, args, key in ((grpo, [*grpo_args(world, tiny_ckpt, tiny_rm), "--staleness", "1"], "staleness"),
+                              (grpo, [*grpo_args(world, tiny_ckpt, tiny_rm), "--dynamic_sampling", "true"], "dynamic_sampling"),
+                              (ppo, ["--policy", tiny_ckpt, "--reward_model", tiny_rm, "--compile", "true"], "compile"),
+                              (dpo, ["--loss_type", "kto"], "loss_type")):
+        with pytest.raises(M.ConfigError, match=rf"--fsdp true with --{key} "):
+            module.train(M.parse_config(module.Config, [*args, "--fsdp", "true", "--out_dir", str(tmp_path / "x")]))
 
 
 def test_sft_fsdp_equals_one_process(world, tiny_ckpt, tmp_path):
@@ -44,6 +61,7 @@ def model_bytes(path):
     return sum(p.numel() * p.element_size() for p in M.load_checkpoint(path)[0].parameters())
 
 
+@pytest.mark.slow
 def test_grpo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
     policy = eos_prone(tiny_ckpt, tmp_path / "policy")
     _, two = assert_same_run(tmp_path, "grpo.py", grpo_args(world, policy, tiny_rm), GRPO_KEYS, ["--fsdp", "true"])
@@ -99,3 +117,78 @@ def test_pretrain_fsdp_equals_one_process(world, tmp_path):
             "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4", "--grad_accum", "2",
             "--max_steps", "3", "--log_interval", "1", "--eval_interval", "3", "--eval_iters", "1", "--device", "cpu"]
     assert_same_run(tmp_path, "pretrain.py", args, ["loss", "grad_norm", "val_loss"], ["--fsdp", "true"])
+
+
+# --- in-process: 2 gloo processes spawned, no torchrun
+
+
+def tiny_models():
+    """(name, model) pairs: a GPT, a ScalarModel, a GPT with LoRA adapters (B != 0), seeded."""
+    config = M.GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    gpt, scalar = M.GPT(config), M.scalar_from_gpt(M.GPT(config))
+    lora = M.add_lora(M.GPT(config), 4)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith(".lora_B"):
+                p.normal_(0, 0.05)
+    return [("gpt", gpt), ("scalar", scalar), ("lora", lora)]
+
+
+def model_loss(model, x):
+    return model(x).sum() if isinstance(model, M.ScalarModel) else model(x, targets=x)
+
+
+def shard_worker(rank, init, out):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    results = {}
+    for name, model in tiny_models():
+        M.fsdp_wrap(model, 2, "cpu", sum_grads=True)
+        opt = M.configure_optimizer(model, 1e-2)
+        x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))  # this process's rows
+        model_loss(model, x).backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        norm = M.clip_grad_checked(model.parameters(), 1e9, "test")
+        opt.step()
+        held = M.held_bytes([model], opt)
+        r = {"grads": grads, "norm": norm, "held": held, "weights": M.full_state_dict(model)}
+        if name == "gpt":  # sampling on gathered weights: each process stops after its own number of tokens
+            prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(9))
+            with M.gathered(model):
+                r["sample"] = model.generate(prompt, 4 + 5 * rank, temperature=0.0)[0]
+            model_loss(model, x).backward()  # and training goes on after the gather
+            model.save_pretrained(str(out / "hf"))  # every process calls it, rank 0 writes the whole directory
+        results[name] = r
+    torch.save(results, out / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_shards_gradients_sum_samples_gather_and_export_is_whole(tmp_path):
+    torch.multiprocessing.spawn(shard_worker, (f"file://{tmp_path / 'init'}", tmp_path), nprocs=2)
+    parts = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
+    for name, model in tiny_models():  # one process, both processes' rows: the summed gradient, the same step
+        opt = M.configure_optimizer(model, 1e-2)
+        before = sum(p.numel() * p.element_size() for p in model.parameters())
+        for rank in range(2):
+            model_loss(model, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))).backward()
+        norm = M.clip_grad_checked(model.parameters(), 1e9, "test")
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                assert torch.allclose(parts[0][name]["grads"][n], p.grad, atol=1e-5), (name, n)
+        assert parts[0][name]["norm"] == pytest.approx(norm, rel=1e-5) and parts[1][name]["norm"] == pytest.approx(norm, rel=1e-5)
+        opt.step()
+        one = M.held_bytes([model], opt)
+        for rank in range(2):  # about half of the parameters and of AdamW's state on each process
+            params, state = parts[rank][name]["held"]
+            assert 0.45 < params / before < 0.55 and 0.45 < state / one[1] < 0.55, (name, rank, params, before, state, one)
+        assert parts[1][name]["weights"] is None  # gathered to rank 0 only
+        for k, v in model.state_dict().items():
+            assert torch.allclose(parts[0][name]["weights"][k], v, atol=1e-6), (name, k)
+        if name == "gpt":
+            prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(9))
+            for rank in range(2):
+                assert torch.equal(parts[rank]["gpt"]["sample"], model.generate(prompt, 4 + 5 * rank, temperature=0.0)[0])
+            exported = M.GPT.from_pretrained(str(tmp_path / "hf"))
+            for k, v in model.state_dict().items():
+                assert torch.allclose(exported.state_dict()[k], v, atol=1e-6), k
