@@ -8,6 +8,11 @@ SFT run and the in-process checks are in the default suite, the other stages beh
 Run: python -m pytest -q tests/test_fsdp.py"""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -17,7 +22,7 @@ import grpo
 import model as M
 import ppo
 import sft
-from helpers import assert_same_run, eos_prone
+from helpers import ROOT, assert_same_run, eos_prone
 
 
 def sft_args(world, tiny_ckpt):
@@ -192,3 +197,53 @@ def test_fsdp_shards_gradients_sum_samples_gather_and_export_is_whole(tmp_path):
             exported = M.GPT.from_pretrained(str(tmp_path / "hf"))
             for k, v in model.state_dict().items():
                 assert torch.allclose(exported.state_dict()[k], v, atol=1e-6), k
+
+
+# --- checkpoints: whole, resumed exactly, on any process count
+
+
+def torchrun(nproc, script, args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+
+
+def kill_torchrun(pid):
+    """SIGKILL a torchrun and its workers: torchrun starts each worker in a session of its own, so a
+    kill of torchrun's process group leaves them running to the end of the run."""
+    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
+        os.kill(int(child), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+
+
+def metrics(d, drop=("ex_s",)):
+    return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in open(d / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_then_resume_equals_uninterrupted_and_resumes_on_another_process_count(world, tiny_ckpt, tmp_path):
+    args = ["--data", str(world / "sft_train.jsonl"), "--val_data", str(world / "sft_val.jsonl"), "--init", tiny_ckpt,
+            "--max_len", "64", "--batch_size", "8", "--epochs", "1", "--ckpt_interval", "3", "--log_interval", "1",
+            "--eval_interval", "100", "--n_samples", "0", "--device", "cpu", "--fsdp", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(torchrun(2, "sft.py", [*args, "--out_dir", str(tmp_path / "a")]), cwd=ROOT, env=env, check=True, capture_output=True)
+    for name, nproc in (("b", 2), ("c", 1)):  # killed on 2 processes, resumed on 2, and on 1
+        d = tmp_path / name
+        p = subprocess.Popen(torchrun(2, "sft.py", [*args, "--out_dir", str(d)]), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (d / "ckpt" / "state.pt").exists() and time.time() < deadline:  # the first checkpoint
+            time.sleep(0.05)
+        time.sleep(0.3)
+        kill_torchrun(p.pid)  # both processes, at whatever they are doing
+        p.wait()
+        time.sleep(0.2)  # the killed workers' files closed
+        state = M.load_train_state(str(d / "ckpt"))
+        assert state is not None and not state["finished"], "the kill came after the run had finished"
+        assert all(isinstance(k, str) for k in state["optimizer"]["state"])  # the full optimizer state, keyed by name
+        r = subprocess.run(torchrun(nproc, "sft.py", [*args, "--out_dir", str(d)]), cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b, c = (M.load_checkpoint(str(tmp_path / n))[0].state_dict() for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise on the same process count
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert all(torch.allclose(a[k], c[k], atol=1e-4) for k in a)  # another process count: the same run up to float sums
+    for x, y in zip(metrics(tmp_path / "a"), metrics(tmp_path / "c")):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), (x, y)
