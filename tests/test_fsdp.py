@@ -247,3 +247,13 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted_and_resumes_on_another_pr
     assert all(torch.allclose(a[k], c[k], atol=1e-4) for k in a)  # another process count: the same run up to float sums
     for x, y in zip(metrics(tmp_path / "a"), metrics(tmp_path / "c")):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), (x, y)
+
+
+@pytest.mark.slow
+def test_grpo_lora_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
+    # LoRA under FSDP: the frozen base sharded with its adapters, the reference the policy with its adapters
+    # off (the same sharded module), AdamW over the adapters only; activation checkpointing re-gathers in backward
+    policy = eos_prone(tiny_ckpt, tmp_path / "policy")
+    args = [*grpo_args(world, policy, tiny_rm), "--lora_rank", "4", "--lr", "1e-2", "--activation_checkpointing", "true"]
+    _, two = assert_same_run(tmp_path, "grpo.py", args, GRPO_KEYS, ["--fsdp", "true"])
+    assert two[-1]["kl"] > 0  # the adapters moved the policy off its reference
