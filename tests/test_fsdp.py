@@ -128,11 +128,12 @@ def test_pretrain_fsdp_equals_one_process(world, tmp_path):
 
 
 def tiny_models():
-    """(name, model) pairs: a GPT, a ScalarModel, a GPT with LoRA adapters (B != 0), seeded."""
+    """(name, model) pairs: a GPT-2, a ScalarModel, a Qwen2-family GPT with LoRA adapters (B != 0), seeded."""
     config = M.GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
     torch.manual_seed(0)
     gpt, scalar = M.GPT(config), M.scalar_from_gpt(M.GPT(config))
-    lora = M.add_lora(M.GPT(config), 4)
+    qwen = M.family_config("qwen2", vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=48)
+    lora = M.add_lora(M.GPT(qwen), 4)
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if name.endswith(".lora_B"):
@@ -163,7 +164,13 @@ def shard_worker(rank, init, out):
             with M.gathered(model):
                 r["sample"] = model.generate(prompt, 4 + 5 * rank, temperature=0.0)[0]
             model_loss(model, x).backward()  # and training goes on after the gather
-            model.save_pretrained(str(out / "hf"))  # every process calls it, rank 0 writes the whole directory
+        if name != "scalar":  # every process calls it, rank 0 writes the whole directory (LoRA: merged)
+            model.save_pretrained(str(out / f"hf_{name}"))
+        try:  # an optimizer state stored without FSDP (keyed by position) is refused, naming the key
+            plain = M.configure_optimizer(M.GPT(M.GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)), 1e-3)
+            M.load_optimizer_state(opt, plain.state_dict(), "ckpt", model)
+        except M.ConfigError as e:
+            r["refused"] = str(e)
         results[name] = r
     torch.save(results, out / f"{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -194,9 +201,11 @@ def test_fsdp_shards_gradients_sum_samples_gather_and_export_is_whole(tmp_path):
             prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(9))
             for rank in range(2):
                 assert torch.equal(parts[rank]["gpt"]["sample"], model.generate(prompt, 4 + 5 * rank, temperature=0.0)[0])
-            exported = M.GPT.from_pretrained(str(tmp_path / "hf"))
-            for k, v in model.state_dict().items():
-                assert torch.allclose(exported.state_dict()[k], v, atol=1e-6), k
+        if name != "scalar":  # the whole Hugging Face directory, LoRA merged into the base
+            exported = M.GPT.from_pretrained(str(tmp_path / f"hf_{name}")).state_dict()
+            for k, v in (M.merge_lora(model) if name == "lora" else model).state_dict().items():
+                assert torch.allclose(exported[k], v, atol=1e-6), (name, k)
+        assert "written with --fsdp false; resume it with --fsdp false" in parts[0][name]["refused"]
 
 
 # --- checkpoints: whole, resumed exactly, on any process count
