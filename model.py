@@ -34,7 +34,8 @@ Contents
   7. Checkpoints            directories written atomically (temp dir + rename), each saying what
                             it is (ROLES: policy, reward model, value model); check_roles
   8. Utilities              config parsing (dataclass < toml/json < --key value), a script's entry
-                            point (main: Ctrl-C and bad data in one line), device, DDP, autocast,
+                            point (main: Ctrl-C and bad data in one line), device, DDP and FSDP2
+                            (fsdp_wrap, gathered, full state dicts), autocast,
                             optimizer, metrics log, runs, jsonl and preference reading
 
 Shapes: B batch, T tokens (prompt + response), P prompt, R response, V vocab, C n_embd,
