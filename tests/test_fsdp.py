@@ -88,7 +88,12 @@ def test_ppo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
             "--rollout_batch_size", "12", "--rollout_shards", "2", "--num_minibatches", "2", "--grad_accum", "2",
             "--update_epochs", "2", "--total_episodes", "36", "--max_new_tokens", "12", "--lr", "1e-3", "--value_lr", "1e-3",
             "--adaptive_kl", "true", "--whiten_rewards", "true", "--sample_interval", "100", "--device", "cpu"]
-    assert_same_run(tmp_path, "ppo.py", args, PPO_KEYS, ["--fsdp", "true"])
+    _, two = assert_same_run(tmp_path, "ppo.py", args, PPO_KEYS, ["--fsdp", "true"])
+    # each process holds about half of policy, value model, reference and reward model, and of AdamW over two models
+    value = model_bytes(tiny_rm)  # the value model: a ScalarModel of the same shape
+    whole = 2 * model_bytes(policy) + value + model_bytes(tiny_rm)
+    assert 0.45 < two[-1]["param_mb"] * 2**20 / whole < 0.55, (two[-1]["param_mb"], whole / 2**20)
+    assert 0.45 < two[-1]["optim_mb"] * 2**20 / (2 * (model_bytes(policy) + value)) < 0.55, two[-1]["optim_mb"]
 
 
 @pytest.mark.slow
