@@ -778,7 +778,7 @@ def train(cfg):
                     i = [g - lo for g in mb_idx[a * micro:(a + 1) * micro] if lo <= g < lo + share]
                     if not i and not cfg.fsdp:  # none of this micro-batch's rows is ours
                         continue
-                    w = 1.0 if i else 0.0  # FSDP: an empty share still runs (its first row, weight 0): all-gathers are collective
+                    mine_w = 1.0 if i else 0.0  # FSDP: an empty share still runs (its first row, weight 0): all-gathers are collective
                     i = torch.tensor(i or [0], device=device)
                     mb_seq, mb_full, mb_mask = seq[i], full_mask[i], loss_mask[i]
                     with ctx:  # fused LM head: no (b, R, V) logits (model.linear_logprobs)
@@ -800,8 +800,8 @@ def train(cfg):
                             ptx_nll = M.ptx_loss(fwd_policy, x)
                         loss = loss + cfg.ptx_coef * ptx_nll * len(i) / minibatch
                         row.append(ptx_nll.detach() * len(i) / minibatch)
-                    (loss * w).backward()
-                    mb_stats += torch.stack(row) * w
+                    (loss * mine_w).backward()
+                    mb_stats += torch.stack(row) * mine_w
                 mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))  # token-weighted means
                 where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
                 mb_stats["grad_norm"] = M.optimizer_step(opt, (policy,), mb_stats, cfg.max_grad_norm, world, where)
