@@ -2513,12 +2513,14 @@ def fsdp_wrap(model, world, device, sum_grads=False):
     world); sum_grads=True sums, as all_reduce_grads does for ppo.py and grpo.py (gloo has no
     pre-multiplied sum, so a plain SUM is forced). Frozen models (reference, reward) are sharded
     the same way and only all-gathered. The root is initialised at once, not at its first forward:
-    generate enters through the blocks (see gathered). device: the mesh's, from the process group."""
+    generate enters through the blocks (see gathered). The mesh: `world` processes on `device`'s type."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
+    mesh = init_device_mesh(torch.device(device).type, (world,))
     trunk = getattr(model, "backbone", model)  # a ScalarModel's blocks are its GPT trunk's
     for block in trunk.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     for m in model.modules():
         if isinstance(m, FSDPModule) and sum_grads:
             m.set_gradient_divide_factor(1.0)

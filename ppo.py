@@ -447,10 +447,10 @@ def train(cfg):
                     i = [g - lo for g in mb_idx[a * micro:(a + 1) * micro] if lo <= g < lo + share]
                     if not i and not cfg.fsdp:  # none of this micro-batch's rows is ours
                         continue
-                    keep = 1.0 if i else 0.0  # FSDP: an empty share still runs (its first row, weight 0): all-gathers are collective
+                    mine_w = 1.0 if i else 0.0  # FSDP: an empty share still runs (its first row, weight 0): all-gathers are collective
                     i = torch.tensor(i or [0], device=device)
                     mb_seq, mb_full, mb_mask = seq[i], full_mask[i], mask[i]
-                    w = mb_mask.sum() / mb_tokens * keep  # these rows' share of the minibatch mean
+                    w = mb_mask.sum() / mb_tokens * mine_w  # these rows' share of the minibatch mean
                     with ctx:  # fused LM head: no (b, R, V) logits (model.linear_logprobs)
                         new_logprobs, entropy = M.response_logprobs(fwd_policy, mb_seq, mb_full, P, cfg.temperature,
                                                                     entropy=True)  # (b, R) fp32 each
