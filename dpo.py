@@ -81,7 +81,10 @@ code's gamma_beta_ratio times beta); no SFT term (the CPO-style loss TRL can add
 each prompt with a fixed other row's answer (a cyclic shift in a random order fixed by the seed),
 where TRL shifts the answers within each batch, and is a mean over the whole optimizer step, not
 the micro-batch; a paired file is split into one desirable and one undesirable row per pair. KTO
-and online DPO run in one process (not under torchrun). IPO comes in two forms. Summed
+and online DPO run in one process (not under torchrun). Under torchrun the offline losses run with
+DDP, or with --fsdp true sharded (FSDP2, model.fsdp_wrap; item 23): the reference log-probs are
+computed before the wrap, by the model every process has just loaded whole, which then becomes the
+sharded policy; eval and samples run on every process. IPO comes in two forms. Summed
 log-probs (the default) are Azar et al.'s Eq. 17 as written, with log pi(y|x) the sequence
 log-likelihood, and what the DPO reference code's IPO loss uses. ipo_average = true averages them
 over each answer's tokens (EOS included) before h is formed, as TRL does for IPO, following the IPO
@@ -169,6 +172,7 @@ class Config:
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) instead of DDP
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
@@ -479,14 +483,15 @@ def averaged(cfg):
 
 
 @torch.no_grad()
-def print_samples(model, tokenizer, prompts, cfg, device):
-    """A few held-out answers, the first sign of over-optimisation (docs/implementation_details.md, item 18)."""
+def print_samples(model, tokenizer, prompts, cfg, device, show=True):
+    """A few held-out answers, the first sign of over-optimisation (docs/implementation_details.md, item 18).
+    show=False: sampled (an FSDP process joining the gather), not printed."""
     if not prompts:
         return
     model.eval()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, 1.0, len(prompts), g, cfg.template)
-    for p, (resp, ended) in zip(prompts, answers):
+    for p, (resp, ended) in zip(prompts if show else [], answers):
         tqdm.write(f"  > {p}\n    {tokenizer.decode(resp)!r}{'' if ended else ' [no EOS]'}")
     model.train()
 
@@ -529,6 +534,9 @@ def check_config(cfg):
         for key in ONLINE_KEYS:
             if getattr(cfg, key) != defaults[key]:
                 raise M.ConfigError(f"{key} is online DPO's; it applies only with online = true")
+    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false",
+                 online=cfg.online and "online DPO runs in one process: --fsdp false",
+                 loss_type=cfg.loss_type == "kto" and "KTO runs in one process: --fsdp false")
     if (cfg.online or cfg.loss_type == "kto") and M.process_count() > 1:
         raise M.ConfigError("online DPO and KTO run in one process here (z0 and the sampled pairs are not shared "
                             "over processes); run without torchrun")
@@ -607,11 +615,10 @@ def train(cfg):
     model = M.adapt(model, cfg, resumed=state is not None)  # with LoRA, pi_ref is the base under the adapters
     del ref
 
-    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
+    ddp_model = M.fsdp_wrap(model, world, device) if cfg.fsdp else M.ddp_wrap(model, world, device)  # FSDP: in place
+    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)  # after the wrap: FSDP shards its state
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
-    ddp_model = M.ddp_wrap(model, world, device)
+        step = M.resume_state(opt, state, ckpt, model)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
     t0, start = time.time(), step
@@ -632,10 +639,10 @@ def train(cfg):
             mine = rows[rank::world]  # this rank's share; an empty share still joins the all-reduce
             mb_idx = mine or rows[:1]
             # 2. chosen and rejected in one forward, split back (KTO: the answers alone)
-            sync = world == 1 or j == len(micro) - 1
+            sync = world == 1 or j == len(micro) - 1 or cfg.fsdp  # FSDP reduce-scatters every micro-batch
             with ctx, (nullcontext() if sync else ddp_model.no_sync()):
                 mb_ref = None if ref_train is None else ref_train[mb_idx].to(device)  # (B, 2), constants
-                # 3. the loss, a mean over all pairs of the step (DDP averages over ranks: * world)
+                # 3. the loss, a mean over all pairs of the step (DDP and FSDP average over ranks: * world)
                 if kto:
                     logps = rows_logps(fwd, [train_ex[i][0] for i in mb_idx], device)  # (B,)
                     mb_labels = train_labels[mb_idx].to(device)  # (B,)
@@ -669,7 +676,8 @@ def train(cfg):
         bar.update(1)
         # 5. log, eval with samples, checkpoint
         last = step == max_steps
-        if master and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
+        # (FSDP: every process runs the eval, the samples and the checkpoint's gather; rank 0 writes)
+        if (master or cfg.fsdp) and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
             metrics = {"step": step, **metrics, "lr": lr, "grad_norm": grad_norm,
                        f"{unit}_s": round(per_step * (step - start) / (time.time() - t0), 1)}
             if step % cfg.eval_interval == 0 or last:
@@ -678,11 +686,13 @@ def train(cfg):
                 else:
                     metrics.update(evaluate(model, val_ex, ref_val, cfg, device, ctx))
                 if val_prompts:
-                    print_samples(model, tokenizer, val_prompts, cfg, device)
-            M.log_metrics(cfg.out_dir, metrics)
-        if master and (step % cfg.ckpt_interval == 0 or last):
+                    print_samples(model, tokenizer, val_prompts, cfg, device, master)
+            if master:
+                M.log_metrics(cfg.out_dir, metrics)
+        if (master or cfg.fsdp) and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg), role="policy",
-                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
+                              state={"step": step, "optimizer": M.optimizer_state(opt, model), "rng": M.rng_state(),
+                                     "finished": last})
     bar.close()
     M.ddp_cleanup(world)
     return model
@@ -732,9 +742,7 @@ def train_online(cfg):
     opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
-        step = state["step"]
+        step = M.resume_state(opt, state, ckpt, model)
     fwd = torch.compile(model) if cfg.compile else model
     gen = torch.Generator(device=device)
     t0, start = time.time(), step

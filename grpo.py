@@ -103,7 +103,9 @@ only on the world's own prompts (gold = auto), never trained on.
 Several GPUs: torchrun --nproc_per_node N grpo.py --config ... (data parallel, no DDP wrapper), as
 ppo.py (item 21: several processes take the step one process takes): each process owns whole groups,
 so a group's baseline is local; REINFORCE++'s whitening and every logged mean are over the whole
-rollout (tests/test_grpo.py).
+rollout (tests/test_grpo.py). With --fsdp true the policy, the reference and the reward models are
+sharded (FSDP2, model.fsdp_wrap; item 23): the rollout gathers the policy whole, and every process
+runs every micro-batch (an empty share at weight 0), since the shards' all-gathers are collective.
 
 Run:
   CPU, built-in task:  python grpo.py --config configs/grpo_world.toml
@@ -215,6 +217,7 @@ class Config:
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    fsdp: bool = False  # under torchrun: shard the policy, reference, reward models and AdamW state (FSDP2); gradients summed as without it
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
@@ -493,6 +496,10 @@ def check_config(cfg, world):
     if cfg.kl_coef < 0 or cfg.clip_low < 0 or cfg.clip_high < 0:
         raise M.ConfigError(f"kl_coef {cfg.kl_coef}, clip_low {cfg.clip_low}, clip_high {cfg.clip_high} must be >= 0")
     M.check_ensemble(cfg)
+    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false",
+                 staleness=cfg.staleness and "the stale sampler is a copy of the policy, not built from shards: --staleness 0",
+                 dynamic_sampling=cfg.dynamic_sampling and "the rounds sampled differ from process to process, and sharded "
+                 "models cannot run them in step: --dynamic_sampling false")
     minibatch, micro, shards = M.check_rollout_sizes(cfg, world, G)
     return B, G, minibatch, micro, shards
 
@@ -637,15 +644,18 @@ def train(cfg):
     if gold:
         from data.world import gold_reward  # the task's oracle: a metric only
 
-    opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)
-    base_lrs = [group["lr"] for group in opt.param_groups]
     it = 0
     ckpt, state = run.ckpt, run.state
     if state is not None:  # every process resumes from the same checkpoint
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
-        M.load_optimizer_state(opt, state["optimizer"], ckpt)
-        M.set_rng_state(state["rng"])
-        it = state["iteration"]
+    if cfg.fsdp:  # every model sharded, the frozen ones too (item 23)
+        for m in (policy, ref, *rms):
+            if m is not None:
+                M.fsdp_wrap(m, world, device, sum_grads=True)
+    opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device)  # FSDP: over the shards
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    if state is not None:
+        it = M.resume_state(opt, state, ckpt, policy)
     # the mismatch lab: the sampler's precision, nucleus and weights (a copy of the policy k iterations back)
     lab = cfg.sampler_dtype != "same" or cfg.sampler_top_p < 1 or cfg.staleness > 0 or cfg.is_correction != "none"
     sampler_ctx, top_p = sampler_context(cfg, device, ctx), cfg.sampler_top_p if cfg.sampler_top_p < 1 else None
@@ -781,9 +791,10 @@ def train(cfg):
                 mb_stats = torch.zeros(len(stat_keys), device=device)
                 for a in range(cfg.grad_accum):
                     i = [g - lo for g in mb_idx[a * micro:(a + 1) * micro] if lo <= g < lo + share]
-                    if not i:  # none of this micro-batch's rows is ours
+                    if not i and not cfg.fsdp:  # none of this micro-batch's rows is ours
                         continue
-                    i = torch.tensor(i, device=device)
+                    mine_w = 1.0 if i else 0.0  # FSDP: an empty share still runs (its first row, weight 0): all-gathers are collective
+                    i = torch.tensor(i or [0], device=device)
                     mb_seq, mb_full, mb_mask = seq[i], full_mask[i], loss_mask[i]
                     with ctx:  # fused LM head: no (b, R, V) logits (model.linear_logprobs)
                         new_logprobs, entropy = M.response_logprobs(fwd_policy, mb_seq, mb_full, P, cfg.temperature,
@@ -804,8 +815,8 @@ def train(cfg):
                             ptx_nll = M.ptx_loss(fwd_policy, x)
                         loss = loss + cfg.ptx_coef * ptx_nll * len(i) / minibatch
                         row.append(ptx_nll.detach() * len(i) / minibatch)
-                    loss.backward()
-                    mb_stats += torch.stack(row)
+                    (loss * mine_w).backward()
+                    mb_stats += torch.stack(row) * mine_w
                 mb_stats = dict(zip(stat_keys, M.ddp_sum(mb_stats, world, device).tolist()))  # token-weighted means
                 where = f"iteration {it} epoch {epoch} minibatch {mb} (last good checkpoint: {ckpt})"
                 mb_stats["grad_norm"] = M.optimizer_step(opt, (policy,), mb_stats, cfg.max_grad_norm, world, where)
@@ -834,14 +845,17 @@ def train(cfg):
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
             metrics.update(time_gen=t_gen - t_start, time_fwd=t_fwd - t_gen, time_update=t_update,
                            time_iter=M.clock(device) - t_start)  # this iteration's; the rest: steps 3-5, gold
+            if cfg.fsdp:  # what this process holds of every model and of AdamW: about 1/world of it all
+                held = M.held_bytes([m for m in (policy, ref, *rms) if m is not None], opt)
+                metrics.update(param_mb=held[0] / 2**20, optim_mb=held[1] / 2**20)
             if master:
                 M.log_metrics(cfg.out_dir, metrics)
         if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first
             for r in range(0, min(cfg.n_show * G, len(texts)), G):  # the first answer of the first groups
                 tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
-        if master and (it % cfg.ckpt_interval == 0 or it == iterations):
+        if (master or cfg.fsdp) and (it % cfg.ckpt_interval == 0 or it == iterations):  # FSDP: all gather, rank 0 writes
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
-                              state={"iteration": it, "optimizer": opt.state_dict(), "rng": M.rng_state(),
+                              state={"iteration": it, "optimizer": M.optimizer_state(opt, policy), "rng": M.rng_state(),
                                      "finished": it == iterations, **({"versions": list(versions)} if stale is not None else {})})
     bar.close()
     M.ddp_cleanup(world)

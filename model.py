@@ -34,7 +34,8 @@ Contents
   7. Checkpoints            directories written atomically (temp dir + rename), each saying what
                             it is (ROLES: policy, reward model, value model); check_roles
   8. Utilities              config parsing (dataclass < toml/json < --key value), a script's entry
-                            point (main: Ctrl-C and bad data in one line), device, DDP, autocast,
+                            point (main: Ctrl-C and bad data in one line), device, DDP and FSDP2
+                            (fsdp_wrap, gathered, full state dicts), autocast,
                             optimizer, metrics log, runs, jsonl and preference reading
 
 Shapes: B batch, T tokens (prompt + response), P prompt, R response, V vocab, C n_embd,
@@ -359,8 +360,12 @@ class GPT(nn.Module):
 
     def save_pretrained(self, out_dir, tokenizer=None, dtype=None, max_shard_bytes=None):
         """Export to the Hugging Face layout of the model's family (GPT2LMHeadModel for GPT-2);
-        LoRA adapters are merged into the weights first."""
-        model = merge_lora(self) if self.config.lora_rank else self
+        LoRA adapters are merged into the weights first. An FSDP model is gathered whole first
+        (full_model: every process calls this, rank 0 writes the full directory)."""
+        model = full_model(self)
+        if model is None:  # FSDP, not rank 0
+            return
+        model = merge_lora(model) if model.config.lora_rank else model
         if model.config.family == "gpt2":
             if dtype is not None or max_shard_bytes is not None:
                 raise ValueError("GPT-2 export writes one fp32 model.safetensors")
@@ -546,18 +551,20 @@ def sample_answers(model, tokenizer, prompts, max_new_tokens, temperature=1.0, b
     """One sampled answer per prompt, in the chat template, batch_size prompts at a time (left-padded).
 
     Returns a list of (response ids up to and including EOS, ended). A prompt longer than
-    block_size - max_new_tokens keeps its last tokens (the end is what the answer follows)."""
+    block_size - max_new_tokens keeps its last tokens (the end is what the answer follows). An FSDP
+    model is gathered whole for the span (every process calls this)."""
     max_prompt = model.config.block_size - max_new_tokens
     out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="sample", leave=False, disable=len(prompts) <= batch_size):
-        rows = [encode_chat(tokenizer, p, template=template) for p in prompts[i:i + batch_size]]
-        ids, mask = pad_left(rows, min(max_prompt, max(map(len, rows))))
-        dev = next(model.parameters()).device
-        seq, gen_mask, _ = model.generate(ids.to(dev), max_new_tokens, temperature, attention_mask=mask.to(dev),
-                                          eos_id=tokenizer.eot_id, generator=generator)
-        for row, m in zip(seq[:, ids.size(1):].tolist(), gen_mask.tolist()):
-            resp = row[:sum(m)]
-            out.append((resp, bool(resp) and resp[-1] == tokenizer.eot_id))
+    with gathered(model):
+        for i in tqdm(range(0, len(prompts), batch_size), desc="sample", leave=False, disable=len(prompts) <= batch_size):
+            rows = [encode_chat(tokenizer, p, template=template) for p in prompts[i:i + batch_size]]
+            ids, mask = pad_left(rows, min(max_prompt, max(map(len, rows))))
+            dev = next(model.parameters()).device
+            seq, gen_mask, _ = model.generate(ids.to(dev), max_new_tokens, temperature, attention_mask=mask.to(dev),
+                                              eos_id=tokenizer.eot_id, generator=generator)
+            for row, m in zip(seq[:, ids.size(1):].tolist(), gen_mask.tolist()):
+                resp = row[:sum(m)]
+                out.append((resp, bool(resp) and resp[-1] == tokenizer.eot_id))
     return out
 
 
@@ -2056,16 +2063,23 @@ def save_checkpoint(ckpt_dir, model, tokenizer, train_config, state=None, meta=N
 
     role says what the checkpoint is (ROLES; by default a GPT is a policy and a ScalarModel a reward
     model). A ScalarModel's score normalisation is recorded beside it: gain, bias, and fitted (true
-    once reward.py has fitted them; false: score() returns raw head values)."""
+    once reward.py has fitted them; false: score() returns raw head values).
+
+    An FSDP model (fsdp_wrap) is written whole, the same files as an unsharded one: every process
+    calls this (the weights are all-gathered to rank 0, full_state_dict; the state's optimizer from
+    optimizer_state) and rank 0 writes, so any stage or process count reads the checkpoint."""
     tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
     scalar = isinstance(raw, ScalarModel)
     role = role or ("reward_model" if scalar else "policy")
     if role not in ROLES or (role == "policy") == scalar:
         raise ValueError(f"save_checkpoint: role {role!r} does not fit a {type(raw).__name__}; roles: {sorted(ROLES)}")
+    sd = full_state_dict(raw)
+    if sd is None:  # FSDP, a process other than rank 0: it gave its shards, rank 0 writes
+        return
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.save(raw.state_dict(), os.path.join(tmp, "model.pt"))
+    torch.save(sd, os.path.join(tmp, "model.pt"))
     tokenizer.save(os.path.join(tmp, "tokenizer.tiktoken"))
     info = {"kind": "scalar" if scalar else "gpt", "role": role, "model": dataclasses.asdict(raw.config),
             "tokenizer": tokenizer.name, "train": train_config, "meta": meta or {},
@@ -2467,12 +2481,143 @@ def ddp_setup(device="auto"):
     return rank, world, device
 
 
+def check_fsdp(cfg, **unsupported):
+    """--fsdp true needs torchrun (a process group to shard over), and each setting in unsupported
+    (key=why, given only when the setting is on) is a ConfigError naming the key. Before anything loads."""
+    if not getattr(cfg, "fsdp", False):
+        return
+    if "RANK" not in os.environ:
+        raise ConfigError("--fsdp true shards the models over torchrun's processes: launch with "
+                          "torchrun --nproc_per_node N ..., or --fsdp false")
+    for key, why in unsupported.items():
+        if why:
+            raise ConfigError(f"--fsdp true with --{key} {getattr(cfg, key)}: {why}")
+
+
 def ddp_wrap(model, world, device):
     """DistributedDataParallel when world > 1 (gradients all-reduced, averaged over ranks)."""
     if world == 1:
         return model
     ids = [torch.device(device).index] if device.startswith("cuda") else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def fsdp_wrap(model, world, device, sum_grads=False):
+    """FSDP2 (PyTorch's fully_shard; Zhao et al. 2023, "PyTorch FSDP"), in place: each block, then the
+    whole model (embeddings, final norm, the LM or scalar head), becomes one group of parameters
+    split into `world` equal pieces, one per process, stored as DTensors. A group is all-gathered
+    just before its forward and freed after it (the root's stays until backward), and its gradients
+    are reduce-scattered in backward: a process holds 1/world of the weights, gradients and AdamW
+    state (build the optimizer after the wrap), plus the groups in use in full. The reduction is a
+    mean over processes, as DDP's (sft.py, dpo.py, reward.py, pretrain.py scale their loss by
+    world); sum_grads=True sums, as all_reduce_grads does for ppo.py and grpo.py (gloo has no
+    pre-multiplied sum, so a plain SUM is forced). Frozen models (reference, reward) are sharded
+    the same way and only all-gathered. The root is initialised at once, not at its first forward:
+    generate enters through the blocks (see gathered). The mesh: `world` processes on `device`'s type."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    mesh = init_device_mesh(torch.device(device).type, (world,))
+    trunk = getattr(model, "backbone", model)  # a ScalarModel's blocks are its GPT trunk's
+    for block in trunk.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule) and sum_grads:
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    model._get_fsdp_state()._lazy_init()  # the root is the model, whichever module runs first
+    return model
+
+
+def is_sharded(model):
+    """Whether model went through fsdp_wrap (FSDP2 swaps its class for one deriving from FSDPModule)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    return fsdp is not None and isinstance(getattr(model, "_orig_mod", model), fsdp.FSDPModule)
+
+
+@contextmanager
+def gathered(model):
+    """Inside, an FSDP model's weights are whole on every process: all-gathered once, group by group,
+    and freed on leaving. Sampling needs it: generate runs one forward per token and each process
+    stops when its own rows have ended, so the processes cannot join per-block all-gathers step by
+    step. The price is the full weights in memory for the span (docs/implementation_details.md,
+    item 23); a plain model passes through. Every process must enter it (the gather is collective)."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first, then the blocks
+    model.set_reshard_after_forward(False)  # a block's forward must not free what was gathered
+    for m in groups:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in groups:
+            m.reshard()
+        for m in groups[1:]:
+            m.set_reshard_after_forward(True, recurse=False)  # fully_shard's default; the root keeps its weights until backward
+
+
+def reshard(*models):
+    """Register the sharded parameters of FSDP models again (local, no communication): the root keeps
+    its gathered weights after a forward without a backward (an eval's), and a state dict or an
+    optimizer must see the shards the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in (m for model in models for m in model.modules() if isinstance(m, FSDPModule)):
+        m.reshard()
+
+
+def held_bytes(models, opt=None):
+    """(parameter bytes, optimizer-state bytes) this process holds: of models' parameters (their local
+    shards under FSDP) and of opt's state (AdamW's two moments and step counts). ppo.py and grpo.py
+    log them under FSDP (param_mb, optim_mb)."""
+    def size(t):
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this process's shard
+        return t.numel() * t.element_size()
+    if is_sharded(models[0]):
+        reshard(*models)
+    params = sum(size(p) for m in models for p in m.parameters())
+    state = sum(size(v) for st in (opt.state.values() if opt is not None else []) for v in st.values() if torch.is_tensor(v))
+    return params, state
+
+
+def full_state_dict(model):
+    """model's weights whole, on the CPU: its state_dict(), or under FSDP each DTensor all-gathered to
+    rank 0 (torch.distributed.checkpoint's full state dict). Under FSDP a collective: every process
+    calls it, the others get None."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    reshard(model)
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if torch.distributed.get_rank() == 0 else None
+
+
+def optimizer_state(opt, *models):
+    """What a checkpoint stores of the optimizer over models: opt.state_dict(), or under FSDP the
+    full state keyed by parameter name (AdamW's moments whole, gathered to rank 0; the others get
+    None), which loads on any process count. A collective under FSDP."""
+    if not is_sharded(models[0]):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    reshard(*models)
+    holder = models[0] if len(models) == 1 else nn.ModuleList(models)  # ppo.py: one optimizer, two models
+    osd = get_optimizer_state_dict(holder, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return osd if torch.distributed.get_rank() == 0 else None
+
+
+def full_model(model):
+    """A plain (unsharded) copy of an FSDP model on rank 0, None on the others (a collective); a plain
+    model itself. What save_pretrained and merge_lora need: whole tensors."""
+    if not is_sharded(model):
+        return model
+    sd = full_state_dict(model)
+    if sd is None:
+        return None
+    plain = (ScalarModel if isinstance(model, ScalarModel) else GPT)(model.config)
+    plain.load_state_dict(sd)
+    return plain
 
 
 def ddp_sum(x, world, device):
@@ -2507,8 +2652,9 @@ def rng_seed(seed, iteration, stream, k=0):
 
 def all_reduce_grads(model, world):
     """Sum the gradients over processes, as one flat tensor (a parameter without one counts 0). A
-    sum, not DDP's mean: each micro-batch loss is already weighted by its share of the minibatch."""
-    if world == 1:
+    sum, not DDP's mean: each micro-batch loss is already weighted by its share of the minibatch.
+    Under FSDP the backward has reduce-scattered them already (fsdp_wrap(sum_grads=True)): nothing to do."""
+    if world == 1 or is_sharded(model):
         return
     params = [p for p in model.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
@@ -2560,19 +2706,21 @@ def sample_rollout(policy, prompt_ids, idx, shards, shard_size, group, cfg, it, 
     its own generator seeded by (seed, iteration, stream, k), so a resumed run and any process count
     sample the same rows (grpo.py's dynamic sampling draws its extra rounds from other streams).
     top_p: nucleus sampling (grpo.py's mismatch lab; the RL default is None, item 1). Returns seq (b, P + R), right-padded with PAD to the longest answer of all
-    shards, its attention mask (b, P + R), and P, one prompt width for every shard."""
+    shards, its attention mask (b, P + R), and P, one prompt width for every shard. An FSDP policy
+    is gathered whole for the span (gathered: each process stops at its own rows' EOS)."""
     P = max(len(prompt_ids[i]) for i in idx)
     per_shard = shard_size // group  # prompts in a shard
     seqs, masks = [], []
-    for k in shards:
-        p_ids, p_mask = pad_left([prompt_ids[i] for i in idx[k * per_shard:(k + 1) * per_shard]], P)
-        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        gen.manual_seed(rng_seed(cfg.seed, it, stream, k))
-        with ctx:
-            s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, top_p=top_p, attention_mask=p_mask,
-                                      eos_id=eos_id, generator=gen, num_samples=group)
-        seqs.append(s)
-        masks.append(torch.cat([p_mask.repeat_interleave(group, 0), m], 1))
+    with gathered(policy):
+        for k in shards:
+            p_ids, p_mask = pad_left([prompt_ids[i] for i in idx[k * per_shard:(k + 1) * per_shard]], P)
+            p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+            gen.manual_seed(rng_seed(cfg.seed, it, stream, k))
+            with ctx:
+                s, m, _ = policy.generate(p_ids, cfg.max_new_tokens, cfg.temperature, top_p=top_p, attention_mask=p_mask,
+                                          eos_id=eos_id, generator=gen, num_samples=group)
+            seqs.append(s)
+            masks.append(torch.cat([p_mask.repeat_interleave(group, 0), m], 1))
     T = max(s.size(1) for s in seqs)  # shards stop at their own longest answer: right-pad to the longest
     seq = torch.cat([F.pad(s, (0, T - s.size(1)), value=PAD_ID) for s in seqs])  # (b, P + R)
     full_mask = torch.cat([F.pad(m, (0, T - m.size(1))) for m in masks])  # (b, P + R)
@@ -2593,14 +2741,34 @@ def optimizer_step(opt, models, stats, max_grad_norm, world, where):
     return norm
 
 
-def load_optimizer_state(opt, state, ckpt):
-    """Resume an optimizer; a checkpoint whose optimizer has other parameter groups (written by an
-    older version of the stage) is an error naming it, not a torch error."""
+def load_optimizer_state(opt, state, ckpt, *models):
+    """Resume an optimizer over models from what optimizer_state stored; a checkpoint whose optimizer
+    has other parameter groups (written by an older version of the stage) is an error naming it,
+    not a torch error. Under FSDP (a collective) every process reads the full state and keeps its
+    shard of it, on any process count; a state written with --fsdp true resumes only with it, and
+    the other way round (one keys parameters by name, the other by position)."""
     if len(state["param_groups"]) != len(opt.param_groups):
         raise ConfigError(f"{ckpt}: its optimizer has {len(state['param_groups'])} parameter groups and this version "
                           f"builds {len(opt.param_groups)}; resume it with the code that wrote it, or start afresh "
                           f"with --overwrite true")
-    opt.load_state_dict(state)
+    sharded = bool(models) and is_sharded(models[0])
+    by_name = any(isinstance(k, str) for k in state["state"]) or any(isinstance(p, str) for g in state["param_groups"] for p in g["params"])
+    if sharded != by_name:
+        raise ConfigError(f"{ckpt}: its optimizer state was written with --fsdp {str(by_name).lower()}; resume it with "
+                          f"--fsdp {str(by_name).lower()}, or start afresh with --overwrite true")
+    if not sharded:
+        return opt.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    holder = models[0] if len(models) == 1 else nn.ModuleList(models)
+    set_optimizer_state_dict(holder, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def resume_state(opt, state, ckpt, *models):
+    """The resume of every stage: the optimizer over models (load_optimizer_state), the RNG, and the
+    step (or RL iteration) to continue from, which it returns."""
+    load_optimizer_state(opt, state["optimizer"], ckpt, *models)
+    set_rng_state(state["rng"])
+    return state.get("step", state.get("iteration"))
 
 
 def gold_metrics(gold_reward, prompts, texts, ended, world, device, B, verify=None):
@@ -2649,7 +2817,7 @@ def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-5
 def clip_grad_checked(params, max_norm, where):
     """Clip the gradient norm and return it; a NaN or inf gradient stops the run before the
     optimizer step, with a message saying where (the last checkpoint stays the last good one)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()  # FSDP: over DTensors, the norm of the whole gradient
     if not math.isfinite(norm):
         raise FloatingPointError(f"{where}: gradient norm is {norm}; stopped before the optimizer step")
     return norm

@@ -60,6 +60,9 @@ step-0 ratio is exactly 1); the gold reward of the built-in task is logged as a 
 Several GPUs: torchrun --nproc_per_node N ppo.py --config ... (data parallel, no DDP wrapper): each
 process samples, scores and runs GAE for its own share of the rollout, and takes the step one
 process would take (item 21: several processes take the step one process takes; tests/test_ddp.py).
+With --fsdp true the policy, value, reference and reward models are sharded (FSDP2, model.fsdp_wrap;
+item 23): the rollout gathers the policy whole, and every process runs every micro-batch (an empty
+share at weight 0), since the shards' all-gathers are collective.
 
 Run:
   CPU, built-in task:  python ppo.py --config configs/ppo_world.toml
@@ -148,6 +151,7 @@ class Config:
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    fsdp: bool = False  # under torchrun: shard the policy, value, reference, reward models and AdamW state (FSDP2); gradients summed as without it
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
@@ -254,6 +258,7 @@ def check_config(cfg, world):
     if cfg.value_init not in ("reward", "policy"):
         raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
     M.check_ensemble(cfg)
+    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
     minibatch, micro, shards = M.check_rollout_sizes(cfg, world)
     return cfg.rollout_batch_size, minibatch, micro, shards
 
@@ -345,18 +350,22 @@ def train(cfg):
     if gold:
         from data.world import gold_reward  # the task's oracle: a metric only
 
-    # one AdamW over both models (N+: one optimizer over policy and critic), the value model at value_lr
-    opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device, extra=[(value_model, cfg.value_lr)])
-    base_lrs = [group["lr"] for group in opt.param_groups]
     kl_coef, it = cfg.kl_coef, 0
     ckpt, state = run.ckpt, run.state
     if state is not None:  # every process resumes from the same checkpoint
         policy.load_state_dict(M.load_checkpoint(ckpt)[0].state_dict())
         value_model.load_state_dict(state["value_model"])
-        M.load_optimizer_state(opt, state["optimizer"], ckpt)
-        M.set_rng_state(state["rng"])
+    if cfg.fsdp:  # every model sharded, the frozen ones too (item 23)
+        for m in (policy, value_model, ref, *rms):
+            if m is not None:
+                M.fsdp_wrap(m, world, device, sum_grads=True)
+    # one AdamW over both models (N+: one optimizer over policy and critic), the value model at value_lr
+    opt = M.configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.999), eps=1e-5, device=device, extra=[(value_model, cfg.value_lr)])
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    if state is not None:
+        it = M.resume_state(opt, state, ckpt, policy, value_model)
         # the controller's current beta when adaptive; a fixed beta is the config's (a deliberate change wins)
-        kl_coef, it = state["kl_coef"] if cfg.adaptive_kl else cfg.kl_coef, state["iteration"]
+        kl_coef = state["kl_coef"] if cfg.adaptive_kl else cfg.kl_coef
     if master:
         M.print_config(cfg)
         print(f"batch hierarchy: rollout {B} answers ({shards} shards of {shard_size}, {world} processes) -> "
@@ -436,11 +445,12 @@ def train(cfg):
                 mb_stats = torch.zeros(len(stat_keys), device=device)
                 for a in range(cfg.grad_accum):
                     i = [g - lo for g in mb_idx[a * micro:(a + 1) * micro] if lo <= g < lo + share]
-                    if not i:  # none of this micro-batch's rows is ours
+                    if not i and not cfg.fsdp:  # none of this micro-batch's rows is ours
                         continue
-                    i = torch.tensor(i, device=device)
+                    mine_w = 1.0 if i else 0.0  # FSDP: an empty share still runs (its first row, weight 0): all-gathers are collective
+                    i = torch.tensor(i or [0], device=device)
                     mb_seq, mb_full, mb_mask = seq[i], full_mask[i], mask[i]
-                    w = mb_mask.sum() / mb_tokens  # these rows' share of the minibatch mean
+                    w = mb_mask.sum() / mb_tokens * mine_w  # these rows' share of the minibatch mean
                     with ctx:  # fused LM head: no (b, R, V) logits (model.linear_logprobs)
                         new_logprobs, entropy = M.response_logprobs(fwd_policy, mb_seq, mb_full, P, cfg.temperature,
                                                                     entropy=True)  # (b, R) fp32 each
@@ -489,15 +499,18 @@ def train(cfg):
             metrics["s_per_it"] = round((time.time() - t0) / (it - start), 2)
             metrics.update(time_gen=t_gen - t_start, time_fwd=t_fwd - t_gen, time_update=t_update,
                            time_iter=M.clock(device) - t_start)  # this iteration's; the rest: steps 3-5, 7, gold
+            if cfg.fsdp:  # what this process holds of every model and of AdamW: about 1/world of it all
+                held = M.held_bytes([m for m in (policy, value_model, ref, *rms) if m is not None], opt)
+                metrics.update(param_mb=held[0] / 2**20, optim_mb=held[1] / 2**20)
             if master:
                 M.log_metrics(cfg.out_dir, metrics)
         if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first
             for r in range(min(cfg.n_show, len(texts))):
                 tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
-        if master and (it % cfg.ckpt_interval == 0 or it == iterations):
+        if (master or cfg.fsdp) and (it % cfg.ckpt_interval == 0 or it == iterations):  # FSDP: all gather, rank 0 writes
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
-                              state={"iteration": it, "kl_coef": kl_coef, "value_model": value_model.state_dict(),
-                                     "optimizer": opt.state_dict(), "rng": M.rng_state(),
+                              state={"iteration": it, "kl_coef": kl_coef, "value_model": M.full_state_dict(value_model),
+                                     "optimizer": M.optimizer_state(opt, policy, value_model), "rng": M.rng_state(),
                                      "finished": it == iterations})
     bar.close()
     M.ddp_cleanup(world)

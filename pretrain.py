@@ -10,7 +10,8 @@ Data: a .txt file (documents separated by a blank line, see doc_sep) or a .jsonl
 The token files are cached in out_dir and rebuilt when the corpus or tokenizer changes.
 
 Several GPUs: torchrun --nproc_per_node N pretrain.py ... (PyTorch DDP; batch_size stays the global
-batch, each process takes its rows of it; rank 0 writes checkpoints and logs).
+batch, each process takes its rows of it; rank 0 writes checkpoints and logs). --fsdp true shards the
+model and its AdamW state instead (FSDP2, model.fsdp_wrap; docs/implementation_details.md item 23).
 
 Resume: a checkpoint (weights, optimizer, RNG, step) is written to out_dir/ckpt every
 ckpt_interval steps; running the same command again continues from it. Same seed on CPU gives
@@ -77,6 +78,7 @@ class Config:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in fp32
     compile: bool = False  # torch.compile the forward
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) instead of DDP
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
@@ -187,6 +189,7 @@ def train(cfg):
     M.check_roles(init=("" if cfg.init == "scratch" else cfg.init, "policy"))
     if cfg.init != "scratch" and cfg.block_size > M.block_size_of(cfg.init):
         raise M.ConfigError(f"block_size {cfg.block_size} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
+    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
     if cfg.batch_size % world:
@@ -211,22 +214,20 @@ def train(cfg):
     print(f"rank {rank}/{world} | {model.num_params() / 1e6:.2f}M parameters | vocab {tokenizer.n_vocab} | train {meta['train']:,} tokens "
           f"| val {meta['val']:,} | {tokens_per_step:,} tokens/step | {cfg.max_steps * tokens_per_step / meta['train']:.1f} epochs")
 
-    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device=device)
+    ddp_model = M.fsdp_wrap(model, world, device) if cfg.fsdp else M.ddp_wrap(model, world, device)  # FSDP: in place
+    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device=device)  # FSDP: over the shards
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        step = M.resume_state(opt, state, os.path.join(cfg.out_dir, "ckpt"), model)
         gen.set_state(state["data_rng"])
-        M.set_rng_state(state["rng"])
-        step = state["step"]
     ctx = M.autocast(device, cfg.dtype)
-    ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
 
     def checkpoint():
         M.save_checkpoint(os.path.join(cfg.out_dir, "ckpt"), model, tokenizer, dataclasses.asdict(cfg), role="policy",
-                          state={"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "rng": M.rng_state(),
+                          state={"step": step, "optimizer": M.optimizer_state(opt, model), "data_rng": gen.get_state(), "rng": M.rng_state(),
                                  "finished": step == cfg.max_steps})
 
     t0 = time.time()
@@ -242,7 +243,7 @@ def train(cfg):
         for micro in range(cfg.grad_accum):
             x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, gen)  # (B, T): every rank draws the same
             x, y = x[rank::world], y[rank::world]  # (B / world, T)
-            sync = world == 1 or micro == cfg.grad_accum - 1
+            sync = world == 1 or micro == cfg.grad_accum - 1 or cfg.fsdp  # FSDP reduce-scatters every micro-batch
             with ctx, (nullcontext() if sync else ddp_model.no_sync()):
                 loss = lm_loss(fwd, x.to(device), y.to(device)) / cfg.grad_accum
                 loss.backward()
@@ -257,13 +258,15 @@ def train(cfg):
         step += 1
         bar.update(1)
         # 4. log, eval, checkpoint
-        if master and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_steps):
+        # (FSDP: every process runs the eval and the checkpoint's gather; rank 0 writes)
+        if (master or cfg.fsdp) and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_steps):
             metrics = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
                        "tok_s": int(tokens_per_step * (step - (state or {}).get("step", 0)) / (time.time() - t0))}
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 metrics["val_loss"] = eval_loss(model, val_data, cfg, device, ctx)
-            M.log_metrics(cfg.out_dir, metrics)
-        if master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
+            if master:
+                M.log_metrics(cfg.out_dir, metrics)
+        if (master or cfg.fsdp) and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
             checkpoint()
     bar.close()
     M.ddp_cleanup(world)

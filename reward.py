@@ -100,6 +100,7 @@ class Config:
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) instead of DDP
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
@@ -244,6 +245,7 @@ def train(cfg):
     M.check_roles(init=(cfg.init, "policy"))  # the reward model starts from a policy's trunk, with a fresh head
     if cfg.objective not in ("preference", "classify"):
         raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
+    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
     cfg.template = M.resolve_template(cfg.template, cfg.init)
     if cfg.max_len > M.block_size_of(cfg.init):
         raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
@@ -278,14 +280,12 @@ def train(cfg):
         with open(os.path.join(cfg.out_dir, "data_stats.json"), "w") as f:
             json.dump({"train": {**train_read, **train_stats, "pairs": n_pairs}, "val": {**val_read, **val_stats}}, f)
 
-    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
+    ddp_model = M.fsdp_wrap(model, world, device) if cfg.fsdp else M.ddp_wrap(model, world, device)  # FSDP: in place
+    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)  # after the wrap: FSDP shards its state
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
-        step = state["step"]
+        step = M.resume_state(opt, state, ckpt, model)
     ctx = M.autocast(device, cfg.dtype)
-    ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
     t0, start = time.time(), step
@@ -302,10 +302,10 @@ def train(cfg):
         for j, rows in enumerate(micro):
             mine = rows[rank::world]  # this rank's share; an empty share still joins the all-reduce
             ids, w, l, weight = collate([train_g[i] for i in mine or rows[:1]])
-            sync = world == 1 or j == len(micro) - 1
+            sync = world == 1 or j == len(micro) - 1 or cfg.fsdp  # FSDP reduce-scatters every micro-batch
             with ctx, (nullcontext() if sync else ddp_model.no_sync()):
                 sw, sl = pair_scores(fwd, ids.to(device), w.to(device), l.to(device))  # (P,) each
-                # each group weighs 1/len(idx) of the step; DDP averages over ranks, so * world
+                # each group weighs 1/len(idx) of the step; DDP (and FSDP) average over ranks, so * world
                 weight = weight.to(device) * (len(mine) / len(idx)) * world
                 loss = reward_loss(sw, sl, weight, cfg.margin, cfg.label_smoothing)
                 loss.backward()
@@ -325,21 +325,24 @@ def train(cfg):
         bar.update(1)
         # 4. log, eval, checkpoint
         last = step == max_steps
-        if master and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
+        # (FSDP: every process runs the eval and the checkpoint's gather; rank 0 writes)
+        if (master or cfg.fsdp) and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
             metrics = {"step": step, "loss": total, "acc": acc / n_pairs, "lr": lr, "grad_norm": grad_norm,
                        "groups_s": round(per_step * (step - start) / (time.time() - t0), 1)}
             if step % cfg.eval_interval == 0 or last:
                 metrics.update(evaluate(model, val_g, cfg, device, ctx))
-            M.log_metrics(cfg.out_dir, metrics)
+            if master:
+                M.log_metrics(cfg.out_dir, metrics)
         if last and cfg.normalize:
             # 5. normalise: the policy's own answers score mean 0, std 1 (item 10)
             gain, bias = fit_normalisation(model, train_g, cfg, device, ctx)
             model.reward_gain.fill_(gain)
             model.reward_bias.fill_(bias)
             print(f"reward normalisation: gain {gain:.4f} bias {bias:.4f}")
-        if master and (step % cfg.ckpt_interval == 0 or last):
+        if (master or cfg.fsdp) and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg), role="reward_model", fitted=last and cfg.normalize,
-                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
+                              state={"step": step, "optimizer": M.optimizer_state(opt, model), "rng": M.rng_state(),
+                                     "finished": last})
     bar.close()
     M.ddp_cleanup(world)
     return model

@@ -21,6 +21,8 @@ continues from out_dir/ckpt exactly.
 
 Several GPUs: torchrun --nproc_per_node N sft.py ... (PyTorch DDP; batch_size stays global, each
 process takes its share of every micro-batch, the loss is normalised by the whole step's tokens).
+With --fsdp true the model and its AdamW state are sharded instead (FSDP2, model.fsdp_wrap): the same
+step, 1/N of the weights per process; eval and samples then run on every process.
 
 Run:
   CPU, built-in task:  python sft.py --config configs/sft_world.toml
@@ -80,6 +82,7 @@ class Config:
     lora_alpha: float = 16.0  # LoRA output scale alpha / rank
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linears of each block get adapters
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) instead of DDP
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
@@ -159,14 +162,15 @@ def eval_loss(model, examples, batch_size, device, ctx):
 
 
 @torch.no_grad()
-def print_samples(model, tokenizer, prompts, cfg, device):
-    """A few held-out answers, the first sign of over-optimisation (docs/implementation_details.md, item 18)."""
+def print_samples(model, tokenizer, prompts, cfg, device, show=True):
+    """A few held-out answers, the first sign of over-optimisation (docs/implementation_details.md, item 18).
+    show=False: sampled (an FSDP process joining the gather), not printed."""
     if not prompts:
         return
     model.eval()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     answers = M.sample_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.sample_temperature, len(prompts), g, cfg.template)
-    for p, (resp, ended) in zip(prompts, answers):
+    for p, (resp, ended) in zip(prompts if show else [], answers):
         tqdm.write(f"  > {p}\n    {tokenizer.decode(resp)!r}{'' if ended else ' [no EOS]'}")
     model.train()
 
@@ -177,6 +181,7 @@ def print_samples(model, tokenizer, prompts, cfg, device):
 def train(cfg):
     M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "data", "val_data", "init")
+    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
     M.check_roles(init=(cfg.init, "policy"))
     cfg.template = M.resolve_template(cfg.template, cfg.init)
@@ -209,14 +214,12 @@ def train(cfg):
     if master:
         M.check_warmup(cfg.warmup, max_steps, cfg.lr)
 
-    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
+    ddp_model = M.fsdp_wrap(model, world, device) if cfg.fsdp else M.ddp_wrap(model, world, device)  # FSDP: in place
+    opt = M.configure_optimizer(model, cfg.lr, cfg.weight_decay, device=device)  # after the wrap: FSDP shards its state
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
-        step = state["step"]
+        step = M.resume_state(opt, state, ckpt, model)
     ctx = M.autocast(device, cfg.dtype)
-    ddp_model = M.ddp_wrap(model, world, device)
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     model.train()
     t0, start = time.time(), step
@@ -234,11 +237,11 @@ def train(cfg):
         for j, rows in enumerate(micro):
             mine = rows[rank::world]
             ids, mask = collate([train_ex[i] for i in mine or rows[:1]])  # an empty share still joins the all-reduce
-            sync = world == 1 or j == len(micro) - 1
+            sync = world == 1 or j == len(micro) - 1 or cfg.fsdp  # FSDP reduce-scatters every micro-batch
             with ctx, (nullcontext() if sync else ddp_model.no_sync()):
                 nll, _ = sft_loss_terms(fwd, ids.to(device), mask.to(device))
                 nll = nll * (1.0 if mine else 0.0)
-                (nll / n_tokens * world).backward()  # DDP averages over ranks: * world makes it the sum
+                (nll / n_tokens * world).backward()  # DDP (and FSDP) average over ranks: * world makes it the sum
             total += nll.item() / n_tokens
         total = M.ddp_sum(total, world, device)
         if not math.isfinite(total):
@@ -251,16 +254,19 @@ def train(cfg):
         bar.update(1)
         # 4. log, eval with samples, checkpoint
         last = step == max_steps
-        if master and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
+        # (FSDP: every process runs the eval, the samples and the checkpoint's gather; rank 0 writes)
+        if (master or cfg.fsdp) and (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or last):
             metrics = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
                        "ex_s": round(per_step * (step - start) / (time.time() - t0), 1)}
             if step % cfg.eval_interval == 0 or last:
                 metrics["val_loss"] = eval_loss(model, val_ex, cfg.batch_size, device, ctx)
-                print_samples(model, tokenizer, [p for p, _ in val_pairs[:cfg.n_samples]], cfg, device)
-            M.log_metrics(cfg.out_dir, metrics)
-        if master and (step % cfg.ckpt_interval == 0 or last):
+                print_samples(model, tokenizer, [p for p, _ in val_pairs[:cfg.n_samples]], cfg, device, master)
+            if master:
+                M.log_metrics(cfg.out_dir, metrics)
+        if (master or cfg.fsdp) and (step % cfg.ckpt_interval == 0 or last):
             M.save_checkpoint(ckpt, model, tokenizer, dataclasses.asdict(cfg), role="policy",
-                              state={"step": step, "optimizer": opt.state_dict(), "rng": M.rng_state(), "finished": last})
+                              state={"step": step, "optimizer": M.optimizer_state(opt, model), "rng": M.rng_state(),
+                                     "finished": last})
     bar.close()
     M.ddp_cleanup(world)
     return model

@@ -1,15 +1,62 @@
-"""Shared test helpers (plain functions, imported as `from helpers import ...`): a way to kill a
-training loop at a given step, a stand-in for torch.compile that counts forwards run outside a
+"""Shared test helpers (plain functions, imported as `from helpers import ...`): a stage's CLI launched
+under torchrun and compared with one process, the tiny GPT made to end its answers early, a way to
+kill a training loop at a given step, a stand-in for torch.compile that counts forwards run outside a
 compiled module, a spy on the RL stages' entropy gradient, a stand-in model of one next-token
 distribution, and an answer spelled one byte a token (a
 non-canonical encoding of its text). The fixtures are in conftest.py."""
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(script, args, out, nproc):
+    """Run a stage's CLI (under torchrun with nproc > 1; one thread a process); its metrics.jsonl rows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, script, *args, "--out_dir", str(out)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in open(out / "metrics.jsonl")]
+
+
+def assert_same_run(tmp_path, script, args, loss_keys, two_args=()):
+    """One process, then 2 under torchrun (with two_args added, e.g. --fsdp true), on the same global
+    batch: the same logged loss_keys (rel 1e-4, abs 1e-5) and the same final weights (atol 1e-4)."""
+    one = launch(script, args, tmp_path / "one", 1)
+    two = launch(script, [*args, *two_args], tmp_path / "two", 2)
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        for k in [k for k in loss_keys if k in a or k in b]:  # a key logged on some rows only (val_loss): on the same rows
+            assert a.get(k) == pytest.approx(b.get(k), rel=1e-4, abs=1e-5), (k, a, b)
+    m1, _, _ = M.load_checkpoint(str(tmp_path / "one"))
+    m2, _, _ = M.load_checkpoint(str(tmp_path / "two"))
+    for (k, x), y in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-4), k
+    return one, two
+
+
+def eos_prone(tiny_ckpt, path):
+    """The tiny GPT with EOS's logit raised by about 4.5 (ln_f bias along EOS's row): answers end
+    after about 5 tokens, at varied lengths, so the shards stop at different widths."""
+    model, tokenizer, _ = M.load_checkpoint(tiny_ckpt)
+    u = torch.nn.functional.normalize(torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0)), dim=0)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eot_id] = u  # tied: also EOS's embedding, only read after an answer ends
+        model.transformer.ln_f.bias.copy_(4.5 * u)
+    M.save_checkpoint(str(path), model, tokenizer, {})
+    return str(path)
+
 
 
 @contextlib.contextmanager

@@ -7,40 +7,13 @@ after touching those scripts' data-parallel code.
 Run: python -m pytest -q tests/test_ddp.py"""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import model as M
 import ppo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def launch(script, args, out, nproc):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, script, *args, "--out_dir", str(out)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(x) for x in open(out / "metrics.jsonl")]
-
-
-def assert_same_run(tmp_path, script, args, loss_keys):
-    one = launch(script, args, tmp_path / "one", 1)
-    two = launch(script, args, tmp_path / "two", 2)
-    assert len(one) == len(two)
-    for a, b in zip(one, two):
-        for k in loss_keys:
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
-    m1, _, _ = M.load_checkpoint(str(tmp_path / "one"))
-    m2, _, _ = M.load_checkpoint(str(tmp_path / "two"))
-    for (k, x), y in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert torch.allclose(x, y, atol=1e-4), k
+from helpers import assert_same_run, eos_prone
 
 
 @pytest.mark.slow
@@ -77,18 +50,6 @@ def test_reward_ddp_equals_one_process(tmp_path, tiny_ckpt):
             "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "2", "--lr", "1e-3",
             "--log_interval", "1", "--eval_interval", "100", "--device", "cpu"]
     assert_same_run(tmp_path, "reward.py", args, ["loss", "acc", "grad_norm"])
-
-
-def eos_prone(tiny_ckpt, path):
-    """The tiny GPT with EOS's logit raised by about 4.5 (ln_f bias along EOS's row): answers end
-    after about 5 tokens, at varied lengths, so the shards stop at different widths."""
-    model, tokenizer, _ = M.load_checkpoint(tiny_ckpt)
-    u = torch.nn.functional.normalize(torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0)), dim=0)
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.eot_id] = u  # tied: also EOS's embedding, only read after an answer ends
-        model.transformer.ln_f.bias.copy_(4.5 * u)
-    M.save_checkpoint(str(path), model, tokenizer, {})
-    return str(path)
 
 
 def test_ppo_ddp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):

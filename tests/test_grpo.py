@@ -19,9 +19,9 @@ import torch
 
 import grpo
 import model as M
-from helpers import byte_spelled, count_compiled_forwards, killed_at_step, other_reward_model, spy_entropy_graphs
+from helpers import (assert_same_run, byte_spelled, count_compiled_forwards, eos_prone, killed_at_step, other_reward_model,
+                     spy_entropy_graphs)
 from data.world import ANIMALS, COLOUR, EATS, FOUND, LIVES, verify_answer
-from test_ddp import assert_same_run, eos_prone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
