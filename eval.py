@@ -796,7 +796,9 @@ def bon_curve(cfg):
     (best_of_n_expected), KL the analytic log n - (n - 1) / n (an upper bound: Beirami et al. 2024) and,
     beside it, kl_pool, Beirami et al.'s exact KL over the pool (it saturates at log bon_pool), the gold gain
     over n = 1 (the policy itself) with intervals over prompts, and the best-of-n form's fit (gao_fit) of gain
-    against d = sqrt(analytic KL). To --out (default bon_curve.json in the checkpoint's run directory), a plot beside it."""
+    against d = sqrt(analytic KL) over n <= bon_pool: for n beyond the pool (rows beyond_pool) the pick is
+    nearly always the pool's top answer, so the curve flattens while the analytic KL grows, an artefact of
+    the pool, not of the policy. To --out (default bon_curve.json in the checkpoint's run directory), a plot beside it."""
     if not cfg.reward_model:
         raise M.ConfigError("--bon_curve needs --reward_model: it picks the best of n")
     if cfg.bon_pool < 1 or cfg.repeats != 1 or cfg.best_of_n != 1:
@@ -819,9 +821,11 @@ def bon_curve(cfg):
              "kl_pool": mean(best_of_n_kl(p, p, n) for p in pool_scores),  # answers tied in score: one level, as above
              "gold": e_gold[:, k].mean().item(), "gold_ci": M.bootstrap_ci(e_gold[:, k].tolist()),
              "gold_gain": gain[:, k].mean().item(), "gold_gain_ci": M.bootstrap_ci(gain[:, k].tolist()),
-             "rm_score": e_proxy[:, k].mean().item(), "rm_score_ci": M.bootstrap_ci(e_proxy[:, k].tolist())}
+             "rm_score": e_proxy[:, k].mean().item(), "rm_score_ci": M.bootstrap_ci(e_proxy[:, k].tolist()),
+             "beyond_pool": n > cfg.bon_pool}
             for k, n in enumerate(ns)]
-    fit = gao_fit(gain, kl, "bon")
+    fitted = [k for k, n in enumerate(ns) if n <= cfg.bon_pool]  # beyond the pool every pick is near its top answer
+    fit = {**gao_fit(gain[:, fitted], kl[fitted], "bon"), "n_max": ns[fitted[-1]]}
     result = {"ckpt": cfg.ckpt, "reward_model": cfg.reward_model, "prompts": cfg.prompts, "n_prompts": len(prompts),
               "prompts_cut": n_cut, "bon_pool": cfg.bon_pool, "temperature": cfg.temperature, "seconds_sampling": seconds,
               "eos_rate": mean(a[1] for a in answers), "rows": rows, "fit_bon": fit,

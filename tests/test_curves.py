@@ -246,6 +246,8 @@ def test_curve_and_bon_curve_end_to_end(world, tiny_ckpt, tiny_rm, tmp_path):
     proxy = [r["rm_score"] for r in res["rows"]]
     assert all(a <= b + 1e-12 for a, b in zip(proxy, proxy[1:]))  # the proxy's best-of-n never falls with n
     assert all(r["kl_pool"] <= r["kl"] + 1e-9 for r in res["rows"])  # the bound bounds the pool's exact KL
-    assert json.load(open(out))["fit_bon"]["form"] == "bon"
+    assert [r["beyond_pool"] for r in res["rows"]] == [False, False, False, True]
+    saved = json.load(open(out))["fit_bon"]
+    assert saved["form"] == "bon" and saved["n_max"] == 4 and saved["points"] == 3  # fitted over n <= the pool
     with pytest.raises(M.ConfigError, match="no snapshots"):
         E.curve(M.parse_config(E.Config, ["--curve", str(tmp_path / "run" / "ckpt"), *common]))
