@@ -786,7 +786,7 @@ def curve(cfg):
     fit = gao_fit(gain, kl, "rl")
     result = {"run": run, "ref": ref, "reward_model": rm, "prompts": cfg.prompts, "rows": rows, "fit_rl": fit,
               "per_prompt": {"prompt": summaries[0][2]["per_prompt"]["prompt"], "gold": gold.T.tolist(), "kl": kl.T.tolist()}}
-    return write_curve(result, rows, "iteration", [("fit_rl", fit)], out)
+    return write_curve(result, rows, "iteration", [("fit_rl", fit)], out, f"RL curve: {run}")
 
 
 def bon_curve(cfg):
@@ -833,10 +833,10 @@ def bon_curve(cfg):
     run_dir = os.path.dirname(cfg.ckpt.rstrip("/")) if os.path.basename(cfg.ckpt.rstrip("/")) == "ckpt" else cfg.ckpt
     out = cfg.out or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "bon_curve.json")
     print(f"pool: {cfg.bon_pool} answers to each of {len(prompts)} prompts, sampled and scored in {seconds:.0f} s")
-    return write_curve(result, rows, "n", [("fit_bon", fit)], out)
+    return write_curve(result, rows, "n", [("fit_bon", fit)], out, f"best-of-n: {cfg.ckpt}, pool of {cfg.bon_pool}")
 
 
-def write_curve(result, rows, x, fits, out):
+def write_curve(result, rows, x, fits, out, title):
     """Print a curve's table and fits, write its JSON to out and its plot (plot_curve) to out's .png."""
     print(f"{x:>9s} {'KL':>7s} {'sqrt KL':>7s} {'gold':>7s} {'gold gain':>9s} {'interval':>16s} {'RM score':>8s}")
     for r in rows:
@@ -848,7 +848,7 @@ def write_curve(result, rows, x, fits, out):
         json.dump(result, f, indent=2)
     os.replace(out + ".tmp", out)
     print(f"curve written to {out}")
-    plot_curve(rows, fits, os.path.splitext(out)[0] + ".png", result.get("run") or result.get("ckpt"))
+    plot_curve(rows, fits, os.path.splitext(out)[0] + ".png", title)
     return result
 
 
@@ -864,21 +864,25 @@ def plot_curve(rows, fits, path, title):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     d = [r["sqrt_kl"] for r in rows]
-    g = [r["gold_gain"] for r in rows]
-    err = [[gg - r["gold_gain_ci"][0] for gg, r in zip(g, rows)], [r["gold_gain_ci"][1] - gg for gg, r in zip(g, rows)]]
-    ax.errorbar(d, g, yerr=err, fmt="o", capsize=3, label="measured (95% interval over prompts)")
+    for beyond in (False, True):  # best-of-n beyond its pool: drawn hollow, not fitted
+        pts = [r for r in rows if r.get("beyond_pool", False) == beyond]
+        if pts:
+            g = [r["gold_gain"] for r in pts]
+            err = [[gg - r["gold_gain_ci"][0] for gg, r in zip(g, pts)], [r["gold_gain_ci"][1] - gg for gg, r in zip(g, pts)]]
+            ax.errorbar([r["sqrt_kl"] for r in pts], g, yerr=err, fmt="o", capsize=3, color="C0", mfc="none" if beyond else "C0",
+                        label="n beyond the pool (not fitted)" if beyond else "measured (95% interval over prompts)")
     for name, fit in fits:
         if fit.get("alpha") is None:
             continue
         top = max(d + ([fit["d_star"]] if fit["peak"] and not fit["beyond_range"] else []))
         xs = torch.linspace(0, top * 1.05, 200, dtype=torch.float64)
         ys = gao_design(xs, fit["form"]) @ torch.tensor([fit["alpha"], fit["beta"]], dtype=torch.float64)
-        ax.plot(xs.tolist(), ys.tolist(), label=f"{fit['formula']}: alpha {fit['alpha']:.3g}, beta {fit['beta']:.3g}")
+        ax.plot(xs.tolist(), ys.tolist(), color="C1", label=f"{fit['formula']}: alpha {fit['alpha']:.3g}, beta {fit['beta']:.3g}")
         if fit["peak"] and not fit["beyond_range"]:
             ax.axvline(fit["d_star"], linestyle="--", color="grey", label=f"d* {fit['d_star']:.3g}, R* {fit['r_star']:.3g}")
     ax.set_xlabel("d = sqrt(KL to the start), sqrt(nats)")
     ax.set_ylabel("gold gain over the start")
-    ax.set_title(os.path.basename(str(title).rstrip("/")), fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
