@@ -779,7 +779,8 @@ def curve(cfg):
     gold = torch.tensor([s["per_prompt"]["gold"] for _, _, s in summaries], dtype=torch.float64).T  # (P, K)
     kl = torch.tensor([s["per_prompt"]["kl"] for _, _, s in summaries], dtype=torch.float64).T  # (P, K)
     gain = gold - gold[:, :1]  # (P, K) gold over the start's, prompt by prompt
-    rows = [{"iteration": it, "ckpt": path, "sqrt_kl": math.sqrt(max(s["kl"], 0.0)), "gold_gain": gain[:, k].mean().item(),
+    rows = [{"iteration": it, "episodes": it * train.get("rollout_batch_size", 0), "ckpt": path,
+             "sqrt_kl": math.sqrt(max(s["kl"], 0.0)), "gold_gain": gain[:, k].mean().item(),
              "gold_gain_ci": M.bootstrap_ci(gain[:, k].tolist()), "eval": f"{stem}.it{it}.json",
              **{key: s[key] for key in ("kl", "kl_ci", "gold", "gold_ci", "rm_score", "rm_score_ci", "eos_rate", "resp_tokens")}}
             for k, (it, path, s) in enumerate(summaries)]
