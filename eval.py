@@ -457,8 +457,8 @@ def gao_fit(gain, kl, form, n_boot=2000, level=0.95, seed=0):
     square root), or (K,) one KL per point (best-of-n's analytic one). The points are d_k = sqrt(mean_p kl),
     R_k = mean_p gain. Returns a dict: alpha, beta and their percentile intervals (the fit repeated on each of
     n_boot resamples of the prompts, the draws of model.bootstrap_ci), the points with the fit and residuals,
-    rms (the root-mean-square residual) and fits (rms <= the mean half-width of the points' own 95% intervals:
-    the form explains the curve within its noise), and the peak d*, R*, KL* = d*^2 with intervals over the
+    rms (the root-mean-square residual) and fits (rms <= noise, the mean half-width of the own 95% intervals of
+    the points off d = 0: the form explains the curve within its noise), and the peak d*, R*, KL* = d*^2 with intervals over the
     resamples that have one (peak_share: their fraction), or peak None and why."""
     gain = torch.as_tensor(gain, dtype=torch.float64)  # (P, K)
     kl = torch.as_tensor(kl, dtype=torch.float64)  # (P, K) or (K,)
@@ -480,7 +480,7 @@ def gao_fit(gain, kl, form, n_boot=2000, level=0.95, seed=0):
     rms = (r - fitted).pow(2).mean().sqrt().item()
     out.update(alpha=alpha, beta=beta, alpha_ci=torch.quantile(a_boot, q).tolist(), beta_ci=torch.quantile(b_boot, q).tolist(),
                d=d.tolist(), gain=r.tolist(), fitted=fitted.tolist(), residuals=(r - fitted).tolist(), rms=rms,
-               noise=half.mean().item(), fits=rms <= half.mean().item(), d_max=d.max().item())
+               noise=half[d > 0].mean().item(), fits=rms <= half[d > 0].mean().item(), d_max=d.max().item())
     peak, why = gao_peak(alpha, beta, form)
     peaks = [p for p in (gao_peak(a, b, form)[0] for a, b in zip(a_boot.tolist(), b_boot.tolist())) if p is not None]
     out["peak_share"] = len(peaks) / n_boot
