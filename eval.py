@@ -121,7 +121,7 @@ class Config:
     frontier: str = ""  # comma-separated eval JSONs (globs allowed): print gold vs KL, plot it if matplotlib is there
     pool: str = ""  # comma-separated eval JSONs of one method over several seeds: means and intervals pooled by prompt
     plot: str = "frontier.png"  # where --frontier writes its plot
-    curve: str = ""  # an RL run directory with snapshots (ppo.py / grpo.py --eval_snapshot_interval): gold, RM score, KL at each, Gao et al.'s RL fit
+    curve: str = ""  # an RL run directory with snapshots (ppo.py / grpo.py --eval_snapshot_interval), or several of one trajectory, comma-separated: gold, RM score, KL at each, Gao et al.'s RL fit
     bon_curve: int = 0  # > 0: the best-of-n curve for n = 1, 2, 4, ..., bon_curve from one pool per prompt, Gao et al.'s best-of-n fit
     bon_pool: int = 256  # answers per prompt in --bon_curve's pool
     seed: int = 0  # seeds sampling
@@ -754,20 +754,18 @@ def curve(cfg):
     by evaluate() on the same prompts and sampling seed: gold, reward-model score and the sampled KL to the
     start, each with its interval over prompts, and the gold gain over the start (per prompt, so its interval is
     paired). Each point's summary goes to <out>.it<N>.json; the curve, with the RL form's fit (gao_fit) of gold
-    gain against d = sqrt(KL), to --out (default RUN/curve.json) and a plot beside it."""
-    run = cfg.curve.rstrip("/")
-    snaps = M.list_snapshots(run)
-    if not snaps:
-        raise M.ConfigError(f"--curve {run}: no snapshots in {run}/snapshots (train with --eval_snapshot_interval N)")
-    with open(os.path.join(run, "config.json")) as f:
-        train = json.load(f)
+    gain against d = sqrt(KL), to --out (default RUN/curve.json) and a plot beside it. RUN may name several run
+    directories of one trajectory (curve_runs): a run, and a rerun of it with snapshots more often early on."""
+    runs = [r.strip().rstrip("/") for r in cfg.curve.split(",")]
+    run = ",".join(runs)
+    train, snaps = curve_runs(runs)
     ref, rm = cfg.ref or train.get("policy", ""), cfg.reward_model or train.get("reward_model", "")
     if not ref or not rm or "," in rm:
         raise M.ConfigError(f"--curve {run}: needs the start (--ref, the run's policy {ref!r}) and one reward model "
                             f"(--reward_model, the run's {rm!r}; an ensemble's proxy needs one member named)")
     if cfg.temperature <= 0:
         raise M.ConfigError("--curve: the KL to the start is sampled, so it needs temperature > 0")
-    out = cfg.out or os.path.join(run, "curve.json")
+    out = cfg.out or os.path.join(runs[0], "curve.json")
     stem = os.path.splitext(out)[0]
     summaries = []
     for it, path in [(0, ref)] + snaps:  # the start first: KL 0, gain 0
@@ -788,6 +786,32 @@ def curve(cfg):
     result = {"run": run, "ref": ref, "reward_model": rm, "prompts": cfg.prompts, "rows": rows, "fit_rl": fit,
               "per_prompt": {"prompt": summaries[0][2]["per_prompt"]["prompt"], "gold": gold.T.tolist(), "kl": kl.T.tolist()}}
     return write_curve(result, rows, "iteration", [("fit_rl", fit)], out, f"RL curve: {run}")
+
+
+def curve_runs(runs):
+    """(the first run's config, [(iteration, snapshot dir)]) of one or more run directories that are one
+    trajectory: a run and a rerun of it with snapshots at other iterations (a deterministic run repeats
+    bit for bit). Their configs must agree but for the run-directory keys and the intervals; an iteration
+    that several runs hold must have the same weights in each, or they are not one trajectory."""
+    configs, snaps = [], {}
+    for run in runs:
+        found = M.list_snapshots(run)
+        if not found:
+            raise M.ConfigError(f"--curve {run}: no snapshots in {run}/snapshots (train with --eval_snapshot_interval N)")
+        with open(os.path.join(run, "config.json")) as f:
+            configs.append(json.load(f))
+        for it, path in found:
+            if it in snaps:
+                a, b = (M.load_checkpoint(p)[0].state_dict() for p in (snaps[it], path))
+                if any(not torch.equal(a[k], b[k]) for k in a):
+                    raise M.ConfigError(f"--curve: {snaps[it]} and {path} differ: the runs are not one trajectory")
+            snaps.setdefault(it, path)
+    skip = M.RUN_KEYS | {"n_show", "device"}
+    differ = sorted({k for c in configs[1:] for k in set(c) | set(configs[0])
+                     if k not in skip and not k.endswith("_interval") and c.get(k) != configs[0].get(k)})
+    if differ:
+        raise M.ConfigError(f"--curve {','.join(runs)}: the runs differ in {', '.join(differ)}: not one trajectory")
+    return configs[0], sorted(snaps.items())
 
 
 def bon_curve(cfg):

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -226,7 +227,7 @@ def test_gao_fit_degenerate_curves_are_reported_not_crashed():
 # --- eval.py --curve and --bon_curve end to end
 
 
-def test_curve_and_bon_curve_end_to_end(world, tiny_ckpt, tiny_rm, tmp_path):
+def test_curve_and_bon_curve_end_to_end(world, tiny_ckpt, tiny_rm, tmp_path, monkeypatch):
     run("grpo", world, tiny_ckpt, tiny_rm, tmp_path / "run", "--eval_snapshot_interval", "2", "--lr", "3e-3")
     common = ["--prompts", str(world / "prompts_val.jsonl"), "--n_prompts", "8", "--max_new_tokens", "8",
               "--n_show", "0", "--device", "cpu"]
@@ -238,6 +239,19 @@ def test_curve_and_bon_curve_end_to_end(world, tiny_ckpt, tiny_rm, tmp_path):
         point = json.load(open(r["eval"]))
         assert point["gold"] == r["gold"] and point["kl"] == r["kl"] and point["rm_score_ci"] == r["rm_score_ci"]
     assert json.load(open(tmp_path / "run" / "curve.json"))["fit_rl"]["form"] == "rl"
+    # a rerun of the same run with snapshots every iteration, killed after 2: one trajectory, merged by iteration
+    with killed_at_step(monkeypatch, 2):
+        run("grpo", world, tiny_ckpt, tiny_rm, tmp_path / "early", "--eval_snapshot_interval", "1", "--lr", "3e-3")
+    train, snaps = E.curve_runs([str(tmp_path / "run"), str(tmp_path / "early")])  # it2 in both: the same weights
+    assert [it for it, _ in snaps] == [1, 2, 4] and train["out_dir"] == str(tmp_path / "run")
+    shutil.copytree(tmp_path / "early", tmp_path / "other")
+    config = json.load(open(tmp_path / "other" / "config.json"))
+    json.dump({**config, "lr": 2e-3}, open(tmp_path / "other" / "config.json", "w"))
+    with pytest.raises(M.ConfigError, match="differ in lr"):  # another lr: another trajectory
+        E.curve_runs([str(tmp_path / "run"), str(tmp_path / "other")])
+    M.save_snapshot(str(tmp_path / "early"), 2, M.load_checkpoint(tiny_ckpt)[0], M.load_checkpoint(tiny_ckpt)[1], config)
+    with pytest.raises(M.ConfigError, match="not one trajectory"):  # iteration 2 with other weights
+        E.curve_runs([str(tmp_path / "run"), str(tmp_path / "early")])
     out = tmp_path / "bon.json"
     res = E.bon_curve(M.parse_config(E.Config, ["--ckpt", tiny_ckpt, "--reward_model", tiny_rm, "--bon_curve", "8",
                                                 "--bon_pool", "4", "--out", str(out), *common]))
