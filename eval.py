@@ -457,8 +457,11 @@ def gao_fit(gain, kl, form, n_boot=2000, level=0.95, seed=0):
     square root), or (K,) one KL per point (best-of-n's analytic one). The points are d_k = sqrt(mean_p kl),
     R_k = mean_p gain. Returns a dict: alpha, beta and their percentile intervals (the fit repeated on each of
     n_boot resamples of the prompts, the draws of model.bootstrap_ci), the points with the fit and residuals,
-    rms (the root-mean-square residual) and fits (rms <= noise, the mean half-width of the own 95% intervals of
-    the points off d = 0: the form explains the curve within its noise), and the peak d*, R*, KL* = d*^2 with intervals over the
+    rms (the root-mean-square residual) beside noise (the mean standard error of the points off d = 0, each
+    the half-width of its 95% interval / 1.96), and fits: chi2 = sum_k (residual_k / se_k)^2 over the points
+    off d = 0 against a chi-square of (points - 2) degrees of freedom, fits when its p_value >= 0.05 (None
+    with 2 points or fewer: the fit is exact). An approximate check: it treats the points as independent,
+    which the points of one curve (the same prompts, the same pool) are not, and the peak d*, R*, KL* = d*^2 with intervals over the
     resamples that have one (peak_share: their fraction), or peak None and why."""
     gain = torch.as_tensor(gain, dtype=torch.float64)  # (P, K)
     kl = torch.as_tensor(kl, dtype=torch.float64)  # (P, K) or (K,)
@@ -476,11 +479,16 @@ def gao_fit(gain, kl, form, n_boot=2000, level=0.95, seed=0):
     d_boot = point_d(kl[idx].mean(1)) if kl.dim() == 2 else d.expand(n_boot, K)  # (n_boot, K)
     a_boot, b_boot = fit_gao(d_boot, r_boot, form)  # (n_boot,)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    half = (torch.quantile(r_boot, q[1], 0) - torch.quantile(r_boot, q[0], 0)) / 2  # (K,) each point's own noise
+    se = (torch.quantile(r_boot, q[1], 0) - torch.quantile(r_boot, q[0], 0)) / (2 * 1.96)  # (K,) each point's standard error
+    off = (d > 0) & (se > 0)  # the start (d = 0) is exact
+    noise = se[off].mean().item()
     rms = (r - fitted).pow(2).mean().sqrt().item()
+    chi2, dof = ((r - fitted)[off] / se[off]).pow(2).sum().item(), int(off.sum()) - 2
+    p_value = torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(chi2 / 2)).item() if dof > 0 else None
     out.update(alpha=alpha, beta=beta, alpha_ci=torch.quantile(a_boot, q).tolist(), beta_ci=torch.quantile(b_boot, q).tolist(),
                d=d.tolist(), gain=r.tolist(), fitted=fitted.tolist(), residuals=(r - fitted).tolist(), rms=rms,
-               noise=half[d > 0].mean().item(), fits=rms <= half[d > 0].mean().item(), d_max=d.max().item())
+               noise=noise, chi2=chi2, dof=dof, p_value=p_value, fits=None if p_value is None else p_value >= 0.05,
+               d_max=d.max().item())
     peak, why = gao_peak(alpha, beta, form)
     peaks = [p for p in (gao_peak(a, b, form)[0] for a, b in zip(a_boot.tolist(), b_boot.tolist())) if p is not None]
     out["peak_share"] = len(peaks) / n_boot
@@ -499,8 +507,9 @@ def describe_fit(name, fit):
     if fit.get("alpha") is None:
         return f"{name}: {fit['why']}"
     line = (f"{name}: {fit['formula']}, alpha {fit['alpha']:.4g} {fmt_ci(fit['alpha_ci'])} beta {fit['beta']:.4g} "
-            f"{fmt_ci(fit['beta_ci'])} | rms residual {fit['rms']:.3g} against point noise {fit['noise']:.3g}: "
-            f"{'fits' if fit['fits'] else 'does NOT fit'}")
+            f"{fmt_ci(fit['beta_ci'])} | rms residual {fit['rms']:.3g}, the points' standard error {fit['noise']:.3g}, "
+            + (f"chi2 {fit['chi2']:.3g} on {fit['dof']} dof, p {fit['p_value']:.3g}: {'fits' if fit['fits'] else 'does NOT fit'}"
+               if fit["fits"] is not None else "too few points to judge the fit"))
     if fit["peak"] is None:
         return line + f" | {fit['why']}"
     ci = lambda k: fmt_ci(fit[k]) if k in fit else ""  # noqa: E731

@@ -200,7 +200,7 @@ def test_gao_fit_with_bootstrap_intervals_peak_and_residuals():
     gain, kl, d = per_prompt_curve("rl", 0.5, 0.3)
     fit = E.gao_fit(gain, kl, "rl", n_boot=500)
     assert fit["alpha_ci"][0] < 0.5 < fit["alpha_ci"][1] and fit["beta_ci"][0] < 0.3 < fit["beta_ci"][1]
-    assert fit["fits"] and fit["rms"] < fit["noise"] and fit["peak"]
+    assert fit["fits"] and fit["p_value"] > 0.05 and fit["dof"] == 4 and fit["peak"]
     assert fit["d_star_ci"][0] < math.exp(0.5 / 0.3 - 1) < fit["d_star_ci"][1] and not fit["beyond_range"]
     assert fit["kl_star"] == pytest.approx(fit["d_star"] ** 2)
     # the analytic KL of best-of-n: one KL per point, the same in every resample
@@ -220,6 +220,8 @@ def test_gao_fit_degenerate_curves_are_reported_not_crashed():
     fit = E.gao_fit(gain, d * d, "bon", n_boot=200)
     assert fit["beta"] < 0 and fit["peak"] is None and "no peak" in fit["why"] and "d_star" not in fit
     assert "no peak" in E.describe_fit("bon", fit)
+    two = E.gao_fit(gain[:, :3], d[:3] ** 2, "bon", n_boot=200)  # the start and 2 points: an exact fit, nothing to judge
+    assert two["fits"] is None and two["p_value"] is None and "too few points" in E.describe_fit("bon", two)
     flat = E.gao_fit(torch.zeros(10, 3), torch.zeros(10, 3), "rl", n_boot=50)  # a run that never moved
     assert flat["alpha"] is None and "nothing to fit" in flat["why"] and "nothing to fit" in E.describe_fit("rl", flat)
 
