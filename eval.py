@@ -54,6 +54,18 @@ A JSON summary goes to --out (default: eval.json in the checkpoint's run directo
 --frontier "out/eval_*.json" reads such summaries and prints (and plots, with matplotlib) gold
 reward against KL to SFT per method: the reward-vs-KL frontier of the DPO paper's Figure 2.
 
+Curves and Gao et al. 2022's fits ("Scaling Laws for Reward Model Overoptimization", Eq. 1-2; docs/overoptimisation.md):
+--curve RUN evaluates the start of an RL run (--ref, by default its policy) and each of its snapshots
+(ppo.py / grpo.py --eval_snapshot_interval N) exactly as above: gold, reward-model score and sampled
+KL to the start, each with its interval, and the gold gain over the start; --bon_curve n_max draws ONE
+pool of --bon_pool answers per prompt and computes best-of-n for n = 1, 2, 4, ..., n_max exactly over
+each prompt's pool (ties in the proxy score shared out), with the analytic KL log n - (n - 1) / n. Each
+curve is fitted by least squares in d = sqrt(KL) with the gold gain R (R(0) = 0: the start's gold is
+subtracted): best-of-n R = d (alpha - beta d), RL R = d (alpha - beta log d), alpha and beta with
+intervals from the fit repeated on each bootstrap resample of the prompts, the RMS residual against the
+points' own noise, and the peak d* (alpha / (2 beta), exp(alpha / beta - 1)) with R*, or the reason
+there is none. The JSON goes to --out (defaults RUN/curve.json, bon_curve.json), the plot beside it.
+
 Run:
   python eval.py --ckpt out/ppo --prompts data/world/prompts_val.jsonl --ref out/sft --baseline out/sft --reward_model out/reward
   python eval.py --ckpt out/sft --prompts data/world/prompts_val.jsonl --reward_model out/reward --best_of_n 16 --dump out/bon16.jsonl
@@ -61,13 +73,17 @@ Run:
       --best_of_n 4 --max_new_tokens 48 --dump_rankings data/imdb/imdb_prefs_train.jsonl
   python eval.py --ckpt out/sft --prompts data/world/prompts_val.jsonl --pass_at_k 64 --pass_samples 64 --out out/pass_sft.json
   python eval.py --frontier "out/sweep/eval_*.json" --plot out/frontier.png
+  python eval.py --curve out/rloo --prompts data/world/prompts_val.jsonl --out out/rloo_curve.json
+  python eval.py --bon_curve 256 --bon_pool 256 --ckpt out/sft --reward_model out/reward --prompts data/world/prompts_val.jsonl --out out/bon_curve.json
   python eval.py --pool "out/seed*/eval_ppo.json"
 """
 
+import dataclasses
 import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +121,9 @@ class Config:
     frontier: str = ""  # comma-separated eval JSONs (globs allowed): print gold vs KL, plot it if matplotlib is there
     pool: str = ""  # comma-separated eval JSONs of one method over several seeds: means and intervals pooled by prompt
     plot: str = "frontier.png"  # where --frontier writes its plot
+    curve: str = ""  # an RL run directory with snapshots (ppo.py / grpo.py --eval_snapshot_interval), or several of one trajectory, comma-separated: gold, RM score, KL at each, Gao et al.'s RL fit
+    bon_curve: int = 0  # > 0: the best-of-n curve for n = 1, 2, 4, ..., bon_curve from one pool per prompt, Gao et al.'s best-of-n fit
+    bon_pool: int = 256  # answers per prompt in --bon_curve's pool
     seed: int = 0  # seeds sampling
     device: str = "auto"  # auto = cuda, then mps, then cpu
 
@@ -361,10 +380,150 @@ def pass_ks(k_max):
     return sorted({2 ** j for j in range(k_max.bit_length()) if 2 ** j <= k_max} | {k_max})
 
 
+# --- curves: best-of-n exactly over one pool, and Gao et al. 2022's scaling forms
+
+
+def best_of_n_expected(scores, values, n):
+    """E[value of the best-of-n pick], exact over the empirical distribution of each prompt's pool of N
+    answers: n draws with replacement, the pick the one with the highest score. scores, values (P, N):
+    the proxy's score and any value (gold, the score itself) of each pooled answer; returns (P,) float64.
+    Sorted by score, the answer of rank i is the maximum of the n draws with probability
+    (i/N)^n - ((i-1)/N)^n (order statistics of draws from the pool's empirical distribution: a plug-in
+    estimate of the policy's best-of-n, defined for n > N too; no sampling noise beyond the pool's own).
+    Ties: the c answers tied at one score form a level of CDF F (answers scoring <= it, over N) and F-
+    (strictly below); the maximum lands on the level with probability F^n - F-^n, and the pick is then
+    uniform over its c members (draws with replacement are exchangeable, so any tie rule blind to which
+    answer is which gives that), each member weighted (F^n - F-^n) / c. Untied, that is the rank formula;
+    ordering tied answers arbitrarily instead would make the result depend on that order."""
+    scores, values = scores.double(), values.double()  # (P, N)
+    N = scores.size(1)
+    ordered = scores.sort(-1).values  # (P, N)
+    hi = torch.searchsorted(ordered, scores, right=True).double()  # (P, N) answers scoring <= this one
+    lo = torch.searchsorted(ordered, scores, right=False).double()  # (P, N) answers scoring < this one
+    w = ((hi / N) ** n - (lo / N) ** n) / (hi - lo)  # (P, N) each answer's chance of being the pick; rows sum to 1
+    return (w * values).sum(-1)  # (P,)
+
+
+def best_of_n_kl_bound(n):
+    """KL(best-of-n || policy) <= log n - (n - 1) / n (Stiennon et al. 2020, appendix; Gao et al. 2022, section
+    2.2): the value for a continuous, untied reward, which Beirami et al. 2024 ("Theoretical guarantees on the
+    best-of-n alignment policy") show is an upper bound of the true KL."""
+    return math.log(n) - (n - 1) / n
+
+
+GAO_FORMS = {"bon": "R(d) = d (alpha - beta d)", "rl": "R(d) = d (alpha - beta log d)"}  # Gao et al. 2022, Eq. 1 and 2
+
+
+def gao_design(d, form):
+    """The forms of Gao et al. 2022 ("Scaling Laws for Reward Model Overoptimization") are linear in
+    (alpha, beta): R = alpha x1 - beta x2 with x1 = d and x2 = d^2 (best-of-n, Eq. 1) or d log d (RL, Eq. 2;
+    0 at d = 0, its limit). d (..., K) -> (..., K, 2) the columns [x1, -x2]."""
+    if form not in GAO_FORMS:
+        raise ValueError(f"form {form!r}: expected one of {', '.join(GAO_FORMS)}")
+    x2 = d * d if form == "bon" else torch.where(d > 0, d * torch.log(d.clamp(min=1e-300)), torch.zeros_like(d))
+    return torch.stack([d, -x2], -1)
+
+
+def fit_gao(d, r, form):
+    """Least-squares (alpha, beta) of a Gao et al. 2022 form (gao_design) to points (d_k, R_k): d = sqrt(KL)
+    and R the gold gain over the start (R(0) = 0, so no intercept). d, r (..., K), batched over leading dims
+    (the bootstrap's resamples); returns alpha, beta (...,) float64. Exact on noise-free points of the form."""
+    X = gao_design(d.double(), form)  # (..., K, 2)
+    coef = torch.linalg.lstsq(X, r.double()[..., None]).solution[..., 0]  # (..., 2)
+    return coef[..., 0], coef[..., 1]
+
+
+def gao_peak(alpha, beta, form):
+    """Where the fitted gold peaks, (d*, R*), or None with the reason when the form has no peak at d > 0.
+    Best-of-n: R' = alpha - 2 beta d = 0 at d* = alpha / (2 beta), R* = alpha^2 / (4 beta), a maximum for
+    beta > 0 and at d > 0 for alpha > 0. RL: R' = alpha - beta (log d + 1) = 0 at d* = exp(alpha / beta - 1),
+    R* = beta d*, a maximum for beta > 0 (for any alpha). beta <= 0: gold never turns down within the form."""
+    if not beta > 0:
+        return None, f"beta {beta:.4g} <= 0: the fitted gold never turns down (no peak)"
+    if form == "bon":
+        if not alpha > 0:
+            return None, f"alpha {alpha:.4g} <= 0: the fitted gold falls from d = 0 (no peak at d > 0)"
+        return (alpha / (2 * beta), alpha * alpha / (4 * beta)), None
+    z = alpha / beta - 1
+    if z > 700:  # exp overflows: a peak far beyond any KL a run reaches
+        return None, f"d* = exp({z:.4g}) overflows: no peak within any reachable KL"
+    return (math.exp(z), beta * math.exp(z)), None
+
+
+def gao_fit(gain, kl, form, n_boot=2000, level=0.95, seed=0):
+    """Gao et al. 2022's form fitted to a curve of K points, with intervals from the bootstrap over prompts.
+    gain (P, K): each prompt's gold gain over the start at each point (the curve's first point is the start,
+    gain 0); kl (P, K) each prompt's KL to the start (a sampled estimate: the mean is clamped at 0 before the
+    square root), or (K,) one KL per point (best-of-n's analytic one). The points are d_k = sqrt(mean_p kl),
+    R_k = mean_p gain. Returns a dict: alpha, beta and their percentile intervals (the fit repeated on each of
+    n_boot resamples of the prompts, the draws of model.bootstrap_ci), the points with the fit and residuals,
+    rms (the root-mean-square residual) beside noise (the mean standard error of the points off d = 0, each
+    the half-width of its 95% interval / 1.96), and fits: chi2 = sum_k (residual_k / se_k)^2 over the points
+    off d = 0 against a chi-square of (points - 2) degrees of freedom, fits when its p_value >= 0.05 (None
+    with 2 points or fewer: the fit is exact). An approximate check: it treats the points as independent,
+    which the points of one curve (the same prompts, the same pool) are not, and the peak d*, R*, KL* = d*^2 with intervals over the
+    resamples that have one (peak_share: their fraction), or peak None and why."""
+    gain = torch.as_tensor(gain, dtype=torch.float64)  # (P, K)
+    kl = torch.as_tensor(kl, dtype=torch.float64)  # (P, K) or (K,)
+    P, K = gain.shape
+    point_d = lambda g_kl: g_kl.clamp(min=0).sqrt()  # noqa: E731
+    d = point_d(kl.mean(0) if kl.dim() == 2 else kl)  # (K,)
+    r = gain.mean(0)  # (K,)
+    out = {"form": form, "formula": GAO_FORMS[form], "points": K}
+    if int((d > 0).sum()) < 2:
+        return {**out, "alpha": None, "beta": None, "peak": None, "why": "fewer than 2 points with KL > 0: nothing to fit"}
+    alpha, beta = (x.item() for x in fit_gao(d, r, form))
+    fitted = (gao_design(d, form) @ torch.tensor([alpha, beta], dtype=torch.float64))  # (K,)
+    idx = torch.randint(P, (n_boot, P), generator=torch.Generator().manual_seed(seed))  # (n_boot, P) as bootstrap_ci
+    r_boot = gain[idx].mean(1)  # (n_boot, K)
+    d_boot = point_d(kl[idx].mean(1)) if kl.dim() == 2 else d.expand(n_boot, K)  # (n_boot, K)
+    a_boot, b_boot = fit_gao(d_boot, r_boot, form)  # (n_boot,)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    se = (torch.quantile(r_boot, q[1], 0) - torch.quantile(r_boot, q[0], 0)) / (2 * 1.96)  # (K,) each point's standard error
+    off = (d > 0) & (se > 0)  # the start (d = 0) is exact
+    noise = se[off].mean().item()
+    rms = (r - fitted).pow(2).mean().sqrt().item()
+    chi2, dof = ((r - fitted)[off] / se[off]).pow(2).sum().item(), int(off.sum()) - 2
+    p_value = torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(chi2 / 2)).item() if dof > 0 else None
+    out.update(alpha=alpha, beta=beta, alpha_ci=torch.quantile(a_boot, q).tolist(), beta_ci=torch.quantile(b_boot, q).tolist(),
+               d=d.tolist(), gain=r.tolist(), fitted=fitted.tolist(), residuals=(r - fitted).tolist(), rms=rms,
+               noise=noise, chi2=chi2, dof=dof, p_value=p_value, fits=None if p_value is None else p_value >= 0.05,
+               d_max=d.max().item())
+    peak, why = gao_peak(alpha, beta, form)
+    peaks = [p for p in (gao_peak(a, b, form)[0] for a, b in zip(a_boot.tolist(), b_boot.tolist())) if p is not None]
+    out["peak_share"] = len(peaks) / n_boot
+    if peak is None:
+        out.update(peak=None, why=why)
+        return out
+    out.update(peak=True, d_star=peak[0], r_star=peak[1], kl_star=peak[0] ** 2, beyond_range=peak[0] > d.max().item())
+    if peaks:
+        ps = torch.tensor(peaks, dtype=torch.float64)  # (n, 2)
+        out.update(d_star_ci=torch.quantile(ps[:, 0], q).tolist(), r_star_ci=torch.quantile(ps[:, 1], q).tolist())
+    return out
+
+
+def describe_fit(name, fit):
+    """One line of a fit for the console."""
+    if fit.get("alpha") is None:
+        return f"{name}: {fit['why']}"
+    line = (f"{name}: {fit['formula']}, alpha {fit['alpha']:.4g} {fmt_ci(fit['alpha_ci'])} beta {fit['beta']:.4g} "
+            f"{fmt_ci(fit['beta_ci'])} | rms residual {fit['rms']:.3g}, the points' standard error {fit['noise']:.3g}, "
+            + (f"chi2 {fit['chi2']:.3g} on {fit['dof']} dof, p {fit['p_value']:.3g}: {'fits' if fit['fits'] else 'does NOT fit'}"
+               if fit["fits"] is not None else "too few points to judge the fit"))
+    if fit["peak"] is None:
+        return line + f" | {fit['why']}"
+    ci = lambda k: fmt_ci(fit[k]) if k in fit else ""  # noqa: E731
+    return (line + f" | peak d* {fit['d_star']:.3g} {ci('d_star_ci')} (KL {fit['kl_star']:.3g}), R* {fit['r_star']:.3g} "
+            f"{ci('r_star_ci')}{' (beyond the last point: extrapolated)' if fit['beyond_range'] else ''}")
+
+
 # --- main
 
 
-def evaluate(cfg):
+def setup(cfg):
+    """evaluate()'s checks and loading, shared by the curves: every option and path error before a model
+    loads, then (device, policy, tokenizer, prompts, n_cut, rm, gold, verifier), prompts repeated
+    cfg.repeats times each, rm None without --reward_model, gold whether the world's gold reward is on."""
     M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "ckpt", "prompts")
     M.check_paths(ckpt=cfg.ckpt, prompts=cfg.prompts, ref=cfg.ref, baseline=cfg.baseline, reward_model=cfg.reward_model)
@@ -412,23 +571,40 @@ def evaluate(cfg):
         raise M.ConfigError("best_of_n > 1 needs --reward_model to pick the best answer")
     if cfg.dump_rankings and cfg.best_of_n < 2:
         raise M.ConfigError("dump_rankings needs best_of_n >= 2 answers per prompt to rank")
+    return device, policy, tokenizer, prompts, n_cut, rm, gold, verifier
+
+
+def sample_scored(policy, tokenizer, rm, prompts, n, cfg, device, gold):
+    """evaluate()'s step 1 before the pick: n answers to each of the N prompts, in order (prompt i's answers
+    at i * n ... i * n + n - 1). Returns (flat prompts, answers [(ids, ended)], texts, gold rows or None,
+    reward-model scores (N, n) or None)."""
+    flat = [p for p in prompts for _ in range(n)]
+    answers = sample(policy, tokenizer, flat, cfg, device, cfg.seed)
+    texts = [tokenizer.decode(a[0]) for a in answers]
+    golds = gold_scores(flat, texts, [a[1] for a in answers]) if gold else None
+    scores = None if rm is None else rm_scores(rm, tokenizer, flat, [a[0] for a in answers], cfg.batch_size, device,
+                                               cfg.template).view(len(prompts), n)  # (N, n)
+    return flat, answers, texts, golds, scores
+
+
+def evaluate(cfg):
+    device, policy, tokenizer, prompts, n_cut, rm, gold, verifier = setup(cfg)
 
     # 1. n answers per prompt; the reward model keeps the best (n = 1: the only one)
     n = cfg.best_of_n
-    flat = [p for p in prompts for _ in range(n)]
-    answers = sample(policy, tokenizer, flat, cfg, device, cfg.seed)
+    flat, answers, all_texts, all_gold, scores = sample_scored(policy, tokenizer, rm, prompts, n, cfg, device, gold)
     responses = [a[0] for a in answers]
-    all_texts = [tokenizer.decode(r) for r in responses]
-    all_gold = gold_scores(flat, all_texts, [a[1] for a in answers]) if gold else None
     summary = {"ckpt": cfg.ckpt, "prompts": len(prompts) // cfg.repeats, "answers": len(prompts),
                "prompts_cut": n_cut // cfg.repeats, "best_of_n": n, "temperature": cfg.temperature}
+    pp = {"prompt": prompts[::cfg.repeats]}  # per-prompt means, for intervals and for pooling seeds
     if rm is not None:
-        scores = rm_scores(rm, tokenizer, flat, responses, cfg.batch_size, device, cfg.template).view(len(prompts), n)  # (N, n)
         if all_gold:  # how well the proxy tracks the truth on every sampled answer
             summary["rm_gold_spearman"] = spearman(scores.view(-1).tolist(), [g["gold"] for g in all_gold])
         pick = scores.argmax(-1)  # (N,)
         keep = [i * n + int(pick[i]) for i in range(len(prompts))]
+        pp["rm_score"] = per_prompt(scores.gather(1, pick[:, None])[:, 0].tolist(), cfg.repeats)
         summary["rm_score"] = scores.gather(1, pick[:, None]).mean().item()
+        summary["rm_score_ci"] = M.bootstrap_ci(pp["rm_score"])
         summary["rm_score_all"] = scores.mean().item()
     else:
         keep = list(range(len(prompts)))
@@ -454,7 +630,6 @@ def evaluate(cfg):
 
     # 2. gold reward and its parts
     gold = [all_gold[i] for i in keep] if all_gold else None
-    pp = {"prompt": prompts[::cfg.repeats]}  # per-prompt means, for intervals and for pooling seeds
     if gold:
         for k in gold[0]:
             summary[k] = mean(g[k] for g in gold)
@@ -582,6 +757,174 @@ def pool(cfg):
     return out
 
 
+def curve(cfg):
+    """--curve RUN: an RL run as a curve (Gao et al. 2022, Figure 1's RL curves). The start (--ref, by default
+    the run's policy) and each snapshot of RUN/snapshots (ppo.py, grpo.py eval_snapshot_interval) are evaluated
+    by evaluate() on the same prompts and sampling seed: gold, reward-model score and the sampled KL to the
+    start, each with its interval over prompts, and the gold gain over the start (per prompt, so its interval is
+    paired). Each point's summary goes to <out>.it<N>.json; the curve, with the RL form's fit (gao_fit) of gold
+    gain against d = sqrt(KL), to --out (default RUN/curve.json) and a plot beside it. RUN may name several run
+    directories of one trajectory (curve_runs): a run, and a rerun of it with snapshots more often early on."""
+    runs = [r.strip().rstrip("/") for r in cfg.curve.split(",")]
+    run = ",".join(runs)
+    train, snaps = curve_runs(runs)
+    ref, rm = cfg.ref or train.get("policy", ""), cfg.reward_model or train.get("reward_model", "")
+    if not ref or not rm or "," in rm:
+        raise M.ConfigError(f"--curve {run}: needs the start (--ref, the run's policy {ref!r}) and one reward model "
+                            f"(--reward_model, the run's {rm!r}; an ensemble's proxy needs one member named)")
+    if cfg.temperature <= 0:
+        raise M.ConfigError("--curve: the KL to the start is sampled, so it needs temperature > 0")
+    out = cfg.out or os.path.join(runs[0], "curve.json")
+    stem = os.path.splitext(out)[0]
+    summaries = []
+    for it, path in [(0, ref)] + snaps:  # the start first: KL 0, gain 0
+        print(f"--- curve point: iteration {it}, {path}")
+        point = dataclasses.replace(cfg, ckpt=path, ref=ref, reward_model=rm, best_of_n=1, curve="", out=f"{stem}.it{it}.json")
+        summaries.append((it, path, evaluate(point)))
+    if "gold" not in summaries[0][2]:
+        raise M.ConfigError(f"--curve: the prompts {cfg.prompts} have no gold reward (the built-in world's prompts do)")
+    gold = torch.tensor([s["per_prompt"]["gold"] for _, _, s in summaries], dtype=torch.float64).T  # (P, K)
+    kl = torch.tensor([s["per_prompt"]["kl"] for _, _, s in summaries], dtype=torch.float64).T  # (P, K)
+    gain = gold - gold[:, :1]  # (P, K) gold over the start's, prompt by prompt
+    rows = [{"iteration": it, "episodes": it * train.get("rollout_batch_size", 0), "ckpt": path,
+             "sqrt_kl": math.sqrt(max(s["kl"], 0.0)), "gold_gain": gain[:, k].mean().item(),
+             "gold_gain_ci": M.bootstrap_ci(gain[:, k].tolist()), "eval": f"{stem}.it{it}.json",
+             **{key: s[key] for key in ("kl", "kl_ci", "gold", "gold_ci", "rm_score", "rm_score_ci", "eos_rate", "resp_tokens")}}
+            for k, (it, path, s) in enumerate(summaries)]
+    fit = gao_fit(gain, kl, "rl")
+    result = {"run": run, "ref": ref, "reward_model": rm, "prompts": cfg.prompts, "rows": rows, "fit_rl": fit,
+              "per_prompt": {"prompt": summaries[0][2]["per_prompt"]["prompt"], "gold": gold.T.tolist(), "kl": kl.T.tolist()}}
+    return write_curve(result, rows, "iteration", [("fit_rl", fit)], out, f"RL curve: {run}")
+
+
+def curve_runs(runs):
+    """(the first run's config, [(iteration, snapshot dir)]) of one or more run directories that are one
+    trajectory: a run and a rerun of it with snapshots at other iterations (a deterministic run repeats
+    bit for bit). Their configs must agree but for the run-directory keys and the intervals; an iteration
+    that several runs hold must have the same weights in each, or they are not one trajectory."""
+    configs, snaps = [], {}
+    for run in runs:
+        found = M.list_snapshots(run)
+        if not found:
+            raise M.ConfigError(f"--curve {run}: no snapshots in {run}/snapshots (train with --eval_snapshot_interval N)")
+        with open(os.path.join(run, "config.json")) as f:
+            configs.append(json.load(f))
+        for it, path in found:
+            if it in snaps:
+                a, b = (M.load_checkpoint(p)[0].state_dict() for p in (snaps[it], path))
+                if any(not torch.equal(a[k], b[k]) for k in a):
+                    raise M.ConfigError(f"--curve: {snaps[it]} and {path} differ: the runs are not one trajectory")
+            snaps.setdefault(it, path)
+    skip = M.RUN_KEYS | {"n_show", "device"}
+    differ = sorted({k for c in configs[1:] for k in set(c) | set(configs[0])
+                     if k not in skip and not k.endswith("_interval") and c.get(k) != configs[0].get(k)})
+    if differ:
+        raise M.ConfigError(f"--curve {','.join(runs)}: the runs differ in {', '.join(differ)}: not one trajectory")
+    return configs[0], sorted(snaps.items())
+
+
+def bon_curve(cfg):
+    """--bon_curve n_max: best-of-n as a curve over n = 1, 2, 4, ..., n_max (Gao et al. 2022, Figure 1's BoN
+    curves) from ONE pool of --bon_pool answers per prompt of --ckpt, drawn and scored by evaluate()'s step 1:
+    the expected gold and reward-model score of the best-of-n pick exact over each prompt's pool
+    (best_of_n_expected), KL the analytic log n - (n - 1) / n (an upper bound: Beirami et al. 2024) and,
+    beside it, kl_pool, Beirami et al.'s exact KL over the pool (it saturates at log bon_pool), the gold gain
+    over n = 1 (the policy itself) with intervals over prompts, and the best-of-n form's fit (gao_fit) of gain
+    against d = sqrt(analytic KL) over n <= bon_pool: for n beyond the pool (rows beyond_pool) the pick is
+    nearly always the pool's top answer, so the curve flattens while the analytic KL grows, an artefact of
+    the pool, not of the policy. To --out (default bon_curve.json in the checkpoint's run directory), a plot beside it."""
+    if not cfg.reward_model:
+        raise M.ConfigError("--bon_curve needs --reward_model: it picks the best of n")
+    if cfg.bon_pool < 1 or cfg.repeats != 1 or cfg.best_of_n != 1:
+        raise M.ConfigError(f"--bon_curve: bon_pool {cfg.bon_pool} must be >= 1, and repeats and best_of_n are 1 "
+                            f"(the pool is each prompt's answers)")
+    device, policy, tokenizer, prompts, n_cut, rm, gold, _ = setup(cfg)
+    if not gold:
+        raise M.ConfigError(f"--bon_curve: the prompts {cfg.prompts} have no gold reward (the built-in world's prompts do)")
+    t0 = time.time()
+    _, answers, _, golds, scores = sample_scored(policy, tokenizer, rm, prompts, cfg.bon_pool, cfg, device, gold)
+    seconds = time.time() - t0
+    gold_t = torch.tensor([g["gold"] for g in golds], dtype=torch.float64).view(len(prompts), cfg.bon_pool)  # (P, N)
+    ns = pass_ks(cfg.bon_curve)
+    e_gold = torch.stack([best_of_n_expected(scores, gold_t, n) for n in ns], 1)  # (P, K)
+    e_proxy = torch.stack([best_of_n_expected(scores, scores, n) for n in ns], 1)  # (P, K)
+    gain = e_gold - gold_t.mean(1, keepdim=True)  # (P, K) over the policy's own mean gold (n = 1)
+    kl = torch.tensor([best_of_n_kl_bound(n) for n in ns], dtype=torch.float64)  # (K,)
+    pool_scores = scores.tolist()
+    rows = [{"n": n, "kl": kl[k].item(), "sqrt_kl": kl[k].sqrt().item(),
+             "kl_pool": mean(best_of_n_kl(p, p, n) for p in pool_scores),  # answers tied in score: one level, as above
+             "gold": e_gold[:, k].mean().item(), "gold_ci": M.bootstrap_ci(e_gold[:, k].tolist()),
+             "gold_gain": gain[:, k].mean().item(), "gold_gain_ci": M.bootstrap_ci(gain[:, k].tolist()),
+             "rm_score": e_proxy[:, k].mean().item(), "rm_score_ci": M.bootstrap_ci(e_proxy[:, k].tolist()),
+             "beyond_pool": n > cfg.bon_pool}
+            for k, n in enumerate(ns)]
+    fitted = [k for k, n in enumerate(ns) if n <= cfg.bon_pool]  # beyond the pool every pick is near its top answer
+    fit = {**gao_fit(gain[:, fitted], kl[fitted], "bon"), "n_max": ns[fitted[-1]]}
+    result = {"ckpt": cfg.ckpt, "reward_model": cfg.reward_model, "prompts": cfg.prompts, "n_prompts": len(prompts),
+              "prompts_cut": n_cut, "bon_pool": cfg.bon_pool, "temperature": cfg.temperature, "seconds_sampling": seconds,
+              "eos_rate": mean(a[1] for a in answers), "rows": rows, "fit_bon": fit,
+              "per_prompt": {"prompt": prompts, "gold": e_gold.T.tolist(), "rm_score": e_proxy.T.tolist()}}
+    run_dir = os.path.dirname(cfg.ckpt.rstrip("/")) if os.path.basename(cfg.ckpt.rstrip("/")) == "ckpt" else cfg.ckpt
+    out = cfg.out or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "bon_curve.json")
+    print(f"pool: {cfg.bon_pool} answers to each of {len(prompts)} prompts, sampled and scored in {seconds:.0f} s")
+    return write_curve(result, rows, "n", [("fit_bon", fit)], out, f"best-of-n: {cfg.ckpt}, pool of {cfg.bon_pool}")
+
+
+def write_curve(result, rows, x, fits, out, title):
+    """Print a curve's table and fits, write its JSON to out and its plot (plot_curve) to out's .png."""
+    print(f"{x:>9s} {'KL':>7s} {'sqrt KL':>7s} {'gold':>7s} {'gold gain':>9s} {'interval':>16s} {'RM score':>8s}")
+    for r in rows:
+        print(f"{r[x]:9d} {r['kl']:7.3f} {r['sqrt_kl']:7.3f} {r['gold']:7.3f} {r['gold_gain']:9.3f} "
+              f"{fmt_ci(r['gold_gain_ci']):>16s} {r['rm_score']:8.3f}")
+    for name, fit in fits:
+        print(describe_fit(name, fit))
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(out + ".tmp", out)
+    print(f"curve written to {out}")
+    plot_curve(rows, fits, os.path.splitext(out)[0] + ".png", title)
+    return result
+
+
+def plot_curve(rows, fits, path, title):
+    """Gold gain against sqrt(KL), the points with their intervals and each fitted form over them, its peak
+    marked; matplotlib is optional (the printed table and the JSON are the result)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the table and the JSON are the curve)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    d = [r["sqrt_kl"] for r in rows]
+    for beyond in (False, True):  # best-of-n beyond its pool: drawn hollow, not fitted
+        pts = [r for r in rows if r.get("beyond_pool", False) == beyond]
+        if pts:
+            g = [r["gold_gain"] for r in pts]
+            err = [[gg - r["gold_gain_ci"][0] for gg, r in zip(g, pts)], [r["gold_gain_ci"][1] - gg for gg, r in zip(g, pts)]]
+            ax.errorbar([r["sqrt_kl"] for r in pts], g, yerr=err, fmt="o", capsize=3, color="C0", mfc="none" if beyond else "C0",
+                        label="n beyond the pool (not fitted)" if beyond else "measured (95% interval over prompts)")
+    for name, fit in fits:
+        if fit.get("alpha") is None:
+            continue
+        top = max(d + ([fit["d_star"]] if fit["peak"] and not fit["beyond_range"] else []))
+        xs = torch.linspace(0, top * 1.05, 200, dtype=torch.float64)
+        ys = gao_design(xs, fit["form"]) @ torch.tensor([fit["alpha"], fit["beta"]], dtype=torch.float64)
+        ax.plot(xs.tolist(), ys.tolist(), color="C1", label=f"{fit['formula']}: alpha {fit['alpha']:.3g}, beta {fit['beta']:.3g}")
+        if fit["peak"] and not fit["beyond_range"]:
+            ax.axvline(fit["d_star"], linestyle="--", color="grey", label=f"d* {fit['d_star']:.3g}, R* {fit['r_star']:.3g}")
+    ax.set_xlabel("d = sqrt(KL to the start), sqrt(nats)")
+    ax.set_ylabel("gold gain over the start")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
 def method_of(summary):
     """The curve a run belongs to, from its checkpoint path and best-of-n."""
     if summary.get("best_of_n", 1) > 1:
@@ -629,4 +972,5 @@ def frontier(cfg):
 
 
 if __name__ == "__main__":
-    M.main(lambda cfg: frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else evaluate(cfg), Config)
+    M.main(lambda cfg: frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else curve(cfg) if cfg.curve
+           else bon_curve(cfg) if cfg.bon_curve else evaluate(cfg), Config)

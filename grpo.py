@@ -209,6 +209,7 @@ class Config:
     sample_interval: int = 10  # print a few answers every this many iterations (item 18)
     n_show: int = 3  # answers printed every sample_interval
     ckpt_interval: int = 20  # iterations between checkpoints (always one at the end)
+    eval_snapshot_interval: int = 0  # write the policy alone (weights, tokenizer, config) to out_dir/snapshots/it<N> every this many iterations and at the end, for eval.py --curve; 0 = off
     seed: int = 0  # seeds init, prompt order, sampling and minibatches
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
@@ -221,7 +222,7 @@ class Config:
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
-SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "device"}
+SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "eval_snapshot_interval", "device"}
 
 
 # --- the algorithm, as pure functions
@@ -495,6 +496,8 @@ def check_config(cfg, world):
         raise M.ConfigError("advantage 'rloo' needs group_size >= 2 (its baseline is the other answers' mean)")
     if cfg.kl_coef < 0 or cfg.clip_low < 0 or cfg.clip_high < 0:
         raise M.ConfigError(f"kl_coef {cfg.kl_coef}, clip_low {cfg.clip_low}, clip_high {cfg.clip_high} must be >= 0")
+    if cfg.eval_snapshot_interval < 0:
+        raise M.ConfigError(f"eval_snapshot_interval {cfg.eval_snapshot_interval} must be >= 0 (0 = no snapshots)")
     M.check_ensemble(cfg)
     M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false",
                  staleness=cfg.staleness and "the stale sampler is a copy of the policy, not built from shards: --staleness 0",
@@ -853,6 +856,9 @@ def train(cfg):
         if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first
             for r in range(0, min(cfg.n_show * G, len(texts)), G):  # the first answer of the first groups
                 tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
+        if (master or cfg.fsdp) and cfg.eval_snapshot_interval and (it % cfg.eval_snapshot_interval == 0 or it == iterations):
+            # before the checkpoint: a kill between the two redoes this iteration, snapshot included (FSDP: all gather)
+            M.save_snapshot(cfg.out_dir, it, policy, tokenizer, dataclasses.asdict(cfg))
         if (master or cfg.fsdp) and (it % cfg.ckpt_interval == 0 or it == iterations):  # FSDP: all gather, rank 0 writes
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
                               state={"iteration": it, "optimizer": M.optimizer_state(opt, policy), "rng": M.rng_state(),

@@ -32,7 +32,8 @@ Contents
                             tokenizer.json) and the chat templates (hh, chatml, llama3);
                             reencode, rm_rows: a sampled answer as the reward model reads it
   7. Checkpoints            directories written atomically (temp dir + rename), each saying what
-                            it is (ROLES: policy, reward model, value model); check_roles
+                            it is (ROLES: policy, reward model, value model); check_roles;
+                            an RL run's evaluation snapshots (save_snapshot, list_snapshots)
   8. Utilities              config parsing (dataclass < toml/json < --key value), a script's entry
                             point (main: Ctrl-C and bad data in one line), device, DDP and FSDP2
                             (fsdp_wrap, gathered, full state dicts), autocast,
@@ -2216,6 +2217,44 @@ def load_train_state(path):
                         f"unpickling it could run code. {why} Resume only from run directories you made.") from None
 
 
+def snapshot_dir(out_dir, iteration):
+    """Where an RL run keeps its evaluation snapshot of iteration `iteration`: out_dir/snapshots/it<N>."""
+    return os.path.join(out_dir, "snapshots", f"it{iteration}")
+
+
+def save_snapshot(out_dir, iteration, model, tokenizer, train_config):
+    """An evaluation snapshot of the policy along an RL run (ppo.py and grpo.py, eval_snapshot_interval):
+    weights, tokenizer and config at snapshot_dir(out_dir, iteration), no optimizer or RNG state (nothing
+    resumes from it), written atomically by save_checkpoint. eval.py --curve evaluates them in order."""
+    save_checkpoint(snapshot_dir(out_dir, iteration), model, tokenizer, train_config, meta={"iteration": iteration})
+
+
+def list_snapshots(out_dir):
+    """[(iteration, checkpoint dir)] of a run's complete snapshots, by iteration: it<N> or, after a kill
+    mid-swap, it<N>.old (checkpoint_dir); a half-written it<N>.tmp alone is no snapshot."""
+    root = os.path.join(out_dir, "snapshots")
+    its = sorted({int(m.group(1)) for f in (os.listdir(root) if os.path.isdir(root) else [])
+                  if (m := re.fullmatch(r"it(\d+)(\.old|\.tmp)?", f))})
+    out = []
+    for it in its:
+        try:
+            out.append((it, checkpoint_dir(snapshot_dir(out_dir, it))))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def truncate_snapshots(out_dir, step):
+    """On resume, drop the snapshots written after the checkpoint at `step` (with their .old and .tmp):
+    the resumed run writes them again, so a kill neither loses a snapshot nor leaves one from the lost
+    iterations (truncate_metrics does the same for the log). step < 0: drop them all (a fresh start)."""
+    root = os.path.join(out_dir, "snapshots")
+    for f in os.listdir(root) if os.path.isdir(root) else []:
+        m = re.fullmatch(r"it(\d+)(\.old|\.tmp)?", f)
+        if m and int(m.group(1)) > step:
+            shutil.rmtree(os.path.join(root, f))
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -2952,7 +2991,7 @@ def truncate_metrics(out_dir, step):
 # --- 8b. runs: a run directory is written only by the command that owns it
 
 RUN_KEYS = {"out_dir", "overwrite", "resume_changed", "wandb_project", "wandb_mode"}  # never change what a run computes
-RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "metrics.jsonl", "config.json", "data_stats.json", "wandb_id", "wandb")
+RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "metrics.jsonl", "config.json", "data_stats.json", "wandb_id", "wandb", "snapshots")
 
 
 @dataclass
@@ -3044,6 +3083,7 @@ def _decide_run(cfg, safe_keys, write):
                 print(f"--overwrite: removed the run in {out}")
             elif os.path.exists(metrics):
                 os.remove(metrics)  # rows of a run killed before its first checkpoint
+            truncate_snapshots(out, -1)  # and its snapshots: the new run writes its own
             if not os.path.isdir(out):
                 atexit.register(_drop_if_unused, out)
             save_config(cfg, out)
@@ -3056,6 +3096,7 @@ def _decide_run(cfg, safe_keys, write):
         return Run(out, ckpt, state, finished=True)
     if write:
         truncate_metrics(out, step)
+        truncate_snapshots(out, step)
         if changed:
             with open(metrics, "a") as f:
                 f.write(json.dumps({"step": step, "config_changed": {k: list(ab) for k, ab in changed.items()}}) + "\n")

@@ -143,6 +143,7 @@ class Config:
     sample_interval: int = 10  # print a few answers every this many iterations (item 18)
     n_show: int = 3  # answers printed every sample_interval
     ckpt_interval: int = 20  # steps between checkpoints (always one at the end)
+    eval_snapshot_interval: int = 0  # write the policy alone (weights, tokenizer, config) to out_dir/snapshots/it<N> every this many iterations and at the end, for eval.py --curve; 0 = off
     seed: int = 0  # seeds init, batch order and sampling
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "bfloat16"  # autocast on CUDA; the reward model also stored in it there (item 17), the reference not
@@ -155,7 +156,7 @@ class Config:
 
 
 # settings that cannot change the trained weights or the logged numbers: may differ on resume
-SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "device"}
+SAFE_KEYS = {"log_interval", "sample_interval", "n_show", "ckpt_interval", "eval_snapshot_interval", "device"}
 
 
 # --- the algorithm, as pure functions
@@ -257,6 +258,8 @@ def check_config(cfg, world):
     """Every option error before any path is checked or model loads; returns the derived sizes."""
     if cfg.value_init not in ("reward", "policy"):
         raise M.ConfigError(f"value_init must be 'reward' or 'policy', not {cfg.value_init!r}")
+    if cfg.eval_snapshot_interval < 0:
+        raise M.ConfigError(f"eval_snapshot_interval {cfg.eval_snapshot_interval} must be >= 0 (0 = no snapshots)")
     M.check_ensemble(cfg)
     M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
     minibatch, micro, shards = M.check_rollout_sizes(cfg, world)
@@ -507,6 +510,9 @@ def train(cfg):
         if master and (it % cfg.sample_interval == 0 or it == iterations):  # reward hacking shows in the text first
             for r in range(min(cfg.n_show, len(texts))):
                 tqdm.write(f"  > {my_prompts[r]}\n    {texts[r]!r} score {scores[r].item():+.2f}")
+        if (master or cfg.fsdp) and cfg.eval_snapshot_interval and (it % cfg.eval_snapshot_interval == 0 or it == iterations):
+            # before the checkpoint: a kill between the two redoes this iteration, snapshot included (FSDP: all gather)
+            M.save_snapshot(cfg.out_dir, it, policy, tokenizer, dataclasses.asdict(cfg))
         if (master or cfg.fsdp) and (it % cfg.ckpt_interval == 0 or it == iterations):  # FSDP: all gather, rank 0 writes
             M.save_checkpoint(ckpt, policy, tokenizer, dataclasses.asdict(cfg),
                               state={"iteration": it, "kl_coef": kl_coef, "value_model": M.full_state_dict(value_model),

@@ -69,7 +69,14 @@ def model_bytes(path):
 @pytest.mark.slow
 def test_grpo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
     policy = eos_prone(tiny_ckpt, tmp_path / "policy")
-    _, two = assert_same_run(tmp_path, "grpo.py", grpo_args(world, policy, tiny_rm), GRPO_KEYS, ["--fsdp", "true"])
+    # with evaluation snapshots: every process joins their gather, rank 0 writes the same ones as one process
+    args = [*grpo_args(world, policy, tiny_rm), "--eval_snapshot_interval", "1"]
+    _, two = assert_same_run(tmp_path, "grpo.py", args, GRPO_KEYS, ["--fsdp", "true"])
+    snaps = [M.list_snapshots(str(tmp_path / run)) for run in ("one", "two")]
+    assert [i for i, _ in snaps[0]] == [i for i, _ in snaps[1]] and len(snaps[0]) > 1
+    for (_, a), (_, b) in zip(*snaps):
+        for x, y in zip(M.load_checkpoint(a)[0].state_dict().values(), M.load_checkpoint(b)[0].state_dict().values()):
+            assert torch.allclose(x, y, atol=1e-4)
     # each process holds about half of the policy, the reference and the reward model, and of AdamW's two moments
     whole = 2 * model_bytes(policy) + model_bytes(tiny_rm)
     assert 0.45 < two[-1]["param_mb"] * 2**20 / whole < 0.55, (two[-1]["param_mb"], whole / 2**20)
