@@ -151,3 +151,29 @@ def other_reward_model(path, out, seed=0, swap_tokens=False):
             rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=g))
     M.save_checkpoint(str(out), rm, tokenizer, {})
     return str(out)
+
+
+PREFERENCE_ROWS = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
+                   {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}]
+
+
+def preference_args(path, copies, init, epochs):
+    """The DDP and FSDP tests' dpo.py and reward.py run: a ranking and a pair, `copies` times, written to
+    path and used as train and validation data, batches of 3 in 2 micro-batches, at lr 1e-3."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in PREFERENCE_ROWS * copies))
+    return ["--data", str(path), "--val_data", str(path), "--init", init, "--max_len", "64", "--batch_size", "3",
+            "--grad_accum", "2", "--epochs", str(epochs), "--lr", "1e-3", "--log_interval", "1", "--eval_interval", "100",
+            "--device", "cpu"]
+
+
+PPO_KEYS = ["score", "kl", "kl_coef", "resp_len", "eos_frac", "explained_var", "adv_mean", "adv_std", "return_mean",
+            "value_mean", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm", "gold"]
+
+
+def ppo_args(world, policy, rm):
+    """The DDP and FSDP tests' ppo.py run: 12 answers in 2 shards of 6, minibatches of 6, micro-batches of 3,
+    so every micro-batch's rows fall unevenly on 2 processes (sometimes all on one); adaptive KL, whitening."""
+    return ["--policy", policy, "--reward_model", rm, "--prompts", str(world / "prompts_train.jsonl"),
+            "--rollout_batch_size", "12", "--rollout_shards", "2", "--num_minibatches", "2", "--grad_accum", "2",
+            "--update_epochs", "2", "--total_episodes", "36", "--max_new_tokens", "12", "--lr", "1e-3", "--value_lr", "1e-3",
+            "--adaptive_kl", "true", "--whiten_rewards", "true", "--sample_interval", "100", "--device", "cpu"]

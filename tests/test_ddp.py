@@ -13,7 +13,7 @@ import torch
 
 import model as M
 import ppo
-from helpers import assert_same_run, eos_prone
+from helpers import PPO_KEYS, assert_same_run, eos_prone, ppo_args, preference_args
 
 
 @pytest.mark.slow
@@ -33,22 +33,12 @@ def test_sft_ddp_equals_one_process(world, tiny_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_dpo_ddp_equals_one_process(tmp_path, tiny_ckpt):
-    rows = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
-            {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}] * 3
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--data", str(tmp_path / "p.jsonl"), "--val_data", str(tmp_path / "p.jsonl"), "--init", tiny_ckpt,
-            "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "1", "--lr", "1e-3", "--log_interval", "1",
-            "--eval_interval", "100", "--n_samples", "0", "--device", "cpu"]
+    args = [*preference_args(tmp_path / "p.jsonl", 3, tiny_ckpt, 1), "--n_samples", "0"]
     assert_same_run(tmp_path, "dpo.py", args, ["loss", "rewards/margin", "rewards/accuracy", "grad_norm"])
 
 
 def test_reward_ddp_equals_one_process(tmp_path, tiny_ckpt):
-    rows = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
-            {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}] * 4
-    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--data", str(tmp_path / "r.jsonl"), "--val_data", str(tmp_path / "r.jsonl"), "--init", tiny_ckpt,
-            "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "2", "--lr", "1e-3",
-            "--log_interval", "1", "--eval_interval", "100", "--device", "cpu"]
+    args = preference_args(tmp_path / "r.jsonl", 4, tiny_ckpt, 2)
     assert_same_run(tmp_path, "reward.py", args, ["loss", "acc", "grad_norm"])
 
 
@@ -56,13 +46,7 @@ def test_ppo_ddp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
     # 12 answers in 2 shards of 6, minibatches of 6, micro-batches of 3: every micro-batch's rows
     # fall unevenly on the 2 processes (sometimes all on one, which the other skips)
     policy = eos_prone(tiny_ckpt, tmp_path / "policy")
-    args = ["--policy", policy, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
-            "--rollout_batch_size", "12", "--rollout_shards", "2", "--num_minibatches", "2", "--grad_accum", "2",
-            "--update_epochs", "2", "--total_episodes", "36", "--max_new_tokens", "12", "--lr", "1e-3", "--value_lr", "1e-3",
-            "--adaptive_kl", "true", "--whiten_rewards", "true", "--sample_interval", "100", "--device", "cpu"]
-    assert_same_run(tmp_path, "ppo.py", args, ["score", "kl", "kl_coef", "resp_len", "eos_frac", "explained_var", "adv_mean",
-                                               "adv_std", "return_mean", "value_mean", "pg_loss", "vf_loss", "entropy",
-                                               "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm", "gold"])
+    assert_same_run(tmp_path, "ppo.py", ppo_args(world, policy, tiny_rm), PPO_KEYS)
     rows = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert all(r["eos_frac"] > 0 for r in rows) and any(r["eos_frac"] < 1 for r in rows)  # some answers hit the cap
 

@@ -22,7 +22,7 @@ import grpo
 import model as M
 import ppo
 import sft
-from helpers import ROOT, assert_same_run, eos_prone
+from helpers import PPO_KEYS, ROOT, assert_same_run, eos_prone, ppo_args, preference_args
 
 
 def sft_args(world, tiny_ckpt):
@@ -83,18 +83,11 @@ def test_grpo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
     assert 0.45 < two[-1]["optim_mb"] * 2**20 / (2 * model_bytes(policy)) < 0.55, two[-1]["optim_mb"]
 
 
-PPO_KEYS = ["score", "kl", "kl_coef", "resp_len", "eos_frac", "explained_var", "adv_mean", "adv_std", "return_mean",
-            "value_mean", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm", "gold"]
-
-
 @pytest.mark.slow
 def test_ppo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
     # the policy, its value model, the reference and the reward model all sharded; the one optimizer over two models
     policy = eos_prone(tiny_ckpt, tmp_path / "policy")
-    args = ["--policy", policy, "--reward_model", tiny_rm, "--prompts", str(world / "prompts_train.jsonl"),
-            "--rollout_batch_size", "12", "--rollout_shards", "2", "--num_minibatches", "2", "--grad_accum", "2",
-            "--update_epochs", "2", "--total_episodes", "36", "--max_new_tokens", "12", "--lr", "1e-3", "--value_lr", "1e-3",
-            "--adaptive_kl", "true", "--whiten_rewards", "true", "--sample_interval", "100", "--device", "cpu"]
+    args = ppo_args(world, policy, tiny_rm)
     _, two = assert_same_run(tmp_path, "ppo.py", args, PPO_KEYS, ["--fsdp", "true"])
     # each process holds about half of policy, value model, reference and reward model, and of AdamW over two models
     value = model_bytes(tiny_rm)  # the value model: a ScalarModel of the same shape
@@ -106,12 +99,7 @@ def test_ppo_fsdp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
 @pytest.mark.slow
 def test_dpo_fsdp_equals_one_process(tmp_path, tiny_ckpt):
     # the reference log-probs from the model each process loaded whole, then the same model sharded as the policy
-    rows = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
-            {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}] * 3
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--data", str(tmp_path / "p.jsonl"), "--val_data", str(tmp_path / "p.jsonl"), "--init", tiny_ckpt,
-            "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "1", "--lr", "1e-3", "--log_interval", "1",
-            "--eval_interval", "100", "--n_samples", "1", "--max_new_tokens", "4", "--device", "cpu"]
+    args = [*preference_args(tmp_path / "p.jsonl", 3, tiny_ckpt, 1), "--n_samples", "1", "--max_new_tokens", "4"]
     assert_same_run(tmp_path, "dpo.py", args, ["loss", "rewards/margin", "rewards/accuracy", "grad_norm", "val_loss"],
                     ["--fsdp", "true"])
 
@@ -119,12 +107,7 @@ def test_dpo_fsdp_equals_one_process(tmp_path, tiny_ckpt):
 @pytest.mark.slow
 def test_reward_fsdp_equals_one_process(tmp_path, tiny_ckpt):
     # a ScalarModel sharded: its blocks are its trunk's; the normalisation fitted at the end on every process
-    rows = [{"prompt": "what colour is the fox?", "responses": ["the fox is red.", "the fox is blue.", "fox fox"]},
-            {"prompt": "where does the owl live?", "chosen": "the owl lives in the forest.", "rejected": "i do not know."}] * 4
-    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--data", str(tmp_path / "r.jsonl"), "--val_data", str(tmp_path / "r.jsonl"), "--init", tiny_ckpt,
-            "--max_len", "64", "--batch_size", "3", "--grad_accum", "2", "--epochs", "2", "--lr", "1e-3",
-            "--log_interval", "1", "--eval_interval", "100", "--device", "cpu"]
+    args = preference_args(tmp_path / "r.jsonl", 4, tiny_ckpt, 2)
     assert_same_run(tmp_path, "reward.py", args, ["loss", "acc", "grad_norm", "val_loss", "val_acc"], ["--fsdp", "true"])
 
 
