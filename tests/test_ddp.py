@@ -1,9 +1,11 @@
 """DDP with torchrun: 2 CPU processes (gloo) on the same global batch give the same losses and
 the same weights as one process (up to the order of float sums). PPO: 2 processes, each sampling
 its own shard, equal one process sampling the 2 shards in turn (--rollout_shards 2).
-pretrain.py's and dpo.py's runs are marked slow, to keep the default suite within its 3 minutes
-(each torchrun launch costs seconds of imports): run `python -m pytest -m slow tests/test_ddp.py`
-after touching those scripts' data-parallel code.
+GRPO's dynamic sampling: 2 processes pick the rows one process with 2 shards picks. Every torchrun
+run here is marked slow, to keep the default suite within its 3 minutes (each launch costs seconds
+of imports; the default suite keeps GRPO's in tests/test_grpo.py and SFT's under FSDP in
+tests/test_fsdp.py): run `python -m pytest -m slow tests/test_ddp.py` after touching a stage's
+data-parallel code.
 Run: python -m pytest -q tests/test_ddp.py"""
 
 import json
@@ -24,6 +26,7 @@ def test_pretrain_ddp_equals_one_process(world, tmp_path):
     assert_same_run(tmp_path, "pretrain.py", args, ["loss", "grad_norm"])
 
 
+@pytest.mark.slow
 def test_sft_ddp_equals_one_process(world, tiny_ckpt, tmp_path):
     args = ["--data", str(world / "sft_train.jsonl"), "--val_data", str(world / "sft_val.jsonl"), "--init", tiny_ckpt,
             "--max_len", "48", "--batch_size", "5", "--grad_accum", "2", "--epochs", "0.06", "--log_interval", "1",
@@ -37,11 +40,13 @@ def test_dpo_ddp_equals_one_process(tmp_path, tiny_ckpt):
     assert_same_run(tmp_path, "dpo.py", args, ["loss", "rewards/margin", "rewards/accuracy", "grad_norm"])
 
 
+@pytest.mark.slow
 def test_reward_ddp_equals_one_process(tmp_path, tiny_ckpt):
     args = preference_args(tmp_path / "r.jsonl", 4, tiny_ckpt, 2)
     assert_same_run(tmp_path, "reward.py", args, ["loss", "acc", "grad_norm"])
 
 
+@pytest.mark.slow
 def test_ppo_ddp_equals_one_process(world, tiny_ckpt, tiny_rm, tmp_path):
     # 12 answers in 2 shards of 6, minibatches of 6, micro-batches of 3: every micro-batch's rows
     # fall unevenly on the 2 processes (sometimes all on one, which the other skips)
@@ -72,6 +77,7 @@ def test_distributed_whiten_equals_whiten_of_all_rows(tmp_path):
     assert parts[0]["ev"] == pytest.approx(ev, rel=1e-5) and parts[1]["ev"] == pytest.approx(ev, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_grpo_dynamic_sampling_ddp_equals_one_process(world, tiny_ckpt, tmp_path):
     # DAPO's dynamic sampling is per shard: 2 processes pick the same rows as one process sampling
     # its 2 shards in turn. The checker never says right, so the score is 0 for an answer that ends

@@ -455,10 +455,10 @@ def test_grad_accum_equals_one_micro_batch(world, tiny_ckpt, tiny_rm, tmp_path):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
 
 
-@pytest.mark.parametrize("advantage,kl_in,estimator,loss_agg", [
-    ("reinforce_pp_baseline", "reward", "k1", "token_mean"),
+@pytest.mark.parametrize("advantage,kl_in,estimator,loss_agg", [  # one in the default suite: each costs a torchrun launch
+    pytest.param("reinforce_pp_baseline", "reward", "k1", "token_mean", marks=pytest.mark.slow),
     ("grpo", "loss", "k3", "seq_mean_token_mean"),
-    ("dr_grpo", "reward", "k1", "seq_mean_token_sum_norm")])
+    pytest.param("dr_grpo", "reward", "k1", "seq_mean_token_sum_norm", marks=pytest.mark.slow)])
 def test_two_processes_equal_one_process(world, tiny_ckpt, tiny_rm, tmp_path, advantage, kl_in, estimator, loss_agg):
     # 16 answers = 4 groups of 4 in 2 shards; minibatches of 8 rows in micro-batches of 4 fall unevenly
     # on the processes; token_mean and REINFORCE++'s whitening need the token sums over processes, the

@@ -30,6 +30,7 @@ def metrics(d, drop=("ex_s", "groups_s", "pairs_s", "tok_s", "s_per_it")):
     return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in open(d / "metrics.jsonl")]
 
 
+@pytest.mark.slow  # a real kill mid-run and two runs; test_runs.py's kills of every stage stay in the default suite
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(world, tiny_ckpt, tmp_path):
     args = [sys.executable, "sft.py", "--data", str(world / "sft_train.jsonl"), "--val_data", str(world / "sft_val.jsonl"),
             "--init", tiny_ckpt, "--max_len", "64", "--batch_size", "8", "--epochs", "2", "--ckpt_interval", "3",
