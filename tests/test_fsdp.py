@@ -3,8 +3,8 @@ its AdamW state, give the losses, gradient norms and final weights of one unshar
 same global batch, within the DDP tests' tolerances (tests/test_ddp.py); sampling gathers the
 weights (model.gathered); checkpoints are whole and resume exactly; --fsdp true without torchrun
 or with what it cannot run is a ConfigError naming the key. Each torchrun launch costs seconds: the
-SFT run and the in-process checks are in the default suite, the other stages behind slow
-(`python -m pytest -m slow tests/test_fsdp.py` after touching a stage's FSDP path).
+in-process 2-process checks and the config errors are in the default suite, every stage's torchrun
+run behind slow (`python -m pytest -m slow tests/test_fsdp.py` after touching a stage's FSDP path).
 Run: python -m pytest -q tests/test_fsdp.py"""
 
 import json
@@ -45,6 +45,7 @@ def test_fsdp_without_torchrun_or_with_what_it_cannot_run_is_a_config_error(worl
             module.train(M.parse_config(module.Config, [*args, "--fsdp", "true", "--out_dir", str(tmp_path / "x")]))
 
 
+@pytest.mark.slow
 def test_sft_fsdp_equals_one_process(world, tiny_ckpt, tmp_path):
     assert_same_run(tmp_path, "sft.py", sft_args(world, tiny_ckpt), ["loss", "grad_norm", "val_loss"], ["--fsdp", "true"])
 
