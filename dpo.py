@@ -534,8 +534,7 @@ def check_config(cfg):
         for key in ONLINE_KEYS:
             if getattr(cfg, key) != defaults[key]:
                 raise M.ConfigError(f"{key} is online DPO's; it applies only with online = true")
-    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false",
-                 online=cfg.online and "online DPO runs in one process: --fsdp false",
+    M.check_fsdp(cfg, online=cfg.online and "online DPO runs in one process: --fsdp false",
                  loss_type=cfg.loss_type == "kto" and "KTO runs in one process: --fsdp false")
     if (cfg.online or cfg.loss_type == "kto") and M.process_count() > 1:
         raise M.ConfigError("online DPO and KTO run in one process here (z0 and the sampled pairs are not shared "

@@ -499,9 +499,8 @@ def check_config(cfg, world):
     if cfg.eval_snapshot_interval < 0:
         raise M.ConfigError(f"eval_snapshot_interval {cfg.eval_snapshot_interval} must be >= 0 (0 = no snapshots)")
     M.check_ensemble(cfg)
-    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false",
-                 staleness=cfg.staleness and "the stale sampler is a copy of the policy, not built from shards: --staleness 0",
-                 dynamic_sampling=cfg.dynamic_sampling and "the rounds sampled differ from process to process, and sharded "
+    M.check_fsdp(cfg, staleness=cfg.staleness and "the stale sampler is a copy of the policy, not built from shards: "
+                 "--staleness 0", dynamic_sampling=cfg.dynamic_sampling and "the rounds sampled differ from process to process, and sharded "
                  "models cannot run them in step: --dynamic_sampling false")
     minibatch, micro, shards = M.check_rollout_sizes(cfg, world, G)
     return B, G, minibatch, micro, shards

@@ -2521,13 +2521,16 @@ def ddp_setup(device="auto"):
 
 
 def check_fsdp(cfg, **unsupported):
-    """--fsdp true needs torchrun (a process group to shard over), and each setting in unsupported
-    (key=why, given only when the setting is on) is a ConfigError naming the key. Before anything loads."""
+    """--fsdp true needs torchrun (a process group to shard over) and no torch.compile (every stage's
+    compile key), and each setting in unsupported (key=why, given only when the setting is on) is a
+    ConfigError naming the key. Before anything loads."""
     if not getattr(cfg, "fsdp", False):
         return
     if "RANK" not in os.environ:
         raise ConfigError("--fsdp true shards the models over torchrun's processes: launch with "
                           "torchrun --nproc_per_node N ..., or --fsdp false")
+    unsupported = {"compile": cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false",
+                   **unsupported}
     for key, why in unsupported.items():
         if why:
             raise ConfigError(f"--fsdp true with --{key} {getattr(cfg, key)}: {why}")

@@ -261,7 +261,7 @@ def check_config(cfg, world):
     if cfg.eval_snapshot_interval < 0:
         raise M.ConfigError(f"eval_snapshot_interval {cfg.eval_snapshot_interval} must be >= 0 (0 = no snapshots)")
     M.check_ensemble(cfg)
-    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
+    M.check_fsdp(cfg)
     minibatch, micro, shards = M.check_rollout_sizes(cfg, world)
     return cfg.rollout_batch_size, minibatch, micro, shards
 

@@ -189,7 +189,7 @@ def train(cfg):
     M.check_roles(init=("" if cfg.init == "scratch" else cfg.init, "policy"))
     if cfg.init != "scratch" and cfg.block_size > M.block_size_of(cfg.init):
         raise M.ConfigError(f"block_size {cfg.block_size} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")
-    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
+    M.check_fsdp(cfg)
     rank, world, device = M.ddp_setup(cfg.device)
     master = rank == 0  # only rank 0 writes files and logs
     if cfg.batch_size % world:

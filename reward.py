@@ -245,7 +245,7 @@ def train(cfg):
     M.check_roles(init=(cfg.init, "policy"))  # the reward model starts from a policy's trunk, with a fresh head
     if cfg.objective not in ("preference", "classify"):
         raise M.ConfigError(f"objective must be 'preference' or 'classify', not {cfg.objective!r}")
-    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
+    M.check_fsdp(cfg)
     cfg.template = M.resolve_template(cfg.template, cfg.init)
     if cfg.max_len > M.block_size_of(cfg.init):
         raise M.ConfigError(f"max_len {cfg.max_len} > the block_size {M.block_size_of(cfg.init)} of {cfg.init}")

@@ -181,7 +181,7 @@ def print_samples(model, tokenizer, prompts, cfg, device, show=True):
 def train(cfg):
     M.check_device(cfg)  # a GPU config on a CPU machine says so, before anything loads
     M.require(cfg, "data", "val_data", "init")
-    M.check_fsdp(cfg, compile=cfg.compile and "torch.compile over FSDP2 modules is not supported here: --compile false")
+    M.check_fsdp(cfg)
     M.check_paths(data=cfg.data, val_data=cfg.val_data, init=cfg.init)
     M.check_roles(init=(cfg.init, "policy"))
     cfg.template = M.resolve_template(cfg.template, cfg.init)
