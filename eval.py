@@ -587,6 +587,13 @@ def sample_scored(policy, tokenizer, rm, prompts, n, cfg, device, gold):
     return flat, answers, texts, golds, scores
 
 
+def default_out(ckpt, name):
+    """Where a summary goes without --out: `name` in the checkpoint's run directory (ckpt, or the run
+    holding ckpt/), else in the working directory."""
+    run_dir = os.path.dirname(ckpt.rstrip("/")) if os.path.basename(ckpt.rstrip("/")) == "ckpt" else ckpt
+    return os.path.join(run_dir if os.path.isdir(run_dir) else ".", name)
+
+
 def evaluate(cfg):
     device, policy, tokenizer, prompts, n_cut, rm, gold, verifier = setup(cfg)
 
@@ -723,8 +730,7 @@ def evaluate(cfg):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         summary["rankings_dumped"] = len(rows)
     summary["per_prompt"] = pp
-    run_dir = os.path.dirname(cfg.ckpt.rstrip("/")) if os.path.basename(cfg.ckpt.rstrip("/")) == "ckpt" else cfg.ckpt
-    out = cfg.out or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "eval.json")
+    out = cfg.out or default_out(cfg.ckpt, "eval.json")
     with open(out, "w") as f:
         json.dump(summary, f, indent=2)
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {fmt_ci(v)}" if k.endswith("_ci") else f"{k} {v}"
@@ -864,8 +870,7 @@ def bon_curve(cfg):
               "prompts_cut": n_cut, "bon_pool": cfg.bon_pool, "temperature": cfg.temperature, "seconds_sampling": seconds,
               "eos_rate": mean(a[1] for a in answers), "rows": rows, "fit_bon": fit,
               "per_prompt": {"prompt": prompts, "gold": e_gold.T.tolist(), "rm_score": e_proxy.T.tolist()}}
-    run_dir = os.path.dirname(cfg.ckpt.rstrip("/")) if os.path.basename(cfg.ckpt.rstrip("/")) == "ckpt" else cfg.ckpt
-    out = cfg.out or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "bon_curve.json")
+    out = cfg.out or default_out(cfg.ckpt, "bon_curve.json")
     print(f"pool: {cfg.bon_pool} answers to each of {len(prompts)} prompts, sampled and scored in {seconds:.0f} s")
     return write_curve(result, rows, "n", [("fit_bon", fit)], out, f"best-of-n: {cfg.ckpt}, pool of {cfg.bon_pool}")
 
