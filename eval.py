@@ -53,6 +53,8 @@ no training loss ever sees it. It is on only for the world's own prompts (--gold
 A JSON summary goes to --out (default: eval.json in the checkpoint's run directory).
 --frontier "out/eval_*.json" reads such summaries and prints (and plots, with matplotlib) gold
 reward against KL to SFT per method: the reward-vs-KL frontier of the DPO paper's Figure 2.
+--pass_curves "out/pass_*.json" reads summaries written with --pass_at_k and prints (and plots to --plot)
+pass@k against k for each run.
 
 Curves and Gao et al. 2022's fits ("Scaling Laws for Reward Model Overoptimization", Eq. 1-2; docs/overoptimisation.md):
 --curve RUN evaluates the start of an RL run (--ref, by default its policy) and each of its snapshots
@@ -76,9 +78,11 @@ Run:
   python eval.py --curve out/rloo --prompts data/world/prompts_val.jsonl --out out/rloo_curve.json
   python eval.py --bon_curve 256 --bon_pool 256 --ckpt out/sft --reward_model out/reward --prompts data/world/prompts_val.jsonl --out out/bon_curve.json
   python eval.py --pool "out/seed*/eval_ppo.json"
+  python eval.py --pass_curves "out/pass_sft.json,out/sweep/pass_*.json" --plot out/pass_at_k.png
 """
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -124,6 +128,7 @@ class Config:
     curve: str = ""  # an RL run directory with snapshots (ppo.py / grpo.py --eval_snapshot_interval), or several of one trajectory, comma-separated: gold, RM score, KL at each, Gao et al.'s RL fit
     bon_curve: int = 0  # > 0: the best-of-n curve for n = 1, 2, 4, ..., bon_curve from one pool per prompt, Gao et al.'s best-of-n fit
     bon_pool: int = 256  # answers per prompt in --bon_curve's pool
+    pass_curves: str = ""  # comma-separated eval JSONs with pass@k (globs allowed): print pass@k against k for each, plot it to --plot
     seed: int = 0  # seeds sampling
     device: str = "auto"  # auto = cuda, then mps, then cpu
 
@@ -745,7 +750,6 @@ def fmt_ci(ci):
 def pool(cfg):
     """One method over several seeds: each prompt's value averaged over the runs, then the mean over
     prompts with its bootstrap interval; the per-run means show the spread between seeds."""
-    import glob
     # in the order given (each pattern's matches sorted), so the per-run values read as the seeds named
     paths = list(dict.fromkeys(p for pattern in cfg.pool.split(",") for p in sorted(glob.glob(pattern.strip()))))
     runs = [json.load(open(p)) for p in paths]
@@ -941,7 +945,6 @@ def method_of(summary):
 
 def frontier(cfg):
     """Gold reward against KL to SFT for every run (the DPO paper's Figure 2, on our task)."""
-    import glob
     paths = sorted({p for pattern in cfg.frontier.split(",") for p in glob.glob(pattern.strip())})
     rows = []
     for path in paths:
@@ -976,6 +979,43 @@ def frontier(cfg):
     return rows
 
 
+def pass_curves(cfg):
+    """pass@k against k for several runs' eval JSONs (each from --pass_at_k): a table, and one plot."""
+    paths = list(dict.fromkeys(p for pattern in cfg.pass_curves.split(",") for p in sorted(glob.glob(pattern.strip()))))
+    runs = [(path, json.load(open(path))) for path in paths]
+    missing = [path for path, r in runs if "pass_at_1" not in r]
+    if not runs or missing:
+        raise M.ConfigError(f"--pass_curves {cfg.pass_curves!r}: needs eval JSONs written with --pass_at_k"
+                            + (f"; without pass@k: {', '.join(missing)}" if missing else " (none found)"))
+    ks = sorted({int(key[len("pass_at_"):]) for _, r in runs for key in r if re.fullmatch(r"pass_at_\d+", key)})
+    print(f"{'run':40s} " + " ".join(f"{'k=' + str(k):>21s}" for k in ks))
+    for path, r in runs:
+        cells = [f"{r[f'pass_at_{k}']:.3f} {fmt_ci(r[f'pass_at_{k}_ci'])}" if f"pass_at_{k}" in r else "-" for k in ks]
+        print(f"{path:40s} " + " ".join(f"{c:>21s}" for c in cells))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: the table above is the curve (pip install matplotlib for the plot)")
+        return runs
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for path, r in runs:
+        k_run = [k for k in ks if f"pass_at_{k}" in r]
+        v = [r[f"pass_at_{k}"] for k in k_run]
+        err = [[x - r[f"pass_at_{k}_ci"][0] for x, k in zip(v, k_run)], [r[f"pass_at_{k}_ci"][1] - x for x, k in zip(v, k_run)]]
+        ax.errorbar(k_run, v, yerr=err, marker="o", capsize=3, label=os.path.basename(path).removesuffix(".json"))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (answers drawn per question)")
+    ax.set_ylabel(f"pass@k, {runs[0][1]['pass_questions']} held-out fact questions")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(cfg.plot, dpi=120)
+    print(f"plot written to {cfg.plot}")
+    return runs
+
+
 if __name__ == "__main__":
     M.main(lambda cfg: frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else curve(cfg) if cfg.curve
-           else bon_curve(cfg) if cfg.bon_curve else evaluate(cfg), Config)
+           else bon_curve(cfg) if cfg.bon_curve else pass_curves(cfg) if cfg.pass_curves else evaluate(cfg), Config)

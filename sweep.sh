@@ -11,7 +11,9 @@
 # grpo_k1_reward, the ones the README ranks against PPO; any name of GRPO_RUNS works) with the same
 # seeds (the critic-free section's runs are seed 0; their pool is skipped until that run's eval
 # exists), all evaluated like train.sh (5 answers per held-out prompt) and pooled with seed 0
-# prompt by prompt (eval.py --pool). NS, KLS, BETAS, GRPO_RUNS, SEEDS and GRPO_SEED_RUNS choose the
+# prompt by prompt (eval.py --pool). Last, pass@k on the held-out fact questions for SFT and the runs
+# PASS_RUNS (default out/ppo and the sweep's rloo and 4x verifiable runs, with and without PPO-ptx), in
+# one plot, out/pass_at_k.png. NS, KLS, BETAS, GRPO_RUNS, SEEDS, GRPO_SEED_RUNS and PASS_RUNS choose the
 # points; an empty value skips its section. A point whose eval JSON exists is not run again, so
 # instances with disjoint sections can run side by side, e.g. with one thread each:
 #   OMP_NUM_THREADS=1 NS="" KLS="" BETAS="" SEEDS="" bash sweep.sh &    # the critic-free family
@@ -27,6 +29,7 @@ DATA=${DATA:-data/world}
 S="$OUT/sweep"
 mkdir -p "$S"
 EV="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --n_show 0"
+EV5="$EV --repeats 5"  # train.sh's evaluation: 5 answers per held-out prompt (540)
 
 # --- best-of-n from the SFT policy, picked by the reward model
 for n in ${NS-1 2 4 8 16 32 64}; do
@@ -38,7 +41,7 @@ for kl in ${KLS-0.03 0.2 0.4}; do
   [ -f "$S/eval_ppo_kl$kl.json" ] && continue
   python ppo.py --config configs/ppo_world.toml --policy "$OUT/sft" --reward_model "$OUT/reward" \
     --prompts "$DATA/prompts_train.jsonl" --out_dir "$S/ppo_kl$kl" --kl_coef "$kl"
-  python eval.py --ckpt "$S/ppo_kl$kl" $EV --out "$S/eval_ppo_kl$kl.json"
+  python eval.py --ckpt "$S/ppo_kl$kl" $EV5 --out "$S/eval_ppo_kl$kl.json"
 done
 
 # --- DPO at several betas (0.1 comes from train.sh)
@@ -46,7 +49,7 @@ for beta in ${BETAS-0.03 0.3 1.0}; do
   [ -f "$S/eval_dpo_beta$beta.json" ] && continue
   python dpo.py --config configs/dpo_world.toml --data "$DATA/prefs_pairs_train.jsonl" --val_data "$DATA/prefs_pairs_val.jsonl" \
     --init "$OUT/sft" --out_dir "$S/dpo_beta$beta" --beta "$beta"
-  python eval.py --ckpt "$S/dpo_beta$beta" $EV --out "$S/eval_dpo_beta$beta.json"
+  python eval.py --ckpt "$S/dpo_beta$beta" $EV5 --out "$S/eval_dpo_beta$beta.json"
 done
 
 # --- the critic-free family (grpo.py) on PPO's reward model and budget, the KL table (GRPO's
@@ -58,7 +61,6 @@ done
 #     pretraining text (docs/grpo_results.md, section 3); GSPO, CISPO and DAPO, and the sampler-trainer
 #     mismatch lab: the RLOO run with a stale, a bf16 or a top-p sampler, without and with a correction
 #     (sections 4-5). GRPO_RUNS picks the runs.
-EV5="--prompts $DATA/prompts_val.jsonl --reward_model $OUT/reward --ref $OUT/sft --baseline $OUT/sft --repeats 5 --n_show 0"
 grpo_flags() {
   case $1 in
     grpo) echo "--config configs/grpo_world.toml" ;;
@@ -151,3 +153,18 @@ for name in ${GRPO_SEED_RUNS-rloo grpo_k1_reward}; do  # seed 0 is the critic-fr
     python eval.py --pool "$S/eval_$name.json,$OUT/seeds/eval_${name}_seed*.json"
   fi
 done
+
+# --- pass@k (Chen et al. 2021's unbiased estimator) on the 34 held-out fact questions, 64 answers each:
+#     SFT and each run of PASS_RUNS (run directories) whose checkpoint exists, then one plot of the curves
+#     (docs/overoptimisation.md)
+PASS_RUNS=${PASS_RUNS-$OUT/ppo $S/rloo $S/grpo_verifiable_b256 $S/grpo_verifiable_b256_ptx}
+if [ -n "$PASS_RUNS" ]; then
+  P="--prompts $DATA/prompts_val.jsonl --pass_at_k 64 --pass_samples 64 --n_show 0"
+  [ -f "$S/pass_sft.json" ] || python eval.py --ckpt "$OUT/sft" $P --out "$S/pass_sft.json"
+  for run in $PASS_RUNS; do
+    name=$(basename "$run")
+    [ -f "$S/pass_$name.json" ] && continue
+    if [ -d "$run" ]; then python eval.py --ckpt "$run" $P --out "$S/pass_$name.json"; else echo "sweep.sh: no $run, its pass@k skipped"; fi
+  done
+  python eval.py --pass_curves "$S/pass_*.json" --plot "$OUT/pass_at_k.png"
+fi

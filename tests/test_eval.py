@@ -291,6 +291,24 @@ def test_pass_at_k_equals_enumeration_of_every_k_subset():
     assert evaluate.pass_ks(64) == [1, 2, 4, 8, 16, 32, 64] and evaluate.pass_ks(12) == [1, 2, 4, 8, 12]
 
 
+def test_pass_curves_reads_each_run_and_refuses_a_summary_without_pass_at_k(tmp_path, capsys):
+    a = {"pass_at_1": 0.25, "pass_at_1_ci": [0.1, 0.4], "pass_at_2": 0.5, "pass_at_2_ci": [0.3, 0.7], "pass_questions": 3}
+    b = {"pass_at_1": 0.75, "pass_at_1_ci": [0.6, 0.9], "pass_questions": 3}  # a run measured only at k = 1
+    for name, r in (("pass_a.json", a), ("pass_b.json", b), ("eval_c.json", {"gold": 1.0})):
+        json.dump(r, open(tmp_path / name, "w"))
+    cfg = lambda pattern: M.parse_config(evaluate.Config, ["--pass_curves", pattern, "--plot", str(tmp_path / "p.png")])  # noqa: E731
+    runs = evaluate.pass_curves(cfg(str(tmp_path / "pass_*.json")))
+    assert [r for _, r in runs] == [a, b]  # in the order given, each read whole
+    lines = capsys.readouterr().out.splitlines()
+    assert "k=1" in lines[0] and "k=2" in lines[0]
+    assert "0.250 [0.100, 0.400]" in lines[1] and "0.500 [0.300, 0.700]" in lines[1]
+    assert "0.750 [0.600, 0.900]" in lines[2] and lines[2].rstrip().endswith("-")  # no pass@2 for run b
+    with pytest.raises(M.ConfigError, match="without pass@k: .*eval_c.json"):
+        evaluate.pass_curves(cfg(f"{tmp_path}/pass_a.json,{tmp_path}/eval_c.json"))
+    with pytest.raises(M.ConfigError, match="none found"):
+        evaluate.pass_curves(cfg(str(tmp_path / "nothing_*.json")))
+
+
 def test_pass_at_k_end_to_end(tiny_ckpt, tmp_path, monkeypatch):
     from data.arith import generate, parse_prompt
     generate(str(tmp_path))
