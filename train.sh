@@ -115,7 +115,7 @@ echo "[train.sh $SECONDS s] results"
 python - "$OUT" "$DATA" "${QUICK:-0}" <<'PY'
 import json, math, os, sys, textwrap
 out, quick = sys.argv[1], sys.argv[3] == "1"
-cols = ["gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score", "kl", "win_rate", "fact_acc"]
+cols = ["gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score", "kl", "win_rate", "win_rate_lc", "fact_acc"]
 parts = ["helpful", "honest", "harmless", "eos", "length", "repetition"]  # gold is their sum
 prefs = json.load(open(os.path.join(sys.argv[2], "prefs_stats.json")))
 stats = prefs["val"]
@@ -138,13 +138,13 @@ for name in ["pretrain", "sft", "bon16", "rs", "ppo", "ppo_nokl", "dpo"]:
         skipped[name] = open(marker).read().strip()
     elif os.path.exists(path):
         runs[name] = json.load(open(path))
-print(f"\n{'model':10s}" + "".join(f"{c:>10s}" for c in cols) + "  gold 95% CI        win rate 95% CI")
+print(f"\n{'model':10s}" + "".join(f"{c:>12s}" for c in cols) + "  gold 95% CI        win rate 95% CI")
 for name in [n for n in ["pretrain", "sft", "bon16", "rs", "ppo", "ppo_nokl", "dpo"] if n in runs or n in skipped]:
     r = runs.get(name)
     if r is None:
         print(f"{name:10s} skipped: {skipped[name]}")
         continue
-    print(f"{name:10s}" + "".join(f"{r[c]:10.3f}" if r.get(c) is not None else f"{'-':>10s}" for c in cols)
+    print(f"{name:10s}" + "".join(f"{r[c]:12.3f}" if r.get(c) is not None else f"{'-':>12s}" for c in cols)
           + f"  {ci(r['gold_ci']) if 'gold_ci' in r else '-':18s} {ci(r['win_rate_ci']) if 'win_rate_ci' in r else '-'}")
 print("""
   gold      the built-in world's gold reward (data/world.py), the sum of helpful, honest, harmless, eos, length, repetition
@@ -155,6 +155,8 @@ print("""
   kl        KL to SFT, nats per answer: the mean over sampled answers of log pi(y|x) - log pi_sft(y|x)
             (bon16: the exact KL of best-of-16 over the empirical distribution of its samples)
   win_rate  gold win rate against an SFT answer to the same prompt, ties half (SFT against SFT: the noise floor, ~0.5)
+  win_rate_lc  the length-controlled win rate: the win rate a logistic fit on the length difference predicts at
+            zero difference (AlpacaEval-LC's idea, simplified: docs/overoptimisation.md)
   fact_acc  share of answers to the fact questions that state the true value and no false one (verify_answer)
   -         not measured for that model (pretrain: gold alone); every row is a mean over held-out prompts""")
 if quick:
