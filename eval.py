@@ -898,12 +898,8 @@ def write_curve(result, rows, x, fits, out, title):
 def plot_curve(rows, fits, path, title):
     """Gold gain against sqrt(KL), the points with their intervals and each fitted form over them, its peak
     marked; matplotlib is optional (the printed table and the JSON are the result)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (the table and the JSON are the curve)")
+    plt = pyplot_or_none("no plot (the table and the JSON are the curve)")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     d = [r["sqrt_kl"] for r in rows]
@@ -934,6 +930,17 @@ def plot_curve(rows, fits, path, title):
     print(f"plot written to {path}")
 
 
+def pyplot_or_none(instead):
+    """matplotlib.pyplot for a file plot (matplotlib is an optional extra), or None after saying what stands instead."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: {instead}")
+        return None
+    return plt
+
 def method_of(summary):
     """The curve a run belongs to, from its checkpoint path and best-of-n."""
     if summary.get("best_of_n", 1) > 1:
@@ -956,12 +963,8 @@ def frontier(cfg):
     print(f"{'method':10s} {'KL to SFT':>10s} {'gold':>8s} {'win rate':>9s}  run")
     for m, kl, g, w, path in rows:
         print(f"{m:10s} {kl:10.3f} {g:8.3f} {'-' if w is None else format(w, '.3f'):>9}  {path}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: the table above is the frontier (pip install matplotlib for the plot)")
+    plt = pyplot_or_none("the table above is the frontier (pip install matplotlib for the plot)")
+    if plt is None:
         return rows
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, m in enumerate(sorted({r[0] for r in rows})):
@@ -992,12 +995,8 @@ def pass_curves(cfg):
     for path, r in runs:
         cells = [f"{r[f'pass_at_{k}']:.3f} {fmt_ci(r[f'pass_at_{k}_ci'])}" if f"pass_at_{k}" in r else "-" for k in ks]
         print(f"{path:40s} " + " ".join(f"{c:>21s}" for c in cells))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: the table above is the curve (pip install matplotlib for the plot)")
+    plt = pyplot_or_none("the table above is the curve (pip install matplotlib for the plot)")
+    if plt is None:
         return runs
     fig, ax = plt.subplots(figsize=(6, 4))
     for path, r in runs:
