@@ -54,8 +54,8 @@ def test_a_stage_with_nothing_to_learn_from_is_skipped_and_the_table_says_why(tm
     why = f"none of the best-of-n picks ends with EOS (eval.py --dump leaves those out), so {out}/rs_bon16.jsonl has no rows"
     assert f"rs skipped: {why}" in r.stdout and f"rs         skipped: {why}" in r.stdout  # the line, and its row
     header = next(line for line in r.stdout.splitlines() if line.startswith("model "))
-    assert header.split()[:11] == ["model", "gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score",
-                                   "kl", "win_rate", "fact_acc"]
+    assert header.split()[:12] == ["model", "gold", "helpful", "honest", "harmless", "eos_rate", "on_topic", "rm_score",
+                                   "kl", "win_rate", "win_rate_lc", "fact_acc"]
     flat = " ".join(r.stdout.split())  # the notes are wrapped to the terminal's width
     for text in ("eos_rate share of answers that end with EOS", "QUICK=1: a smoke test", "a reward model from 61 rankings",
                  "kl < 0 (ppo): a KL is never negative, but this is a sampled estimate", "read it as about 0 (ppo [-0.135, 0.065])",
