@@ -756,7 +756,7 @@ def pool(cfg):
     if not runs or any(r["per_prompt"]["prompt"] != runs[0]["per_prompt"]["prompt"] for r in runs):
         raise M.ConfigError(f"--pool {cfg.pool!r}: needs eval JSONs of the same prompts ({len(runs)} found)")
     out = {"runs": paths}
-    for key, name in (("gold", "gold"), ("win", "win_rate"), ("kl", "kl")):
+    for key, name in (("gold", "gold"), ("win", "win_rate"), ("kl", "kl"), ("fact_acc", "fact_acc")):  # fact_acc: one value per fact question
         if all(key in r["per_prompt"] for r in runs):
             by_prompt = [mean(vals) for vals in zip(*(r["per_prompt"][key] for r in runs))]
             out[name], out[f"{name}_ci"] = mean(by_prompt), M.bootstrap_ci(by_prompt)

@@ -163,13 +163,14 @@ def test_bootstrap_interval():
 
 
 def test_pool_averages_seeds_prompt_by_prompt(tmp_path):
-    runs = [{"per_prompt": {"prompt": ["p", "q"], "gold": [1.0, 0.0], "win": [1.0, 0.0]}},
-            {"per_prompt": {"prompt": ["p", "q"], "gold": [0.0, 0.0], "win": [0.5, 0.5]}}]
+    runs = [{"per_prompt": {"prompt": ["p", "q"], "gold": [1.0, 0.0], "win": [1.0, 0.0], "fact_acc": [1.0]}},  # q: a fact question
+            {"per_prompt": {"prompt": ["p", "q"], "gold": [0.0, 0.0], "win": [0.5, 0.5], "fact_acc": [0.5]}}]
     for i, r in enumerate(runs):
         (tmp_path / f"eval_{i}.json").write_text(json.dumps(r))
     out = evaluate.pool(M.parse_config(evaluate.Config, ["--pool", str(tmp_path / "eval_*.json")]))
     assert out["gold"] == pytest.approx(0.25) and out["gold_per_run"] == [0.5, 0.0]
     assert out["win_rate"] == pytest.approx(0.5) and "kl" not in out
+    assert out["fact_acc"] == pytest.approx(0.75) and out["fact_acc_per_run"] == [1.0, 0.5]
     # the runs in the order named (sweep.sh names seed 0's file first, wherever it sorts), each once
     out = evaluate.pool(M.parse_config(evaluate.Config, ["--pool", f"{tmp_path / 'eval_1.json'},{tmp_path / 'eval_*.json'}"]))
     assert out["gold_per_run"] == [0.0, 0.5] and out["runs"] == [str(tmp_path / "eval_1.json"), str(tmp_path / "eval_0.json")]
