@@ -747,11 +747,15 @@ def fmt_ci(ci):
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def paths_in_order(patterns):
+    """The files of comma-separated globs, in the order given (each pattern's matches sorted), each once."""
+    return list(dict.fromkeys(p for pattern in patterns.split(",") for p in sorted(glob.glob(pattern.strip()))))
+
+
 def pool(cfg):
     """One method over several seeds: each prompt's value averaged over the runs, then the mean over
     prompts with its bootstrap interval; the per-run means show the spread between seeds."""
-    # in the order given (each pattern's matches sorted), so the per-run values read as the seeds named
-    paths = list(dict.fromkeys(p for pattern in cfg.pool.split(",") for p in sorted(glob.glob(pattern.strip()))))
+    paths = paths_in_order(cfg.pool)  # so the per-run values read as the seeds named
     runs = [json.load(open(p)) for p in paths]
     if not runs or any(r["per_prompt"]["prompt"] != runs[0]["per_prompt"]["prompt"] for r in runs):
         raise M.ConfigError(f"--pool {cfg.pool!r}: needs eval JSONs of the same prompts ({len(runs)} found)")
@@ -941,6 +945,7 @@ def pyplot_or_none(instead):
         return None
     return plt
 
+
 def method_of(summary):
     """The curve a run belongs to, from its checkpoint path and best-of-n."""
     if summary.get("best_of_n", 1) > 1:
@@ -984,7 +989,7 @@ def frontier(cfg):
 
 def pass_curves(cfg):
     """pass@k against k for several runs' eval JSONs (each from --pass_at_k): a table, and one plot."""
-    paths = list(dict.fromkeys(p for pattern in cfg.pass_curves.split(",") for p in sorted(glob.glob(pattern.strip()))))
+    paths = paths_in_order(cfg.pass_curves)
     runs = [(path, json.load(open(path))) for path in paths]
     missing = [path for path, r in runs if "pass_at_1" not in r]
     if not runs or missing:
