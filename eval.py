@@ -55,6 +55,12 @@ A JSON summary goes to --out (default: eval.json in the checkpoint's run directo
 reward against KL to SFT per method: the reward-vs-KL frontier of the DPO paper's Figure 2.
 --pass_curves "out/pass_*.json" reads summaries written with --pass_at_k and prints (and plots to --plot)
 pass@k against k for each run.
+--proxy_table "out/overopt/bon_*.json,out/overopt/eval_rloo_*.json" sets Gao et al.'s coefficients beside the
+proxy they were measured against: one row per reward model (its trunk n_layer x n_embd and parameters, its
+training rankings, its held-out ranking accuracy val_acc), the best-of-n fit (alpha, beta, d*, R* with their
+intervals) of its --bon_curve, and the end point (gold, KL) of each RL run trained against it (an eval JSON,
+matched through its run's config.json reward_model); R*, d* and the RL gold are plotted against the
+parameters, one line per amount of data, to --plot.
 
 Curves and Gao et al. 2022's fits ("Scaling Laws for Reward Model Overoptimization", Eq. 1-2; docs/overoptimisation.md):
 --curve RUN evaluates the start of an RL run (--ref, by default its policy) and each of its snapshots
@@ -79,6 +85,7 @@ Run:
   python eval.py --bon_curve 256 --bon_pool 256 --ckpt out/sft --reward_model out/reward --prompts data/world/prompts_val.jsonl --out out/bon_curve.json
   python eval.py --pool "out/seed*/eval_ppo.json"
   python eval.py --pass_curves "out/pass_sft.json,out/sweep/pass_*.json" --plot out/pass_at_k.png
+  python eval.py --proxy_table "out/overopt/bon_*.json,out/overopt/eval_rloo_*.json,out/sweep/eval_rloo.json" --plot out/proxy.png
 """
 
 import dataclasses
@@ -129,6 +136,7 @@ class Config:
     bon_curve: int = 0  # > 0: the best-of-n curve for n = 1, 2, 4, ..., bon_curve from one pool per prompt, Gao et al.'s best-of-n fit
     bon_pool: int = 256  # answers per prompt in --bon_curve's pool
     pass_curves: str = ""  # comma-separated eval JSONs with pass@k (globs allowed): print pass@k against k for each, plot it to --plot
+    proxy_table: str = ""  # comma-separated --bon_curve JSONs and eval JSONs of RL runs (globs allowed): per reward model its size, data, accuracy, best-of-n fit and RL end point; plot to --plot
     seed: int = 0  # seeds sampling
     device: str = "auto"  # auto = cuda, then mps, then cpu
 
@@ -1020,6 +1028,91 @@ def pass_curves(cfg):
     return runs
 
 
+def proxy_of(reward_model):
+    """A reward model as the proxy of Gao et al.'s Figures 2-3: its trunk, parameters, training rankings
+    (data_stats.json, written by reward.py) and its last held-out ranking accuracy (metrics.jsonl)."""
+    model, _, _ = M.load_checkpoint(reward_model)
+    stats_path = os.path.join(reward_model, "data_stats.json")
+    if not os.path.exists(stats_path):
+        raise M.ConfigError(f"--proxy_table: {stats_path} is missing (reward.py writes it): is {reward_model} a reward.py run?")
+    with open(stats_path) as f:
+        stats = json.load(f)["train"]
+    val = [r["val_acc"] for r in M.read_metrics(os.path.join(reward_model, "metrics.jsonl")) if "val_acc" in r]
+    return {"reward_model": reward_model, "trunk": f"{model.config.n_layer}x{model.config.n_embd}",
+            "params": sum(p.numel() for p in model.parameters()), "rankings": stats["rows"],
+            "val_acc": val[-1] if val else None}
+
+
+def rl_reward_model(summary, path):
+    """The one reward model an RL run's eval summary was trained against, from its checkpoint's training config."""
+    rm = M.checkpoint_info(summary["ckpt"])["train"].get("reward_model", "")
+    if not rm or "," in rm:
+        raise M.ConfigError(f"--proxy_table: {path} evaluates {summary['ckpt']}, trained against {rm!r}, not one reward model")
+    return rm
+
+
+def proxy_table(cfg):
+    """Gao et al. 2022's Figures 2-3 on our proxies: per reward model, its size, data and accuracy beside its
+    best-of-n fit (from --bon_curve JSONs) and the end points of the RL runs trained against it (eval JSONs)."""
+    paths = paths_in_order(cfg.proxy_table)
+    if not paths:
+        raise M.ConfigError(f"--proxy_table {cfg.proxy_table!r}: no files match")
+    rows = {}  # reward model (normalised path) -> row
+    row_of = lambda rm: rows.setdefault(os.path.normpath(rm), {**proxy_of(rm), "bon": None, "rl": []})  # noqa: E731
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        if "fit_bon" in r:
+            row_of(r["reward_model"])["bon"] = {"path": path, **r["fit_bon"]}
+        elif "gold" in r and "kl" in r and r.get("ckpt"):
+            row_of(rl_reward_model(r, path))["rl"].append({"path": path, **{k: r[k] for k in ("gold", "gold_ci", "kl", "kl_ci")}})
+        else:
+            raise M.ConfigError(f"--proxy_table: {path} is neither a --bon_curve JSON nor an eval summary with gold and KL")
+    table = sorted(rows.values(), key=lambda x: (-x["rankings"], x["params"]))
+    ci = lambda fit, k: fmt_ci(fit[k]) if fit and k in fit else "-"  # noqa: E731
+    num = lambda fit, k: format(fit[k], ".3f") if fit and fit.get(k) is not None else "-"  # noqa: E731
+    print(f"{'trunk':>7s} {'params':>8s} {'rankings':>8s} {'val_acc':>7s} | best-of-n: {'alpha':>6s} {'interval':>16s} "
+          f"{'beta':>6s} {'interval':>16s} {'d*':>6s} {'interval':>16s} {'R*':>6s} {'interval':>16s} {'p':>6s} | RL: gold, KL")
+    for x in table:
+        b = x["bon"]
+        rl = "; ".join(f"{e['gold']:.3f} {fmt_ci(e['gold_ci'])} at {e['kl']:.2f}" for e in x["rl"]) or "-"
+        print(f"{x['trunk']:>7s} {x['params']:8d} {x['rankings']:8d} {num(x, 'val_acc'):>7s} | {'':10s} {num(b, 'alpha'):>6s} "
+              f"{ci(b, 'alpha_ci'):>16s} {num(b, 'beta'):>6s} {ci(b, 'beta_ci'):>16s} {num(b, 'd_star'):>6s} {ci(b, 'd_star_ci'):>16s} "
+              f"{num(b, 'r_star'):>6s} {ci(b, 'r_star_ci'):>16s} {num(b, 'p_value'):>6s} | RL: {rl}")
+    plot_proxy_table(table, cfg.plot)
+    return table
+
+
+def plot_proxy_table(table, path):
+    """R*, d* (best-of-n fit) and the RL runs' end gold against the proxy's parameters, one line per amount of data."""
+    plt = pyplot_or_none("the table above is the result (pip install matplotlib for the plot)")
+    if plt is None:
+        return
+    panels = [("R* (best-of-n peak gold gain)", lambda x: x["bon"] and x["bon"].get("r_star"), "r_star_ci"),
+              ("d* (best-of-n peak sqrt KL)", lambda x: x["bon"] and x["bon"].get("d_star"), "d_star_ci"),
+              ("RL end gold", lambda x: x["rl"][0]["gold"] if x["rl"] else None, "gold_ci")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (label, value, ci_key) in zip(axes, panels):
+        for i, n in enumerate(sorted({x["rankings"] for x in table}, reverse=True)):
+            pts = [(x["params"], value(x), (x["bon"] if ci_key != "gold_ci" else x["rl"][0]).get(ci_key))
+                   for x in table if x["rankings"] == n and value(x) is not None]
+            if not pts:
+                continue
+            err = [[v - c[0] if c else 0 for _, v, c in pts], [c[1] - v if c else 0 for _, v, c in pts]]
+            ax.errorbar([p for p, _, _ in pts], [v for _, v, _ in pts], yerr=err, marker="osD^"[i % 4], capsize=3,
+                        label=f"{n} training rankings")
+        ax.set_xscale("log")
+        ax.set_xlabel("reward model parameters")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
 if __name__ == "__main__":
     M.main(lambda cfg: frontier(cfg) if cfg.frontier else pool(cfg) if cfg.pool else curve(cfg) if cfg.curve
-           else bon_curve(cfg) if cfg.bon_curve else pass_curves(cfg) if cfg.pass_curves else evaluate(cfg), Config)
+           else bon_curve(cfg) if cfg.bon_curve else pass_curves(cfg) if cfg.pass_curves
+           else proxy_table(cfg) if cfg.proxy_table else evaluate(cfg), Config)

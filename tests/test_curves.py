@@ -2,7 +2,8 @@
 bit for bit as it was, and a resumed run neither loses nor duplicates one), the exact best-of-n
 expectation over one pool (against enumeration of every n-tuple, Monte Carlo, ties), Gao et al. 2022's
 fits (known coefficients recovered without and with noise, the peaks against hand values, degenerate
-curves), and eval.py --curve / --bon_curve end to end on a tiny run.
+curves), eval.py --curve / --bon_curve end to end on a tiny run, and --proxy_table's join of reward models,
+best-of-n fits and RL end points.
 Run: python -m pytest -q tests/test_curves.py"""
 
 import itertools
@@ -267,3 +268,42 @@ def test_curve_and_bon_curve_end_to_end(world, tiny_ckpt, tiny_rm, tmp_path, mon
     assert saved["form"] == "bon" and saved["n_max"] == 4 and saved["points"] == 3  # fitted over n <= the pool
     with pytest.raises(M.ConfigError, match="no snapshots"):
         E.curve(M.parse_config(E.Config, ["--curve", str(tmp_path / "run" / "ckpt"), *common]))
+
+
+# --- eval.py --proxy_table
+
+
+def fake_reward_run(d, tiny_rm, rankings, val_acc):
+    """A reward.py run directory: the tiny reward model's checkpoint, its data_stats.json and metrics.jsonl."""
+    shutil.copytree(tiny_rm, d / "ckpt")
+    json.dump({"train": {"rows": rankings, "groups": rankings}, "val": {"rows": 10}}, open(d / "data_stats.json", "w"))
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "val_acc": 0.5}) + "\n" + json.dumps({"step": 2, "val_acc": val_acc}) + "\n")
+    return str(d)
+
+
+def test_proxy_table_joins_each_reward_model_with_its_fit_and_its_rl_runs(tiny_ckpt, tiny_rm, tmp_path):
+    big = fake_reward_run(tmp_path / "rm_full", tiny_rm, 1200, 0.65)
+    small = fake_reward_run(tmp_path / "rm_quarter", tiny_rm, 300, 0.60)
+    fit = lambda a: {"form": "bon", "alpha": a, "beta": 0.1, "alpha_ci": [a - 0.1, a + 0.1], "beta_ci": [0.05, 0.15],  # noqa: E731
+                     "d_star": a / 0.2, "d_star_ci": [1.0, 9.0], "r_star": a * a / 0.4, "r_star_ci": [0.1, 9.0], "p_value": 0.5}
+    for name, rm, a in (("bon_full.json", big, 0.8), ("bon_quarter.json", small + "/", 0.4)):  # a trailing / is the same model
+        json.dump({"reward_model": rm, "fit_bon": fit(a), "rows": []}, open(tmp_path / name, "w"))
+    policy, tok, _ = M.load_checkpoint(tiny_ckpt)
+    M.save_checkpoint(str(tmp_path / "rl_quarter" / "ckpt"), policy, tok, {"reward_model": small})
+    summary = {"ckpt": str(tmp_path / "rl_quarter"), "gold": 0.9, "gold_ci": [0.8, 1.0], "kl": 4.0, "kl_ci": [3.5, 4.5]}
+    json.dump(summary, open(tmp_path / "eval_rl_quarter.json", "w"))
+    cfg = M.parse_config(E.Config, ["--proxy_table", f"{tmp_path}/bon_*.json,{tmp_path}/eval_*.json", "--plot", str(tmp_path / "p.png")])
+    table = E.proxy_table(cfg)
+    assert [x["rankings"] for x in table] == [1200, 300]  # more data first
+    full, quarter = table
+    assert full["bon"]["alpha"] == 0.8 and full["val_acc"] == 0.65 and full["rl"] == []  # the last val_acc
+    assert quarter["bon"]["alpha"] == 0.4 and quarter["val_acc"] == 0.60
+    assert [e["gold"] for e in quarter["rl"]] == [0.9]  # matched through the run's reward_model
+    assert full["trunk"] == "2x32" and full["params"] == sum(p.numel() for p in M.load_checkpoint(tiny_rm)[0].parameters())
+    M.save_checkpoint(str(tmp_path / "rl_ens" / "ckpt"), policy, tok, {"reward_model": f"{big},{small}"})
+    json.dump({**summary, "ckpt": str(tmp_path / "rl_ens")}, open(tmp_path / "eval_rl_ens.json", "w"))
+    with pytest.raises(M.ConfigError, match="not one reward model"):  # an ensemble is no single proxy
+        E.proxy_table(cfg)
+    json.dump({"gold": 1.0}, open(tmp_path / "other.json", "w"))
+    with pytest.raises(M.ConfigError, match="neither"):
+        E.proxy_table(M.parse_config(E.Config, ["--proxy_table", str(tmp_path / "other.json")]))
