@@ -1065,17 +1065,19 @@ def proxy_table(cfg):
         if "fit_bon" in r:
             row_of(r["reward_model"])["bon"] = {"path": path, **r["fit_bon"]}
         elif "gold" in r and "kl" in r and r.get("ckpt"):
-            row_of(rl_reward_model(r, path))["rl"].append({"path": path, **{k: r[k] for k in ("gold", "gold_ci", "kl", "kl_ci")}})
+            row_of(rl_reward_model(r, path))["rl"].append({"path": path, "win_rate": r.get("win_rate"),
+                                                           **{k: r[k] for k in ("gold", "gold_ci", "kl", "kl_ci")}})
         else:
             raise M.ConfigError(f"--proxy_table: {path} is neither a --bon_curve JSON nor an eval summary with gold and KL")
     table = sorted(rows.values(), key=lambda x: (-x["rankings"], x["params"]))
     ci = lambda fit, k: fmt_ci(fit[k]) if fit and k in fit else "-"  # noqa: E731
     num = lambda fit, k: format(fit[k], ".3f") if fit and fit.get(k) is not None else "-"  # noqa: E731
     print(f"{'trunk':>7s} {'params':>8s} {'rankings':>8s} {'val_acc':>7s} | best-of-n: {'alpha':>6s} {'interval':>16s} "
-          f"{'beta':>6s} {'interval':>16s} {'d*':>6s} {'interval':>16s} {'R*':>6s} {'interval':>16s} {'p':>6s} | RL: gold, KL")
+          f"{'beta':>6s} {'interval':>16s} {'d*':>6s} {'interval':>16s} {'R*':>6s} {'interval':>16s} {'p':>6s} | RL: gold, KL, win rate")
     for x in table:
         b = x["bon"]
-        rl = "; ".join(f"{e['gold']:.3f} {fmt_ci(e['gold_ci'])} at {e['kl']:.2f}" for e in x["rl"]) or "-"
+        rl = "; ".join(f"{e['gold']:.3f} {fmt_ci(e['gold_ci'])} at {e['kl']:.2f}"
+                       + (f", win {e['win_rate']:.3f}" if e["win_rate"] is not None else "") for e in x["rl"]) or "-"
         print(f"{x['trunk']:>7s} {x['params']:8d} {x['rankings']:8d} {num(x, 'val_acc'):>7s} | {'':10s} {num(b, 'alpha'):>6s} "
               f"{ci(b, 'alpha_ci'):>16s} {num(b, 'beta'):>6s} {ci(b, 'beta_ci'):>16s} {num(b, 'd_star'):>6s} {ci(b, 'd_star_ci'):>16s} "
               f"{num(b, 'r_star'):>6s} {ci(b, 'r_star_ci'):>16s} {num(b, 'p_value'):>6s} | RL: {rl}")
@@ -1084,23 +1086,28 @@ def proxy_table(cfg):
 
 
 def plot_proxy_table(table, path):
-    """R*, d* (best-of-n fit) and the RL runs' end gold against the proxy's parameters, one line per amount of data."""
+    """The proxy's accuracy, R*, d* (best-of-n fit) and the RL run's end gold against the proxy's parameters, one line
+    per amount of data."""
     plt = pyplot_or_none("the table above is the result (pip install matplotlib for the plot)")
     if plt is None:
         return
-    panels = [("R* (best-of-n peak gold gain)", lambda x: x["bon"] and x["bon"].get("r_star"), "r_star_ci"),
-              ("d* (best-of-n peak sqrt KL)", lambda x: x["bon"] and x["bon"].get("d_star"), "d_star_ci"),
-              ("RL end gold", lambda x: x["rl"][0]["gold"] if x["rl"] else None, "gold_ci")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    for ax, (label, value, ci_key) in zip(axes, panels):
+    def bon(key):  # a best-of-n peak value and its interval, or None (no curve, or no peak)
+        return lambda x: (x["bon"][key], x["bon"].get(key + "_ci")) if x["bon"] and x["bon"].get(key) is not None else None
+
+    def rl_gold(x):  # the first RL run's end gold and its interval, or None
+        return (x["rl"][0]["gold"], x["rl"][0]["gold_ci"]) if x["rl"] else None
+
+    panels = [("held-out ranking accuracy (val_acc)", lambda x: (x["val_acc"], None) if x["val_acc"] is not None else None),
+              ("R* (best-of-n peak gold gain)", bon("r_star")), ("d* (best-of-n peak sqrt KL)", bon("d_star")),
+              ("RL end gold", rl_gold)]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    for ax, (label, value) in zip(axes, panels):
         for i, n in enumerate(sorted({x["rankings"] for x in table}, reverse=True)):
-            pts = [(x["params"], value(x), (x["bon"] if ci_key != "gold_ci" else x["rl"][0]).get(ci_key))
-                   for x in table if x["rankings"] == n and value(x) is not None]
-            if not pts:
-                continue
-            err = [[v - c[0] if c else 0 for _, v, c in pts], [c[1] - v if c else 0 for _, v, c in pts]]
-            ax.errorbar([p for p, _, _ in pts], [v for _, v, _ in pts], yerr=err, marker="osD^"[i % 4], capsize=3,
-                        label=f"{n} training rankings")
+            pts = [(x["params"], *value(x)) for x in table if x["rankings"] == n and value(x) is not None]  # (params, v, ci)
+            if pts:
+                err = [[v - c[0] if c else 0 for _, v, c in pts], [c[1] - v if c else 0 for _, v, c in pts]]
+                ax.errorbar([p for p, _, _ in pts], [v for _, v, _ in pts], yerr=err, marker="osD^"[i % 4], capsize=3,
+                            label=f"{n} training rankings")
         ax.set_xscale("log")
         ax.set_xlabel("reward model parameters")
         ax.set_title(label, fontsize=9)

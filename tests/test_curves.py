@@ -6,6 +6,7 @@ curves), eval.py --curve / --bon_curve end to end on a tiny run, and --proxy_tab
 best-of-n fits and RL end points.
 Run: python -m pytest -q tests/test_curves.py"""
 
+import importlib.util
 import itertools
 import json
 import math
@@ -300,6 +301,7 @@ def test_proxy_table_joins_each_reward_model_with_its_fit_and_its_rl_runs(tiny_c
     assert quarter["bon"]["alpha"] == 0.4 and quarter["val_acc"] == 0.60
     assert [e["gold"] for e in quarter["rl"]] == [0.9]  # matched through the run's reward_model
     assert full["trunk"] == "2x32" and full["params"] == sum(p.numel() for p in M.load_checkpoint(tiny_rm)[0].parameters())
+    assert (tmp_path / "p.png").exists() or importlib.util.find_spec("matplotlib") is None
     M.save_checkpoint(str(tmp_path / "rl_ens" / "ckpt"), policy, tok, {"reward_model": f"{big},{small}"})
     json.dump({**summary, "ckpt": str(tmp_path / "rl_ens")}, open(tmp_path / "eval_rl_ens.json", "w"))
     with pytest.raises(M.ConfigError, match="not one reward model"):  # an ensemble is no single proxy
