@@ -58,7 +58,7 @@ pass@k against k for each run.
 --proxy_table "out/overopt/bon_*.json,out/overopt/eval_rloo_*.json" sets Gao et al.'s coefficients beside the
 proxy they were measured against: one row per reward model (its trunk n_layer x n_embd and parameters, its
 training rankings, its held-out ranking accuracy val_acc), the best-of-n fit (alpha, beta, d*, R* with their
-intervals) of its --bon_curve, and the end point (gold, KL) of each RL run trained against it (an eval JSON,
+intervals) of its --bon_curve, and the end point (gold, KL, win rate) of each RL run trained against it (an eval JSON,
 matched through its run's config.json reward_model); R*, d* and the RL gold are plotted against the
 parameters, one line per amount of data, to --plot.
 
@@ -1028,17 +1028,23 @@ def pass_curves(cfg):
     return runs
 
 
-def proxy_of(reward_model):
-    """A reward model as the proxy of Gao et al.'s Figures 2-3: its trunk, parameters, training rankings
-    (data_stats.json, written by reward.py) and its last held-out ranking accuracy (metrics.jsonl)."""
-    model, _, _ = M.load_checkpoint(reward_model)
-    stats_path = os.path.join(reward_model, "data_stats.json")
+def reward_run(reward_model):
+    """The reward.py run directory of a reward model named by its run or its checkpoint directory."""
+    run = os.path.normpath(reward_model)
+    return run if os.path.exists(os.path.join(run, "data_stats.json")) else os.path.dirname(run)
+
+
+def proxy_of(run):
+    """A reward model (its reward.py run directory) as the proxy of Gao et al.'s Figures 2-3: its trunk,
+    parameters, training rankings (data_stats.json) and its last held-out ranking accuracy (metrics.jsonl)."""
+    model, _, _ = M.load_checkpoint(run)
+    stats_path = os.path.join(run, "data_stats.json")
     if not os.path.exists(stats_path):
-        raise M.ConfigError(f"--proxy_table: {stats_path} is missing (reward.py writes it): is {reward_model} a reward.py run?")
+        raise M.ConfigError(f"--proxy_table: {stats_path} is missing (reward.py writes it): is {run} a reward.py run?")
     with open(stats_path) as f:
         stats = json.load(f)["train"]
-    val = [r["val_acc"] for r in M.read_metrics(os.path.join(reward_model, "metrics.jsonl")) if "val_acc" in r]
-    return {"reward_model": reward_model, "trunk": f"{model.config.n_layer}x{model.config.n_embd}",
+    val = [r["val_acc"] for r in M.read_metrics(os.path.join(run, "metrics.jsonl")) if "val_acc" in r]
+    return {"reward_model": run, "trunk": f"{model.config.n_layer}x{model.config.n_embd}",
             "params": sum(p.numel() for p in model.parameters()), "rankings": stats["rows"],
             "val_acc": val[-1] if val else None}
 
@@ -1057,8 +1063,8 @@ def proxy_table(cfg):
     paths = paths_in_order(cfg.proxy_table)
     if not paths:
         raise M.ConfigError(f"--proxy_table {cfg.proxy_table!r}: no files match")
-    rows = {}  # reward model (normalised path) -> row
-    row_of = lambda rm: rows.setdefault(os.path.normpath(rm), {**proxy_of(rm), "bon": None, "rl": []})  # noqa: E731
+    rows = {}  # reward model (its run directory) -> row
+    row_of = lambda rm: rows.setdefault(reward_run(rm), {**proxy_of(reward_run(rm)), "bon": None, "rl": []})  # noqa: E731
     for path in paths:
         with open(path) as f:
             r = json.load(f)
@@ -1091,6 +1097,7 @@ def plot_proxy_table(table, path):
     plt = pyplot_or_none("the table above is the result (pip install matplotlib for the plot)")
     if plt is None:
         return
+
     def bon(key):  # a best-of-n peak value and its interval, or None (no curve, or no peak)
         return lambda x: (x["bon"][key], x["bon"].get(key + "_ci")) if x["bon"] and x["bon"].get(key) is not None else None
 
@@ -1105,7 +1112,8 @@ def plot_proxy_table(table, path):
         for i, n in enumerate(sorted({x["rankings"] for x in table}, reverse=True)):
             pts = [(x["params"], *value(x)) for x in table if x["rankings"] == n and value(x) is not None]  # (params, v, ci)
             if pts:
-                err = [[v - c[0] if c else 0 for _, v, c in pts], [c[1] - v if c else 0 for _, v, c in pts]]
+                # a percentile interval of a fitted peak can miss its point estimate: no negative bar
+                err = [[max(v - c[0], 0) if c else 0 for _, v, c in pts], [max(c[1] - v, 0) if c else 0 for _, v, c in pts]]
                 ax.errorbar([p for p, _, _ in pts], [v for _, v, _ in pts], yerr=err, marker="osD^"[i % 4], capsize=3,
                             label=f"{n} training rankings")
         ax.set_xscale("log")

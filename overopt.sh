@@ -17,7 +17,8 @@
 # is not run again, so two instances with disjoint sections can run side by side, one thread each:
 #   OMP_NUM_THREADS=1 ENS_SEEDS="" ENS_RUNS="" bash overopt.sh &   # sizes and data
 #   OMP_NUM_THREADS=1 SIZES="" bash overopt.sh        # ensembles
-# Measured on 2 cores, two such instances: about 75 minutes (docs/overoptimisation.md).
+# Measured on 2 cores, the two instances side by side: 43 minutes for sizes and data (with the two smaller
+# trunks' pretraining and SFT done beforehand, 6 minutes) and 51 for the ensembles (docs/overoptimisation.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}

@@ -287,7 +287,7 @@ def test_proxy_table_joins_each_reward_model_with_its_fit_and_its_rl_runs(tiny_c
     small = fake_reward_run(tmp_path / "rm_quarter", tiny_rm, 300, 0.60)
     fit = lambda a: {"form": "bon", "alpha": a, "beta": 0.1, "alpha_ci": [a - 0.1, a + 0.1], "beta_ci": [0.05, 0.15],  # noqa: E731
                      "d_star": a / 0.2, "d_star_ci": [1.0, 9.0], "r_star": a * a / 0.4, "r_star_ci": [0.1, 9.0], "p_value": 0.5}
-    for name, rm, a in (("bon_full.json", big, 0.8), ("bon_quarter.json", small + "/", 0.4)):  # a trailing / is the same model
+    for name, rm, a in (("bon_full.json", big + "/ckpt", 0.8), ("bon_quarter.json", small + "/", 0.4)):  # the same models
         json.dump({"reward_model": rm, "fit_bon": fit(a), "rows": []}, open(tmp_path / name, "w"))
     policy, tok, _ = M.load_checkpoint(tiny_ckpt)
     M.save_checkpoint(str(tmp_path / "rl_quarter" / "ckpt"), policy, tok, {"reward_model": small})
@@ -302,6 +302,10 @@ def test_proxy_table_joins_each_reward_model_with_its_fit_and_its_rl_runs(tiny_c
     assert [e["gold"] for e in quarter["rl"]] == [0.9]  # matched through the run's reward_model
     assert full["trunk"] == "2x32" and full["params"] == sum(p.numel() for p in M.load_checkpoint(tiny_rm)[0].parameters())
     assert (tmp_path / "p.png").exists() or importlib.util.find_spec("matplotlib") is None
+    M.save_checkpoint(str(tmp_path / "rl_full" / "ckpt"), policy, tok, {"reward_model": big})
+    json.dump({**summary, "ckpt": str(tmp_path / "rl_full"), "gold": 1.1},  # outside its interval: the plot still draws
+              open(tmp_path / "eval_rl_full.json", "w"))
+    assert [e["gold"] for e in E.proxy_table(cfg)[0]["rl"]] == [1.1]  # its checkpoint dir and its run dir: one row
     M.save_checkpoint(str(tmp_path / "rl_ens" / "ckpt"), policy, tok, {"reward_model": f"{big},{small}"})
     json.dump({**summary, "ckpt": str(tmp_path / "rl_ens")}, open(tmp_path / "eval_rl_ens.json", "w"))
     with pytest.raises(M.ConfigError, match="not one reward model"):  # an ensemble is no single proxy
