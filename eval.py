@@ -936,10 +936,7 @@ def plot_curve(rows, fits, path, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot written to {path}")
+    save_figure(plt, fig, path)
 
 
 def pyplot_or_none(instead):
@@ -952,6 +949,14 @@ def pyplot_or_none(instead):
         print(f"matplotlib is not installed: {instead}")
         return None
     return plt
+
+
+def save_figure(plt, fig, path):
+    """Lay out, write (120 dpi) and close a figure, and say where it went."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
 
 
 def method_of(summary):
@@ -989,9 +994,7 @@ def frontier(cfg):
     ax.set_ylabel("gold reward (held-out prompts)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(cfg.plot, dpi=120)
-    print(f"plot written to {cfg.plot}")
+    save_figure(plt, fig, cfg.plot)
     return rows
 
 
@@ -1022,9 +1025,7 @@ def pass_curves(cfg):
     ax.set_ylabel(f"pass@k, {runs[0][1]['pass_questions']} held-out fact questions")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(cfg.plot, dpi=120)
-    print(f"plot written to {cfg.plot}")
+    save_figure(plt, fig, cfg.plot)
     return runs
 
 
@@ -1064,7 +1065,13 @@ def proxy_table(cfg):
     if not paths:
         raise M.ConfigError(f"--proxy_table {cfg.proxy_table!r}: no files match")
     rows = {}  # reward model (its run directory) -> row
-    row_of = lambda rm: rows.setdefault(reward_run(rm), {**proxy_of(reward_run(rm)), "bon": None, "rl": []})  # noqa: E731
+
+    def row_of(rm):  # each reward model's checkpoint is loaded once, at its first mention
+        run = reward_run(rm)
+        if run not in rows:
+            rows[run] = {**proxy_of(run), "bon": None, "rl": []}
+        return rows[run]
+
     for path in paths:
         with open(path) as f:
             r = json.load(f)
@@ -1121,10 +1128,7 @@ def plot_proxy_table(table, path):
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot written to {path}")
+    save_figure(plt, fig, path)
 
 
 if __name__ == "__main__":
