@@ -10,7 +10,7 @@
 #   OUT=dir DATA=dir         where runs and generated data go (default out/ and data/world/)
 #
 # A stage with nothing to learn from (an earlier stage handed it a data file with no rows, as QUICK's tiny
-# best-of-n can: none of its picks ends with EOS) is skipped with one line saying why, and so is its
+# best-of-n could: none of its picks ending with EOS) is skipped with one line saying why, and so is its
 # evaluation; its row of the results table says why, and the pipeline goes on.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +25,7 @@ if [ "${QUICK:-0}" = 1 ]; then  # warmups shortened to fit the tiny runs; 16 hel
   REWARD="--max_len 64 --warmup 2 --eval_interval 10"
   PPO="--total_episodes 64 --rollout_batch_size 16 --max_prompt_len 48 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
   DPO="--epochs 0.02 --warmup 0 --max_len 64 --eval_interval 4 --log_interval 2 --n_samples 1 --max_new_tokens 16"
-  RS_PICK="--n_prompts 8 --max_new_tokens 24 --best_of_n 4 --repeats 1"
+  RS_PICK="--n_prompts 32 --max_new_tokens 24 --best_of_n 4 --repeats 1"  # 32: about 9 picks end with EOS; with 8, often 0 or 1
   RS="--epochs 1 --warmup 0 --max_len 64 --eval_interval 5 --log_interval 5 --n_samples 1 --max_new_tokens 16"
 else
   WORLD="" PRETRAIN="" SFT="" EVAL="" PREFS="" REWARD="" PPO="" DPO="" RS_PICK="" RS=""
