@@ -25,7 +25,7 @@ if [ "${QUICK:-0}" = 1 ]; then  # warmups shortened to fit the tiny runs; 16 hel
   REWARD="--max_len 64 --warmup 2 --eval_interval 10"
   PPO="--total_episodes 64 --rollout_batch_size 16 --max_prompt_len 48 --max_new_tokens 16 --log_interval 1 --sample_interval 2"
   DPO="--epochs 0.02 --warmup 0 --max_len 64 --eval_interval 4 --log_interval 2 --n_samples 1 --max_new_tokens 16"
-  RS_PICK="--n_prompts 32 --max_new_tokens 24 --best_of_n 4 --repeats 1"  # 32: about 9 picks end with EOS; with 8, often 0 or 1
+  RS_PICK="--n_prompts 32 --max_new_tokens 24 --best_of_n 4 --repeats 1"  # 32: 9 picks ended with EOS here, against 1 of 8
   RS="--epochs 1 --warmup 0 --max_len 64 --eval_interval 5 --log_interval 5 --n_samples 1 --max_new_tokens 16"
 else
   WORLD="" PRETRAIN="" SFT="" EVAL="" PREFS="" REWARD="" PPO="" DPO="" RS_PICK="" RS=""
